@@ -1,0 +1,138 @@
+// The only file that knows pybind11. Python hands over raw pointers (as ints), sizes, strides, dtype
+// codes and CUDA streams; nothing here touches torch. Every kernel call releases the GIL.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "topk_select.h"
+
+namespace py = pybind11;
+using namespace hnsample;
+
+namespace hnsample {
+const char* cpu_isa_name();
+#if defined(HNSAMPLE_WITH_CUDA)
+bool cuda_device_usable();
+#endif
+}  // namespace hnsample
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t v) {
+  return reinterpret_cast<T*>(v);
+}
+
+// Exposes a raw pointer field of a params struct as an int property.
+template <typename S, typename P>
+void pointer_field(py::class_<S>& cls, const char* name, P* S::*field) {
+  cls.def_property(
+      name, [field](const S& s) { return reinterpret_cast<uintptr_t>(s.*field); },
+      [field](S& s, uintptr_t v) { s.*field = reinterpret_cast<P*>(v); });
+}
+
+ScoreBlock make_block(uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+                      int64_t col_stride, int64_t row_offset, int64_t col_offset) {
+  ScoreBlock b;
+  b.data = as_ptr<const void>(data);
+  b.dtype = dtype;
+  b.rows = rows;
+  b.cols = cols;
+  b.row_stride = row_stride;
+  b.col_stride = col_stride;
+  b.row_offset = row_offset;
+  b.col_offset = col_offset;
+  return b;
+}
+
+[[noreturn]] void no_cuda() { throw Error("hnsample was built without CUDA kernels"); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "hnsample compiled kernels (torch-free; see hnsample/_ext.py)";
+  py::register_exception<Error>(m, "KernelError", PyExc_RuntimeError);
+
+  py::class_<TopkParams> params(m, "TopkParams");
+  params.def(py::init<>())
+      .def_readwrite("num_rows", &TopkParams::num_rows)
+      .def_readwrite("k", &TopkParams::k)
+      .def_readwrite("skip", &TopkParams::skip)
+      .def_readwrite("pool", &TopkParams::pool)
+      .def_readwrite("capacity", &TopkParams::capacity)
+      .def_readwrite("mode", &TopkParams::mode)
+      .def_readwrite("sampling", &TopkParams::sampling)
+      .def_readwrite("inv_temperature", &TopkParams::inv_temperature)
+      .def_readwrite("seed", &TopkParams::seed)
+      .def_readwrite("noise_row_offset", &TopkParams::noise_row_offset)
+      .def_readwrite("min_score", &TopkParams::min_score)
+      .def_readwrite("max_score", &TopkParams::max_score)
+      .def_readwrite("banned_stride", &TopkParams::banned_stride)
+      .def_readwrite("banned_cols", &TopkParams::banned_cols);
+  pointer_field(params, "upper", &TopkParams::upper);
+  pointer_field(params, "banned", &TopkParams::banned);
+  pointer_field(params, "query_labels", &TopkParams::query_labels);
+  pointer_field(params, "candidate_labels", &TopkParams::candidate_labels);
+  pointer_field(params, "st_score", &TopkParams::st_score);
+  pointer_field(params, "st_index", &TopkParams::st_index);
+  pointer_field(params, "st_key", &TopkParams::st_key);
+  pointer_field(params, "st_count", &TopkParams::st_count);
+
+  m.def(
+      "topk_select_block",
+      [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, bool cuda, uintptr_t stream, int threads) {
+        const ScoreBlock b = make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset);
+        if (!cuda) return topk_select_block_cpu(p, b, threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_select_block_cuda(p, b, as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("cuda"), py::arg("stream"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Merges a block of scores into the selection state.");
+
+  m.def(
+      "topk_finalize",
+      [](const TopkParams& p, uintptr_t out_scores, uintptr_t out_indices, bool cuda, uintptr_t stream, int threads) {
+        if (!cuda) return topk_finalize_cpu(p, as_ptr<double>(out_scores), as_ptr<int64_t>(out_indices), threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_finalize_cuda(p, as_ptr<double>(out_scores), as_ptr<int64_t>(out_indices), as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("out_scores"), py::arg("out_indices"), py::arg("cuda"), py::arg("stream"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Writes each row's k results (sorted by score) and consumes the state.");
+
+  m.def(
+      "topk_merge",
+      [](const TopkParams& p, const TopkParams& other, bool cuda, uintptr_t stream, int threads) {
+        if (!cuda) return topk_merge_cpu(p, other, threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_merge_cuda(p, other, as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("other"), py::arg("cuda"), py::arg("stream"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(), "Folds another state over disjoint candidates into this one.");
+
+  m.def("uniform_noise", &uniform_noise, py::arg("seed"), py::arg("row"), py::arg("col"),
+        "The sampling noise u(seed, row, candidate) in (0, 1), as every backend computes it.");
+  m.def("cpu_isa", &cpu_isa_name, "The SIMD path the CPU kernels picked at run time.");
+#if defined(HNSAMPLE_WITH_CUDA)
+  m.attr("built_with_cuda") = true;
+  m.def("cuda_device_usable", &cuda_device_usable);
+#else
+  m.attr("built_with_cuda") = false;
+  m.def("cuda_device_usable", [] { return false; });
+#endif
+}

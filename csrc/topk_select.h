@@ -1,0 +1,371 @@
+// The fused top-k selection shared by every backend: the params struct Python fills, the counter-based
+// sampling noise, the per-row eligibility rules and the per-row selection state (binary heaps on
+// parallel arrays). Everything here is __host__ __device__ so the CPU tests exercise the exact code the
+// GPU runs. Semantics are spelled out in hnsample/ops/topk.py and hnsample/_reference.py.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+
+namespace hnsample {
+
+enum SelectMode : int {
+  // Keep the best `capacity` eligible candidates by score; the window and any sampling are applied at
+  // finalize time. Used for sampling="top" and for every bounded pool.
+  kModeWindow = 0,
+  // sampling over an unbounded pool: a score heap of `skip` slots holds the candidates that are ranked
+  // above the window; everything pushed out of it streams into a key heap of `k` slots.
+  kModeStream = 1,
+};
+
+enum Sampling : int { kSampleTop = 0, kSampleUniform = 1, kSampleSoftmax = 2 };
+
+struct TopkParams {
+  int64_t num_rows = 0;      // B: rows of the selection state
+  int64_t k = 0;             // results per row
+  int64_t skip = 0;          // skip_top
+  int64_t pool = -1;         // window length after skip; -1 = unbounded
+  int64_t capacity = 0;      // state slots per row (mode window: skip + window kept; stream: skip + k)
+  int mode = kModeWindow;
+  int sampling = kSampleTop;
+  double inv_temperature = 1.0;
+  uint64_t seed = 0;
+  int64_t noise_row_offset = 0;  // noise row = noise_row_offset + state row (global query id)
+  double min_score = -INFINITY;  // eligible iff s >= min_score
+  double max_score = INFINITY;   // eligible iff s <= max_score
+  const double* upper = nullptr;              // [B] margin bound per row (s <= upper), or null
+  const int64_t* banned = nullptr;            // [B, banned_cols] ids, sorted ascending per row, -1 = pad
+  int64_t banned_stride = 0;
+  int64_t banned_cols = 0;
+  const int64_t* query_labels = nullptr;      // [B] or null (indexed by state row)
+  const int64_t* candidate_labels = nullptr;  // [N] or null (indexed by global candidate id)
+  // selection state, allocated by torch
+  double* st_score = nullptr;   // [B, capacity]
+  int64_t* st_index = nullptr;  // [B, capacity]
+  double* st_key = nullptr;     // [B, capacity] (sampling modes only)
+  int64_t* st_count = nullptr;  // [B, 2]: filled slots of heap 0 (window / skip) and heap 1 (key)
+};
+
+// A block of scores: rows map to state rows [row_offset, row_offset + rows), columns to global
+// candidate ids [col_offset, col_offset + cols).
+struct ScoreBlock {
+  const void* data = nullptr;
+  int dtype = 0;
+  int64_t rows = 0, cols = 0;
+  int64_t row_stride = 0, col_stride = 1;
+  int64_t row_offset = 0, col_offset = 0;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Counter-based noise: Philox-4x32-10 keyed by the seed, counter = (candidate id, query row). A pure
+// function of (seed, row, candidate), so samples do not depend on blocking, threads or devices.
+HN_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+HN_HD uint64_t philox_bits(uint64_t seed, uint64_t row, uint64_t col) {
+  uint32_t c0 = static_cast<uint32_t>(col), c1 = static_cast<uint32_t>(col >> 32);
+  uint32_t c2 = static_cast<uint32_t>(row), c3 = static_cast<uint32_t>(row >> 32);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(0xD2511F53u, c0, hi0, lo0);
+    mulhilo32(0xCD9E8D57u, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n1 = lo1, n2 = hi0 ^ c3 ^ k1, n3 = lo0;
+    c0 = n0;
+    c1 = n1;
+    c2 = n2;
+    c3 = n3;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return (static_cast<uint64_t>(c0) << 32) | c1;
+}
+
+// Uniform in the open interval (0, 1) with 53 random bits.
+HN_HD double uniform_noise(uint64_t seed, uint64_t row, uint64_t col) {
+  const uint64_t m = philox_bits(seed, row, col) >> 11;
+  return (static_cast<double>(m) + 0.5) * (1.0 / 9007199254740992.0);
+}
+
+// Sampling key: larger keys are chosen first. Uniform: u. Softmax: s / T + Gumbel(u) (Gumbel-top-k
+// draws k without replacement with probability proportional to exp(s / T)).
+HN_HD double sample_key(int sampling, double score, double inv_temperature, uint64_t seed, int64_t row,
+                        int64_t col) {
+  const double u = uniform_noise(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col));
+  if (sampling == kSampleSoftmax) return score * inv_temperature - log(-log(u));
+  return u;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Eligibility of candidate `col` for state row `row`, beyond the score bounds (which the scans test
+// first, in bulk): not a banned id (binary search in the sorted row) and not of the query's label.
+HN_HD bool id_banned(const TopkParams& p, int64_t row, int64_t col) {
+  if (p.banned_cols == 0) return false;
+  const int64_t* ids = p.banned + row * p.banned_stride;
+  int64_t lo = 0, hi = p.banned_cols;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (ids[mid] < col)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo < p.banned_cols && ids[lo] == col;
+}
+
+HN_HD bool label_allowed(const TopkParams& p, int64_t row, int64_t col) {
+  return p.query_labels == nullptr || p.candidate_labels == nullptr ||
+         p.query_labels[row] != p.candidate_labels[col];
+}
+
+// The per-row closed score interval [lo, hi] that eligible scores must lie in.
+HN_HD double row_upper(const TopkParams& p, int64_t row) {
+  double hi = p.max_score;
+  if (p.upper != nullptr) {
+    const double u = p.upper[row];
+    hi = (u < hi || u != u) ? u : hi;  // NaN bound: nothing is eligible
+  }
+  return hi;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Binary heaps on parallel arrays with the *worst* element at the root, so the root is the running
+// threshold. Score order: higher score is better, ties go to the lower candidate id.
+struct Slot {
+  double* s;
+  int64_t* j;
+  double* key;  // may be null for score heaps
+};
+
+HN_HD bool worse_by_score(double s1, int64_t j1, double s2, int64_t j2) {
+  return s1 < s2 || (s1 == s2 && j1 > j2);
+}
+HN_HD bool worse_by_key(double k1, int64_t j1, double k2, int64_t j2) {
+  return k1 < k2 || (k1 == k2 && j1 > j2);
+}
+
+template <bool kByKey>
+HN_HD bool slot_worse(const Slot& h, int64_t a, int64_t b) {
+  return kByKey ? worse_by_key(h.key[a], h.j[a], h.key[b], h.j[b])
+                : worse_by_score(h.s[a], h.j[a], h.s[b], h.j[b]);
+}
+
+HN_HD void slot_swap(const Slot& h, int64_t a, int64_t b) {
+  double ts = h.s[a];
+  h.s[a] = h.s[b];
+  h.s[b] = ts;
+  int64_t tj = h.j[a];
+  h.j[a] = h.j[b];
+  h.j[b] = tj;
+  if (h.key != nullptr) {
+    double tk = h.key[a];
+    h.key[a] = h.key[b];
+    h.key[b] = tk;
+  }
+}
+
+template <bool kByKey>
+HN_HD void sift_down(const Slot& h, int64_t n, int64_t i) {
+  for (;;) {
+    const int64_t l = 2 * i + 1, r = l + 1;
+    int64_t w = i;
+    if (l < n && slot_worse<kByKey>(h, l, w)) w = l;
+    if (r < n && slot_worse<kByKey>(h, r, w)) w = r;
+    if (w == i) return;
+    slot_swap(h, i, w);
+    i = w;
+  }
+}
+
+template <bool kByKey>
+HN_HD void sift_up(const Slot& h, int64_t i) {
+  while (i > 0) {
+    const int64_t parent = (i - 1) >> 1;
+    if (!slot_worse<kByKey>(h, i, parent)) return;
+    slot_swap(h, i, parent);
+    i = parent;
+  }
+}
+
+template <bool kByKey>
+HN_HD void heapify(const Slot& h, int64_t n) {
+  for (int64_t i = n / 2 - 1; i >= 0; --i) sift_down<kByKey>(h, n, i);
+}
+
+// In-place heap sort of a worst-at-root heap: afterwards [0, n) is ordered best first.
+template <bool kByKey>
+HN_HD void sort_heap_best_first(const Slot& h, int64_t n) {
+  for (int64_t end = n - 1; end > 0; --end) {
+    slot_swap(h, 0, end);
+    sift_down<kByKey>(h, end, 0);
+  }
+}
+
+// Offers (s, j, key) to a heap of capacity `cap` holding `count` items. Returns true when an item
+// leaves (the offered one if it did not get in, else the previous root); it is written to out_*.
+template <bool kByKey>
+HN_HD bool heap_offer(const Slot& h, int64_t cap, int64_t& count, double s, int64_t j, double key,
+                      double& out_s, int64_t& out_j, double& out_key) {
+  if (count < cap) {
+    h.s[count] = s;
+    h.j[count] = j;
+    if (h.key != nullptr) h.key[count] = key;
+    sift_up<kByKey>(h, count);
+    ++count;
+    return false;
+  }
+  const bool better = kByKey ? worse_by_key(h.key[0], h.j[0], key, j) : worse_by_score(h.s[0], h.j[0], s, j);
+  if (cap == 0 || !better) {
+    out_s = s;
+    out_j = j;
+    out_key = key;
+    return true;
+  }
+  out_s = h.s[0];
+  out_j = h.j[0];
+  out_key = h.key != nullptr ? h.key[0] : 0.0;
+  h.s[0] = s;
+  h.j[0] = j;
+  if (h.key != nullptr) h.key[0] = key;
+  sift_down<kByKey>(h, cap, 0);
+  return true;
+}
+
+// The state of one row.
+struct RowState {
+  Slot skip_or_window;  // score heap: the window heap (mode window) or the skip heap (mode stream)
+  Slot keyed;           // key heap (mode stream)
+  int64_t* count;       // [2]
+};
+
+HN_HD RowState row_state(const TopkParams& p, int64_t row) {
+  RowState r;
+  const int64_t base = row * p.capacity;
+  r.skip_or_window = Slot{p.st_score + base, p.st_index + base, nullptr};
+  if (p.mode == kModeStream) {
+    r.keyed = Slot{p.st_score + base + p.skip, p.st_index + base + p.skip, p.st_key + base + p.skip};
+  } else {
+    r.keyed = Slot{nullptr, nullptr, nullptr};
+  }
+  r.count = p.st_count + 2 * row;
+  return r;
+}
+
+// Items pushed out of the skip heap (or never entering it) in stream mode go to the key heap.
+HN_HD void offer_to_keyed(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
+  const double key = sample_key(p.sampling, s, p.inv_temperature, p.seed, p.noise_row_offset + row, j);
+  double os, ok;
+  int64_t oj;
+  heap_offer<true>(st.keyed, p.k, st.count[1], s, j, key, os, oj, ok);
+}
+
+// Offers an eligible candidate to the row's state.
+HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
+  double os, ok;
+  int64_t oj;
+  if (p.mode == kModeWindow) {
+    heap_offer<false>(st.skip_or_window, p.capacity, st.count[0], s, j, 0.0, os, oj, ok);
+    return;
+  }
+  if (p.skip > 0) {
+    if (!heap_offer<false>(st.skip_or_window, p.skip, st.count[0], s, j, 0.0, os, oj, ok)) return;
+    s = os;
+    j = oj;
+  }
+  offer_to_keyed(p, st, row, s, j);
+}
+
+// Lowest score that can still enter the row's state (a superset test: ties are resolved exactly by
+// offer_candidate). -inf while the heap has room, and always in stream mode, where every eligible
+// candidate can matter to the sample.
+HN_HD double row_entry_threshold(const TopkParams& p, const RowState& st) {
+  if (p.mode == kModeWindow && p.capacity > 0 && st.count[0] >= p.capacity) return st.skip_or_window.s[0];
+  if (p.mode == kModeWindow && p.capacity == 0) return INFINITY;
+  return -INFINITY;
+}
+
+// Writes the row's k results (score descending, ties to the lower id), padding with (-inf, -1).
+// Destroys the state of the row.
+HN_HD void finalize_row(const TopkParams& p, int64_t row, double* out_s, int64_t* out_j) {
+  const RowState st = row_state(p, row);
+  int64_t first = 0, n = 0;  // the chosen items, best first, live at slots [first, first + n)
+  Slot out_slot = st.skip_or_window;
+  if (p.mode == kModeWindow) {
+    const int64_t count = st.count[0];
+    sort_heap_best_first<false>(st.skip_or_window, count);
+    const int64_t begin = p.skip < count ? p.skip : count;
+    int64_t end = count;
+    if (p.pool >= 0 && begin + p.pool < end) end = begin + p.pool;
+    first = begin;
+    if (p.sampling == kSampleTop) {
+      n = (end - begin) < p.k ? (end - begin) : p.k;
+    } else {
+      // Choose the k largest keys of the window in place: slots [begin, begin + k) become a key heap
+      // fed by the rest of the window, then that heap is sorted by score.
+      Slot w{st.skip_or_window.s + begin, st.skip_or_window.j + begin, p.st_key + row * p.capacity + begin};
+      const int64_t len = end - begin;
+      for (int64_t t = 0; t < len; ++t)
+        w.key[t] = sample_key(p.sampling, w.s[t], p.inv_temperature, p.seed, p.noise_row_offset + row, w.j[t]);
+      n = len < p.k ? len : p.k;
+      heapify<true>(w, n);
+      for (int64_t t = n; t < len; ++t) {
+        if (worse_by_key(w.key[0], w.j[0], w.key[t], w.j[t])) {
+          w.s[0] = w.s[t];
+          w.j[0] = w.j[t];
+          w.key[0] = w.key[t];
+          sift_down<true>(w, n, 0);
+        }
+      }
+      heapify<false>(w, n);
+      sort_heap_best_first<false>(w, n);
+    }
+  } else {
+    out_slot = st.keyed;
+    n = st.count[1];
+    heapify<false>(st.keyed, n);
+    sort_heap_best_first<false>(st.keyed, n);
+  }
+  for (int64_t t = 0; t < p.k; ++t) {
+    if (t < n) {
+      out_s[t] = out_slot.s[first + t];
+      out_j[t] = out_slot.j[first + t];
+    } else {
+      out_s[t] = -INFINITY;
+      out_j[t] = -1;
+    }
+  }
+}
+
+// Folds row `row` of another state (same params shape, disjoint candidate ids) into this one, so that
+// states built over different candidate shards merge into exactly the state of the whole.
+HN_HD void merge_row(const TopkParams& p, const TopkParams& other, int64_t row) {
+  const RowState st = row_state(p, row);
+  const RowState ot = row_state(other, row);
+  for (int64_t t = 0; t < ot.count[0]; ++t)
+    offer_candidate(p, st, row, ot.skip_or_window.s[t], ot.skip_or_window.j[t]);
+  if (p.mode == kModeStream) {
+    // These were outranked by `skip` items of their own shard, so they are below the global skip set.
+    for (int64_t t = 0; t < ot.count[1]; ++t) offer_to_keyed(p, st, row, ot.keyed.s[t], ot.keyed.j[t]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Launchers.
+void topk_select_block_cpu(const TopkParams& p, const ScoreBlock& block, int threads);
+void topk_finalize_cpu(const TopkParams& p, double* out_scores,  // [B, k]
+                       int64_t* out_indices,                      // [B, k]
+                       int threads);
+void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads);
+
+#if defined(HNSAMPLE_WITH_CUDA)
+void topk_select_block_cuda(const TopkParams& p, const ScoreBlock& block, void* stream);
+void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_indices, void* stream);
+void topk_merge_cuda(const TopkParams& p, const TopkParams& other, void* stream);
+#endif
+
+}  // namespace hnsample

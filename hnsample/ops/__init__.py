@@ -1,0 +1,1 @@
+"""torch.library registrations of the hnsample ops (one module per op)."""
