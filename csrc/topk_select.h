@@ -149,90 +149,94 @@ HN_HD bool worse_by_key(double k1, int64_t j1, double k2, int64_t j2) {
   return k1 < k2 || (k1 == k2 && j1 > j2);
 }
 
-template <bool kByKey>
-HN_HD bool slot_worse(const Slot& h, int64_t a, int64_t b) {
-  return kByKey ? worse_by_key(h.key[a], h.j[a], h.key[b], h.j[b])
-                : worse_by_score(h.s[a], h.j[a], h.s[b], h.j[b]);
-}
+// Item of a heap, moved as a unit. Keys travel only in key heaps (score heaps never read them).
+struct Item {
+  double s;
+  int64_t j;
+  double key;
+};
 
-HN_HD void slot_swap(const Slot& h, int64_t a, int64_t b) {
-  double ts = h.s[a];
-  h.s[a] = h.s[b];
-  h.s[b] = ts;
-  int64_t tj = h.j[a];
-  h.j[a] = h.j[b];
-  h.j[b] = tj;
-  if (h.key != nullptr) {
-    double tk = h.key[a];
-    h.key[a] = h.key[b];
-    h.key[b] = tk;
-  }
+template <bool kByKey>
+HN_HD bool item_worse(const Item& a, const Item& b) {
+  return kByKey ? worse_by_key(a.key, a.j, b.key, b.j) : worse_by_score(a.s, a.j, b.s, b.j);
 }
 
 template <bool kByKey>
-HN_HD void sift_down(const Slot& h, int64_t n, int64_t i) {
+HN_HD Item load(const Slot& h, int64_t i) {
+  return Item{h.s[i], h.j[i], kByKey ? h.key[i] : 0.0};
+}
+
+template <bool kByKey>
+HN_HD void store(const Slot& h, int64_t i, const Item& it) {
+  h.s[i] = it.s;
+  h.j[i] = it.j;
+  if (kByKey) h.key[i] = it.key;
+}
+
+// Places `it` into the hole at i of a heap of n items, moving worse children up ("hole" sifting: one
+// store per level instead of a swap).
+template <bool kByKey>
+HN_HD void sift_down(const Slot& h, int64_t n, int64_t i, const Item& it) {
   for (;;) {
-    const int64_t l = 2 * i + 1, r = l + 1;
-    int64_t w = i;
-    if (l < n && slot_worse<kByKey>(h, l, w)) w = l;
-    if (r < n && slot_worse<kByKey>(h, r, w)) w = r;
-    if (w == i) return;
-    slot_swap(h, i, w);
-    i = w;
+    int64_t c = 2 * i + 1;
+    if (c >= n) break;
+    Item child = load<kByKey>(h, c);
+    if (c + 1 < n) {
+      const Item right = load<kByKey>(h, c + 1);
+      if (item_worse<kByKey>(right, child)) {
+        child = right;
+        ++c;
+      }
+    }
+    if (!item_worse<kByKey>(child, it)) break;
+    store<kByKey>(h, i, child);
+    i = c;
   }
+  store<kByKey>(h, i, it);
 }
 
 template <bool kByKey>
-HN_HD void sift_up(const Slot& h, int64_t i) {
+HN_HD void sift_up(const Slot& h, int64_t i, const Item& it) {
   while (i > 0) {
     const int64_t parent = (i - 1) >> 1;
-    if (!slot_worse<kByKey>(h, i, parent)) return;
-    slot_swap(h, i, parent);
+    const Item up = load<kByKey>(h, parent);
+    if (!item_worse<kByKey>(it, up)) break;
+    store<kByKey>(h, i, up);
     i = parent;
   }
+  store<kByKey>(h, i, it);
 }
 
 template <bool kByKey>
 HN_HD void heapify(const Slot& h, int64_t n) {
-  for (int64_t i = n / 2 - 1; i >= 0; --i) sift_down<kByKey>(h, n, i);
+  for (int64_t i = n / 2 - 1; i >= 0; --i) sift_down<kByKey>(h, n, i, load<kByKey>(h, i));
 }
 
 // In-place heap sort of a worst-at-root heap: afterwards [0, n) is ordered best first.
 template <bool kByKey>
 HN_HD void sort_heap_best_first(const Slot& h, int64_t n) {
   for (int64_t end = n - 1; end > 0; --end) {
-    slot_swap(h, 0, end);
-    sift_down<kByKey>(h, end, 0);
+    const Item last = load<kByKey>(h, end);
+    store<kByKey>(h, end, load<kByKey>(h, 0));
+    sift_down<kByKey>(h, end, 0, last);
   }
 }
 
-// Offers (s, j, key) to a heap of capacity `cap` holding `count` items. Returns true when an item
-// leaves (the offered one if it did not get in, else the previous root); it is written to out_*.
+// Offers `it` to a heap of capacity `cap` holding `count` items. Returns true when an item leaves (the
+// offered one if it did not get in, else the previous root); it is written to `out`.
 template <bool kByKey>
-HN_HD bool heap_offer(const Slot& h, int64_t cap, int64_t& count, double s, int64_t j, double key,
-                      double& out_s, int64_t& out_j, double& out_key) {
+HN_HD bool heap_offer(const Slot& h, int64_t cap, int64_t& count, const Item& it, Item& out) {
   if (count < cap) {
-    h.s[count] = s;
-    h.j[count] = j;
-    if (h.key != nullptr) h.key[count] = key;
-    sift_up<kByKey>(h, count);
+    sift_up<kByKey>(h, count, it);
     ++count;
     return false;
   }
-  const bool better = kByKey ? worse_by_key(h.key[0], h.j[0], key, j) : worse_by_score(h.s[0], h.j[0], s, j);
-  if (cap == 0 || !better) {
-    out_s = s;
-    out_j = j;
-    out_key = key;
+  if (cap == 0 || !item_worse<kByKey>(load<kByKey>(h, 0), it)) {
+    out = it;
     return true;
   }
-  out_s = h.s[0];
-  out_j = h.j[0];
-  out_key = h.key != nullptr ? h.key[0] : 0.0;
-  h.s[0] = s;
-  h.j[0] = j;
-  if (h.key != nullptr) h.key[0] = key;
-  sift_down<kByKey>(h, cap, 0);
+  out = load<kByKey>(h, 0);
+  sift_down<kByKey>(h, cap, 0, it);
   return true;
 }
 
@@ -259,23 +263,21 @@ HN_HD RowState row_state(const TopkParams& p, int64_t row) {
 // Items pushed out of the skip heap (or never entering it) in stream mode go to the key heap.
 HN_HD void offer_to_keyed(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
   const double key = sample_key(p.sampling, s, p.inv_temperature, p.seed, p.noise_row_offset + row, j);
-  double os, ok;
-  int64_t oj;
-  heap_offer<true>(st.keyed, p.k, st.count[1], s, j, key, os, oj, ok);
+  Item out;
+  heap_offer<true>(st.keyed, p.k, st.count[1], Item{s, j, key}, out);
 }
 
 // Offers an eligible candidate to the row's state.
 HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
-  double os, ok;
-  int64_t oj;
+  Item out;
   if (p.mode == kModeWindow) {
-    heap_offer<false>(st.skip_or_window, p.capacity, st.count[0], s, j, 0.0, os, oj, ok);
+    heap_offer<false>(st.skip_or_window, p.capacity, st.count[0], Item{s, j, 0.0}, out);
     return;
   }
   if (p.skip > 0) {
-    if (!heap_offer<false>(st.skip_or_window, p.skip, st.count[0], s, j, 0.0, os, oj, ok)) return;
-    s = os;
-    j = oj;
+    if (!heap_offer<false>(st.skip_or_window, p.skip, st.count[0], Item{s, j, 0.0}, out)) return;
+    s = out.s;
+    j = out.j;
   }
   offer_to_keyed(p, st, row, s, j);
 }
@@ -314,12 +316,8 @@ HN_HD void finalize_row(const TopkParams& p, int64_t row, double* out_s, int64_t
       n = len < p.k ? len : p.k;
       heapify<true>(w, n);
       for (int64_t t = n; t < len; ++t) {
-        if (worse_by_key(w.key[0], w.j[0], w.key[t], w.j[t])) {
-          w.s[0] = w.s[t];
-          w.j[0] = w.j[t];
-          w.key[0] = w.key[t];
-          sift_down<true>(w, n, 0);
-        }
+        const Item it = load<true>(w, t);
+        if (item_worse<true>(load<true>(w, 0), it)) sift_down<true>(w, n, 0, it);
       }
       heapify<false>(w, n);
       sort_heap_best_first<false>(w, n);
