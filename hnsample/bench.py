@@ -39,7 +39,6 @@ def _inputs(b: int, n: int, d: int, p: int, dtype: str, seed: int):
 
 def _naive_masked_scores(q, c, pos, relative_margin):
     """Full score matrix with positives and margin violators set to -inf (plain torch)."""
-    import torch
 
     s = (q.float() @ c.float().T)
     p = s.gather(1, pos).amin(dim=1, keepdim=True)
@@ -141,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
     check = "not checked"
     if "hnsample" in by and "torch_naive" in by and "kth_scores" in by["hnsample"] and "kth_scores" in by["torch_naive"]:
         a, b = by["hnsample"], by["torch_naive"]
-        kth_err = max(abs(x - y) for x, y in zip(a["kth_scores"], b["kth_scores"]))
-        same = sum(x == y for x, y in zip(a["indices_head"], b["indices_head"]))
+        kth_err = max(abs(x - y) for x, y in zip(a["kth_scores"], b["kth_scores"], strict=False))
+        same = sum(x == y for x, y in zip(a["indices_head"], b["indices_head"], strict=False))
         check = f"first 256 rows: {same}/256 identical index rows, max |kth score diff| = {kth_err:.2e}"
         if kth_err > 1e-3:
             print(f"CORRECTNESS CHECK FAILED: {check}")

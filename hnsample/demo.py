@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"Query {row}: positive doc {int(pos[row])} (score {ps:.3f}); top-5 mined negatives")
     for label, res in (("without margin", before), ("with margin   ", after)):
         items = []
-        for s, j in zip(res.scores[0].tolist(), res.indices[0].tolist()):
+        for s, j in zip(res.scores[0].tolist(), res.indices[0].tolist(), strict=False):
             tag = "*DUP*" if j >= 0 and int(dup_of[j]) == int(pos[row]) else ""
             items.append(f"{j}{tag}:{s:.3f}")
         print(f"  {label}  " + "  ".join(items))
