@@ -20,8 +20,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
+
+from .cli import positive_int
 
 METHODS = ("hnsample", "matmul", "torch_naive", "torch_chunked", "faiss")
 
@@ -129,10 +132,11 @@ def run(args: argparse.Namespace) -> int:
         proc = subprocess.run(
             [sys.executable, "-c", "import json,sys; from hnsample.bench import _run_method;"
              "print(json.dumps(_run_method(sys.argv[1], json.loads(sys.argv[2]))))", m, json.dumps(cfg)],
-            capture_output=True, text=True, env=dict(os.environ),
+            capture_output=True, text=True, env=dict(os.environ), cwd=tempfile.gettempdir(),
         )
         if proc.returncode != 0:
-            results.append({"method": m, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"})
+            results.append({"method": m, "failed": True,
+                            "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"})
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
@@ -141,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if "hnsample" in by and "torch_naive" in by and "kth_scores" in by["hnsample"] and "kth_scores" in by["torch_naive"]:
         a, b = by["hnsample"], by["torch_naive"]
         kth_err = max(abs(x - y) for x, y in zip(a["kth_scores"], b["kth_scores"], strict=False))
-        same = sum(x == y for x, y in zip(a["indices_head"], b["indices_head"], strict=False))
-        check = f"first 256 rows: {same}/256 identical index rows, max |kth score diff| = {kth_err:.2e}"
+        rows = list(zip(a["indices_head"], b["indices_head"], strict=True))
+        same = sum(x == y for x, y in rows)
+        check = f"{same}/{len(rows)} of the first rows identical, max |kth score diff| = {kth_err:.2e}"
         if kth_err > 1e-3:
             print(f"CORRECTNESS CHECK FAILED: {check}")
             return 1
@@ -167,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"config": cfg, "check": check, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
-    return 0
+    return 1 if any(r.get("failed") for r in results) else 0
 
 
 def _threads() -> int:
@@ -177,13 +182,13 @@ def _threads() -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--queries", "-B", type=int, default=1024, help="number of queries B (default 1024)")
-    p.add_argument("--candidates", "-N", type=int, default=50_000, help="number of candidates N (default 50,000)")
-    p.add_argument("--dim", "-d", type=int, default=384, help="embedding dimension d (default 384)")
-    p.add_argument("-k", type=int, default=64, help="negatives per query (default 64)")
+    p.add_argument("--queries", "-B", type=positive_int, default=1024, help="number of queries B (default 1024)")
+    p.add_argument("--candidates", "-N", type=positive_int, default=50_000, help="number of candidates N (default 50,000)")
+    p.add_argument("--dim", "-d", type=positive_int, default=384, help="embedding dimension d (default 384)")
+    p.add_argument("-k", type=positive_int, default=64, help="negatives per query (default 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="input dtype")
-    p.add_argument("--block-size", type=int, default=1 << 24, help="score elements per block (default 2**24)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is reported")
+    p.add_argument("--block-size", type=positive_int, default=1 << 24, help="score elements per block (default 2**24)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method; the median is reported")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--naive-limit-gb", type=float, default=8.0, help="skip torch naive above this score size")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")

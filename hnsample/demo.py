@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .cli import positive_int
 from .ops.topk import topk_similarity
 
 
@@ -111,11 +112,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--docs", type=int, default=50_000, help="corpus size (default 50,000)")
-    p.add_argument("--queries", type=int, default=2_000, help="number of queries (default 2,000)")
-    p.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
-    p.add_argument("--topics", type=int, default=100, help="number of topic clusters (default 100)")
+    p.add_argument("--docs", type=positive_int, default=50_000, help="corpus size (default 50,000)")
+    p.add_argument("--queries", type=positive_int, default=2_000, help="number of queries (default 2,000)")
+    p.add_argument("--dim", type=positive_int, default=128, help="embedding dimension (default 128)")
+    p.add_argument("--topics", type=positive_int, default=100, help="number of topic clusters (default 100)")
     p.add_argument("--duplicates", type=float, default=0.1, help="fraction of queries whose positive is duplicated")
-    p.add_argument("-k", type=int, default=8, help="negatives per query (default 8)")
+    p.add_argument("-k", type=positive_int, default=8, help="negatives per query (default 8)")
     p.add_argument("--relative-margin", type=float, default=0.05, help="false-negative margin (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
