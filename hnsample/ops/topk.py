@@ -385,7 +385,8 @@ def build_selection(
                 raise ValueError(f"positive_scores must be on {device}, got {ps.device}")
             p = ps.to(torch.float64)
             has_p = torch.ones(rows, dtype=torch.bool, device=device)
-        elif positives is not None and positives.shape[1] > 0:
+        elif positives is not None and positives.shape[1] > 0 and n > 0:
+            # With n == 0 every id is padding and there is no score to gather.
             valid = positives >= 0
             vals = positive_values(positives.clamp_min(0)).to(torch.float64)
             p = torch.where(valid, vals, torch.full_like(vals, math.inf)).amin(dim=1)
