@@ -344,6 +344,12 @@ def build_selection(
     k = check_int("k", k, 0)
     skip_top = check_int("skip_top", skip_top, 0)
     pool = -1 if pool is None else check_int("pool", pool, 1)
+    # A row has at most n eligible candidates, so a window reaching past n selects exactly what one
+    # ending at n does; clamping keeps the state (sized skip_top + pool or skip_top + k) bounded by n
+    # instead of by arbitrarily large arguments.
+    skip_top = min(skip_top, n)
+    if pool > n:
+        pool = max(n, 1)
     if not isinstance(sampling, str) or sampling not in SAMPLING_CODES:
         raise ValueError(f"sampling must be one of {sorted(SAMPLING_CODES)}, got {sampling!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
