@@ -506,7 +506,9 @@ def topk_similarity(
 
     def positive_values(pos: torch.Tensor) -> torch.Tensor:
         q = prepare_rows(queries.detach(), metric)
-        c = prepare_rows(candidates.detach()[pos.reshape(-1)], metric).reshape(pos.shape[0], pos.shape[1], -1)
+        # An explicit d: with B = 0 or d = 0 the gathered rows are empty and -1 would be ambiguous.
+        d = candidates.shape[1]
+        c = prepare_rows(candidates.detach()[pos.reshape(-1)], metric).reshape(pos.shape[0], pos.shape[1], d)
         return torch.einsum("bd,bpd->bp", q, c)
 
     sel = build_selection(
