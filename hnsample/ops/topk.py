@@ -354,8 +354,9 @@ def build_selection(
         raise ValueError(f"sampling must be one of {sorted(SAMPLING_CODES)}, got {sampling!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    # The kernels scale by 1 / temperature: a subnormal temperature makes that inf and 0 * inf = NaN keys.
+    if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(1.0 / temperature)):
+        raise ValueError(f"temperature must be finite and > 0 with a finite 1 / temperature, got {temperature}")
     absolute_margin = check_finite("absolute_margin", absolute_margin)
     relative_margin = check_finite("relative_margin", relative_margin)
     lo = check_finite("min_score", min_score)
