@@ -356,7 +356,8 @@ def build_selection(
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     # The kernels scale by 1 / temperature: a subnormal temperature makes that inf and 0 * inf = NaN keys.
     if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(1.0 / temperature)):
-        raise ValueError(f"temperature must be finite and > 0 with a finite 1 / temperature, got {temperature}")
+        raise ValueError(
+            f"temperature must be finite and > 0 (and 1 / temperature finite), got {temperature}")
     absolute_margin = check_finite("absolute_margin", absolute_margin)
     relative_margin = check_finite("relative_margin", relative_margin)
     lo = check_finite("min_score", min_score)
