@@ -86,10 +86,12 @@ HN_HD uint64_t philox_bits(uint64_t seed, uint64_t row, uint64_t col) {
   return (static_cast<uint64_t>(c0) << 32) | c1;
 }
 
-// Uniform in the open interval (0, 1) with 53 random bits.
+// Uniform in the open interval (0, 1): (m + 0.5) / 2^52 for the top 52 bits m. With 52 bits m + 0.5 is
+// exact in a double, so u never rounds to 1 (with 53 bits, m = 2^53 - 1 gave exactly 1.0, and the
+// softmax key -log(-log(u)) became +inf).
 HN_HD double uniform_noise(uint64_t seed, uint64_t row, uint64_t col) {
-  const uint64_t m = philox_bits(seed, row, col) >> 11;
-  return (static_cast<double>(m) + 0.5) * (1.0 / 9007199254740992.0);
+  const uint64_t m = philox_bits(seed, row, col) >> 12;
+  return (static_cast<double>(m) + 0.5) * (1.0 / 4503599627370496.0);
 }
 
 // Sampling key: larger keys are chosen first. Uniform: u. Softmax: s / T + Gumbel(u) (Gumbel-top-k

@@ -13,7 +13,7 @@ import torch
 
 # ----------------------------------------------------------------------------------------------------
 # Sampling noise: Philox-4x32-10 with key = seed and counter = (candidate lo, candidate hi, row lo,
-# row hi); u = (top 53 bits of (x0 << 32 | x1) + 0.5) / 2**53. Re-derived here in numpy so the test
+# row hi); u = (top 52 bits of (x0 << 32 | x1) + 0.5) / 2**52. Re-derived here in numpy so the test
 # suite checks the kernels' noise against an independent implementation.
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -38,8 +38,14 @@ def uniform_noise(seed: int, rows: np.ndarray | int, cols: np.ndarray | int) -> 
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = (k0 + _W0) & _MASK32
         k1 = (k1 + _W1) & _MASK32
-    bits = ((c0 << np.uint64(32)) | c1) >> np.uint64(11)
-    return (bits.astype(np.float64) + 0.5) / 2.0**53
+    return noise_from_bits((c0 << np.uint64(32)) | c1)
+
+
+def noise_from_bits(bits: np.ndarray | int) -> np.ndarray:
+    """u = (m + 0.5) / 2**52 for the top 52 bits m of a 64-bit Philox output: m + 0.5 is exact in
+    float64, so 0 < u < 1 for every input."""
+    m = np.asarray(bits, dtype=np.uint64) >> np.uint64(12)
+    return (m.astype(np.float64) + 0.5) / 2.0**52
 
 
 def sample_key(sampling: str, score: float, temperature: float, seed: int, row: int, col: int) -> float:

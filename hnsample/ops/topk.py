@@ -344,12 +344,20 @@ def build_selection(
     k = check_int("k", k, 0)
     skip_top = check_int("skip_top", skip_top, 0)
     pool = -1 if pool is None else check_int("pool", pool, 1)
+    # A row has at most n eligible candidates, so a window reaching past n selects exactly what one
+    # ending at n does; clamping keeps the state (sized skip_top + pool or skip_top + k) bounded by n
+    # instead of by arbitrarily large arguments.
+    skip_top = min(skip_top, n)
+    if pool > n:
+        pool = max(n, 1)
     if not isinstance(sampling, str) or sampling not in SAMPLING_CODES:
         raise ValueError(f"sampling must be one of {sorted(SAMPLING_CODES)}, got {sampling!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    # The kernels scale by 1 / temperature: a subnormal temperature makes that inf and 0 * inf = NaN keys.
+    if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(1.0 / temperature)):
+        raise ValueError(
+            f"temperature must be finite and > 0 (and 1 / temperature finite), got {temperature}")
     absolute_margin = check_finite("absolute_margin", absolute_margin)
     relative_margin = check_finite("relative_margin", relative_margin)
     lo = check_finite("min_score", min_score)
@@ -385,7 +393,8 @@ def build_selection(
                 raise ValueError(f"positive_scores must be on {device}, got {ps.device}")
             p = ps.to(torch.float64)
             has_p = torch.ones(rows, dtype=torch.bool, device=device)
-        elif positives is not None and positives.shape[1] > 0:
+        elif positives is not None and positives.shape[1] > 0 and n > 0:
+            # With n == 0 every id is padding and there is no score to gather.
             valid = positives >= 0
             vals = positive_values(positives.clamp_min(0)).to(torch.float64)
             p = torch.where(valid, vals, torch.full_like(vals, math.inf)).amin(dim=1)
@@ -499,7 +508,9 @@ def topk_similarity(
 
     def positive_values(pos: torch.Tensor) -> torch.Tensor:
         q = prepare_rows(queries.detach(), metric)
-        c = prepare_rows(candidates.detach()[pos.reshape(-1)], metric).reshape(pos.shape[0], pos.shape[1], -1)
+        # An explicit d: with B = 0 or d = 0 the gathered rows are empty and -1 would be ambiguous.
+        d = candidates.shape[1]
+        c = prepare_rows(candidates.detach()[pos.reshape(-1)], metric).reshape(pos.shape[0], pos.shape[1], d)
         return torch.einsum("bd,bpd->bp", q, c)
 
     sel = build_selection(
