@@ -63,6 +63,9 @@ def as_tensor(name: str, x: Any) -> torch.Tensor:
     except ImportError:  # pragma: no cover - numpy is a dependency
         np = None
     if np is not None and isinstance(x, np.ndarray):
+        # torch has no negative strides: such views (x[:, ::-1]) are copied, everything else is shared.
+        if any(st < 0 for st in x.strides):
+            x = np.ascontiguousarray(x)
         return torch.from_numpy(x)
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 

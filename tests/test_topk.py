@@ -605,11 +605,6 @@ def test_numpy_in_numpy_out():
     assert_same_topk(got, R.select_from_scores(torch.from_numpy(np.ascontiguousarray(s[:, ::2])), 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hnsample._ext.as_tensor passes numpy arrays with negative strides "
-    "to torch.from_numpy, which rejects them",
-)
 def test_numpy_negative_strides():
     s = np.arange(12, dtype=np.float32).reshape(3, 4)
     got = hnsample.topk_from_scores(s[:, ::-1], 2)
