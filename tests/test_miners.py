@@ -89,7 +89,8 @@ def test_semi_hard_matches_definition(metric, per_pair):
 def test_semi_hard_window_is_half_open():
     # s_ap = 0.5; negatives at 0.5 (not farther: excluded), 0.3 (inside), 0.2 (on the margin: included),
     # 0.1 (outside).
-    e = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.5, 2.0], [0.3, 0.0], [0.2, 0.0], [0.1, 0.0]], dtype=torch.float64)
+    e = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.5, 2.0], [0.3, 0.0], [0.2, 0.0], [0.1, 0.0]],
+                     dtype=torch.float64)
     lab = torch.tensor([0, 0, 1, 2, 3, 4])
     t = semi_hard(e, lab, 0.3, metric="dot", negatives_per_pair=None)
     assert [x for x in _triples(t) if x[:2] == (0, 1)] == [(0, 1, 3), (0, 1, 4)]
@@ -130,7 +131,8 @@ def test_triplet_margin_loss_formula_and_gradient(metric):
     torch.testing.assert_close(triplet_margin_loss(e, t, 0.2, metric=metric), expected.mean())
     torch.testing.assert_close(triplet_margin_loss(e, t, 0.2, metric=metric, reduction="sum"), expected.sum())
     nz = expected[expected > 0]
-    torch.testing.assert_close(triplet_margin_loss(e, t, 0.2, metric=metric, reduction="mean_nonzero"), nz.mean())
+    nonzero_mean = triplet_margin_loss(e, t, 0.2, metric=metric, reduction="mean_nonzero")
+    torch.testing.assert_close(nonzero_mean, nz.mean())
     assert torch.autograd.gradcheck(
         lambda x: triplet_margin_loss(x, t, 0.2, metric=metric), (e.detach().clone().requires_grad_(),))
 
@@ -154,8 +156,8 @@ def test_triplet_margin_loss_empty_is_connected_zero():
     ({"metric": "l1"}, ValueError, "metric"),
 ])
 def test_triplet_margin_loss_bad_inputs(kwargs, exc, match):
-    args = {"embeddings": torch.randn(4, 3), "triplets": (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])),
-            "margin": 0.1}
+    triplets = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
+    args = {"embeddings": torch.randn(4, 3), "triplets": triplets, "margin": 0.1}
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         triplet_margin_loss(args.pop("embeddings"), args.pop("triplets"), args.pop("margin"), **args)
@@ -163,6 +165,12 @@ def test_triplet_margin_loss_bad_inputs(kwargs, exc, match):
 
 # ----------------------------------------------------------------------------------------------------
 # pytorch-metric-learning (skipped when it is not installed)
+
+
+def _pml_distance(distances, metric):
+    if metric == "cosine":
+        return distances.CosineSimilarity()
+    return distances.LpDistance(normalize_embeddings=False)
 
 
 def _pml():
@@ -174,7 +182,7 @@ def test_batch_hard_equals_pytorch_metric_learning(metric):
     _pml()
     from pytorch_metric_learning import distances, miners
 
-    dist = distances.CosineSimilarity() if metric == "cosine" else distances.LpDistance(normalize_embeddings=False)
+    dist = _pml_distance(distances, metric)
     for seed in range(3):
         e, lab = _batch(seed=seed)
         ref = miners.BatchHardMiner(distance=dist)(e, lab)
@@ -189,7 +197,7 @@ def test_semi_hard_set_equals_pytorch_metric_learning(metric):
     _pml()
     from pytorch_metric_learning import distances, miners
 
-    dist = distances.CosineSimilarity() if metric == "cosine" else distances.LpDistance(normalize_embeddings=False)
+    dist = _pml_distance(distances, metric)
     e, lab = _batch(b=32, seed=4)
     ref = miners.TripletMarginMiner(margin=0.3, type_of_triplets="semihard", distance=dist)(e, lab)
     got = semi_hard(e, lab, 0.3, metric=metric, negatives_per_pair=None)
