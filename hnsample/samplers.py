@@ -415,7 +415,10 @@ class NeighbourBatchSampler(_DistributedBatchSampler):
     """Batches in which items meet their nearest neighbours as in-batch negatives (Sample4Geo).
 
     Per epoch the items are visited in a seeded random order; an item not yet placed starts a group,
-    followed by its first ``neighbours_per_item`` neighbours not yet placed. The groups, laid end to end,
+    followed by its first ``neighbours_per_item`` neighbours not yet placed (Sample4Geo's rule) and, with
+    ``grow=True`` (default), by their neighbours in breadth-first order until the group holds
+    ``batch_size`` items or no unplaced neighbour is left, so a batch is a connected neighbourhood
+    rather than several small ones. The groups, laid end to end,
     are packed by :func:`pack_batches` with ``keys``: no two items in a batch share a key (pass each
     item's positive id so a positive never appears twice in a batch). Each item appears exactly once per
     epoch; a group is split only at a batch boundary or where a key clash pushes a member later.
@@ -426,9 +429,12 @@ class NeighbourBatchSampler(_DistributedBatchSampler):
     """
 
     def __init__(self, neighbours: Any, batch_size: int, *, keys: Any = None,
-                 neighbours_per_item: int | None = None, drop_last: bool = False, shuffle: bool = True,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
+                 neighbours_per_item: int | None = None, grow: bool = True, drop_last: bool = False,
+                 shuffle: bool = True, seed: int = 0, rank: int | None = None, world_size: int | None = None):
         super().__init__(batch_size, drop_last, shuffle, seed, rank, world_size)
+        if not isinstance(grow, bool):
+            raise TypeError(f"grow must be a bool, got {type(grow).__name__}")
+        self.grow = grow
         self.neighbours_per_item = (None if neighbours_per_item is None
                                     else check_int("neighbours_per_item", neighbours_per_item, 0))
         self.update_neighbours(neighbours)
@@ -487,9 +493,16 @@ class NeighbourBatchSampler(_DistributedBatchSampler):
             if placed[seed_item]:
                 continue
             placed[seed_item] = True
-            sequence.append(seed_item)
-            for j in self.neighbours[seed_item]:
-                if j >= 0 and not placed[j]:
-                    placed[j] = True
-                    sequence.append(j)
+            group = [seed_item]
+            head = 0
+            # Breadth-first: the seed's neighbours, then theirs, until the group could fill a batch.
+            while head < len(group) and len(group) < self.batch_size:
+                for j in self.neighbours[group[head]]:
+                    if j >= 0 and not placed[j] and len(group) < self.batch_size:
+                        placed[j] = True
+                        group.append(j)
+                head += 1
+                if not self.grow:
+                    break
+            sequence.extend(group)
         return pack_batches(sequence, self.batch_size, self.item_keys)

@@ -280,16 +280,30 @@ def test_cluster_sampler_bad_inputs(kwargs, exc, match):
 # NeighbourBatchSampler
 
 
-def test_neighbour_sampler_keeps_neighbour_groups_together():
+@pytest.mark.parametrize("grow", [True, False])
+def test_neighbour_sampler_keeps_neighbour_groups_together(grow):
     # Items in cliques of 4; each item's neighbours are its clique mates; batches of 8 hold two cliques.
     n = 64
     nb = torch.tensor([[j for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i] for i in range(n)])
-    s = NeighbourBatchSampler(nb, 8, seed=7)
+    s = NeighbourBatchSampler(nb, 8, seed=7, grow=grow)
     batches = list(s)
     assert sorted(_flat(batches)) == list(range(n))
     for b in batches:
         assert sorted({i // 4 for i in b}) == sorted(i // 4 for i in b[::4])
         assert len(b) == 8
+
+
+def test_neighbour_sampler_grows_along_chains():
+    # A chain 0-1-2-...: item i's only neighbour is i + 1. Growing follows the chain, so batches are
+    # runs of consecutive items; without growing, groups are pairs.
+    n = 40
+    nb = torch.tensor([[i + 1 if i + 1 < n else -1] for i in range(n)])
+    grown = NeighbourBatchSampler(nb, 8, seed=0, drop_last=True)
+    runs = sum(1 for b in grown if sorted(b) == list(range(min(b), min(b) + 8)))
+    pairs = NeighbourBatchSampler(nb, 8, seed=0, grow=False)
+    assert runs >= 1
+    for b in pairs:
+        assert sum(1 for i in b if i + 1 in b) >= 1
 
 
 def test_neighbour_sampler_never_repeats_a_key():
