@@ -209,9 +209,15 @@ class NoDuplicatesBatchSampler(_DistributedBatchSampler):
                  seed: int = 0, rank: int | None = None, world_size: int | None = None):
         super().__init__(batch_size, drop_last, shuffle, seed, rank, world_size)
         self.item_keys = _item_keys("keys", keys)
+        distinct = len({k for row in self.item_keys for k in row})
+        self._no_repeats = distinct == sum(len(row) for row in self.item_keys)
 
     def _epoch_batches(self, generator: torch.Generator) -> list[list[int]]:
-        return pack_batches(self._order(len(self.item_keys), generator), self.batch_size, self.item_keys)
+        order = self._order(len(self.item_keys), generator)
+        if self._no_repeats:
+            # No key repeats: pack_batches would fill batches strictly in order, so cut the order.
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return pack_batches(order, self.batch_size, self.item_keys)
 
 
 class MPerClassBatchSampler(_DistributedBatchSampler):
@@ -226,7 +232,10 @@ class MPerClassBatchSampler(_DistributedBatchSampler):
     partial (dropped when ``drop_last``).
 
     Unlike pytorch-metric-learning's ``MPerClassSampler`` (which draws labels with replacement for a
-    fixed ``length_before_new_iter``), an epoch here is one pass over the items.
+    fixed ``length_before_new_iter``), an epoch here is one pass over the items. Because of the
+    wrap-around, an item of a label whose size is not a multiple of m can appear in two batches of an
+    epoch (never twice in one); under DDP the ranks' batches are distinct, and their items are disjoint
+    when every label's size is a multiple of m.
     """
 
     def __init__(self, labels: Any, m: int, batch_size: int, *, drop_last: bool = True, shuffle: bool = True,

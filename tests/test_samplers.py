@@ -78,6 +78,14 @@ def test_no_duplicates_multi_key_items():
         assert len(set(qs)) == len(qs) and len(set(ps)) == len(ps)
 
 
+def test_no_duplicates_without_repeats_equals_packing():
+    keys = [(i, f"t{i}") for i in range(103)]
+    s = NoDuplicatesBatchSampler(keys, 10, seed=2)
+    assert s._no_repeats
+    order = torch.randperm(103, generator=torch.Generator().manual_seed(2)).tolist()
+    assert sorted(map(sorted, s.global_batches())) == sorted(map(sorted, pack_batches(order, 10)))
+
+
 def test_no_duplicates_tensor_keys_with_padding_and_drop_last():
     keys = torch.tensor([[i % 10, -1] for i in range(100)])
     s = NoDuplicatesBatchSampler(keys, 8, drop_last=True, seed=0)
