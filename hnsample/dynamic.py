@@ -36,6 +36,8 @@ class DynamicNegatives(NamedTuple):
     ids: (B, k + r) int64 document ids, -1 for padding (fewer eligible documents than asked).
     embeddings: (B, k + r, d) document embeddings in the queries' dtype and device (zeros for padding).
     scores: (B, k + r) detached similarities (float32; float64 for float64 queries), -inf for padding.
+
+    Mask padded entries (ids == -1) before using ``embeddings`` as negatives in a loss.
     """
 
     ids: torch.Tensor

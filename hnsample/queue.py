@@ -16,6 +16,10 @@ __all__ = ["NegativeQueue", "QueueNegatives"]
 class QueueNegatives(NamedTuple):
     """Hard negatives mined from a queue, k per query, best first; padding where fewer are eligible.
 
+    A zero padding vector still scores 0 in a dot-product loss, so drop or mask padded entries with
+    ``valid`` before using ``embeddings`` as extra negatives (there is none while k <= the number of
+    eligible entries).
+
     embeddings: (B, k, d) queue entries (zeros for padding), detached.
     ids, labels: (B, k) int64 stored ids / labels of the entries (-1 for padding or unknown).
     scores: (B, k) similarities (-inf for padding); differentiable with respect to the queries.
