@@ -356,3 +356,22 @@ def test_neighbour_sampler_bad_inputs():
     s = NeighbourBatchSampler(torch.zeros(4, 1, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="rows"):
         s.update_neighbours(torch.zeros(5, 1, dtype=torch.int64))
+
+
+def test_cluster_and_neighbour_coverage_is_uniform():
+    # One tight blob of 40 items, batches of 8: every item is in each epoch's first batch with
+    # probability 8/40. Cliques of 4 under NeighbourBatchSampler: each clique is in the first batch with
+    # probability 2/10.
+    x = torch.ones(40, 3) + 1e-3 * torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    cluster = ClusterBatchSampler(x, 8, n_clusters=1, seed=5)
+    nb = torch.tensor([[j for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i] for i in range(40)])
+    neighbour = NeighbourBatchSampler(nb, 8, seed=5)
+    item_counts, clique_counts = np.zeros(40), np.zeros(10)
+    for epoch in range(500):
+        cluster.set_epoch(epoch)
+        neighbour.set_epoch(epoch)
+        item_counts[next(iter(cluster))] += 1
+        for i in next(iter(neighbour))[::4]:
+            clique_counts[i // 4] += 1
+    assert stats.chisquare(item_counts).pvalue > 1e-3
+    assert stats.chisquare(clique_counts).pvalue > 1e-3
