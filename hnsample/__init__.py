@@ -1,8 +1,23 @@
 """hnsample: exact, memory-flat hard-negative mining, filtering and sampling for PyTorch."""
 
 from ._ext import has_cuda
+from .dynamic import DynamicNegativeMiner, DynamicNegatives
+from .miners import Triplets, batch_hard, semi_hard, triplet_margin_loss
+from .mixing import MixedNegatives, MoCHi, mix_hard_negatives
 from .ops.topk import TopK, topk_from_scores, topk_similarity
+from .queue import NegativeQueue, QueueNegatives
+from .samplers import (
+    ClusterBatchSampler,
+    MPerClassBatchSampler,
+    NeighbourBatchSampler,
+    NoDuplicatesBatchSampler,
+)
 
 __version__ = "0.1.0"
 
 __all__ = ["TopK", "has_cuda", "topk_from_scores", "topk_similarity", "__version__"]
+__all__ += [
+    "ClusterBatchSampler", "DynamicNegativeMiner", "DynamicNegatives", "MPerClassBatchSampler",
+    "MixedNegatives", "MoCHi", "NegativeQueue", "NeighbourBatchSampler", "NoDuplicatesBatchSampler",
+    "QueueNegatives", "Triplets", "batch_hard", "mix_hard_negatives", "semi_hard", "triplet_margin_loss",
+]
