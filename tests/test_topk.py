@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import hnsample
 from hnsample import _reference as R
-from hnsample.ops.topk import SelectionState, build_selection, run_similarity_selection
+from hnsample.ops.topk import SelectionState, run_similarity_selection
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
@@ -840,7 +840,7 @@ def test_block_size_independence(sampling, window):
 @pytest.mark.parametrize("sampling", ["top", "uniform", "softmax"])
 @pytest.mark.parametrize("window", [dict(), dict(skip_top=4), dict(skip_top=1, pool=7)])
 @pytest.mark.parametrize("shards", [2, 3])
-def test_merge_of_column_shards_equals_one_pass(sampling, window, shards):
+def test_merge_of_column_shards_equals_one_pass(sampling, window, shards, make_selection):
     rng = np.random.default_rng(13)
     b, n = 7, 40
     q, c = int_matrix(rng, b, 3, -3, 3), int_matrix(rng, n, 3, -3, 3)
@@ -851,21 +851,15 @@ def test_merge_of_column_shards_equals_one_pass(sampling, window, shards):
     positives = ids_matrix(rng, b, 2, n)
 
     def selection():
-        return build_selection(
+        return make_selection(
             b,
             n,
-            q.device,
             6,
             positives=positives,
             exclude=ids_matrix(np.random.default_rng(0), b, 3, n),
-            positive_scores=None,
             absolute_margin=0.0,
-            relative_margin=None,
-            min_score=None,
-            max_score=None,
             sampling=sampling,
             temperature=0.7,
-            generator=None,
             seed=5,
             pool=window.get("pool"),
             skip_top=window.get("skip_top", 0),
@@ -934,32 +928,11 @@ def test_cuda_equals_cpu(dtype, sampling):
 
 
 @pytest.mark.gpu
-def test_cuda_state_merge_and_half_values():
+def test_cuda_state_merge_and_half_values(make_selection):
     rng = np.random.default_rng(15)
     q, c = int_matrix(rng, 8, 3, -3, 3).cuda(), int_matrix(rng, 40, 3, -3, 3).cuda()
     for sampling, pool in (("top", None), ("uniform", 7), ("softmax", None)):
-        sel = build_selection(
-            8,
-            40,
-            q.device,
-            5,
-            positives=None,
-            exclude=None,
-            query_labels=None,
-            candidate_labels=None,
-            positive_scores=None,
-            absolute_margin=None,
-            relative_margin=None,
-            min_score=None,
-            max_score=None,
-            skip_top=2,
-            pool=pool,
-            sampling=sampling,
-            temperature=1.0,
-            generator=None,
-            seed=3,
-            positive_values=None,
-        )
+        sel = make_selection(8, 40, 5, q.device, skip_top=2, pool=pool, sampling=sampling, seed=3)
         whole = run_similarity_selection(q, c, sel, "dot", 1 << 20).finalize()
         first = run_similarity_selection(q, c[:17], sel, "dot", 64)
         first.merge(run_similarity_selection(q, c[17:], sel, "dot", 64, col_offset=17))
