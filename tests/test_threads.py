@@ -99,6 +99,7 @@ def test_concurrent_calls_alongside_torch_gemms(restore_threads):
     stop = threading.Event()
     errors: list[BaseException] = []
     mismatches: list[tuple[int, int]] = []
+    done: list[int] = []
     gemm_checks = []
 
     def gemms():
@@ -119,6 +120,7 @@ def test_concurrent_calls_alongside_torch_gemms(restore_threads):
                     torch.equal(got.indices, serial[i].indices) and torch.equal(got.scores, serial[i].scores)
                 ):
                     mismatches.append((offset, i))
+                done.append(offset)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -132,7 +134,8 @@ def test_concurrent_calls_alongside_torch_gemms(restore_threads):
     stop.set()
     gemm.join(timeout=60)
     assert not errors, errors
-    assert not mismatches
+    assert not any(w.is_alive() for w in workers) and not gemm.is_alive()
+    assert len(done) == 12 and not mismatches, mismatches
     assert gemm_checks and all(gemm_checks)
 
 
