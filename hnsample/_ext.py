@@ -63,10 +63,16 @@ def as_tensor(name: str, x: Any) -> torch.Tensor:
     except ImportError:  # pragma: no cover - numpy is a dependency
         np = None
     if np is not None and isinstance(x, np.ndarray):
-        # torch has no negative strides: such views (x[:, ::-1]) are copied, everything else is shared.
+        # torch has no negative strides and only native byte order: such arrays are copied, everything
+        # else is shared.
+        if not x.dtype.isnative:
+            x = x.astype(x.dtype.newbyteorder("="))
         if any(st < 0 for st in x.strides):
             x = np.ascontiguousarray(x)
-        return torch.from_numpy(x)
+        try:
+            return torch.from_numpy(x)
+        except TypeError as e:
+            raise TypeError(f"{name}: numpy dtype {x.dtype} is not supported ({e})") from None
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 

@@ -34,3 +34,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def make_selection():
+    """hnsample.ops.topk.build_selection with every filter off and sampling="top" unless overridden:
+    make_selection(rows, n, k, device=cpu, **overrides) -> Selection."""
+    from hnsample.ops.topk import build_selection
+
+    def make(rows: int, n: int, k: int, device: torch.device | None = None, **overrides):
+        args = dict(
+            positives=None, exclude=None, query_labels=None, candidate_labels=None, positive_scores=None,
+            absolute_margin=None, relative_margin=None, min_score=None, max_score=None, skip_top=0, pool=None,
+            sampling="top", temperature=1.0, generator=None, seed=None, positive_values=None,
+        )
+        args.update(overrides)
+        return build_selection(rows, n, device or torch.device("cpu"), k, **args)
+
+    return make

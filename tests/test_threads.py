@@ -17,7 +17,7 @@ import torch
 
 import hnsample
 from hnsample import _C
-from hnsample.ops.topk import SelectionState, build_selection
+from hnsample.ops.topk import SelectionState
 
 OPENMP_OR_TORCH = re.compile(r"lib(gomp|iomp\d*|omp|torch\w*|c10\w*)(\.|-)")
 
@@ -99,6 +99,7 @@ def test_concurrent_calls_alongside_torch_gemms(restore_threads):
     stop = threading.Event()
     errors: list[BaseException] = []
     mismatches: list[tuple[int, int]] = []
+    done: list[int] = []
     gemm_checks = []
 
     def gemms():
@@ -119,6 +120,7 @@ def test_concurrent_calls_alongside_torch_gemms(restore_threads):
                     torch.equal(got.indices, serial[i].indices) and torch.equal(got.scores, serial[i].scores)
                 ):
                     mismatches.append((offset, i))
+                done.append(offset)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -132,37 +134,17 @@ def test_concurrent_calls_alongside_torch_gemms(restore_threads):
     stop.set()
     gemm.join(timeout=60)
     assert not errors, errors
-    assert not mismatches
+    assert not any(w.is_alive() for w in workers) and not gemm.is_alive()
+    assert len(done) == 12 and not mismatches, mismatches
     assert gemm_checks and all(gemm_checks)
 
 
-def test_kernels_release_the_gil(restore_threads):
+def test_kernels_release_the_gil(restore_threads, make_selection):
     """While one kernel call runs, a pure-Python thread keeps running."""
     torch.set_num_threads(1)
     b, n = 600, 6000
     scores = torch.randn(b, n)
-    sel = build_selection(
-        b,
-        n,
-        torch.device("cpu"),
-        4,
-        positives=None,
-        exclude=None,
-        query_labels=None,
-        candidate_labels=None,
-        positive_scores=None,
-        absolute_margin=None,
-        relative_margin=None,
-        min_score=None,
-        max_score=None,
-        skip_top=0,
-        pool=None,
-        sampling="uniform",
-        temperature=1.0,
-        generator=None,
-        seed=1,
-        positive_values=None,
-    )
+    sel = make_selection(b, n, 4, sampling="uniform", seed=1)
     state = SelectionState(sel, b, torch.device("cpu"))  # unbounded-pool sampling: every score is offered
     counter = [0]
     running = threading.Event()

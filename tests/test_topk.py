@@ -10,6 +10,8 @@ differently from the reference's full matrix product.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 import hnsample
 from hnsample import _reference as R
-from hnsample.ops.topk import SelectionState, build_selection, run_similarity_selection
+from hnsample.ops.topk import SelectionState, run_similarity_selection
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
@@ -82,10 +84,10 @@ SPECIALS = np.array([math.nan, math.inf, -math.inf])
 
 
 @st.composite
-def selection_cases(draw, max_rows: int = 6, max_cols: int = 24):
+def selection_cases(draw, max_rows: int = 6, max_cols: int = 24, min_cols: int = 0):
     """(rng, B, N, k, filters) with every filter independently present or absent."""
     b = draw(st.integers(0, max_rows))
-    n = draw(st.integers(0, max_cols))
+    n = draw(st.integers(min_cols, max_cols))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     kw: dict = {}
     if draw(st.booleans()):
@@ -106,13 +108,14 @@ def selection_cases(draw, max_rows: int = 6, max_cols: int = 24):
     bound = st.sampled_from([None, None, -1.0, 0.0, 0.5, 1.0, 1.0 + 1e-12, 1.0 - 1e-12, 0.1, -2.5])
     kw["min_score"] = draw(bound)
     kw["max_score"] = draw(bound)
-    kw["skip_top"] = draw(st.integers(0, n + 2))
-    kw["pool"] = draw(st.one_of(st.none(), st.integers(1, n + 2)))
+    # small windows and k are the common case; anything up to past N is valid
+    kw["skip_top"] = draw(st.one_of(st.integers(0, 4), st.integers(0, n + 2)))
+    kw["pool"] = draw(st.one_of(st.none(), st.integers(1, 6), st.integers(1, n + 2)))
     kw["sampling"] = draw(st.sampled_from(["top", "top", "uniform", "softmax"]))
     if kw["sampling"] != "top":
         kw["temperature"] = draw(st.sampled_from([0.25, 1.0, 3.0]))
         kw["seed"] = draw(st.integers(0, 2**63 - 1))
-    k = draw(st.integers(0, n + 3))
+    k = draw(st.one_of(st.integers(0, 8), st.integers(0, n + 3)))
     return rng, b, n, k, {key: v for key, v in kw.items() if v is not None}
 
 
@@ -146,6 +149,23 @@ def test_from_scores_matches_reference(case, dtype, style, specials, layout):
         scores = torch.repeat_interleave(torch.repeat_interleave(scores, 2, 0), 3, 1)[::2, ::3]
     got = hnsample.topk_from_scores(scores, k, **kw)
     assert got.scores.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_same_topk(got, R.select_from_scores(scores, k, **kw))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    case=selection_cases(max_rows=4, max_cols=260, min_cols=64),
+    dtype=st.sampled_from([torch.float32, torch.float32, torch.bfloat16]),
+    style=st.sampled_from(["int", "halves", "normal"]),
+    specials=st.booleans(),
+    offset=st.integers(0, 3),
+)
+def test_wide_rows_match_reference(case, dtype, style, specials, offset):
+    """Rows long enough for the vectorized scan (chunks of 64 plus a tail), at unaligned offsets."""
+    rng, b, n, k, kw = case
+    wide = torch.from_numpy(_score_values(rng, (b, n + offset), style, specials)).to(dtype)
+    scores = wide[:, offset:]
+    got = hnsample.topk_from_scores(scores, k, **kw)
     assert_same_topk(got, R.select_from_scores(scores, k, **kw))
 
 
@@ -418,6 +438,34 @@ def test_nan_and_infinite_scores(dtype):
     assert out.indices[2].tolist() == [6, 2, 5, 0, 1, 4, -1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_every_half_precision_value_is_read_exactly(dtype):
+    """All 65536 bit patterns of the half formats (subnormals, signed zeros, max, inf, NaN) in one row:
+    the selection must rank them exactly as torch converts them, NaN excluded."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    row = bits.view(dtype).unsqueeze(0)
+    values = row.float()[0]
+    out = hnsample.topk_from_scores(row, 2**16)
+    finite_or_inf = (~values.isnan()).nonzero().squeeze(1)
+    order = sorted(finite_or_inf.tolist(), key=lambda j: (-float(values[j]), j))
+    n = len(order)
+    assert out.indices[0, :n].tolist() == order
+    assert (out.indices[0, n:] == -1).all()
+    got = out.scores[0, :n]
+    assert torch.equal(got.view(torch.int32), values[order].view(torch.int32))  # signed zeros too
+    # a bound at the smallest positive subnormal keeps exactly the positive values
+    tiny = float(values[values > 0].min())
+    kept = hnsample.topk_from_scores(row, 2**16, min_score=tiny).indices[0]
+    assert set(kept[kept >= 0].tolist()) == set((values > 0).nonzero().squeeze(1).tolist())
+
+
+def test_signed_zeros_tie():
+    scores = torch.tensor([[0.0, -0.0, 0.0, -1.0]])
+    out = hnsample.topk_from_scores(scores, 4, max_score=-0.0)
+    assert out.indices.tolist() == [[0, 1, 2, 3]]
+    assert torch.signbit(out.scores).tolist() == [[False, True, False, True]]
+
+
 def test_nan_and_infinite_embeddings():
     # queries have no zero entry, so every product with a non-finite entry is non-finite in any BLAS path
     q = torch.tensor([[1.0, 2.0, -1.0], [-1.0, 1.0, 3.0]])
@@ -518,6 +566,43 @@ def test_huge_window_arguments_cost_no_memory():
     assert hnsample.topk_similarity(q, q, 1, skip_top=10**15, pool=10**15).indices.tolist() == [[-1], [-1]]
 
 
+# Peak resident memory of one call in a fresh process, against the size of the full score matrix.
+MEMORY_SCRIPT = """
+import resource, sys, torch, hnsample
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+torch.manual_seed(0)
+b, n = 256, 20_000
+q, c = torch.randn(b, 8), torch.randn(n, 8)
+pos = torch.randint(0, n, (b, 2))
+hnsample.topk_similarity(q[:2], c[:50], 2, positives=pos[:2] % 50, relative_margin=0.1)  # lazy imports
+hnsample.topk_from_scores(torch.randn(2, 50), 2, sampling="softmax", seed=0)
+cases = [
+    dict(positives=pos, relative_margin=0.05),
+    dict(skip_top=10**12, pool=10**12, sampling="softmax", seed=1),
+    dict(skip_top=5, pool=n, sampling="uniform", seed=1),
+    dict(skip_top=20, sampling="softmax", seed=2),
+]
+for kw in cases:
+    before = peak_mb()
+    hnsample.topk_similarity(q, c, 16, block_size=1 << 18, **kw)
+    print(peak_mb() - before)
+"""
+
+
+def test_state_memory_does_not_grow_with_the_score_matrix(tmp_path):
+    """The per-row state is sized by skip_top + k (or the pool), never by B x N: even a window that
+    covers every candidate, or huge window arguments, keep a call's peak memory far below the 20 MB
+    score matrix (a window state over all candidates would take 123 MB)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    deltas = [float(x) for x in proc.stdout.split()]
+    assert len(deltas) == 4
+    assert max(deltas) < 8, deltas  # MB: one 1 MB score block, converted inputs and a small state
+
+
 # ----------------------------------------------------------------------------------------------------
 # Layouts and input types
 
@@ -605,9 +690,11 @@ def test_numpy_in_numpy_out():
     assert_same_topk(got, R.select_from_scores(torch.from_numpy(np.ascontiguousarray(s[:, ::2])), 2))
 
 
-def test_numpy_negative_strides():
+@pytest.mark.parametrize("layout", ["negative_strides", "big_endian"])
+def test_numpy_layouts_torch_cannot_view(layout):
     s = np.arange(12, dtype=np.float32).reshape(3, 4)
-    got = hnsample.topk_from_scores(s[:, ::-1], 2)
+    s = s[:, ::-1] if layout == "negative_strides" else s[:, ::-1].astype(">f4")
+    got = hnsample.topk_from_scores(s, 2)
     assert got.indices.tolist() == [[0, 1]] * 3
 
 
@@ -750,7 +837,7 @@ def test_block_size_independence(sampling, window):
 @pytest.mark.parametrize("sampling", ["top", "uniform", "softmax"])
 @pytest.mark.parametrize("window", [dict(), dict(skip_top=4), dict(skip_top=1, pool=7)])
 @pytest.mark.parametrize("shards", [2, 3])
-def test_merge_of_column_shards_equals_one_pass(sampling, window, shards):
+def test_merge_of_column_shards_equals_one_pass(sampling, window, shards, make_selection):
     rng = np.random.default_rng(13)
     b, n = 7, 40
     q, c = int_matrix(rng, b, 3, -3, 3), int_matrix(rng, n, 3, -3, 3)
@@ -761,21 +848,15 @@ def test_merge_of_column_shards_equals_one_pass(sampling, window, shards):
     positives = ids_matrix(rng, b, 2, n)
 
     def selection():
-        return build_selection(
+        return make_selection(
             b,
             n,
-            q.device,
             6,
             positives=positives,
             exclude=ids_matrix(np.random.default_rng(0), b, 3, n),
-            positive_scores=None,
             absolute_margin=0.0,
-            relative_margin=None,
-            min_score=None,
-            max_score=None,
             sampling=sampling,
             temperature=0.7,
-            generator=None,
             seed=5,
             pool=window.get("pool"),
             skip_top=window.get("skip_top", 0),
@@ -841,3 +922,25 @@ def test_cuda_equals_cpu(dtype, sampling):
         want = hnsample.topk_from_scores(nan_s.to(dtype), 7, pool=pool, **kw)
         have = hnsample.topk_from_scores(nan_s.to(dtype).cuda(), 7, pool=pool, **dev)
         assert torch.equal(have.indices.cpu(), want.indices) and torch.equal(have.scores.cpu(), want.scores)
+
+
+@pytest.mark.gpu
+def test_cuda_state_merge_and_half_values(make_selection):
+    rng = np.random.default_rng(15)
+    q, c = int_matrix(rng, 8, 3, -3, 3).cuda(), int_matrix(rng, 40, 3, -3, 3).cuda()
+    for sampling, pool in (("top", None), ("uniform", 7), ("softmax", None)):
+        sel = make_selection(8, 40, 5, q.device, skip_top=2, pool=pool, sampling=sampling, seed=3)
+        whole = run_similarity_selection(q, c, sel, "dot", 1 << 20).finalize()
+        first = run_similarity_selection(q, c[:17], sel, "dot", 64)
+        first.merge(run_similarity_selection(q, c[17:], sel, "dot", 64, col_offset=17))
+        merged = first.finalize()
+        assert torch.equal(merged[1], whole[1]) and torch.equal(merged[0], whole[0])
+        cpu = hnsample.topk_similarity(q.cpu(), c.cpu(), 5, skip_top=2, pool=pool, sampling=sampling, seed=3)
+        assert torch.equal(whole[1].cpu(), cpu.indices)
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.float16, torch.bfloat16):
+        row = bits.view(dtype).unsqueeze(0)
+        want = hnsample.topk_from_scores(row, 2**16)
+        have = hnsample.topk_from_scores(row.cuda(), 2**16)
+        assert torch.equal(have.indices.cpu(), want.indices)
+        assert torch.equal(have.scores.cpu().view(torch.int32), want.scores.view(torch.int32))

@@ -344,12 +344,6 @@ def build_selection(
     k = check_int("k", k, 0)
     skip_top = check_int("skip_top", skip_top, 0)
     pool = -1 if pool is None else check_int("pool", pool, 1)
-    # A row has at most n eligible candidates, so a window reaching past n selects exactly what one
-    # ending at n does; clamping keeps the state (sized skip_top + pool or skip_top + k) bounded by n
-    # instead of by arbitrarily large arguments.
-    skip_top = min(skip_top, n)
-    if pool > n:
-        pool = max(n, 1)
     if not isinstance(sampling, str) or sampling not in SAMPLING_CODES:
         raise ValueError(f"sampling must be one of {sorted(SAMPLING_CODES)}, got {sampling!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -415,9 +409,18 @@ def build_selection(
 
     code = SAMPLING_CODES[sampling]
     seed_value = 0 if code == 0 else _seed_from(generator, seed)
+    lo = -math.inf if lo is None else lo
+    hi = math.inf if hi is None else hi
+    # The state holds skip_top + k slots per row (skip_top + pool when sampling from a bounded pool), so
+    # it must not be sized by what n candidates can never fill. A window reaching past the last of n
+    # candidates selects exactly what the unbounded window does, and with skip_top >= n nothing is
+    # ever selected, which an empty score interval expresses with a state of k slots.
+    if pool >= 0 and skip_top + pool >= n:
+        pool = -1
+    if skip_top >= n:
+        skip_top, lo, hi = 0, math.inf, -math.inf
     return Selection(
-        k, banned, query_labels, candidate_labels, upper,
-        -math.inf if lo is None else lo, math.inf if hi is None else hi,
+        k, banned, query_labels, candidate_labels, upper, lo, hi,
         skip_top, pool, code, float(temperature), seed_value,
     )
 
