@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -178,3 +180,36 @@ def test_kernels_start_no_persistent_threads():
     for _ in range(3):
         hnsample.topk_from_scores(torch.randn(64, 300), 5, sampling="softmax", seed=1)
     assert task_count() <= before
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_narrower_simd_paths_give_the_same_answer(isa):
+    """The run-time ISA choice can be capped; every path must select exactly what the reference does."""
+    code = textwrap.dedent(
+        """
+        import torch, hnsample, hnsample._C as C
+        from hnsample import _reference as R
+        g = torch.Generator().manual_seed(3)
+        q = torch.randint(-4, 5, (37, 8), generator=g).float()
+        c = torch.randint(-4, 5, (1000, 8), generator=g).float()
+        pos = torch.randint(-1, 1000, (37, 2), generator=g)
+        kw = dict(positives=pos, absolute_margin=1.0, min_score=-20.0)
+        got = hnsample.topk_similarity(q, c, 9, block_size=333, **kw)
+        ref_s, ref_j = R.topk_similarity(q, c, 9, **kw)
+        assert torch.equal(got.indices, ref_j), "indices differ"
+        print(C.cpu_isa())
+        """
+    )
+    env = dict(os.environ, HNSAMPLE_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    expected = isa if isa == "scalar" or _cpu_has("avx2") else "scalar"
+    assert proc.stdout.strip() == expected
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f" {flag}" in f.read()
+    except OSError:
+        return False

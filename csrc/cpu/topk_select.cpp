@@ -6,6 +6,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <limits>
 
@@ -119,10 +121,13 @@ __attribute__((target("avx2"))) void scan_row_f32_avx2(RowScan<float>& rs, const
 enum class Isa { Scalar, Avx2, Avx512 };
 
 Isa detect_isa() {
+  // HNSAMPLE_CPU_ISA=scalar|avx2 caps the choice (to test the narrower paths on a wider CPU).
   static const Isa isa = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return Isa::Avx512;
-    if (__builtin_cpu_supports("avx2")) return Isa::Avx2;
+    const char* cap = std::getenv("HNSAMPLE_CPU_ISA");
+    const std::string want = cap != nullptr ? cap : "";
+    if (want != "scalar" && want != "avx2" && __builtin_cpu_supports("avx512f")) return Isa::Avx512;
+    if (want != "scalar" && __builtin_cpu_supports("avx2")) return Isa::Avx2;
     return Isa::Scalar;
   }();
   return isa;
