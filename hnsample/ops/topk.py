@@ -457,7 +457,7 @@ _DOC_SEMANTICS = """
       carry no gradient.
     * numpy inputs give numpy outputs; torch inputs give torch outputs on the input's device.
     * Under ``torch.compile`` the data-dependent id range checks are skipped (ids out of range never
-      match anything).
+      match anything); pass ``seed=`` rather than ``generator=`` for sampling inside a compiled graph.
 """
 
 
