@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sel = parser.add_argument_group("selection (same meaning as hnsample.topk_similarity)")
     sel.add_argument("--num-negatives", type=int, default=8, help="negatives per query (k)")
-    sel.add_argument("--metric", choices=["cosine", "dot"], default="cosine", help="similarity")
+    sel.add_argument("--metric", choices=["cosine", "dot"], default="cosine",
+                     help="similarity: cosine, or the raw dot product")
     sel.add_argument("--absolute-margin", type=float, metavar="M",
                      help="keep a candidate only if score <= p - M (p: the query's lowest positive score)")
     sel.add_argument("--relative-margin", type=float, metavar="M",
