@@ -473,7 +473,7 @@ def _positive_matrix(run: _Run, q: torch.Tensor, pos: torch.Tensor) -> torch.Ten
     return torch.einsum("bd,bpd->bp", qn, cn)
 
 
-def _mine_batch(run: _Run, group: _Group, q0: int, q1: int) -> dict[str, np.ndarray]:
+def _mine_batch(run: _Run, group: _Group, q0: int, q1: int) -> dict[str, Any]:
     """Mines queries [q0, q1) over this rank's shards on every device, merges the per-device and then
     the per-rank states exactly, and returns the batch's arrays (identical on every rank)."""
     b, n = q1 - q0, run.src_c.shape[0]
@@ -685,8 +685,9 @@ def mine_hard_negatives(
     err: BaseException | None = None
     run: _Run | None = None
     ckpt: CheckpointDir | None = None
+    query_batch = 0
     try:
-        run, ckpt, query_batch = _prepare(
+        run, query_batch = _prepare(
             queries, corpus, positives, group, num_negatives=num_negatives, exclude=exclude,
             query_labels=query_labels, candidate_labels=candidate_labels, positive_scores=positive_scores,
             absolute_margin=absolute_margin, relative_margin=relative_margin, min_score=min_score,
@@ -700,6 +701,14 @@ def mine_hard_negatives(
         err = e
     group.check(err, "argument validation")
     assert run is not None
+    # Collectives only after every rank passed validation, so that a rank that failed early cannot
+    # leave the others waiting in a broadcast it never joins.
+    run.seed = group.broadcast(run.seed)
+    try:
+        ckpt = _open_checkpoint(run, checkpoint_dir, query_batch, group.rank)
+    except Exception as e:
+        err = e
+    group.check(err, "opening checkpoint_dir")
     b_total, n = run.src_q.shape[0], run.src_c.shape[0]
     k = run.k
 
@@ -842,7 +851,7 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise TypeError(f"checkpoint_dir must be a path or None, got {type(checkpoint_dir).__name__}")
 
-    # The seed: explicit, else the checkpoint's, else drawn once (on rank 0 and broadcast).
+    # The seed: explicit, else the checkpoint's, else drawn once (rank 0's is broadcast later).
     run_seed = None
     if sampling != "top":
         if seed is not None:
@@ -853,7 +862,6 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
                 run_seed = int(stored["seed"])
             else:
                 run_seed = int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
-    run_seed = group.broadcast(run_seed)
 
     # Rank r takes an equal slice of the corpus, cut into shards.
     lo, hi = group.rank * n // group.world, (group.rank + 1) * n // group.world
@@ -861,13 +869,21 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
     run = _Run(src_q, src_c, pos, exc, ql, cl, ps, select_kwargs, k, metric, run_seed, devices, shards, block,
                filter_statistics)
 
-    ckpt = None
-    if checkpoint_dir is not None:
-        manifest = {
-            "format": 1, "queries": src_q.fingerprint(), "corpus": src_c.fingerprint(),
-            **_params(run, n), "query_batch_size": qb,
-            "positives": tensor_digest(pos), "exclude": tensor_digest(exc), "query_labels": tensor_digest(ql),
-            "candidate_labels": tensor_digest(cl), "positive_scores": tensor_digest(ps),
-        }
-        ckpt = CheckpointDir(Path(checkpoint_dir), manifest, write=group.rank == 0)
-    return run, ckpt, qb
+    return run, qb
+
+
+def _open_checkpoint(run: _Run, checkpoint_dir: PathLike | None, query_batch: int, rank: int
+                     ) -> CheckpointDir | None:
+    """The checkpoint directory, its manifest checked against (or written from, on rank 0) this run:
+    every parameter that can change the result, and nothing that cannot (devices, shard sizes)."""
+    if checkpoint_dir is None:
+        return None
+    manifest = {
+        "format": 1, "queries": run.src_q.fingerprint(), "corpus": run.src_c.fingerprint(),
+        **_params(run, run.src_c.shape[0]), "query_batch_size": query_batch,
+        "positives": tensor_digest(run.positives), "exclude": tensor_digest(run.exclude),
+        "query_labels": tensor_digest(run.query_labels),
+        "candidate_labels": tensor_digest(run.candidate_labels),
+        "positive_scores": tensor_digest(run.positive_scores),
+    }
+    return CheckpointDir(Path(checkpoint_dir), manifest, write=rank == 0)

@@ -54,6 +54,9 @@ WORKER = textwrap.dedent("""
             return real(run, group, q0, q1)
         M._mine_batch = flaky
         M.mine_hard_negatives(q, c, pos, **configs["top"], **common)
+    elif mode == "fail-validation":
+        kw = dict(configs["softmax"], seed=None)  # rank 0 would wait in the seed broadcast
+        M.mine_hard_negatives(q, c, pos[:-1] if rank == 1 else pos, **kw, **common)
     elif mode == "die":
         if rank == 1:
             os._exit(3)
@@ -126,6 +129,14 @@ def test_a_failing_rank_fails_every_rank(inputs):
         assert rc != 0
         assert "finished" not in log
         assert "rank 1: OSError: disk read failed (injected)" in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_a_rank_failing_validation_fails_every_rank(inputs):
+    for rc, log in _launch(inputs, "fail-validation"):
+        assert rc != 0 and "finished" not in log
+        assert "argument validation on rank 1: ValueError: positives must have one row per query" in log, \
+            log[-2000:]
 
 
 @pytest.mark.slow
