@@ -678,7 +678,7 @@ def mine_hard_negatives(
     skip_top + num_negatives, or skip_top + pool when pool is set), the filter ids b * (P + E) * 8,
     positives' rows b * P * d * 4, one score block 4 * block_size, one converted corpus block
     (block_size / min(b, 1024)) * d * 4, on a GPU one corpus shard, the labels N * 8, plus the output
-    B * (12 k + 8 P + 4). Here b = query_batch_size. filter_statistics adds about 10 * block_size bytes.
+    B * (12 k + 8 P + 4). Here b = query_batch_size. filter_statistics adds about 12 * block_size bytes.
     Under torch.distributed, merging holds W copies of the batch's state.
     """
     group = _Group()

@@ -473,3 +473,12 @@ def test_cli_help_documents_every_flag():
     for flag in ("--queries", "--corpus", "--positives", "--num-negatives", "--relative-margin", "--skip-top",
                  "--pool", "--sampling", "--temperature", "--out", "--checkpoint-dir", "--device"):
         assert flag in text
+
+
+def test_progress_bar(capsys):
+    pytest.importorskip("tqdm")
+    q, c, pos = _data()
+    mine_hard_negatives(q, c, pos, num_negatives=2, device="cpu", query_batch_size=5, progress=True,
+                        verbose=False)
+    err = capsys.readouterr().err
+    assert "Mining hard negatives" in err and "23/23" in err
