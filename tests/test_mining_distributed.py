@@ -45,6 +45,10 @@ WORKER = textwrap.dedent("""
                      positive_scores=r.positive_scores.numpy(),
                      eligible=r.eligible.numpy() if r.eligible is not None else np.zeros(0),
                      counts=np.array([r.filter_counts[f] for f in M.FILTERS] if r.filter_counts else []))
+        # a rerun over the finished checkpoint: rank 0 reads every batch and broadcasts it
+        r = M.mine_hard_negatives(q, c, pos, **labels, **configs["softmax"], **common,
+                                  checkpoint_dir=d + "/ck_softmax")
+        np.save(f"{d}/resumed_{rank}.npy", r.indices.numpy())
     elif mode == "fail-mid":
         real, calls = M._mine_batch, []
         def flaky(run, group, q0, q1):
@@ -120,6 +124,9 @@ def test_two_gloo_ranks_equal_one_process(inputs):
                     assert z["counts"].tolist() == [one.filter_counts[f] for f in FILTERS]
                     assert np.array_equal(z["eligible"], one.eligible.numpy())
     assert len(list((d / "ck_softmax").glob("batch_*.npz"))) == 2  # written once, by rank 0
+    with np.load(d / "softmax_0.npz") as z:
+        for rank in range(2):
+            assert np.array_equal(np.load(d / f"resumed_{rank}.npy"), z["indices"])
 
 
 @pytest.mark.slow
