@@ -3,21 +3,17 @@
 from ._ext import has_cuda
 from .dynamic import DynamicNegativeMiner, DynamicNegatives
 from .miners import Triplets, batch_hard, semi_hard, triplet_margin_loss
+from .mining import MinedNegatives, mine_hard_negatives
 from .mixing import MixedNegatives, MoCHi, mix_hard_negatives
 from .ops.topk import TopK, topk_from_scores, topk_similarity
 from .queue import NegativeQueue, QueueNegatives
-from .samplers import (
-    ClusterBatchSampler,
-    MPerClassBatchSampler,
-    NeighbourBatchSampler,
-    NoDuplicatesBatchSampler,
-)
+from .samplers import ClusterBatchSampler, MPerClassBatchSampler, NeighbourBatchSampler, NoDuplicatesBatchSampler
 
 __version__ = "0.1.0"
 
-__all__ = ["TopK", "has_cuda", "topk_from_scores", "topk_similarity", "__version__"]
-__all__ += [
-    "ClusterBatchSampler", "DynamicNegativeMiner", "DynamicNegatives", "MPerClassBatchSampler",
+__all__ = [
+    "ClusterBatchSampler", "DynamicNegativeMiner", "DynamicNegatives", "MPerClassBatchSampler", "MinedNegatives",
     "MixedNegatives", "MoCHi", "NegativeQueue", "NeighbourBatchSampler", "NoDuplicatesBatchSampler",
-    "QueueNegatives", "Triplets", "batch_hard", "mix_hard_negatives", "semi_hard", "triplet_margin_loss",
+    "QueueNegatives", "TopK", "Triplets", "__version__", "batch_hard", "has_cuda", "mine_hard_negatives",
+    "mix_hard_negatives", "semi_hard", "topk_from_scores", "topk_similarity", "triplet_margin_loss",
 ]

@@ -66,9 +66,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
-    """x / ||x||, with zero rows left at zero (a zero vector has cosine 0 with everything)."""
+    """x / ||x||, with zero rows left at zero (a zero vector has cosine 0 with everything); a row with a
+    NaN stays NaN (its scores are NaN, so it is never eligible)."""
     norm = x.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, x / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(x))
+    zero = norm == 0
+    return torch.where(zero, torch.zeros_like(x), x / torch.where(zero, torch.ones_like(norm), norm))
 
 
 def similarity(queries: torch.Tensor, candidates: torch.Tensor, metric: str = "dot") -> torch.Tensor:

@@ -8,6 +8,7 @@ ops with fake and autograd implementations), exposed as :func:`topk_similarity` 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -155,10 +156,14 @@ def run_similarity_selection(
     block_size: int,
     state: SelectionState | None = None,
     col_offset: int = 0,
+    on_block: Callable[[torch.Tensor, int, int], None] | None = None,
 ) -> SelectionState:
     """Streams candidates in column blocks (outer loop, so each candidate block is read and converted
     once) and query row blocks (inner), offering each score block to the state. Extra memory: one
-    score block and one converted candidate block."""
+    score block and one converted candidate block.
+
+    on_block(block, row_offset, global_col_offset), when given, sees every score block right after it
+    is offered (the mining pipeline counts per-filter statistics there without a second matmul)."""
     b, n = queries.shape[0], candidates.shape[0]
     if state is None:
         state = SelectionState(sel, b, queries.device)
@@ -175,6 +180,8 @@ def run_similarity_selection(
             out = buf[: i1 - i0, : j1 - j0]
             torch.matmul(q[i0:i1], c.T, out=out)
             state.offer(out, i0, col_offset + j0)
+            if on_block is not None:
+                on_block(out, i0, col_offset + j0)
     return state
 
 
