@@ -135,4 +135,24 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = false;
   m.def("cuda_device_usable", [] { return false; });
 #endif
+
+  // ---- CUDA top-k selection: the segmented select launcher used by hnsample/ops/topk_cuda.py ----
+  m.def(
+      "topk_select_block_segments",
+      [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, int64_t segments, uintptr_t stream) {
+        const ScoreBlock b = make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_select_block_segments_cuda(p, b, segments, as_ptr<void>(stream));
+#else
+        (void)b;
+        (void)segments;
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("segments"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Merges a CUDA block of scores into `segments` state copies, column range s into copy s.");
 }

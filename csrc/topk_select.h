@@ -256,16 +256,22 @@ HN_HD RowState row_state(const TopkParams& p, int64_t row) {
   return r;
 }
 
-// Items pushed out of the skip heap (or never entering it) in stream mode go to the key heap.
-HN_HD void offer_to_keyed(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
-  const double key = sample_key(p.sampling, s, p.inv_temperature, p.seed, p.noise_row_offset + row, j);
-  double os, ok;
-  int64_t oj;
-  heap_offer<true>(st.keyed, p.k, st.count[1], s, j, key, os, oj, ok);
+// The sampling key of candidate j for state row `row` (the noise row is the global query id).
+HN_HD double row_sample_key(const TopkParams& p, int64_t row, double s, int64_t j) {
+  return sample_key(p.sampling, s, p.inv_temperature, p.seed, p.noise_row_offset + row, j);
 }
 
-// Offers an eligible candidate to the row's state.
-HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
+// Items pushed out of the skip heap (or never entering it) in stream mode go to the key heap.
+HN_HD void offer_to_keyed(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
+  double os, ok;
+  int64_t oj;
+  heap_offer<true>(st.keyed, p.k, st.count[1], s, j, row_sample_key(p, row, s, j), os, oj, ok);
+}
+
+// Offers an eligible candidate to the row's state. In stream mode `key` must be the candidate's
+// row_sample_key (callers that computed it already pass it in, so it is never computed twice).
+HN_HD void offer_candidate_keyed(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j,
+                                 double key) {
   double os, ok;
   int64_t oj;
   if (p.mode == kModeWindow) {
@@ -274,10 +280,50 @@ HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row,
   }
   if (p.skip > 0) {
     if (!heap_offer<false>(st.skip_or_window, p.skip, st.count[0], s, j, 0.0, os, oj, ok)) return;
+    // The item leaving is the offered one (its key is known) or the previous root (recompute).
+    if (oj != j) key = row_sample_key(p, row, os, oj);
     s = os;
     j = oj;
   }
-  offer_to_keyed(p, st, row, s, j);
+  heap_offer<true>(st.keyed, p.k, st.count[1], s, j, key, os, oj, ok);
+}
+
+// Offers an eligible candidate to the row's state.
+HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
+  const double key = p.mode == kModeStream ? row_sample_key(p, row, s, j) : 0.0;
+  offer_candidate_keyed(p, st, row, s, j, key);
+}
+
+// A snapshot of the two heap roots of a stream-mode row. A candidate the gate rejects cannot change
+// the state: it would neither enter the skip heap (full, root better) nor the key heap (full, root key
+// better). Heap roots only ever get better, so a stale snapshot admits a superset of what the current
+// state would accept; that is what lets the GPU filter candidates in parallel lanes against a snapshot
+// and leave the exact decision to offer_candidate_keyed.
+struct StreamGate {
+  bool skip_room;  // the skip heap has a free slot
+  double skip_s;   // skip heap root (valid when skip > 0 and the heap is full)
+  int64_t skip_j;
+  bool key_room;   // the key heap has a free slot
+  double key_k;    // key heap root (valid when k > 0 and the heap is full)
+  int64_t key_j;
+};
+
+HN_HD StreamGate stream_gate(const TopkParams& p, const RowState& st) {
+  StreamGate g;
+  g.skip_room = st.count[0] < p.skip;
+  const bool skip_full = p.skip > 0 && !g.skip_room;
+  g.skip_s = skip_full ? st.skip_or_window.s[0] : INFINITY;
+  g.skip_j = skip_full ? st.skip_or_window.j[0] : -1;
+  g.key_room = st.count[1] < p.k;
+  const bool key_full = p.k > 0 && !g.key_room;
+  g.key_k = key_full ? st.keyed.key[0] : INFINITY;
+  g.key_j = key_full ? st.keyed.j[0] : -1;
+  return g;
+}
+
+HN_HD bool stream_gate_admits(const StreamGate& g, double s, int64_t j, double key) {
+  if (g.skip_room || worse_by_score(g.skip_s, g.skip_j, s, j)) return true;
+  return g.key_room || worse_by_key(g.key_k, g.key_j, key, j);
 }
 
 // Lowest score that can still enter the row's state (a superset test: ties are resolved exactly by
@@ -364,6 +410,10 @@ void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads);
 
 #if defined(HNSAMPLE_WITH_CUDA)
 void topk_select_block_cuda(const TopkParams& p, const ScoreBlock& block, void* stream);
+// Splits the block's columns into `segments` ranges; range s feeds state copy s, which lives s * B rows
+// past p's state pointers (a [segments, B, capacity] state, merged into the result with topk_merge).
+void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& block, int64_t segments,
+                                     void* stream);
 void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_indices, void* stream);
 void topk_merge_cuda(const TopkParams& p, const TopkParams& other, void* stream);
 #endif

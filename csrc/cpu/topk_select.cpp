@@ -58,6 +58,14 @@ struct RowScan {
     if (!(s >= lo && s <= hi)) return;
     const int64_t j = col_offset + c;
     if (id_banned(p, row, j) || !label_allowed(p, row, j)) return;
+    if (p.mode == kModeStream) {
+      // The GPU kernel filters against a stale StreamGate snapshot; here it is always fresh, so the
+      // CPU results (tested against the reference) prove the gate never drops a candidate that matters.
+      const double key = row_sample_key(p, row, static_cast<double>(s), j);
+      if (!stream_gate_admits(stream_gate(p, st), static_cast<double>(s), j, key)) return;
+      offer_candidate_keyed(p, st, row, static_cast<double>(s), j, key);
+      return;
+    }
     offer_candidate(p, st, row, static_cast<double>(s), j);
     refresh();
   }

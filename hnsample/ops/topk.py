@@ -159,6 +159,10 @@ def run_similarity_selection(
     """Streams candidates in column blocks (outer loop, so each candidate block is read and converted
     once) and query row blocks (inner), offering each score block to the state. Extra memory: one
     score block and one converted candidate block."""
+    if queries.device.type == "cuda":
+        from .topk_cuda import run_cuda_selection  # imports this module: resolved at call time
+
+        return run_cuda_selection(queries, candidates, sel, metric, block_size, state, col_offset)
     b, n = queries.shape[0], candidates.shape[0]
     if state is None:
         state = SelectionState(sel, b, queries.device)

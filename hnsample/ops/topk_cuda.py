@@ -1,0 +1,216 @@
+"""The CUDA driver of the fused top-k selection (the two-pass path).
+
+``run_similarity_selection`` hands CUDA inputs to :func:`run_cuda_selection`, which streams the score
+matrix in blocks: cuBLAS computes a block of scores (bf16/fp16 inputs through ``torch.mm(...,
+out_dtype=torch.float32)``, so the tensor cores accumulate in fp32 and the scores are never rounded to
+16 bits), then the select kernel (csrc/cuda/topk_select.cu) merges it into the per-row state. Blocks
+are sized to stay in the L2 cache, so the scores go from the GEMM to the select kernel without a round
+trip through device memory. When a block has too few rows to fill the GPU with one warp per row, the
+columns are split into segments, each feeding its own copy of the state; the copies are merged exactly
+at the end (disjoint candidates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from .. import _C
+from .._ext import dtype_code, stream_of
+
+# Select-kernel facts (csrc/cuda/topk_select.cu): scores per warp per tile, resident warps per SM in
+# window mode (64 registers, 8 warps per block, 4 blocks per SM).
+KERNEL_TILE = 512
+WARPS_PER_SM = 32
+# A segment narrower than this spends more on its share of the state than on scanning.
+MIN_SEGMENT_COLS = 2048
+# Extra state copies may take at most this many bytes.
+MAX_SEGMENT_STATE_BYTES = 1 << 30
+
+_STATE_FIELDS = (
+    "num_rows", "k", "skip", "pool", "capacity", "mode", "sampling", "inv_temperature", "seed",
+    "noise_row_offset", "min_score", "max_score", "banned_stride", "banned_cols", "upper", "banned",
+    "query_labels", "candidate_labels",
+)
+
+
+@dataclass(frozen=True)
+class CudaPlan:
+    """How the (B, N) score matrix is cut: row and column extent of a block, segments per block."""
+
+    block_rows: int
+    block_cols: int
+    segments: int
+
+
+@cache
+def _device_facts(index: int) -> tuple[int, int]:
+    """(multiprocessors, L2 bytes) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    l2 = int(getattr(props, "L2_cache_size", 0) or 0) or (40 << 20)
+    return int(props.multi_processor_count), l2
+
+
+def plan_blocks(
+    rows: int, cols: int, block_size: int, sms: int, l2_bytes: int, state_row_bytes: int
+) -> CudaPlan:
+    """Block shape and segment count for B = rows queries and N = cols candidates.
+
+    The fp32 score block holds at most min(block_size, L2 / 8) elements (half the L2 in bytes, so the
+    GEMM's operands keep the other half). Within that budget the block is near square, which
+    minimizes the operand traffic B N d (1 / block_cols + 1 / block_rows) of re-reading queries and
+    candidates per block. Segments: enough column ranges that rows x segments warps fill the GPU, each
+    at least MIN_SEGMENT_COLS wide and a whole number of kernel tiles, within MAX_SEGMENT_STATE_BYTES.
+    """
+    budget = max(1, min(block_size, l2_bytes // 8))
+    side = max(1, math.isqrt(budget))
+    row_blocks = max(1, math.ceil(rows / side))
+    br = min(rows, max(1, _round_up(math.ceil(rows / row_blocks), 64)))
+    bc = max(1, min(cols, budget // br))
+    want = math.ceil(sms * WARPS_PER_SM / br)
+    by_width = max(1, bc // MIN_SEGMENT_COLS)
+    by_memory = max(1, MAX_SEGMENT_STATE_BYTES // max(1, rows * state_row_bytes))
+    segments = max(1, min(want, by_width, by_memory, 65535))
+    if segments > 1 and bc > KERNEL_TILE * segments:
+        bc = bc // (KERNEL_TILE * segments) * (KERNEL_TILE * segments)
+    return CudaPlan(br, bc, segments)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+@cache
+def _mm_out_dtype_supported(index: int) -> bool:
+    """Whether torch.mm(half, half, out_dtype=float32, out=...) runs on this device (torch >= 2.8)."""
+    try:
+        a = torch.ones((2, 16), dtype=torch.bfloat16, device=torch.device("cuda", index))
+        out = torch.empty((2, 2), dtype=torch.float32, device=a.device)
+        torch.mm(a, a.T, out_dtype=torch.float32, out=out)
+        return bool(torch.all(out == 16.0))
+    except (RuntimeError, TypeError):
+        return False
+
+
+class ScoreGemm:
+    """Computes fp32 (fp64 for fp64 inputs) score blocks s = q c^T on the GPU.
+
+    bf16/fp16 with torch.mm(out_dtype=float32): tensor cores, fp32 accumulation, fp32 output. Without
+    it (torch < 2.8) both operands are converted to fp32 per block (exact, slower). Cosine for 16-bit
+    inputs scales the raw product by 1 / (|q_i| |c_j|) (norms in fp32; zero vectors score 0), which
+    equals the CPU's product of normalized fp32 rows up to fp32 rounding; other dtypes normalize the
+    rows first, as the CPU does.
+    """
+
+    def __init__(self, queries: torch.Tensor, metric: str):
+        self.metric = metric
+        self.half = queries.dtype in (torch.float16, torch.bfloat16)
+        self.native = self.half and _mm_out_dtype_supported(queries.device.index or 0)
+        self.out_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        self.q, self.q_scale = self.operand(queries)
+
+    def operand(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows ready for the GEMM, per-row cosine scale or None)."""
+        if self.native:
+            scale = None
+            if self.metric == "cosine":
+                norm = torch.linalg.vector_norm(x.float(), dim=1)
+                scale = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+            return x.contiguous(), scale
+        x = x.to(self.out_dtype)
+        if self.metric == "cosine":
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            x = x / torch.where(norm > 0, norm, torch.ones_like(norm))
+        return x, None
+
+    def scores(
+        self, i0: int, i1: int, c: torch.Tensor, c_scale: torch.Tensor | None, out: torch.Tensor
+    ) -> None:
+        q = self.q[i0:i1]
+        if self.native:
+            torch.mm(q, c.T, out_dtype=torch.float32, out=out)
+            if c_scale is not None:
+                out.mul_(self.q_scale[i0:i1, None]).mul_(c_scale[None, :])
+        else:
+            torch.mm(q, c.T, out=out)
+
+
+def copy_params(p: _C.TopkParams, row0: int, state: tuple[torch.Tensor, ...]) -> _C.TopkParams:
+    """A TopkParams with p's selection fields whose state starts at row `row0` of the given
+    (st_score, st_index, st_key, st_count) tensors."""
+    out = _C.TopkParams()
+    for name in _STATE_FIELDS:
+        setattr(out, name, getattr(p, name))
+    st_score, st_index, st_key, st_count = state
+    out.st_score = st_score[row0].data_ptr() if st_score.numel() else 0
+    out.st_index = st_index[row0].data_ptr() if st_index.numel() else 0
+    out.st_key = st_key[row0].data_ptr() if st_key.numel() else 0
+    out.st_count = st_count[row0].data_ptr()
+    return out
+
+
+def offer_block(
+    params: _C.TopkParams, block: torch.Tensor, row_offset: int, col_offset: int, segments: int
+) -> None:
+    """Merges a CUDA score block (any float dtype, any strides) into `segments` state copies."""
+    if block.numel() == 0:
+        return
+    _C.topk_select_block_segments(
+        params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
+        block.stride(1), row_offset, col_offset, segments, stream_of(block),
+    )
+
+
+def run_cuda_selection(
+    queries: torch.Tensor, candidates: torch.Tensor, sel, metric: str, block_size: int, state=None,
+    col_offset: int = 0,
+):
+    """The CUDA body of :func:`hnsample.ops.topk.run_similarity_selection` (same contract): streams
+    candidates in column blocks (outer loop) and queries in row blocks (inner), offering each score
+    block to the state. Extra memory: one score block, one converted candidate block and, when the
+    plan splits columns into S > 1 segments, S copies of the (B, capacity) state."""
+    from .topk import SelectionState
+
+    b, n = queries.shape[0], candidates.shape[0]
+    if state is None:
+        state = SelectionState(sel, b, queries.device)
+    if b == 0 or n == 0 or sel.k == 0:
+        return state
+    sms, l2 = _device_facts(queries.device.index or 0)
+    capacity = state.st_score.shape[1]
+    row_bytes = capacity * (24 if sel.sampling != 0 else 16) + 16
+    plan = plan_blocks(b, n, block_size, sms, l2, row_bytes)
+    gemm = ScoreGemm(queries, metric)
+
+    target = state.params
+    copies = None
+    if plan.segments > 1:
+        s = plan.segments
+        copies = (
+            torch.empty((s * b, capacity), dtype=torch.float64, device=queries.device),
+            torch.empty((s * b, capacity), dtype=torch.int64, device=queries.device),
+            torch.empty((s * b, capacity) if sel.sampling != 0 else (0,), dtype=torch.float64,
+                        device=queries.device),
+            torch.zeros((s * b, 2), dtype=torch.int64, device=queries.device),
+        )
+        target = copy_params(state.params, 0, copies)
+
+    br, bc = plan.block_rows, plan.block_cols
+    flat = torch.empty(br * bc, dtype=gemm.out_dtype, device=queries.device)
+    for j0 in range(0, n, bc):
+        j1 = min(n, j0 + bc)
+        c, c_scale = gemm.operand(candidates[j0:j1])
+        for i0 in range(0, b, br):
+            i1 = min(b, i0 + br)
+            out = flat[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+            gemm.scores(i0, i1, c, c_scale, out)
+            offer_block(target, out, i0, col_offset + j0, plan.segments)
+
+    if copies is not None:
+        for s in range(plan.segments):
+            _C.topk_merge(state.params, copy_params(state.params, s * b, copies), True,
+                          stream_of(state.st_count), 1)
+    return state

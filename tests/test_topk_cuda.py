@@ -1,0 +1,318 @@
+"""The CUDA path of the fused top-k op.
+
+GPU tests (marker ``gpu``) compare the CUDA results with the CPU kernel's: exactly for
+``topk_from_scores`` (the same score matrix) and for ``topk_similarity`` on integer-valued inputs (every
+dot product is exact in fp32 whatever the accumulation order, so both devices see the same scores and
+ties). The CPU tests cover the logic the GPU shares or the driver adds: the stream gate inside the
+shared selection code, segmented states merged exactly, and the block/segment planner.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import hnsample
+from hnsample import _C
+from hnsample import _reference as ref
+from hnsample.ops import topk_cuda
+from hnsample.ops.topk import SelectionState, build_selection
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
+
+FILTERS = {
+    "plain": {},
+    "positives_margin": {"positives": "pos", "relative_margin": 0.05},
+    "exclude_abs_margin": {"exclude": "exc", "positives": "pos", "absolute_margin": 0.5},
+    "labels": {"labels": True},
+    "bounds": {"min_score": -1.0, "max_score": 2.0},
+    "window": {"skip_top": 3, "pool": 40},
+    "all": {"positives": "pos", "exclude": "exc", "labels": True, "relative_margin": 0.02, "min_score": -3.0,
+            "skip_top": 2},
+}
+SAMPLING = [
+    ("top", {}),
+    ("uniform_stream", {"sampling": "uniform", "seed": 11}),
+    ("softmax_stream_skip", {"sampling": "softmax", "seed": 5, "skip_top": 4, "temperature": 0.5}),
+    ("uniform_pool", {"sampling": "uniform", "seed": 3, "skip_top": 1, "pool": 30}),
+]
+
+
+def make_filters(spec: dict, b: int, n: int, gen: torch.Generator) -> dict:
+    kw = {}
+    for key, value in spec.items():
+        if value == "pos":
+            kw["positives"] = torch.randint(-1, n, (b, 2), generator=gen)
+            kw["positives"][:, 0] = torch.randint(0, n, (b,), generator=gen)
+        elif value == "exc":
+            kw["exclude"] = torch.randint(-1, n, (b, 5), generator=gen)
+        elif key == "labels":
+            kw["query_labels"] = torch.randint(0, 4, (b,), generator=gen)
+            kw["candidate_labels"] = torch.randint(0, 4, (n,), generator=gen)
+        else:
+            kw[key] = value
+    return kw
+
+
+def to_device(kw: dict, device: str) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def int_matrix(rows: int, cols: int, gen: torch.Generator, lo: int = -3, hi: int = 4) -> torch.Tensor:
+    """Small integers: exact in every dtype, dot products exact in fp32, many ties."""
+    return torch.randint(lo, hi, (rows, cols), generator=gen).to(torch.float32)
+
+
+def assert_same(a: hnsample.TopK, b: hnsample.TopK) -> None:
+    assert torch.equal(a.indices.cpu(), b.indices.cpu())
+    assert torch.equal(a.scores.cpu(), b.scores.cpu())
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: the shared logic the CUDA kernel relies on
+
+
+@pytest.mark.parametrize("skip_top", [0, 1, 7])
+@pytest.mark.parametrize("sampling", ["uniform", "softmax"])
+def test_stream_gate_keeps_every_candidate_that_matters(skip_top, sampling):
+    # Stream mode runs every eligible candidate through stream_gate_admits before the heap code; any
+    # wrongly rejected candidate changes the sample, which the reference would catch.
+    gen = torch.Generator().manual_seed(skip_top * 10 + len(sampling))
+    scores = torch.randn(9, 400, generator=gen)
+    scores[:, 50:60] = scores[:, 40:50]  # ties across candidates
+    kw = {"sampling": sampling, "seed": 123, "skip_top": skip_top, "temperature": 0.7,
+          "exclude": torch.randint(-1, 400, (9, 3), generator=gen)}
+    got = hnsample.topk_from_scores(scores, 25, **kw)
+    want_s, want_j = ref.select_from_scores(scores, 25, **kw)
+    assert torch.equal(got.indices, want_j)
+    assert torch.equal(got.scores.double(), want_s)
+
+
+def _cpu_state(scores: torch.Tensor, k: int, kw: dict) -> SelectionState:
+    b, n = scores.shape
+    sel = build_selection(
+        b, n, scores.device, k, positives=kw.get("positives"), exclude=kw.get("exclude"),
+        query_labels=None, candidate_labels=None, positive_scores=None, absolute_margin=None,
+        relative_margin=None, min_score=None, max_score=None, skip_top=kw.get("skip_top", 0),
+        pool=kw.get("pool"), sampling=kw.get("sampling", "top"), temperature=kw.get("temperature", 1.0),
+        generator=None, seed=kw.get("seed"), positive_values=lambda pos: torch.gather(scores, 1, pos),
+    )
+    return SelectionState(sel, b, scores.device)
+
+
+@pytest.mark.parametrize("name,kw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_segment_copies_merge_exactly(name, kw):
+    # The driver's segment layout: copy s of the state holds rows [s*B, (s+1)*B) of one buffer and sees
+    # only its own column range; merging the copies gives the whole matrix's selection. Run here with
+    # the CPU kernel on the same params objects the CUDA driver builds.
+    gen = torch.Generator().manual_seed(7)
+    b, n, k, segments = 6, 500, 12, 4
+    scores = torch.randn(b, n, generator=gen)
+    kw = dict(kw, exclude=torch.randint(-1, n, (b, 4), generator=gen))
+    state = _cpu_state(scores, k, kw)
+    cap = state.st_score.shape[1]
+    copies = (
+        torch.empty((segments * b, cap), dtype=torch.float64),
+        torch.empty((segments * b, cap), dtype=torch.int64),
+        torch.empty((segments * b, cap) if kw.get("sampling", "top") != "top" else (0,), dtype=torch.float64),
+        torch.zeros((segments * b, 2), dtype=torch.int64),
+    )
+    width = math.ceil(n / segments)
+    for s in range(segments):
+        p = topk_cuda.copy_params(state.params, s * b, copies)
+        block = scores[:, s * width: (s + 1) * width]
+        _C.topk_select_block(p, block.data_ptr(), 0, block.shape[0], block.shape[1], block.stride(0),
+                             block.stride(1), 0, s * width, False, 0, 1)
+    for s in range(segments):
+        _C.topk_merge(state.params, topk_cuda.copy_params(state.params, s * b, copies), False, 0, 1)
+    got_s, got_j = state.finalize()
+    want_s, want_j = ref.select_from_scores(scores, k, **kw)
+    assert torch.equal(got_j, want_j)
+    assert torch.equal(got_s, want_s)
+
+
+def test_copy_params_copies_every_selection_field():
+    p = _C.TopkParams()
+    values = {"num_rows": 3, "k": 4, "skip": 1, "pool": 9, "capacity": 10, "mode": 1, "sampling": 2,
+              "inv_temperature": 0.25, "seed": 99, "noise_row_offset": 17, "min_score": -2.0,
+              "max_score": 5.0, "banned_stride": 6, "banned_cols": 5, "upper": 4096, "banned": 8192,
+              "query_labels": 12288, "candidate_labels": 16384}
+    for name, v in values.items():
+        setattr(p, name, v)
+    state = (torch.zeros(8, 10, dtype=torch.float64), torch.zeros(8, 10, dtype=torch.int64),
+             torch.zeros(8, 10, dtype=torch.float64), torch.zeros(8, 2, dtype=torch.int64))
+    q = topk_cuda.copy_params(p, 3, state)
+    for name, v in values.items():
+        assert getattr(q, name) == v, name
+    assert q.st_score == state[0][3].data_ptr() and q.st_count == state[3][3].data_ptr()
+    assert q.st_index == state[1][3].data_ptr() and q.st_key == state[2][3].data_ptr()
+
+
+@pytest.mark.parametrize("rows,cols,block", [(8192, 1_000_000, 1 << 24), (16, 1_000_000, 1 << 24),
+                                             (3, 100, 1 << 24), (100_000, 50, 1 << 20), (5, 7, 1)])
+def test_plan_blocks_respects_budget_and_fills_the_gpu(rows, cols, block):
+    l2, sms = 60 << 20, 132
+    plan = topk_cuda.plan_blocks(rows, cols, block, sms, l2, state_row_bytes=64 * 16 + 16)
+    assert 1 <= plan.block_rows <= rows and 1 <= plan.block_cols <= cols
+    assert plan.block_rows * plan.block_cols <= max(block, plan.block_rows) or plan.block_cols == 1
+    assert plan.block_rows * plan.block_cols * 4 <= l2 // 2 or plan.block_cols == 1
+    assert 1 <= plan.segments <= 65535
+    if plan.segments > 1:
+        # segments exist only to fill the GPU, each a whole number of kernel tiles wide
+        assert plan.block_rows * (plan.segments - 1) < sms * topk_cuda.WARPS_PER_SM
+        assert plan.block_cols % (topk_cuda.KERNEL_TILE * plan.segments) == 0
+        assert plan.block_cols // plan.segments >= topk_cuda.MIN_SEGMENT_COLS
+    if rows >= sms * topk_cuda.WARPS_PER_SM and plan.block_rows >= sms * topk_cuda.WARPS_PER_SM:
+        assert plan.segments == 1
+
+
+def test_plan_blocks_splits_few_rows_into_segments():
+    plan = topk_cuda.plan_blocks(16, 1_000_000, 1 << 24, 132, 60 << 20, state_row_bytes=1040)
+    assert plan.segments > 1
+    assert plan.block_rows == 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: CUDA == CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("fname", list(FILTERS))
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_from_scores_cuda_equals_cpu(dtype, fname, sname, skw):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{fname}/{sname}".encode()))
+    b, n = 37, 3001
+    scores = (torch.randn(b, n, generator=gen) * 2).to(dtype)
+    scores[:, 100:140] = scores[:, 200:240]  # ties
+    scores[0, 5] = float("nan")
+    scores[1, 6] = float("inf")
+    kw = dict(make_filters(FILTERS[fname], b, n, gen), **skw)
+    cpu = hnsample.topk_from_scores(scores, 50, **kw)
+    gpu = hnsample.topk_from_scores(scores.cuda(), 50, **to_device(kw, "cuda"))
+    assert_same(cpu, gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["transposed", "offset", "column_stride"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_from_scores_cuda_any_strides(layout, dtype):
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(600, 700, generator=gen).to(dtype)
+    if layout == "transposed":
+        scores = base.T
+    elif layout == "offset":
+        scores = base[3:, 1:]  # rows not 16-byte aligned: the kernel peels a head before vector loads
+    else:
+        scores = base[:, ::3]
+    cpu = hnsample.topk_from_scores(scores, 17, sampling="softmax", seed=2)
+    views = {"transposed": lambda t: t.T, "offset": lambda t: t[3:, 1:], "column_stride": lambda t: t[:, ::3]}
+    g = views[layout](base.cuda())
+    assert_same(cpu, hnsample.topk_from_scores(g, 17, sampling="softmax", seed=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+@pytest.mark.parametrize("shape", [(300, 5000), (5, 70_000)], ids=["wide_rows", "segmented"])
+def test_similarity_cuda_equals_cpu_on_exact_scores(dtype, sname, skw, shape):
+    gen = torch.Generator().manual_seed(3)
+    b, n = shape
+    q, c = int_matrix(b, 24, gen).to(dtype), int_matrix(n, 24, gen).to(dtype)
+    kw = dict(make_filters(FILTERS["all"], b, n, gen), **skw)
+    cpu = hnsample.topk_similarity(q, c, 40, **kw)
+    gpu = hnsample.topk_similarity(q.cuda(), c.cuda(), 40, **to_device(kw, "cuda"))
+    assert_same(cpu, gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_similarity_cosine_cuda_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(4)
+    q, c = torch.randn(64, 32, generator=gen).to(dtype), torch.randn(4000, 32, generator=gen).to(dtype)
+    c[7] = 0  # a zero vector has cosine 0 with everything
+    got = hnsample.topk_similarity(q.cuda(), c.cuda(), 20, metric="cosine")
+    full = ref.similarity(q, c, "cosine")
+    picked = torch.gather(full, 1, got.indices.cpu())
+    torch.testing.assert_close(got.scores.cpu(), picked, atol=1e-5, rtol=1e-5)
+    # the k-th best by the reference is not clearly better than what the GPU returned last
+    kth = full.topk(20, dim=1).values[:, -1]
+    assert torch.all(got.scores.cpu()[:, -1] >= kth - 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [1, 997, 1 << 16, 1 << 24])
+def test_similarity_cuda_block_size_independent(block_size):
+    gen = torch.Generator().manual_seed(5)
+    q, c = int_matrix(130, 16, gen).cuda(), int_matrix(9000, 16, gen).cuda()
+    kw = {"sampling": "softmax", "seed": 9, "skip_top": 2, "temperature": 2.0}
+    want = hnsample.topk_similarity(q.cpu(), c.cpu(), 33, **kw)
+    assert_same(want, hnsample.topk_similarity(q, c, 33, block_size=block_size, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [64, 2048, 2500])
+def test_similarity_cuda_large_k(k):
+    gen = torch.Generator().manual_seed(6)
+    q, c = int_matrix(20, 8, gen), int_matrix(12_000, 8, gen)
+    kw = {"exclude": torch.randint(-1, 12_000, (20, 10), generator=gen)}
+    cpu = hnsample.topk_similarity(q, c, k, **kw)
+    gpu = hnsample.topk_similarity(q.cuda(), c.cuda(), k, **to_device(kw, "cuda"))
+    assert_same(cpu, gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,n,k", [(0, 10, 3), (4, 0, 3), (4, 10, 0), (3, 5, 9)])
+def test_similarity_cuda_empty_and_k_above_n(b, n, k):
+    q, c = torch.randn(b, 8, device="cuda"), torch.randn(n, 8, device="cuda")
+    got = hnsample.topk_similarity(q, c, k)
+    assert got.scores.shape == (b, k) and got.indices.shape == (b, k)
+    assert got.scores.device.type == "cuda"
+    if b and k > n:
+        assert torch.all(got.indices[:, n:] == -1)
+        assert torch.all(torch.isinf(got.scores[:, n:]))
+
+
+@pytest.mark.gpu
+def test_similarity_cuda_autograd_matches_cpu():
+    gen = torch.Generator().manual_seed(8)
+    q, c = int_matrix(12, 10, gen).double(), int_matrix(300, 10, gen).double()
+    grads = []
+    for device in ("cpu", "cuda"):
+        qd = q.to(device).requires_grad_()
+        cd = c.to(device).requires_grad_()
+        out = hnsample.topk_similarity(qd, cd, 7, metric="cosine")
+        (out.scores * torch.arange(7, device=device)).sum().backward()
+        grads.append((qd.grad.cpu(), cd.grad.cpu()))
+    torch.testing.assert_close(grads[0], grads[1])
+    qd = torch.randn(5, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    cd = torch.randn(40, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: hnsample.topk_similarity(a, b, 3).scores, (qd, cd))
+
+
+@pytest.mark.gpu
+def test_similarity_cuda_under_torch_compile():
+    gen = torch.Generator().manual_seed(10)
+    q, c = int_matrix(50, 16, gen).cuda(), int_matrix(3000, 16, gen).cuda()
+
+    def f(a, b):
+        out = hnsample.topk_similarity(a, b, 9, sampling="uniform", seed=4)
+        return out.scores * 2, out.indices
+
+    compiled = torch.compile(f, fullgraph=True)
+    s1, j1 = compiled(q, c)
+    s0, j0 = f(q, c)
+    assert torch.equal(j0, j1) and torch.equal(s0, s1)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_opcheck():
+    q, c = torch.randn(6, 8, device="cuda"), torch.randn(50, 8, device="cuda")
+    torch.library.opcheck(
+        torch.ops.hnsample.topk_similarity.default,
+        (q, c, 4, "dot", None, None, None, None, -math.inf, math.inf, 0, -1, 0, 1.0, 0, 1 << 24),
+    )
