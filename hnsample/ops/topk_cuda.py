@@ -29,6 +29,12 @@ WARPS_PER_SM = 32
 MIN_SEGMENT_COLS = 2048
 # Extra state copies may take at most this many bytes.
 MAX_SEGMENT_STATE_BYTES = 1 << 30
+# Share of the L2 cache one fp32 score block may fill; the GEMM's operand tiles use the rest.
+L2_SHARE = 0.5
+# Run the select kernel of block t on a side stream while the GEMM of block t + 1 runs (two score
+# buffers of half the size each). Off by default until measured on a device: cuBLAS fills every SM, so
+# the gain is limited to GEMM tails, and halving the blocks doubles the launches.
+OVERLAP = False
 
 _STATE_FIELDS = (
     "num_rows", "k", "skip", "pool", "capacity", "mode", "sampling", "inv_temperature", "seed",
@@ -59,17 +65,21 @@ def plan_blocks(
 ) -> CudaPlan:
     """Block shape and segment count for B = rows queries and N = cols candidates.
 
-    The fp32 score block holds at most min(block_size, L2 / 8) elements (half the L2 in bytes, so the
-    GEMM's operands keep the other half). Within that budget the block is near square, which
-    minimizes the operand traffic B N d (1 / block_cols + 1 / block_rows) of re-reading queries and
-    candidates per block. Segments: enough column ranges that rows x segments warps fill the GPU, each
-    at least MIN_SEGMENT_COLS wide and a whole number of kernel tiles, within MAX_SEGMENT_STATE_BYTES.
+    The fp32 score block holds at most min(block_size, L2_SHARE * L2 / 4) elements (by default half
+    the L2 in bytes, so the GEMM's operands keep the other half; a quarter each for two buffers when
+    OVERLAP). Within that budget the block is near square, which minimizes the operand traffic
+    B N d (1 / block_cols + 1 / block_rows) of re-reading queries and candidates per block.
+    Segments: enough column ranges that rows x segments warps fill the GPU, each at least
+    MIN_SEGMENT_COLS wide and a whole number of kernel tiles, within MAX_SEGMENT_STATE_BYTES.
     """
-    budget = max(1, min(block_size, l2_bytes // 8))
+    share = L2_SHARE / 2 if OVERLAP else L2_SHARE  # two buffers live at once when overlapping
+    budget = max(1, min(block_size, int(l2_bytes * share) // 4))
     side = max(1, math.isqrt(budget))
     row_blocks = max(1, math.ceil(rows / side))
-    br = min(rows, max(1, _round_up(math.ceil(rows / row_blocks), 64)))
+    br = min(rows, budget, _round_up(math.ceil(rows / row_blocks), 64))
     bc = max(1, min(cols, budget // br))
+    if bc > 128:
+        bc = bc // 128 * 128  # 16-byte aligned fp32 rows and whole GEMM tiles
     want = math.ceil(sms * WARPS_PER_SM / br)
     by_width = max(1, bc // MIN_SEGMENT_COLS)
     by_memory = max(1, MAX_SEGMENT_STATE_BYTES // max(1, rows * state_row_bytes))
@@ -153,14 +163,16 @@ def copy_params(p: _C.TopkParams, row0: int, state: tuple[torch.Tensor, ...]) ->
 
 
 def offer_block(
-    params: _C.TopkParams, block: torch.Tensor, row_offset: int, col_offset: int, segments: int
+    params: _C.TopkParams, block: torch.Tensor, row_offset: int, col_offset: int, segments: int,
+    stream: int | None = None,
 ) -> None:
-    """Merges a CUDA score block (any float dtype, any strides) into `segments` state copies."""
+    """Merges a CUDA score block (any float dtype, any strides) into `segments` state copies, on
+    `stream` (default: the current stream of the block's device)."""
     if block.numel() == 0:
         return
     _C.topk_select_block_segments(
         params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
-        block.stride(1), row_offset, col_offset, segments, stream_of(block),
+        block.stride(1), row_offset, col_offset, segments, stream_of(block) if stream is None else stream,
     )
 
 
@@ -199,15 +211,40 @@ def run_cuda_selection(
         target = copy_params(state.params, 0, copies)
 
     br, bc = plan.block_rows, plan.block_cols
-    flat = torch.empty(br * bc, dtype=gemm.out_dtype, device=queries.device)
+    # Python work per block is a GEMM call and a kernel launch: ~1000 blocks for 8192 x 1M, so views,
+    # slices and the stream are prepared once (a fresh view or slice costs microseconds each).
+    row_blocks = [(i0, min(b, i0 + br)) for i0 in range(0, b, br)]
+    buffers = [torch.empty(br * bc, dtype=gemm.out_dtype, device=queries.device)
+               for _ in range(2 if OVERLAP else 1)]
+    main = torch.cuda.current_stream(queries.device)
+    side = torch.cuda.Stream(queries.device) if OVERLAP else main
+    side_handle = side.cuda_stream
+    if OVERLAP:
+        side.wait_stream(main)  # the state was zeroed on the main stream
+    selected = [None] * len(buffers)  # event: the select kernel is done with buffer t
+    full_views = [[buf[: (i1 - i0) * bc].view(i1 - i0, bc) for i0, i1 in row_blocks] for buf in buffers]
+    t = 0
     for j0 in range(0, n, bc):
         j1 = min(n, j0 + bc)
         c, c_scale = gemm.operand(candidates[j0:j1])
-        for i0 in range(0, b, br):
-            i1 = min(b, i0 + br)
-            out = flat[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+        for r, (i0, i1) in enumerate(row_blocks):
+            slot = t % len(buffers)
+            if j1 - j0 == bc:
+                out = full_views[slot][r]
+            else:
+                out = buffers[slot][: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+            if OVERLAP and selected[slot] is not None:
+                main.wait_event(selected[slot])
             gemm.scores(i0, i1, c, c_scale, out)
-            offer_block(target, out, i0, col_offset + j0, plan.segments)
+            if OVERLAP:
+                side.wait_stream(main)
+                offer_block(target, out, i0, col_offset + j0, plan.segments, side_handle)
+                selected[slot] = side.record_event()
+            else:
+                offer_block(target, out, i0, col_offset + j0, plan.segments, side_handle)
+            t += 1
+    if OVERLAP:
+        main.wait_stream(side)
 
     if copies is not None:
         for s in range(plan.segments):
