@@ -176,6 +176,71 @@ def test_plan_blocks_splits_few_rows_into_segments():
     assert plan.block_rows == 16
 
 
+class _EmulatedKernels:
+    """Stands in for the CUDA launchers of _C with the CPU kernel, doing what
+    topk_select_block_segments_cuda does: column range s of the block feeds state copy s, which
+    starts s * num_rows rows past the params' state pointers."""
+
+    TopkParams = _C.TopkParams
+
+    def __init__(self):
+        self.calls: list[tuple[int, int, int]] = []
+
+    def topk_select_block_segments(self, p, data, dtype, rows, cols, row_stride, col_stride, row_offset,
+                                   col_offset, segments, stream):
+        self.calls.append((rows, cols, segments))
+        itemsize = {0: 4, 1: 8, 2: 2, 3: 2}[dtype]
+        width = math.ceil(cols / segments)
+        for s in range(segments):
+            c0, c1 = s * width, min(cols, (s + 1) * width)
+            if c0 >= c1:
+                continue
+            q = _C.TopkParams()
+            for name in topk_cuda._STATE_FIELDS:
+                setattr(q, name, getattr(p, name))
+            shift = s * p.num_rows * p.capacity * 8
+            q.st_score, q.st_index = p.st_score + shift, p.st_index + shift
+            q.st_key = p.st_key + shift if p.st_key else 0
+            q.st_count = p.st_count + s * p.num_rows * 16
+            _C.topk_select_block(q, data + c0 * col_stride * itemsize, dtype, rows, c1 - c0, row_stride,
+                                 col_stride, row_offset, col_offset + c0, False, 0, 1)
+
+    @staticmethod
+    def topk_merge(p, other, cuda, stream, threads):
+        _C.topk_merge(p, other, False, 0, 1)
+
+
+class _HostStream:
+    cuda_stream = 0
+
+
+@pytest.mark.parametrize("rows,l2", [(300, 1 << 16), (5, 1 << 20)], ids=["row_blocks", "segments"])
+@pytest.mark.parametrize("name,kw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_cuda_driver_loop_on_emulated_kernels(monkeypatch, rows, l2, name, kw):
+    # The driver's blocking, views, segment copies and merges, run on the CPU: only the launcher is
+    # emulated, so a bookkeeping error in run_cuda_selection shows up against the reference here.
+    emulated = _EmulatedKernels()
+    monkeypatch.setattr(topk_cuda, "_C", emulated)
+    monkeypatch.setattr(topk_cuda, "_device_facts", lambda index: (4, l2))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _HostStream())
+    gen = torch.Generator().manual_seed(rows)
+    n = 20_000
+    q, c = int_matrix(rows, 12, gen), int_matrix(n, 12, gen)
+    kw = dict(kw, exclude=torch.randint(-1, n, (rows, 3), generator=gen))
+    sel = _cpu_state(torch.zeros(rows, n), 21, kw).sel
+    state = topk_cuda.run_cuda_selection(q, c, sel, "dot", 1 << 24)
+    got_s, got_j = state.finalize()
+    monkeypatch.undo()
+    # the CPU op (itself tested against the reference) over the same exact integer scores
+    want = hnsample.topk_similarity(q, c, 21, **kw)
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+    plan = topk_cuda.plan_blocks(rows, n, 1 << 24, 4, l2, 1)
+    assert len(emulated.calls) == math.ceil(rows / plan.block_rows) * math.ceil(n / plan.block_cols)
+    assert max(s for _, _, s in emulated.calls) == plan.segments
+    assert (plan.segments > 1) == (rows == 5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # GPU: CUDA == CPU
 
