@@ -176,6 +176,75 @@ def test_plan_blocks_splits_few_rows_into_segments():
     assert plan.block_rows == 16
 
 
+def test_row_bounds_round_outward_to_float():
+    # min_score = max_score = 0.1 (not a float): float32(0.1) > 0.1, so it passes min_score and fails
+    # max_score; the float interval must say the same: lo = float32(0.1), hi = the float below it.
+    scores = torch.zeros(3, 10)
+    state = _cpu_state(scores, 2, {})
+    state.params.min_score, state.params.max_score = 0.1, 0.1
+    lo, hi = torch.empty(3), torch.empty(3)
+    _C.topk_row_bounds(state.params, lo.data_ptr(), hi.data_ptr(), False, 0, 1)
+    f = torch.tensor(0.1, dtype=torch.float32)
+    assert torch.all(lo == f)
+    assert torch.all(hi == torch.nextafter(f, torch.tensor(-math.inf)))
+
+
+def _offer_lists(state: SelectionState, block: torch.Tensor, col_offset: int, gen: torch.Generator) -> bool:
+    """What the fused kernel does for one chunk, in torch: survivors of each row's float bounds, in a
+    random order, into (B, cap) lists; then offers them. False (nothing offered) on overflow."""
+    b = block.shape[0]
+    lo, hi = torch.empty(b), torch.empty(b)
+    _C.topk_row_bounds(state.params, lo.data_ptr(), hi.data_ptr(), False, 0, 1)
+    keep = (block >= lo[:, None]) & (block <= hi[:, None])
+    cap = topk_cuda._list_cap(state.st_score.shape[1])
+    counts = keep.sum(1).to(torch.int32)
+    if int(counts.max()) > cap:
+        return False
+    scores = torch.full((b, cap), math.nan)
+    cols = torch.full((b, cap), -7, dtype=torch.int32)
+    for i in range(b):
+        idx = keep[i].nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        scores[i, : len(idx)] = block[i, idx]
+        cols[i, : len(idx)] = idx.to(torch.int32)
+    _C.topk_offer_candidates(state.params, scores.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap,
+                             col_offset, False, 0, 1)
+    return True
+
+
+@pytest.mark.parametrize("name,kw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_candidate_lists_merge_exactly(name, kw):
+    # The fused path's bookkeeping on the CPU: a seed block, then chunks of doubling width whose
+    # survivors arrive as unordered per-row lists; the state must end exactly as the reference says.
+    gen = torch.Generator().manual_seed(12)
+    b, n, k = 8, 6000, 10
+    scores = torch.randn(b, n, generator=gen)
+    scores[:, 3000:3100] = scores[:, 1000:1100]  # ties across chunks
+    kw = dict(kw, exclude=torch.randint(-1, n, (b, 4), generator=gen), positives=torch.randint(0, n, (b, 1)))
+    state = _cpu_state(scores, k, kw)
+    done = 300
+    seed = scores[:, :done]
+    _C.topk_select_block(state.params, seed.data_ptr(), 0, b, done, seed.stride(0), 1, 0, 0, False, 0, 1)
+    offered = 0
+    while done < n:
+        width = min(n - done, done)
+        block = scores[:, done: done + width]
+        if _offer_lists(state, block, done, gen):
+            offered += 1
+        else:
+            _C.topk_select_block(state.params, block.data_ptr(), 0, b, width, block.stride(0), 1, 0, done,
+                                 False, 0, 1)
+        done += width
+    got_s, got_j = state.finalize()
+    want_s, want_j = ref.select_from_scores(scores, k, **kw)
+    # window mode filters, so lists stay short; in stream mode every eligible candidate matters (the
+    # bounds are the score bounds alone) and every chunk overflows to the dense path
+    window = kw.get("sampling", "top") == "top" or kw.get("pool") is not None
+    assert (offered > 0) == window
+    assert torch.equal(got_j, want_j)
+    assert torch.equal(got_s, want_s)
+
+
 class _EmulatedKernels:
     """Stands in for the CUDA launchers of _C with the CPU kernel, doing what
     topk_select_block_segments_cuda does: column range s of the block feeds state copy s, which
@@ -381,3 +450,44 @@ def test_cuda_kernel_opcheck():
         torch.ops.hnsample.topk_similarity.default,
         (q, c, 4, "dot", None, None, None, None, -math.inf, math.inf, 0, -1, 0, 1.0, 0, 1 << 24),
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("fname", ["plain", "all", "window", "bounds"])
+@pytest.mark.parametrize("sname,skw", [SAMPLING[0], SAMPLING[3]], ids=["top", "uniform_pool"])
+def test_fused_path_equals_cpu(monkeypatch, dtype, fname, sname, skw):
+    monkeypatch.setattr(topk_cuda, "PATH", "fused")
+    gen = torch.Generator().manual_seed(zlib.crc32(f"fused/{fname}/{sname}".encode()))
+    b, n = 300, 50_000  # seed 8192 columns, then fused chunks of 8192, 16384 and the rest
+    q, c = int_matrix(b, 64, gen).to(dtype), int_matrix(n, 64, gen).to(dtype)
+    kw = dict(make_filters(FILTERS[fname], b, n, gen), **skw)
+    qd, cd = q.cuda(), c.cuda()
+    sel_kw = {key: kw[key] for key in ("sampling", "pool", "skip_top", "seed") if key in kw}
+    assert topk_cuda.choose_path(qd, cd, "dot", _cpu_state(torch.zeros(b, n), 40, sel_kw).sel) == "fused"
+    cpu = hnsample.topk_similarity(q, c, 40, **kw)
+    assert_same(cpu, hnsample.topk_similarity(qd, cd, 40, **to_device(kw, "cuda")))
+
+
+@pytest.mark.gpu
+def test_fused_path_redoes_overflowing_chunks(monkeypatch):
+    # Scores that grow with the candidate id: every chunk beats every threshold, all lists overflow,
+    # and each chunk is redone on the two-pass path; the result must still be exact.
+    monkeypatch.setattr(topk_cuda, "PATH", "fused")
+    b, n = 130, 40_000
+    q = torch.ones(b, 32, dtype=torch.bfloat16)
+    c = (torch.arange(n) // 64).float()[:, None].expand(n, 32).to(torch.bfloat16).contiguous()
+    cpu = hnsample.topk_similarity(q, c, 16)
+    assert_same(cpu, hnsample.topk_similarity(q.cuda(), c.cuda(), 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["fp32", "cosine", "stream", "odd_dim"])
+def test_fused_path_never_runs_on_unsupported_inputs(monkeypatch, case):
+    monkeypatch.setattr(topk_cuda, "PATH", "fused")
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    d = 40 if case == "odd_dim" else 32
+    q, c = torch.randn(50, d, device="cuda").to(dtype), torch.randn(40_000, d, device="cuda").to(dtype)
+    sel_kw = {"sampling": "uniform", "seed": 1} if case == "stream" else {}
+    sel = _cpu_state(torch.zeros(50, 40_000), 8, sel_kw).sel
+    assert topk_cuda.choose_path(q, c, "cosine" if case == "cosine" else "dot", sel) == "two_pass"

@@ -182,6 +182,22 @@ void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads) {
   });
 }
 
+void topk_row_bounds_cpu(const TopkParams& p, float* lo, float* hi, int threads) {
+  parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row_float_bounds(p, r, lo[r], hi[r]);
+  });
+}
+
+void topk_offer_candidates_cpu(const TopkParams& p, const float* scores, const int32_t* cols,
+                               const int32_t* counts, int64_t cap, int64_t col_offset, int threads) {
+  parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = counts[r] < cap ? counts[r] : cap;
+      offer_candidate_list(p, r, scores + r * cap, cols + r * cap, n, col_offset);
+    }
+  });
+}
+
 const char* cpu_isa_name() {
   switch (detect_isa()) {
     case Isa::Avx512:

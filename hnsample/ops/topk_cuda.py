@@ -36,6 +36,20 @@ L2_SHARE = 0.5
 # the gain is limited to GEMM tails, and halving the blocks doubles the launches.
 OVERLAP = False
 
+# Path choice. "auto" picks the fused path for shapes it supports when FUSED_AUTO is set, else the
+# two-pass path; "two_pass" and "fused" force a path (fused falls back to two-pass for inputs it does
+# not support: it is never run on them). FUSED_AUTO stays off until the device check has shown the
+# fused kernel correct and faster on a GPU.
+PATH = "auto"
+FUSED_AUTO = False
+# Fused path: columns scored by the two-pass path first to give every row a threshold, and the
+# smallest N worth fusing. Chunks then double (each about the size of all columns before it), so a
+# row expects about `capacity` survivors per chunk against a candidate list of 4 capacity + 64.
+FUSED_SEED_COLS = 8192
+FUSED_MIN_COLS = 4 * FUSED_SEED_COLS
+FUSED_MAX_CAPACITY = 2048
+FUSED_MAX_LIST_BYTES = 1 << 30
+
 _STATE_FIELDS = (
     "num_rows", "k", "skip", "pool", "capacity", "mode", "sampling", "inv_temperature", "seed",
     "noise_row_offset", "min_score", "max_score", "banned_stride", "banned_cols", "upper", "banned",
@@ -176,14 +190,44 @@ def offer_block(
     )
 
 
+def fused_supported(queries: torch.Tensor, candidates: torch.Tensor, metric: str, sel) -> bool:
+    """Whether the fused kernel handles these inputs: a CUDA device of compute capability >= 8.0,
+    bf16/fp16 inputs, metric "dot", d a multiple of 32, a window-mode state (sampling "top", or
+    sampling from a bounded pool) of at most FUSED_MAX_CAPACITY slots whose candidate lists fit
+    FUSED_MAX_LIST_BYTES. Stream-mode sampling gains nothing: every eligible candidate matters."""
+    from .topk import MODE_WINDOW, state_layout
+
+    if queries.device.type != "cuda" or queries.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    d = queries.shape[1]
+    mode, capacity = state_layout(sel.k, sel.skip_top, sel.pool, sel.sampling)
+    return (
+        metric == "dot" and d > 0 and d % 32 == 0 and mode == MODE_WINDOW
+        and 0 < capacity <= FUSED_MAX_CAPACITY
+        and queries.shape[0] * _list_cap(capacity) * 8 <= FUSED_MAX_LIST_BYTES
+        and candidates.shape[0] < (1 << 31) and bool(_C.topk_fused_supported(queries.device.index or 0))
+    )
+
+
+def choose_path(queries: torch.Tensor, candidates: torch.Tensor, metric: str, sel) -> str:
+    """"fused" or "two_pass" for these inputs, following PATH and FUSED_AUTO (see above)."""
+    if PATH == "two_pass" or not fused_supported(queries, candidates, metric, sel):
+        return "two_pass"
+    if PATH == "fused":
+        return "fused"
+    return "fused" if FUSED_AUTO and candidates.shape[0] >= FUSED_MIN_COLS else "two_pass"
+
+
+def _list_cap(capacity: int) -> int:
+    return _round_up(4 * capacity + 64, 32)
+
+
 def run_cuda_selection(
     queries: torch.Tensor, candidates: torch.Tensor, sel, metric: str, block_size: int, state=None,
     col_offset: int = 0,
 ):
-    """The CUDA body of :func:`hnsample.ops.topk.run_similarity_selection` (same contract): streams
-    candidates in column blocks (outer loop) and queries in row blocks (inner), offering each score
-    block to the state. Extra memory: one score block, one converted candidate block and, when the
-    plan splits columns into S > 1 segments, S copies of the (B, capacity) state."""
+    """The CUDA body of :func:`hnsample.ops.topk.run_similarity_selection` (same contract), on the
+    path :func:`choose_path` picks."""
     from .topk import SelectionState
 
     b, n = queries.shape[0], candidates.shape[0]
@@ -191,6 +235,57 @@ def run_cuda_selection(
         state = SelectionState(sel, b, queries.device)
     if b == 0 or n == 0 or sel.k == 0:
         return state
+    if choose_path(queries, candidates, metric, sel) == "fused":
+        return _run_fused(queries, candidates, sel, block_size, state, col_offset)
+    return _run_two_pass(queries, candidates, sel, metric, block_size, state, col_offset)
+
+
+def _run_fused(queries: torch.Tensor, candidates: torch.Tensor, sel, block_size: int, state, col_offset: int):
+    """Fused path: the first FUSED_SEED_COLS candidates through the two-pass path (thresholds), then
+    chunks of doubling width through the fused kernel, whose per-row candidate lists are offered to
+    the state. A chunk where some row's list overflowed is redone on the two-pass path instead (one
+    host sync per chunk decides), so the state is always exact. Scores are fp32 accumulations of
+    exact bf16/fp16 products, equal to the two-pass path's up to summation order. Extra memory:
+    (B, 4 capacity + 64) candidate lists and the two-pass path's block for the seed."""
+    b, n, d = queries.shape[0], candidates.shape[0], queries.shape[1]
+    q, c = queries.contiguous(), candidates.contiguous()
+    capacity = state.st_score.shape[1]
+    done = min(n, max(FUSED_SEED_COLS, 4 * capacity))
+    _run_two_pass(q, c[:done], sel, "dot", block_size, state, col_offset)
+    cap = _list_cap(capacity)
+    dev = q.device
+    lo, hi = torch.empty(b, dtype=torch.float32, device=dev), torch.empty(b, dtype=torch.float32, device=dev)
+    cand_score = torch.empty((b, cap), dtype=torch.float32, device=dev)
+    cand_col = torch.empty((b, cap), dtype=torch.int32, device=dev)
+    cand_count = torch.empty(b, dtype=torch.int32, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    p = state.params
+    while done < n:
+        width = min(n - done, done)
+        _C.topk_row_bounds(p, lo.data_ptr(), hi.data_ptr(), True, stream, 1)
+        cand_count.zero_()
+        _C.topk_fused_scores(
+            q.data_ptr(), q.stride(0), c[done].data_ptr(), c.stride(0), dtype_code(q), b, width, d,
+            lo.data_ptr(), hi.data_ptr(), cand_score.data_ptr(), cand_col.data_ptr(), cand_count.data_ptr(),
+            cap, stream,
+        )
+        if bool((cand_count > cap).any()):
+            _run_two_pass(q, c[done:done + width], sel, "dot", block_size, state, col_offset + done)
+        else:
+            _C.topk_offer_candidates(p, cand_score.data_ptr(), cand_col.data_ptr(), cand_count.data_ptr(),
+                                     cap, col_offset + done, True, stream, 1)
+        done += width
+    return state
+
+
+def _run_two_pass(
+    queries: torch.Tensor, candidates: torch.Tensor, sel, metric: str, block_size: int, state, col_offset: int
+):
+    """Two-pass path: streams candidates in column blocks (outer loop) and queries in row blocks
+    (inner), offering each score block to the state. Extra memory: one score block, one converted
+    candidate block and, when the plan splits columns into S > 1 segments, S copies of the
+    (B, capacity) state."""
+    b, n = queries.shape[0], candidates.shape[0]
     sms, l2 = _device_facts(queries.device.index or 0)
     capacity = state.st_score.shape[1]
     row_bytes = capacity * (24 if sel.sampling != 0 else 16) + 16
