@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on the CPU: checks the script")
     ap.add_argument("--budget-s", type=float, default=170.0, help="skip remaining shapes after this long")
-    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check_out"))
     args = ap.parse_args(argv)
     global DEVICE
     if args.smoke:

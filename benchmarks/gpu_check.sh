@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One-call device check for the CUDA top-k paths (fits in 8 minutes on one H200, no network):
+# One-call device check for the CUDA top-k paths (stage limits sum to under 8 minutes; no network):
 #   build + install (sm_90 only, to halve compile time) -> GPU tests -> compute-sanitizer memcheck on a
 #   small case -> per-kernel resource usage -> correctness + timing table (benchmarks/gpu_check.py).
-# Logs and JSON go to $OUT (default ./gpu_check_out); the table is printed last. Each stage has its own
+# Logs and JSON go to $OUT (default /tmp/gpu_check_out); the table is printed last. Each stage has its own
 # time limit and the script goes on after a failed stage, so one run reports everything it can.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_check_out}
+OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-python3}
@@ -22,13 +22,19 @@ stage() {  # stage NAME SECONDS CMD...
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader || true
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DHNSAMPLE_PTXAS_VERBOSE=ON" HNSAMPLE_CUDA=ON \
-  stage build 170 "$PY" -m pip install --no-build-isolation --no-deps -v .
+  stage build 110 "$PY" -m pip install --no-build-isolation --no-deps -v .
 grep -E "ptxas info|spill|registers" "$OUT/build.log" | sed 's/^ *//' | sort -u > "$OUT/resource_usage.txt" || true
-stage pytest 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+stage pytest 110 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
 tail -n 15 "$OUT/pytest.log"
-stage memcheck 80 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" benchmarks/gpu_check.py --memcheck
+# Only hnsample's kernels are instrumented (cuBLAS under memcheck is slow); without the filter option
+# (an older sanitizer) the whole case is checked.
+SAN=(compute-sanitizer --tool memcheck --error-exitcode 3)
+stage memcheck 60 "${SAN[@]}" --kernel-name kns=hnsample "$PY" benchmarks/gpu_check.py --memcheck
+if grep -qiE "unrecognized|unknown option|invalid option" "$OUT/memcheck.log"; then
+  stage memcheck 60 "${SAN[@]}" "$PY" benchmarks/gpu_check.py --memcheck
+fi
 grep -E "ERROR SUMMARY|Invalid|memcheck case done" "$OUT/memcheck.log" | head -n 5
-stage bench 190 "$PY" benchmarks/gpu_check.py --out "$OUT" --budget-s 150
+stage bench 130 "$PY" benchmarks/gpu_check.py --out "$OUT" --budget-s 100
 sed -n '/TFLOP\/s, copy/,$p' "$OUT/bench.log"
 [ "${RC[bench]}" = 0 ] || tail -n 30 "$OUT/bench.log"
 echo "build=${RC[build]} pytest=${RC[pytest]} memcheck=${RC[memcheck]} bench=${RC[bench]}"
