@@ -379,7 +379,7 @@ def test_similarity_cosine_cuda_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_size", [1, 997, 1 << 16, 1 << 24])
+@pytest.mark.parametrize("block_size", [256, 997, 1 << 16, 1 << 24])
 def test_similarity_cuda_block_size_independent(block_size):
     gen = torch.Generator().manual_seed(5)
     q, c = int_matrix(130, 16, gen).cuda(), int_matrix(9000, 16, gen).cuda()
@@ -459,14 +459,36 @@ def test_cuda_kernel_opcheck():
 def test_fused_path_equals_cpu(monkeypatch, dtype, fname, sname, skw):
     monkeypatch.setattr(topk_cuda, "PATH", "fused")
     gen = torch.Generator().manual_seed(zlib.crc32(f"fused/{fname}/{sname}".encode()))
+    dense_calls = _count_dense_calls(monkeypatch)
     b, n = 300, 50_000  # seed 8192 columns, then fused chunks of 8192, 16384 and the rest
-    q, c = int_matrix(b, 64, gen).to(dtype), int_matrix(n, 64, gen).to(dtype)
+    # integers in [-50, 50): exact in bf16/fp16, dot products exact in fp32, few ties at the thresholds
+    q, c = int_matrix(b, 64, gen, -50, 50).to(dtype), int_matrix(n, 64, gen, -50, 50).to(dtype)
     kw = dict(make_filters(FILTERS[fname], b, n, gen), **skw)
+    if "min_score" in kw:
+        kw["min_score"], kw["max_score"] = -2000.0, 9000.0
     qd, cd = q.cuda(), c.cuda()
     sel_kw = {key: kw[key] for key in ("sampling", "pool", "skip_top", "seed") if key in kw}
     assert topk_cuda.choose_path(qd, cd, "dot", _cpu_state(torch.zeros(b, n), 40, sel_kw).sel) == "fused"
     cpu = hnsample.topk_similarity(q, c, 40, **kw)
     assert_same(cpu, hnsample.topk_similarity(qd, cd, 40, **to_device(kw, "cuda")))
+    assert dense_calls[0] == 8192
+    if fname != "all":
+        # the seed only: every fused chunk's lists fit (with "all", a row whose positive score is far
+        # below the rest can keep a non-full state and send a chunk back to the two-pass path)
+        assert dense_calls == [8192]
+
+
+def _count_dense_calls(monkeypatch) -> list[int]:
+    """Records the width of every two-pass call the fused path makes (seed and redone chunks)."""
+    calls: list[int] = []
+    dense = topk_cuda._run_two_pass
+
+    def counting(queries, candidates, *args):
+        calls.append(candidates.shape[0])
+        return dense(queries, candidates, *args)
+
+    monkeypatch.setattr(topk_cuda, "_run_two_pass", counting)
+    return calls
 
 
 @pytest.mark.gpu
@@ -474,11 +496,13 @@ def test_fused_path_redoes_overflowing_chunks(monkeypatch):
     # Scores that grow with the candidate id: every chunk beats every threshold, all lists overflow,
     # and each chunk is redone on the two-pass path; the result must still be exact.
     monkeypatch.setattr(topk_cuda, "PATH", "fused")
+    dense_calls = _count_dense_calls(monkeypatch)
     b, n = 130, 40_000
     q = torch.ones(b, 32, dtype=torch.bfloat16)
     c = (torch.arange(n) // 64).float()[:, None].expand(n, 32).to(torch.bfloat16).contiguous()
     cpu = hnsample.topk_similarity(q, c, 16)
     assert_same(cpu, hnsample.topk_similarity(q.cuda(), c.cuda(), 16))
+    assert dense_calls == [8192, 8192, 16384, 40_000 - 32768]  # the seed, then every chunk redone
 
 
 @pytest.mark.gpu

@@ -83,7 +83,6 @@ __device__ __forceinline__ void load_vector(const H* p, float* out) {
   }
 }
 
-template <typename T, bool kStream>
 // Window mode fits 64 registers on sm_90 (4 blocks, 32 warps per SM); sm_80 code spilled at 64 and
 // 80 registers and needs ~100 (2 blocks). The stream path's Philox and log would spill at 64 too (as
 // would 16 doubles per lane), so those trade occupancy for registers.
@@ -92,6 +91,7 @@ template <typename T, bool kStream>
 #else
 #define HN_SELECT_WINDOW_BLOCKS 4
 #endif
+template <typename T, bool kStream>
 __global__ void __launch_bounds__(kSelectThreads, kStream ? 2 : (sizeof(T) == 8 ? 3 : HN_SELECT_WINDOW_BLOCKS))
     select_block_kernel(TopkParams p, ScoreBlock b, int64_t seg_cols) {
   using C = typename CompareType<T>::type;
