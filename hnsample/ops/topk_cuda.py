@@ -75,11 +75,11 @@ def _device_facts(index: int) -> tuple[int, int]:
 
 
 def plan_blocks(
-    rows: int, cols: int, block_size: int, sms: int, l2_bytes: int, state_row_bytes: int
+    rows: int, cols: int, block_size: int, sms: int, l2_bytes: int, state_row_bytes: int, score_bytes: int = 4
 ) -> CudaPlan:
     """Block shape and segment count for B = rows queries and N = cols candidates.
 
-    The fp32 score block holds at most min(block_size, L2_SHARE * L2 / 4) elements (by default half
+    The score block holds at most min(block_size, L2_SHARE * L2 / score_bytes) elements (by default half
     the L2 in bytes, so the GEMM's operands keep the other half; a quarter each for two buffers when
     OVERLAP). Within that budget the block is near square, which minimizes the operand traffic
     B N d (1 / block_cols + 1 / block_rows) of re-reading queries and candidates per block.
@@ -87,7 +87,7 @@ def plan_blocks(
     MIN_SEGMENT_COLS wide and a whole number of kernel tiles, within MAX_SEGMENT_STATE_BYTES.
     """
     share = L2_SHARE / 2 if OVERLAP else L2_SHARE  # two buffers live at once when overlapping
-    budget = max(1, min(block_size, int(l2_bytes * share) // 4))
+    budget = max(1, min(block_size, int(l2_bytes * share) // score_bytes))
     side = max(1, math.isqrt(budget))
     row_blocks = max(1, math.ceil(rows / side))
     br = min(rows, budget, _round_up(math.ceil(rows / row_blocks), 64))
@@ -108,10 +108,11 @@ def _round_up(x: int, m: int) -> int:
 
 
 @cache
-def _mm_out_dtype_supported(index: int) -> bool:
-    """Whether torch.mm(half, half, out_dtype=float32, out=...) runs on this device (torch >= 2.8)."""
+def _mm_out_dtype_supported(index: int, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(x, y, out_dtype=float32, out=...) runs for this 16-bit dtype on this device
+    (torch >= 2.8)."""
     try:
-        a = torch.ones((2, 16), dtype=torch.bfloat16, device=torch.device("cuda", index))
+        a = torch.ones((2, 16), dtype=dtype, device=torch.device("cuda", index))
         out = torch.empty((2, 2), dtype=torch.float32, device=a.device)
         torch.mm(a, a.T, out_dtype=torch.float32, out=out)
         return bool(torch.all(out == 16.0))
@@ -132,7 +133,7 @@ class ScoreGemm:
     def __init__(self, queries: torch.Tensor, metric: str):
         self.metric = metric
         self.half = queries.dtype in (torch.float16, torch.bfloat16)
-        self.native = self.half and _mm_out_dtype_supported(queries.device.index or 0)
+        self.native = self.half and _mm_out_dtype_supported(queries.device.index or 0, queries.dtype)
         self.out_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
         self.q, self.q_scale = self.operand(queries)
 
@@ -289,8 +290,8 @@ def _run_two_pass(
     sms, l2 = _device_facts(queries.device.index or 0)
     capacity = state.st_score.shape[1]
     row_bytes = capacity * (24 if sel.sampling != 0 else 16) + 16
-    plan = plan_blocks(b, n, block_size, sms, l2, row_bytes)
     gemm = ScoreGemm(queries, metric)
+    plan = plan_blocks(b, n, block_size, sms, l2, row_bytes, gemm.out_dtype.itemsize)
 
     target = state.params
     copies = None
