@@ -256,22 +256,16 @@ HN_HD RowState row_state(const TopkParams& p, int64_t row) {
   return r;
 }
 
-// The sampling key of candidate j for state row `row` (the noise row is the global query id).
-HN_HD double row_sample_key(const TopkParams& p, int64_t row, double s, int64_t j) {
-  return sample_key(p.sampling, s, p.inv_temperature, p.seed, p.noise_row_offset + row, j);
-}
-
 // Items pushed out of the skip heap (or never entering it) in stream mode go to the key heap.
 HN_HD void offer_to_keyed(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
+  const double key = sample_key(p.sampling, s, p.inv_temperature, p.seed, p.noise_row_offset + row, j);
   double os, ok;
   int64_t oj;
-  heap_offer<true>(st.keyed, p.k, st.count[1], s, j, row_sample_key(p, row, s, j), os, oj, ok);
+  heap_offer<true>(st.keyed, p.k, st.count[1], s, j, key, os, oj, ok);
 }
 
-// Offers an eligible candidate to the row's state. In stream mode `key` must be the candidate's
-// row_sample_key (callers that computed it already pass it in, so it is never computed twice).
-HN_HD void offer_candidate_keyed(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j,
-                                 double key) {
+// Offers an eligible candidate to the row's state.
+HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
   double os, ok;
   int64_t oj;
   if (p.mode == kModeWindow) {
@@ -280,25 +274,22 @@ HN_HD void offer_candidate_keyed(const TopkParams& p, const RowState& st, int64_
   }
   if (p.skip > 0) {
     if (!heap_offer<false>(st.skip_or_window, p.skip, st.count[0], s, j, 0.0, os, oj, ok)) return;
-    // The item leaving is the offered one (its key is known) or the previous root (recompute).
-    if (oj != j) key = row_sample_key(p, row, os, oj);
     s = os;
     j = oj;
   }
-  heap_offer<true>(st.keyed, p.k, st.count[1], s, j, key, os, oj, ok);
+  offer_to_keyed(p, st, row, s, j);
 }
 
-// Offers an eligible candidate to the row's state.
-HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
-  const double key = p.mode == kModeStream ? row_sample_key(p, row, s, j) : 0.0;
-  offer_candidate_keyed(p, st, row, s, j, key);
+// The sampling key of candidate j for state row `row` (the noise row is the global query id).
+HN_HD double row_sample_key(const TopkParams& p, int64_t row, double s, int64_t j) {
+  return sample_key(p.sampling, s, p.inv_temperature, p.seed, p.noise_row_offset + row, j);
 }
 
 // A snapshot of the two heap roots of a stream-mode row. A candidate the gate rejects cannot change
 // the state: it would neither enter the skip heap (full, root better) nor the key heap (full, root key
 // better). Heap roots only ever get better, so a stale snapshot admits a superset of what the current
 // state would accept; that is what lets the GPU filter candidates in parallel lanes against a snapshot
-// and leave the exact decision to offer_candidate_keyed.
+// and leave the exact decision to offer_candidate.
 struct StreamGate {
   bool skip_room;  // the skip heap has a free slot
   double skip_s;   // skip heap root (valid when skip > 0 and the heap is full)

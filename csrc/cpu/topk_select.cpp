@@ -63,8 +63,6 @@ struct RowScan {
       // CPU results (tested against the reference) prove the gate never drops a candidate that matters.
       const double key = row_sample_key(p, row, static_cast<double>(s), j);
       if (!stream_gate_admits(stream_gate(p, st), static_cast<double>(s), j, key)) return;
-      offer_candidate_keyed(p, st, row, static_cast<double>(s), j, key);
-      return;
     }
     offer_candidate(p, st, row, static_cast<double>(s), j);
     refresh();

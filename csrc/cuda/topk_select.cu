@@ -92,13 +92,12 @@ __device__ __forceinline__ void load_vector(const H* p, float* out) {
 #define HN_SELECT_WINDOW_BLOCKS 4
 #endif
 template <typename T, bool kStream>
-__global__ void __launch_bounds__(kSelectThreads, kStream ? 2 : (sizeof(T) == 8 ? 3 : HN_SELECT_WINDOW_BLOCKS))
+__global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2 : HN_SELECT_WINDOW_BLOCKS)
     select_block_kernel(TopkParams p, ScoreBlock b, int64_t seg_cols) {
   using C = typename CompareType<T>::type;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   __shared__ C q_score[kSelectWarps][kQueue];
   __shared__ int q_col[kSelectWarps][kQueue];
-  __shared__ double q_key[kSelectWarps][kStream ? kQueue : 1];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kSelectWarps + warp;
@@ -120,7 +119,6 @@ __global__ void __launch_bounds__(kSelectThreads, kStream ? 2 : (sizeof(T) == 8 
   const unsigned lanes_below = (1u << lane) - 1u;
   C* qs = q_score[warp];
   int* qc = q_col[warp];
-  double* qk = q_key[warp];
 
   C lo, hi;
   const double hi_d = row_upper(p, row);
@@ -140,16 +138,10 @@ __global__ void __launch_bounds__(kSelectThreads, kStream ? 2 : (sizeof(T) == 8 
   auto flush = [&] {
     __syncwarp();
     if (lane == 0) {
-      // heap_offer re-tests every entry against the current root: entries admitted under an older
-      // (looser) bound are dropped there, so the state is exactly the CPU kernel's.
-      for (int i = 0; i < count; ++i) {
-        const int64_t j = b.col_offset + qc[i];
-        if constexpr (kStream) {
-          offer_candidate_keyed(p, st, row, static_cast<double>(qs[i]), j, qk[i]);
-        } else {
-          offer_candidate(p, st, row, static_cast<double>(qs[i]), j);
-        }
-      }
+      // heap_offer re-tests every entry against the current roots: entries admitted under an older
+      // (looser) bound or gate are dropped there, so the state is exactly the CPU kernel's. (Stream
+      // mode computes an admitted entry's key again here; after the heaps fill, few are admitted.)
+      for (int i = 0; i < count; ++i) offer_candidate(p, st, row, static_cast<double>(qs[i]), b.col_offset + qc[i]);
     }
     count = 0;
     __syncwarp();
@@ -163,7 +155,6 @@ __global__ void __launch_bounds__(kSelectThreads, kStream ? 2 : (sizeof(T) == 8 
       bool want = pass != 0;
       int64_t c = 0;
       C s = 0;
-      double key = 0.0;
       if (want) {
         const int e = __ffs(pass) - 1;
         pass &= pass - 1;
@@ -171,10 +162,7 @@ __global__ void __launch_bounds__(kSelectThreads, kStream ? 2 : (sizeof(T) == 8 
         s = load_score(data + c * b.col_stride);
         const double sd = static_cast<double>(s);
         const int64_t j = b.col_offset + c;
-        if constexpr (kStream) {
-          key = row_sample_key(p, row, sd, j);
-          want = stream_gate_admits(gate, sd, j, key);
-        }
+        if constexpr (kStream) want = stream_gate_admits(gate, sd, j, row_sample_key(p, row, sd, j));
         want = want && !id_banned(p, row, j) && label_allowed(p, row, j);
       }
       const unsigned ballot = __ballot_sync(kFull, want);
@@ -184,7 +172,6 @@ __global__ void __launch_bounds__(kSelectThreads, kStream ? 2 : (sizeof(T) == 8 
         const int pos = count + __popc(ballot & lanes_below);
         qs[pos] = s;
         qc[pos] = static_cast<int>(c);
-        if constexpr (kStream) qk[pos] = key;
       }
       count += __popc(ballot);
     }
