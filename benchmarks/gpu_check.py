@@ -207,6 +207,15 @@ def memcheck_case() -> int:
         hnsample.topk_from_scores(s[1:, 3:], 9)
         hnsample.topk_from_scores(s.T, 9, sampling="uniform", seed=2)
         hnsample.topk_from_scores(s[:, ::2], 700)
+    # the fused kernel, its bounds and candidate-list kernels, and an overflowing chunk
+    topk_cuda.PATH = "fused"
+    q = torch.randn(70, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    c = torch.randn(20_000, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    hnsample.topk_similarity(q, c, 9, exclude=torch.randint(0, 20_000, (70, 3), device="cuda", generator=gen))
+    steps = (torch.arange(20_000, device="cuda") // 64).float()
+    rising = steps[:, None].expand(20_000, 64).to(torch.bfloat16).contiguous()
+    hnsample.topk_similarity(torch.ones_like(q), rising, 9)
+    topk_cuda.PATH = "auto"
     torch.cuda.synchronize()
     print("memcheck case done")
     return 0
