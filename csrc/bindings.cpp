@@ -135,4 +135,97 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = false;
   m.def("cuda_device_usable", [] { return false; });
 #endif
+
+  // ---- CUDA top-k selection: the segmented select launcher used by hnsample/ops/topk_cuda.py ----
+  m.def(
+      "topk_select_block_segments",
+      [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, int64_t segments, uintptr_t stream) {
+        const ScoreBlock b = make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_select_block_segments_cuda(p, b, segments, as_ptr<void>(stream));
+#else
+        (void)b;
+        (void)segments;
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("segments"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Merges a CUDA block of scores into `segments` state copies, column range s into copy s.");
+
+  // ---- CUDA top-k selection, fused path: row bounds, tensor-core score filter, candidate lists ----
+  m.def(
+      "topk_row_bounds",
+      [](const TopkParams& p, uintptr_t lo, uintptr_t hi, bool cuda, uintptr_t stream, int threads) {
+        if (!cuda) return topk_row_bounds_cpu(p, as_ptr<float>(lo), as_ptr<float>(hi), threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_row_bounds_cuda(p, as_ptr<float>(lo), as_ptr<float>(hi), as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("lo"), py::arg("hi"), py::arg("cuda"), py::arg("stream"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Writes each row's float bulk interval [lo, hi] that every candidate the state can take lies in.");
+  m.def(
+      "topk_offer_candidates",
+      [](const TopkParams& p, uintptr_t scores, uintptr_t cols, uintptr_t counts, int64_t cap, int64_t col_offset,
+         bool cuda, uintptr_t stream, int threads) {
+        if (!cuda)
+          return topk_offer_candidates_cpu(p, as_ptr<const float>(scores), as_ptr<const int32_t>(cols),
+                                           as_ptr<const int32_t>(counts), cap, col_offset, threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_offer_candidates_cuda(p, as_ptr<const float>(scores), as_ptr<const int32_t>(cols),
+                                   as_ptr<const int32_t>(counts), cap, col_offset, as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("scores"), py::arg("cols"), py::arg("counts"), py::arg("cap"), py::arg("col_offset"),
+      py::arg("cuda"), py::arg("stream"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Offers per-row candidate lists ([B, cap] float scores and int32 columns, [B] counts) to the state.");
+  m.def(
+      "topk_fused_scores",
+      [](uintptr_t queries, int64_t q_stride, uintptr_t candidates, int64_t c_stride, int dtype, int64_t rows,
+         int64_t cols, int64_t dim, uintptr_t row_lo, uintptr_t row_hi, uintptr_t cand_score, uintptr_t cand_col,
+         uintptr_t cand_count, int64_t cand_cap, uintptr_t stream) {
+        FusedBlock f;
+        f.queries = as_ptr<const void>(queries);
+        f.q_stride = q_stride;
+        f.candidates = as_ptr<const void>(candidates);
+        f.c_stride = c_stride;
+        f.dtype = dtype;
+        f.rows = rows;
+        f.cols = cols;
+        f.dim = dim;
+        f.row_lo = as_ptr<const float>(row_lo);
+        f.row_hi = as_ptr<const float>(row_hi);
+        f.cand_score = as_ptr<float>(cand_score);
+        f.cand_col = as_ptr<int32_t>(cand_col);
+        f.cand_count = as_ptr<int32_t>(cand_count);
+        f.cand_cap = cand_cap;
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_fused_scores_cuda(f, as_ptr<void>(stream));
+#else
+        (void)f;
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("queries"), py::arg("q_stride"), py::arg("candidates"), py::arg("c_stride"), py::arg("dtype"),
+      py::arg("rows"), py::arg("cols"), py::arg("dim"), py::arg("row_lo"), py::arg("row_hi"), py::arg("cand_score"),
+      py::arg("cand_col"), py::arg("cand_count"), py::arg("cand_cap"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Tensor-core scores q c^T filtered against per-row bounds into per-row candidate lists (CUDA).");
+#if defined(HNSAMPLE_WITH_CUDA)
+  m.def("topk_fused_supported", &topk_fused_supported, py::arg("device"),
+        "Whether the device can run the fused kernel (compute capability >= 8.0).");
+#else
+  m.def("topk_fused_supported", [](int) { return false; }, py::arg("device"));
+#endif
 }

@@ -284,6 +284,43 @@ HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row,
   offer_to_keyed(p, st, row, s, j);
 }
 
+// The sampling key of candidate j for state row `row` (the noise row is the global query id).
+HN_HD double row_sample_key(const TopkParams& p, int64_t row, double s, int64_t j) {
+  return sample_key(p.sampling, s, p.inv_temperature, p.seed, p.noise_row_offset + row, j);
+}
+
+// A snapshot of the two heap roots of a stream-mode row. A candidate the gate rejects cannot change
+// the state: it would neither enter the skip heap (full, root better) nor the key heap (full, root key
+// better). Heap roots only ever get better, so a stale snapshot admits a superset of what the current
+// state would accept; that is what lets the GPU filter candidates in parallel lanes against a snapshot
+// and leave the exact decision to offer_candidate.
+struct StreamGate {
+  bool skip_room;  // the skip heap has a free slot
+  double skip_s;   // skip heap root (valid when skip > 0 and the heap is full)
+  int64_t skip_j;
+  bool key_room;   // the key heap has a free slot
+  double key_k;    // key heap root (valid when k > 0 and the heap is full)
+  int64_t key_j;
+};
+
+HN_HD StreamGate stream_gate(const TopkParams& p, const RowState& st) {
+  StreamGate g;
+  g.skip_room = st.count[0] < p.skip;
+  const bool skip_full = p.skip > 0 && !g.skip_room;
+  g.skip_s = skip_full ? st.skip_or_window.s[0] : INFINITY;
+  g.skip_j = skip_full ? st.skip_or_window.j[0] : -1;
+  g.key_room = st.count[1] < p.k;
+  const bool key_full = p.k > 0 && !g.key_room;
+  g.key_k = key_full ? st.keyed.key[0] : INFINITY;
+  g.key_j = key_full ? st.keyed.j[0] : -1;
+  return g;
+}
+
+HN_HD bool stream_gate_admits(const StreamGate& g, double s, int64_t j, double key) {
+  if (g.skip_room || worse_by_score(g.skip_s, g.skip_j, s, j)) return true;
+  return g.key_room || worse_by_key(g.key_k, g.key_j, key, j);
+}
+
 // Lowest score that can still enter the row's state (a superset test: ties are resolved exactly by
 // offer_candidate). -inf while the heap has room, and always in stream mode, where every eligible
 // candidate can matter to the sample.
@@ -355,17 +392,97 @@ HN_HD void merge_row(const TopkParams& p, const TopkParams& other, int64_t row) 
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The fused path (csrc/cuda/topk_fused.cu): a tensor-core kernel filters each score tile against
+// per-row float bounds taken from the state before the launch, and appends survivors to per-row
+// candidate lists; those lists are then offered to the state here, exactly.
+
+// Directed float roundings: for a float s, (s >= v) == (s >= float_round_up(v)) and
+// (s <= v) == (s <= float_round_down(v)); NaN stays NaN (nothing passes).
+HN_HD float float_round_up(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) < v) f = nextafterf(f, INFINITY);
+  return f;
+}
+HN_HD float float_round_down(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) > v) f = nextafterf(f, -INFINITY);
+  return f;
+}
+
+// The row's bulk interval in float: [max(entry threshold, min_score), min(max_score, margin bound)].
+// Every candidate the state could still take lies inside it (window mode; in stream mode only the
+// score bounds apply, since every eligible candidate can matter to the sample).
+HN_HD void row_float_bounds(const TopkParams& p, int64_t row, float& lo, float& hi) {
+  const RowState st = row_state(p, row);
+  const double t = row_entry_threshold(p, st);
+  lo = float_round_up(t > p.min_score ? t : p.min_score);
+  hi = float_round_down(row_upper(p, row));
+}
+
+// Offers a row's candidate list (float scores, int32 column offsets from col_offset, any order) to
+// its state: the bounds, then the masks, then the heap. The result does not depend on the list's
+// order, since the state keeps the best items under the total order (score desc, id asc).
+HN_HD void offer_candidate_list(const TopkParams& p, int64_t row, const float* scores, const int32_t* cols,
+                                int64_t n, int64_t col_offset) {
+  const RowState st = row_state(p, row);
+  float lo, hi;
+  row_float_bounds(p, row, lo, hi);
+  for (int64_t t = 0; t < n; ++t) {
+    const float s = scores[t];
+    if (!(s >= lo && s <= hi)) continue;
+    const int64_t j = col_offset + cols[t];
+    if (id_banned(p, row, j) || !label_allowed(p, row, j)) continue;
+    offer_candidate(p, st, row, static_cast<double>(s), j);
+    row_float_bounds(p, row, lo, hi);
+  }
+}
+
+// One fused launch: s_ij = q_i . c_j for rows [0, rows) of `queries` and candidate rows [0, cols) of
+// `candidates` (global ids col_offset + j), 16-bit inputs, fp32 accumulation. Survivors of
+// [row_lo[i], row_hi[i]] are appended to row i's list; cand_count[i] counts every survivor, also
+// those beyond cand_cap (which are dropped: the caller sees the overflow and redoes the chunk).
+struct FusedBlock {
+  const void* queries = nullptr;     // [rows, dim] bf16/fp16, rows 16-byte aligned
+  int64_t q_stride = 0;
+  const void* candidates = nullptr;  // [cols, dim]
+  int64_t c_stride = 0;
+  int dtype = 0;
+  int64_t rows = 0, cols = 0, dim = 0;
+  const float* row_lo = nullptr;  // [rows]
+  const float* row_hi = nullptr;  // [rows]
+  float* cand_score = nullptr;    // [rows, cand_cap]
+  int32_t* cand_col = nullptr;    // [rows, cand_cap]
+  int32_t* cand_count = nullptr;  // [rows]
+  int64_t cand_cap = 0;
+};
+
+// ---------------------------------------------------------------------------------------------------
 // Launchers.
 void topk_select_block_cpu(const TopkParams& p, const ScoreBlock& block, int threads);
 void topk_finalize_cpu(const TopkParams& p, double* out_scores,  // [B, k]
                        int64_t* out_indices,                      // [B, k]
                        int threads);
 void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads);
+void topk_row_bounds_cpu(const TopkParams& p, float* lo, float* hi, int threads);  // [B], [B]
+void topk_offer_candidates_cpu(const TopkParams& p, const float* scores,  // [B, cap]
+                               const int32_t* cols,                      // [B, cap]
+                               const int32_t* counts,                    // [B]
+                               int64_t cap, int64_t col_offset, int threads);
 
 #if defined(HNSAMPLE_WITH_CUDA)
 void topk_select_block_cuda(const TopkParams& p, const ScoreBlock& block, void* stream);
+// Splits the block's columns into `segments` ranges; range s feeds state copy s, which lives s * B rows
+// past p's state pointers (a [segments, B, capacity] state, merged into the result with topk_merge).
+void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& block, int64_t segments,
+                                     void* stream);
 void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_indices, void* stream);
 void topk_merge_cuda(const TopkParams& p, const TopkParams& other, void* stream);
+void topk_row_bounds_cuda(const TopkParams& p, float* lo, float* hi, void* stream);
+void topk_offer_candidates_cuda(const TopkParams& p, const float* scores, const int32_t* cols,
+                                const int32_t* counts, int64_t cap, int64_t col_offset, void* stream);
+// False when the device cannot run the fused kernel (compute capability < 8.0).
+bool topk_fused_supported(int device);
+void topk_fused_scores_cuda(const FusedBlock& f, void* stream);
 #endif
 
 }  // namespace hnsample

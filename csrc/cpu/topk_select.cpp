@@ -60,6 +60,12 @@ struct RowScan {
     if (!(s >= lo && s <= hi)) return;
     const int64_t j = col_offset + c;
     if (id_banned(p, row, j) || !label_allowed(p, row, j)) return;
+    if (p.mode == kModeStream) {
+      // The GPU kernel filters against a stale StreamGate snapshot; here it is always fresh, so the
+      // CPU results (tested against the reference) prove the gate never drops a candidate that matters.
+      const double key = row_sample_key(p, row, static_cast<double>(s), j);
+      if (!stream_gate_admits(stream_gate(p, st), static_cast<double>(s), j, key)) return;
+    }
     offer_candidate(p, st, row, static_cast<double>(s), j);
     refresh();
   }
@@ -176,6 +182,22 @@ void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads) {
            "merged states differ in shape");
   parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) merge_row(p, other, r);
+  });
+}
+
+void topk_row_bounds_cpu(const TopkParams& p, float* lo, float* hi, int threads) {
+  parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row_float_bounds(p, r, lo[r], hi[r]);
+  });
+}
+
+void topk_offer_candidates_cpu(const TopkParams& p, const float* scores, const int32_t* cols,
+                               const int32_t* counts, int64_t cap, int64_t col_offset, int threads) {
+  parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = counts[r] < cap ? counts[r] : cap;
+      offer_candidate_list(p, r, scores + r * cap, cols + r * cap, n, col_offset);
+    }
   });
 }
 

@@ -1,7 +1,12 @@
 // CUDA selection over a block of scores (the two-pass path's second pass), finalize and merge.
-// Decomposition: one thread per query row walks the row's columns in order and runs the same
-// __host__ __device__ filters and heap code as the CPU (topk_select.h), so results are identical.
-// Memory: reads the [rows, cols] score block once, updates the [B, capacity] state in place.
+// Decomposition: one warp per (query row, column segment). Lanes read the row with 16-byte vector
+// loads (strided blocks: coalesced scalar loads) and test each score against the row's bulk interval
+// [lo, hi] (lo = max(running threshold, min_score), hi = min(max_score, margin bound)); one ballot per
+// 512 scores skips tiles without survivors. The rare survivors pass the stream gate and the id/label
+// masks in parallel lanes and go to a per-warp shared-memory queue that lane 0 flushes into the row's
+// state with the shared heap code of topk_select.h, so the state equals the CPU kernel's.
+// Memory: reads the score block once (evict-first), updates segment s of a [segments, B, capacity] state.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "../topk_select.h"
@@ -10,25 +15,205 @@
 namespace hnsample {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kSelectWarps = 8;
+constexpr int kSelectThreads = kSelectWarps * 32;
+constexpr int kLaneElems = 16;              // scores per lane per tile
+constexpr int kTile = 32 * kLaneElems;      // scores per warp per tile
+constexpr int kQueue = 128;                 // survivors a warp buffers before lane 0 flushes them
+constexpr int64_t kMaxChunkCols = int64_t{1} << 30;  // queue columns are int32 offsets
+constexpr int kThreads = 128;               // finalize / merge: one thread per row
 
+// Scores of half/bf16/float blocks are compared in float, double blocks in double.
 template <typename T>
-__global__ void select_block_kernel(TopkParams p, ScoreBlock b) {
-  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r >= b.rows) return;
+struct CompareType {
+  using type = float;
+};
+template <>
+struct CompareType<double> {
+  using type = double;
+};
+
+// Directed roundings make the float compare exactly the float64 rule: for a float s,
+// (s >= lo) == (s >= round_up(lo)) and (s <= hi) == (s <= round_down(hi)).
+__device__ __forceinline__ void set_bounds(double lo, double hi, float& flo, float& fhi) {
+  flo = __double2float_ru(lo);
+  fhi = __double2float_rd(hi);
+}
+__device__ __forceinline__ void set_bounds(double lo, double hi, double& dlo, double& dhi) {
+  dlo = lo;
+  dhi = hi;
+}
+
+__device__ __forceinline__ float load_score(const float* p) { return __ldcs(p); }
+__device__ __forceinline__ double load_score(const double* p) { return __ldcs(p); }
+// Both half conversions are exact; the hardware one avoids common.h's subnormal loop in device code.
+__device__ __forceinline__ float half_to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
+__device__ __forceinline__ float narrow_to_float(half_bits, uint16_t x) { return half_to_float(x); }
+__device__ __forceinline__ float narrow_to_float(bf16_bits, uint16_t x) { return to_float(bf16_bits{x}); }
+
+__device__ __forceinline__ float load_score(const half_bits* p) {
+  return half_to_float(__ldcs(reinterpret_cast<const unsigned short*>(p)));
+}
+__device__ __forceinline__ float load_score(const bf16_bits* p) {
+  return to_float(bf16_bits{__ldcs(reinterpret_cast<const unsigned short*>(p))});
+}
+
+// One 16-byte load: 4 floats, 2 doubles or 8 halves; evict-first since each score is read once.
+__device__ __forceinline__ void load_vector(const float* p, float* out) {
+  const float4 v = __ldcs(reinterpret_cast<const float4*>(p));
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
+__device__ __forceinline__ void load_vector(const double* p, double* out) {
+  const double2 v = __ldcs(reinterpret_cast<const double2*>(p));
+  out[0] = v.x;
+  out[1] = v.y;
+}
+template <typename H>
+__device__ __forceinline__ void load_vector(const H* p, float* out) {
+  const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = narrow_to_float(H{}, static_cast<uint16_t>(w[i] & 0xffffu));
+    out[2 * i + 1] = narrow_to_float(H{}, static_cast<uint16_t>(w[i] >> 16));
+  }
+}
+
+// Window mode fits 64 registers on sm_90 (4 blocks, 32 warps per SM); sm_80 code spilled at 64 and
+// 80 registers and needs ~100 (2 blocks). The stream path's Philox and log would spill at 64 too (as
+// would 16 doubles per lane), so those trade occupancy for registers.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define HN_SELECT_WINDOW_BLOCKS 2
+#else
+#define HN_SELECT_WINDOW_BLOCKS 4
+#endif
+template <typename T, bool kStream>
+__global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2 : HN_SELECT_WINDOW_BLOCKS)
+    select_block_kernel(TopkParams p, ScoreBlock b, int64_t seg_cols) {
+  using C = typename CompareType<T>::type;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  __shared__ C q_score[kSelectWarps][kQueue];
+  __shared__ int q_col[kSelectWarps][kQueue];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kSelectWarps + warp;
+  if (r >= b.rows) return;  // whole warps leave; nothing below synchronizes the block
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * seg_cols;
+  const int64_t c_end = c_begin + seg_cols < b.cols ? c_begin + seg_cols : b.cols;
+  if (c_begin >= c_end) return;
+
+  // Segment s of the state lives s * B rows further on.
+  const int64_t seg_rows = static_cast<int64_t>(blockIdx.y) * p.num_rows;
+  p.st_score += seg_rows * p.capacity;
+  p.st_index += seg_rows * p.capacity;
+  if (p.st_key != nullptr) p.st_key += seg_rows * p.capacity;
+  p.st_count += seg_rows * 2;
+
   const int64_t row = b.row_offset + r;
   const RowState st = row_state(p, row);
   const T* data = static_cast<const T*>(b.data) + r * b.row_stride;
-  const double hi = row_upper(p, row);
-  double lo = fmax(row_entry_threshold(p, st), p.min_score);
-  for (int64_t c = 0; c < b.cols; ++c) {
-    const double s = static_cast<double>(to_float(data[c * b.col_stride]));
-    if (!(s >= lo && s <= hi)) continue;
-    const int64_t j = b.col_offset + c;
-    if (id_banned(p, row, j) || !label_allowed(p, row, j)) continue;
-    offer_candidate(p, st, row, s, j);
-    lo = fmax(row_entry_threshold(p, st), p.min_score);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  C* qs = q_score[warp];
+  int* qc = q_col[warp];
+
+  C lo, hi;
+  const double hi_d = row_upper(p, row);
+  StreamGate gate{};
+  // Every lane reads the state (a broadcast load) after the __syncwarp that follows lane 0's writes.
+  auto refresh = [&] {
+    if constexpr (kStream) {
+      gate = stream_gate(p, st);
+      set_bounds(p.min_score, hi_d, lo, hi);
+    } else {
+      set_bounds(fmax(row_entry_threshold(p, st), p.min_score), hi_d, lo, hi);
+    }
+  };
+  refresh();
+
+  int count = 0;  // warp-uniform queue length
+  auto flush = [&] {
+    __syncwarp();
+    if (lane == 0) {
+      // heap_offer re-tests every entry against the current roots: entries admitted under an older
+      // (looser) bound or gate are dropped there, so the state is exactly the CPU kernel's. (Stream
+      // mode computes an admitted entry's key again here; after the heaps fill, few are admitted.)
+      for (int i = 0; i < count; ++i) offer_candidate(p, st, row, static_cast<double>(qs[i]), b.col_offset + qc[i]);
+    }
+    count = 0;
+    __syncwarp();
+    refresh();
+  };
+
+  // Rare path: the lanes' passing elements (bits of `pass`), one per lane per round. Scores are read
+  // again from memory (L1/L2) instead of indexing the tile's register array at run time.
+  auto survivors = [&](uint32_t pass, int64_t base, bool vector_layout) {
+    while (__any_sync(kFull, pass != 0)) {
+      bool want = pass != 0;
+      int64_t c = 0;
+      C s = 0;
+      if (want) {
+        const int e = __ffs(pass) - 1;
+        pass &= pass - 1;
+        c = vector_layout ? base + ((e / kVec) * 32 + lane) * kVec + (e % kVec) : base + e * 32 + lane;
+        s = load_score(data + c * b.col_stride);
+        const double sd = static_cast<double>(s);
+        const int64_t j = b.col_offset + c;
+        if constexpr (kStream) want = stream_gate_admits(gate, sd, j, row_sample_key(p, row, sd, j));
+        want = want && !id_banned(p, row, j) && label_allowed(p, row, j);
+      }
+      const unsigned ballot = __ballot_sync(kFull, want);
+      if (ballot == 0) continue;
+      if (count + __popc(ballot) > kQueue) flush();
+      if (want) {
+        const int pos = count + __popc(ballot & lanes_below);
+        qs[pos] = s;
+        qc[pos] = static_cast<int>(c);
+      }
+      count += __popc(ballot);
+    }
+  };
+
+  auto test_tile = [&](const C (&v)[kLaneElems], int64_t base, bool vector_layout) {
+    uint32_t pass = 0;
+#pragma unroll
+    for (int e = 0; e < kLaneElems; ++e) pass |= (v[e] >= lo && v[e] <= hi) ? (1u << e) : 0u;
+    if (__any_sync(kFull, pass != 0)) survivors(pass, base, vector_layout);
+  };
+
+  // Scalar tile: lane handles columns base + e * 32 + lane (coalesced for contiguous rows); columns
+  // past `end` read as NaN, which no bound admits.
+  auto scalar_tile = [&](int64_t base, int64_t end) {
+    C v[kLaneElems];
+#pragma unroll
+    for (int e = 0; e < kLaneElems; ++e) {
+      const int64_t c = base + e * 32 + lane;
+      v[e] = c < end ? static_cast<C>(load_score(data + c * b.col_stride)) : static_cast<C>(NAN);
+    }
+    test_tile(v, base, false);
+  };
+
+  int64_t c = c_begin;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(data + c_begin);
+  if (b.col_stride == 1 && addr % sizeof(T) == 0) {
+    const int64_t head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(T));
+    if (head > 0) {
+      const int64_t end = c + head < c_end ? c + head : c_end;
+      scalar_tile(c, end);
+      c = end;
+    }
+    for (; c + kTile <= c_end; c += kTile) {
+      C v[kLaneElems];
+#pragma unroll
+      for (int u = 0; u < kLaneElems / kVec; ++u) load_vector(data + c + (u * 32 + lane) * kVec, v + u * kVec);
+      test_tile(v, c, true);
+    }
   }
+  for (; c < c_end; c += kTile) scalar_tile(c, c_end);
+  if (count > 0) flush();
 }
 
 __global__ void finalize_kernel(TopkParams p, double* out_scores, int64_t* out_indices) {
@@ -45,13 +230,33 @@ __global__ void merge_kernel(TopkParams p, TopkParams other) {
 
 }  // namespace
 
-void topk_select_block_cuda(const TopkParams& p, const ScoreBlock& block, void* stream) {
+void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& block, int64_t segments,
+                                     void* stream) {
   if (block.rows == 0 || block.cols == 0 || p.k == 0) return;
   HN_CHECK(block.row_offset >= 0 && block.row_offset + block.rows <= p.num_rows, "block rows out of range");
+  HN_CHECK(segments >= 1 && segments <= 65535, "segments must be in [1, 65535]");
+  HN_CHECK(ceil_div(block.rows, kSelectWarps) < (int64_t{1} << 31), "too many rows in one block");
   auto s = static_cast<cudaStream_t>(stream);
-  const unsigned grid = static_cast<unsigned>(ceil_div(block.rows, kThreads));
-  HN_DISPATCH_FLOAT(block.dtype, T, [&] { select_block_kernel<T><<<grid, kThreads, 0, s>>>(p, block); });
-  HN_CUDA_CHECK(cudaGetLastError());
+  HN_DISPATCH_FLOAT(block.dtype, T, [&] {
+    // Chunks of < 2^31 columns keep the queue's column offsets in int32; each chunk is split into
+    // `segments` column ranges, one per grid row, each feeding its own copy of the state.
+    for (int64_t c0 = 0; c0 < block.cols; c0 += kMaxChunkCols) {
+      ScoreBlock chunk = block;
+      chunk.cols = block.cols - c0 < kMaxChunkCols ? block.cols - c0 : kMaxChunkCols;
+      chunk.data = static_cast<const T*>(block.data) + c0 * block.col_stride;
+      chunk.col_offset = block.col_offset + c0;
+      const int64_t seg_cols = ceil_div(chunk.cols, segments);
+      const dim3 grid(static_cast<unsigned>(ceil_div(block.rows, kSelectWarps)), static_cast<unsigned>(segments));
+      HN_BOOL_SWITCH(p.mode == kModeStream, kStream, [&] {
+        select_block_kernel<T, kStream><<<grid, kSelectThreads, 0, s>>>(p, chunk, seg_cols);
+      });
+      HN_CUDA_CHECK(cudaGetLastError());
+    }
+  });
+}
+
+void topk_select_block_cuda(const TopkParams& p, const ScoreBlock& block, void* stream) {
+  topk_select_block_segments_cuda(p, block, 1, stream);
 }
 
 void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_indices, void* stream) {
@@ -64,6 +269,8 @@ void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_in
 
 void topk_merge_cuda(const TopkParams& p, const TopkParams& other, void* stream) {
   if (p.num_rows == 0) return;
+  HN_CHECK(p.num_rows == other.num_rows && p.capacity == other.capacity && p.mode == other.mode,
+           "merged states differ in shape");
   auto s = static_cast<cudaStream_t>(stream);
   merge_kernel<<<static_cast<unsigned>(ceil_div(p.num_rows, kThreads)), kThreads, 0, s>>>(p, other);
   HN_CUDA_CHECK(cudaGetLastError());

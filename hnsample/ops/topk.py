@@ -163,7 +163,12 @@ def run_similarity_selection(
     score block and one converted candidate block.
 
     on_block(block, row_offset, global_col_offset), when given, sees every score block right after it
-    is offered (the mining pipeline counts per-filter statistics there without a second matmul)."""
+    is offered (the mining pipeline counts per-filter statistics there without a second matmul); CUDA
+    inputs then take this generic block loop instead of the tuned CUDA driver."""
+    if queries.device.type == "cuda" and on_block is None:
+        from .topk_cuda import run_cuda_selection  # imports this module: resolved at call time
+
+        return run_cuda_selection(queries, candidates, sel, metric, block_size, state, col_offset)
     b, n = queries.shape[0], candidates.shape[0]
     if state is None:
         state = SelectionState(sel, b, queries.device)

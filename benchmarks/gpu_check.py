@@ -1,0 +1,279 @@
+"""Device check of the CUDA top-k paths: correctness first, then timings against torch.
+
+    python benchmarks/gpu_check.py               # correctness + timing table, JSON to $OUT
+    python benchmarks/gpu_check.py --memcheck    # small end-to-end case for compute-sanitizer
+
+For every shape it times, with CUDA events after a warm-up (median of --reps runs):
+  * each hnsample path (two-pass; fused when the build has it and the shape qualifies),
+  * torch.matmul-only: q @ c.T in the input dtype (one call; the output is written, ours is not),
+  * the blocked GEMM floor: the two-pass path's own GEMM calls into its L2-sized block, no selection,
+  * torch naive: full matmul + masked_fill of the excluded ids + topk (where the scores fit in memory),
+and prints TFLOP/s (2 B N d / time), the ratios, and the floors: 2 B N d / peak GEMM rate and
+(B + N) d bytes / copy bandwidth, both measured at start on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import hnsample
+from hnsample.ops import topk_cuda
+from hnsample.ops.topk import SAMPLING_CODES
+
+# (name, B, N, d, dtype, k, extra keywords)
+SHAPES = [
+    ("main", 8192, 1_000_000, 768, torch.bfloat16, 64, {}),
+    ("main_filtered", 8192, 1_000_000, 768, torch.bfloat16, 64, {"positives": 1, "relative_margin": 0.05}),
+    ("few_queries", 64, 1_000_000, 768, torch.bfloat16, 64, {}),
+    ("mid_queries", 1024, 1_000_000, 768, torch.bfloat16, 64, {}),
+    ("large_k", 4096, 200_000, 384, torch.bfloat16, 2048, {}),
+    ("fp32", 4096, 200_000, 384, torch.float32, 64, {}),
+    ("softmax_sampling", 8192, 200_000, 768, torch.bfloat16, 64, {"sampling": "softmax", "seed": 1}),
+]
+# --smoke: the script's own logic on tiny fp32 shapes on the CPU (no device needed).
+SMOKE_SHAPES = [("smoke", 70, 5000, 32, torch.float32, 8, {}),
+                ("smoke_filtered", 70, 5000, 32, torch.float32, 8, {"positives": 1, "relative_margin": 0.05}),
+                ("smoke_softmax", 30, 3000, 16, torch.float32, 8, {"sampling": "softmax", "seed": 1})]
+DEVICE = "cuda"
+# Driver knobs swept on the main shape: (label, L2_SHARE, OVERLAP)
+KNOBS = [("l2x0.25", 0.25, False), ("l2x0.5", 0.5, False), ("l2x1.0", 1.0, False),
+         ("l2x0.5+overlap", 0.5, True)]
+
+
+def events_time(fn, reps: int, warmup: int = 1) -> float:
+    """Median milliseconds of fn() over reps runs, timed with CUDA events after warm-up."""
+    for _ in range(warmup):
+        fn()
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def device_ceilings() -> dict:
+    """Measured bf16 GEMM rate (8192^3, random data) and device-to-device copy bandwidth."""
+    if DEVICE != "cuda":
+        return {"bf16_tflops": 1.0, "copy_gbps": 10.0, "sms": 1, "l2_mb": 1.0, "name": "cpu smoke"}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = events_time(lambda: a @ b, reps=10, warmup=3)
+    x = torch.empty(1 << 30, dtype=torch.float32, device="cuda").uniform_()
+    y = torch.empty_like(x)
+    copy_ms = events_time(lambda: y.copy_(x), reps=10, warmup=2)
+    return {"bf16_tflops": 2 * 8192**3 / ms / 1e9, "copy_gbps": 2 * x.numel() * 4 / copy_ms / 1e6,
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+            "l2_mb": topk_cuda._device_facts(0)[1] / 2**20, "name": torch.cuda.get_device_name(0)}
+
+
+def make_inputs(b: int, n: int, d: int, dtype: torch.dtype, extra: dict, seed: int = 0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(b, d, device=DEVICE, dtype=torch.float32, generator=gen).to(dtype)
+    c = torch.randn(n, d, device=DEVICE, dtype=torch.float32, generator=gen).to(dtype)
+    kw = dict(extra)
+    if "positives" in kw:
+        kw["positives"] = torch.randint(0, n, (b, kw["positives"]), device=DEVICE, generator=gen)
+    return q, c, kw
+
+
+def check_rows(q, c, got: hnsample.TopK, k: int, kw: dict, rows: int = 128) -> dict:
+    """Compares a sample of rows with fp32 scores of the upcast inputs (torch, no hnsample): each
+    returned score must equal the recomputed one, and the returned k-th score must not be clearly
+    below the reference k-th score (ties and last-bit rounding can reorder near-equal scores)."""
+    idx = torch.linspace(0, q.shape[0] - 1, min(rows, q.shape[0]), device=q.device).long()
+    s = q[idx].float() @ c.float().T
+    if "positives" in kw:
+        pos = kw["positives"][idx]
+        s.scatter_(1, pos, float("-inf"))
+        if "relative_margin" in kw:
+            p = torch.gather(q[idx].float() @ c.float().T, 1, pos).amin(1, keepdim=True)
+            s = torch.where(s <= p - p.abs() * kw["relative_margin"], s, torch.full_like(s, float("-inf")))
+    ref_vals, ref_idx = s.topk(k, dim=1)
+    gs, gj = got.scores[idx], got.indices[idx]
+    recomputed = torch.gather(s, 1, gj.clamp_min(0))
+    scale = s[s.isfinite()].abs().amax().clamp_min(1.0)
+    tol = 2e-6 * scale * math.sqrt(q.shape[1])
+    score_err = float((recomputed - gs).abs().max())
+    kth_gap = float((ref_vals[:, -1] - gs[:, -1]).max())
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(gj, ref_idx, strict=True))
+    ok = score_err <= tol and kth_gap <= tol and not torch.isnan(gs).any()
+    return {"ok": bool(ok), "max_score_err": score_err, "kth_gap": kth_gap, "recall": hits / gj.numel(),
+            "tol": float(tol)}
+
+
+def blocked_gemm(q, c, block_size: int) -> None:
+    """The two-pass path's GEMM calls alone, into one reused L2-sized block (the floor of two-pass)."""
+    sms, l2 = topk_cuda._device_facts(0) if DEVICE == "cuda" else (1, 1 << 20)
+    plan = topk_cuda.plan_blocks(q.shape[0], c.shape[0], block_size, sms, l2, 64 * 16 + 16)
+    gemm = topk_cuda.ScoreGemm(q, "dot")
+    flat = torch.empty(plan.block_rows * plan.block_cols, dtype=gemm.out_dtype, device=q.device)
+    for j0 in range(0, c.shape[0], plan.block_cols):
+        j1 = min(c.shape[0], j0 + plan.block_cols)
+        cb, cs = gemm.operand(c[j0:j1])
+        for i0 in range(0, q.shape[0], plan.block_rows):
+            i1 = min(q.shape[0], i0 + plan.block_rows)
+            gemm.scores(i0, i1, cb, cs, flat[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
+
+
+def naive(q, c, k: int, kw: dict):
+    s = q @ c.T
+    if "positives" in kw:
+        s = s.scatter(1, kw["positives"], float("-inf"))
+    return s.topk(k, dim=1)
+
+
+def run_paths(name, b, n, d, dtype, k, extra, reps, ceil, results, knobs=()):
+    q, c, kw = make_inputs(b, n, d, dtype, extra)
+    flops = 2.0 * b * n * d
+    row = {"shape": name, "B": b, "N": n, "d": d, "dtype": str(dtype).replace("torch.", ""), "k": k,
+           "filters": sorted(extra), "flop": flops}
+    row["floor_compute_ms"] = flops / (ceil["bf16_tflops"] * (1 if dtype != torch.float32 else 1 / 12)) / 1e9
+    row["floor_memory_ms"] = (b + n) * d * q.element_size() / ceil["copy_gbps"] / 1e6
+    # correctness first
+    got = hnsample.topk_similarity(q, c, k, **kw)
+    if extra.get("sampling", "top") == "top":
+        row["check"] = check_rows(q, c, got, k, kw)
+    else:
+        again = hnsample.topk_similarity(q, c, k, **kw)
+        row["check"] = {"ok": bool(torch.equal(got.indices, again.indices)), "deterministic": True}
+    del got
+    row["two_pass_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
+    for label, share, overlap in knobs:
+        old = (topk_cuda.L2_SHARE, topk_cuda.OVERLAP)
+        topk_cuda.L2_SHARE, topk_cuda.OVERLAP = share, overlap
+        try:
+            row[f"two_pass_{label}_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
+        finally:
+            topk_cuda.L2_SHARE, topk_cuda.OVERLAP = old
+    sel = SimpleNamespace(k=k, skip_top=kw.get("skip_top", 0), pool=kw.get("pool") or -1,
+                          sampling=SAMPLING_CODES[kw.get("sampling", "top")])
+    if DEVICE == "cuda" and topk_cuda.fused_supported(q, c, "dot", sel):
+        old_path = topk_cuda.PATH
+        topk_cuda.PATH = "fused"
+        try:
+            got = hnsample.topk_similarity(q, c, k, **kw)
+            row["fused_check"] = check_rows(q, c, got, k, kw) if "sampling" not in extra else {"ok": True}
+            del got
+            row["fused_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
+        finally:
+            topk_cuda.PATH = old_path
+    row["matmul_ms"] = events_time(lambda: q @ c.T, reps)
+    row["blocked_gemm_ms"] = events_time(lambda: blocked_gemm(q, c, 1 << 24), reps)
+    free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 30
+    if b * n * q.element_size() * 2.5 < free:
+        row["naive_ms"] = events_time(lambda: naive(q, c, k, kw), max(1, reps // 2))
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def memcheck_case() -> int:
+    """Small shapes through every kernel: dense and strided blocks, segments, stream mode, merge,
+    finalize, from_scores; compute-sanitizer reports any out-of-bounds or misaligned access."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        q = torch.randn(33, 40, device="cuda", generator=gen).to(dtype)
+        c = torch.randn(5000, 40, device="cuda", generator=gen).to(dtype)
+        pos = torch.randint(0, 5000, (33, 2), device="cuda", generator=gen)
+        samplings = ({}, {"sampling": "softmax", "seed": 1, "skip_top": 3},
+                     {"pool": 20, "sampling": "uniform", "seed": 2})
+        for kw in samplings:
+            hnsample.topk_similarity(q, c, 17, positives=pos, relative_margin=0.1, **kw)
+            hnsample.topk_similarity(q[:3], c, 17, **kw)  # 3 rows: the plan splits columns into segments
+        s = torch.randn(50, 999, device="cuda", generator=gen).to(dtype)
+        hnsample.topk_from_scores(s[1:, 3:], 9)
+        hnsample.topk_from_scores(s.T, 9, sampling="uniform", seed=2)
+        hnsample.topk_from_scores(s[:, ::2], 700)
+    # the fused kernel, its bounds and candidate-list kernels, and an overflowing chunk
+    topk_cuda.PATH = "fused"
+    q = torch.randn(70, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    c = torch.randn(20_000, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    hnsample.topk_similarity(q, c, 9, exclude=torch.randint(0, 20_000, (70, 3), device="cuda", generator=gen))
+    steps = (torch.arange(20_000, device="cuda") // 64).float()
+    rising = steps[:, None].expand(20_000, 64).to(torch.bfloat16).contiguous()
+    hnsample.topk_similarity(torch.ones_like(q), rising, 9)
+    topk_cuda.PATH = "auto"
+    torch.cuda.synchronize()
+    print("memcheck case done")
+    return 0
+
+
+def print_table(results: list[dict], ceil: dict) -> None:
+    print(f"\n{ceil['name']}: bf16 GEMM {ceil['bf16_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} "
+          f"GB/s, {ceil['sms']} SMs, L2 {ceil['l2_mb']:.0f} MB")
+    head = ("shape", "ok", "path", "ms", "TFLOP/s", "x matmul", "x naive", "x blk-gemm", "floor ms")
+    print("{:<17}{:>4} {:<16}{:>9}{:>9}{:>9}{:>9}{:>11}{:>9}".format(*head))
+    for r in results:
+        paths = [("two_pass", r["two_pass_ms"])]
+        paths += [(key[9:-3], r[key]) for key in r
+                  if key.startswith("two_pass_") and key.endswith("_ms") and key != "two_pass_ms"]
+        if "fused_ms" in r:
+            paths.append(("fused", r["fused_ms"]))
+        floor = max(r["floor_compute_ms"], r["floor_memory_ms"])
+        for label, ms in paths:
+            naive_ratio = f"{r['naive_ms'] / ms:.2f}" if "naive_ms" in r else "-"
+            ok = r.get("fused_check" if label == "fused" else "check", {}).get("ok")
+            print("{:<17}{:>4} {:<16}{:>9.2f}{:>9.0f}{:>9.2f}{:>9}{:>11.2f}{:>9.2f}".format(
+                r["shape"], "y" if ok else "N", label, ms, r["flop"] / ms / 1e9,
+                ms / r["matmul_ms"], naive_ratio, ms / r["blocked_gemm_ms"], floor))
+    print("x matmul = time / torch.matmul-only time (target two-pass <= 1.3, fused <= 1.0 on 'main');")
+    print("x naive = naive time / time (speed-up; target fused >= 3); floor = max(compute, memory) floor.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--memcheck", action="store_true", help="run the small sanitizer case only")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on the CPU: checks the script")
+    ap.add_argument("--budget-s", type=float, default=170.0, help="skip remaining shapes after this long")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check_out"))
+    args = ap.parse_args(argv)
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+    elif not hnsample.has_cuda():
+        print("no usable CUDA device or hnsample built without CUDA")
+        return 2
+    if args.memcheck:
+        return memcheck_case()
+    t0 = time.time()
+    ceil = device_ceilings()
+    results: list[dict] = []
+    for i, (name, b, n, d, dtype, k, extra) in enumerate(SMOKE_SHAPES if args.smoke else SHAPES):
+        if time.time() - t0 > args.budget_s:
+            print(f"time budget spent: skipping {name}")
+            continue
+        run_paths(name, b, n, d, dtype, k, extra, args.reps, ceil, results, KNOBS if i == 0 else ())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps({"device": ceil, "torch": torch.__version__,
+                                                    "results": results}, indent=1))
+    print_table(results, ceil)
+    return 0 if all(r["check"]["ok"] and r.get("fused_check", {"ok": True})["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One-call device check for the CUDA top-k paths (stage limits sum to under 8 minutes; no network):
+#   build + install (sm_90 only, to halve compile time) -> GPU tests -> compute-sanitizer memcheck on a
+#   small case -> per-kernel resource usage -> correctness + timing table (benchmarks/gpu_check.py).
+# Logs and JSON go to $OUT (default /tmp/gpu_check_out); the table is printed last. Each stage has its own
+# time limit and the script goes on after a failed stage, so one run reports everything it can.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python3}
+declare -A RC
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  RC[$name]=$?
+  echo "== $name: rc=${RC[$name]} ($((SECONDS - t0)) s)"
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader || true
+CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DHNSAMPLE_PTXAS_VERBOSE=ON" HNSAMPLE_CUDA=ON \
+  stage build 110 "$PY" -m pip install --no-build-isolation --no-deps -v .
+grep -E "ptxas info|spill|registers" "$OUT/build.log" | sed 's/^ *//' | sort -u > "$OUT/resource_usage.txt" || true
+stage pytest 110 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+tail -n 15 "$OUT/pytest.log"
+# Only hnsample's kernels are instrumented (cuBLAS under memcheck is slow); without the filter option
+# (an older sanitizer) the whole case is checked.
+SAN=(compute-sanitizer --tool memcheck --error-exitcode 3)
+stage memcheck 60 "${SAN[@]}" --kernel-name kns=hnsample "$PY" benchmarks/gpu_check.py --memcheck
+if grep -qiE "unrecognized|unknown option|invalid option" "$OUT/memcheck.log"; then
+  stage memcheck 60 "${SAN[@]}" "$PY" benchmarks/gpu_check.py --memcheck
+fi
+grep -E "ERROR SUMMARY|Invalid|memcheck case done" "$OUT/memcheck.log" | head -n 5
+stage bench 130 "$PY" benchmarks/gpu_check.py --out "$OUT" --budget-s 100
+sed -n '/TFLOP\/s, copy/,$p' "$OUT/bench.log"
+[ "${RC[bench]}" = 0 ] || tail -n 30 "$OUT/bench.log"
+echo "build=${RC[build]} pytest=${RC[pytest]} memcheck=${RC[memcheck]} bench=${RC[bench]}"
