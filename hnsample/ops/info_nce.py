@@ -220,8 +220,8 @@ def _info_nce_stats_op(
 
 
 def _lse_value(m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """m + log z, and -inf for an empty statistic (z = 0)."""
-    return torch.where(z > 0, m + torch.log(torch.where(z > 0, z, 1.0)), -math.inf)
+    """m + log z, and -inf for an empty statistic (z = 0); a NaN statistic stays NaN."""
+    return torch.where(z == 0, -math.inf, m + torch.log(torch.where(z == 0, 1.0, z)))
 
 
 @_info_nce_stats_op.register_fake
@@ -423,6 +423,14 @@ def _gather_docs(docs, positive_ids, doc_ids, doc_labels, guide_docs):
     return all_docs, positive_ids, plain(doc_ids), plain(doc_labels), plain(guide_docs)
 
 
+def _pair_scores(
+    queries: torch.Tensor, docs: torch.Tensor, idx: torch.Tensor, ct: torch.dtype
+) -> torch.Tensor:
+    """(B, P) scores q_i . d_idx[i, p] through (B, P, d) gathered rows, never (B, M)."""
+    rows = docs[idx.reshape(-1)].reshape(idx.shape[0], idx.shape[1], docs.shape[1])
+    return torch.einsum("bd,bpd->bp", queries.to(ct), rows.to(ct))
+
+
 def _min_positive(values: torch.Tensor, valid: torch.Tensor, margin: float) -> torch.Tensor:
     """min over a row's valid positives of values, minus margin; +inf for a row without positives."""
     v = torch.where(valid, values.to(torch.float64), math.inf).amin(dim=1)
@@ -582,10 +590,7 @@ def info_nce(
     valid = positive_ids >= 0
     has_pos = valid.any(dim=1)
     idx = positive_ids.clamp_min(0)
-    n_pos = positive_ids.shape[1]
-    # Positive scores with gradient: (B, P, d) gathered rows, never (B, M).
-    pos_docs = docs[idx.reshape(-1)].reshape(b, n_pos, -1)
-    s_pos = torch.einsum("bd,bpd->bp", queries.to(ct), pos_docs.to(ct))
+    s_pos = _pair_scores(queries, docs, idx, ct)
 
     with torch.no_grad():
         upper = None
@@ -599,9 +604,7 @@ def info_nce(
             upper = torch.where(has_pos, upper, math.inf).contiguous()
         guide_upper = None
         if guide_queries is not None:
-            g_pos = torch.einsum(
-                "bd,bpd->bp", guide_queries.to(ct), guide_docs[idx.reshape(-1)].reshape(b, n_pos, -1).to(ct)
-            )
+            g_pos = _pair_scores(guide_queries, guide_docs, idx, ct)
             guide_upper = _min_positive(g_pos, valid, guide_margin).contiguous()
         positive_doc_ids = doc_ids[idx] if doc_ids is not None else None
 
