@@ -522,3 +522,42 @@ def test_gpu_backward_and_temperature():
     b = hnsample.info_nce(qg, cg, temperature=tg, block_size=300, **kw)
     for x, y in zip(grads(a, q, c, t), grads(b, qg, cg, tg), strict=True):
         torch.testing.assert_close(y.cpu(), x, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["plain", "combined", "combined_symmetric", "hcl", "labels", "gist"])
+def test_float32_blocks_match_reference(name):
+    # float32 inputs take the vectorized CPU path (float exp): compare with the float64 reference on
+    # several column chunks and blocks.
+    b, m = 40, 600
+    kw = _resize(OPTIONS[name], b, m)
+    if "positive_ids" in OPTIONS[name]:
+        kw["positive_ids"] = torch.stack([torch.arange(b), torch.arange(b) + 300], dim=1)
+        kw["positive_ids"][::5, 1] = -1
+    q, c = make(b, m, 16, dtype=torch.float32)
+    got = hnsample.info_nce(q, c, block_size=40 * 320, **kw)
+    want = ref.info_nce(
+        q,
+        c,
+        **{
+            k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in kw.items()
+        },
+    )
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    got, want = got.sum(), want.sum()
+    for x, y in zip(grads(got, q, c), grads(want, q, c), strict=True):
+        torch.testing.assert_close(x.double(), y.double(), atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_infinite_scores(dtype):
+    q, c = make(dtype=dtype, requires_grad=False)
+    c = c.clone()
+    c[9] = torch.inf  # an unmasked negative with an infinite score: the loss is not finite
+    assert not torch.isfinite(hnsample.info_nce(q, c, reduction="none")).any()
+    # Masked by doc id it leaves every denominator, and the loss is finite again.
+    ids = torch.arange(M)
+    ids[9] = 0
+    ids[0] = 0
+    rows = hnsample.info_nce(q, c, doc_ids=ids, positive_ids=torch.arange(B), reduction="none")
+    assert torch.isfinite(rows[0])
