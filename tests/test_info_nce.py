@@ -93,10 +93,51 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("block_size", [None, 5, 40], ids=["default", "tiny_blocks", "row_blocks"])
+@pytest.mark.parametrize(
+    ("block_size", "fused_min_rows"),
+    [(None, 256), (5, 256), (40, 256), (40, 1)],
+    ids=["default", "tiny_blocks", "row_blocks", "fused_row_blocks"],
+)
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_matches_reference(name, block_size, device):
+def test_matches_reference(name, block_size, fused_min_rows, device, monkeypatch):
+    # "default" runs the fused path (one full-row block), "fused_row_blocks" the fused path over
+    # 3-row blocks, the others the two-pass path.
+    monkeypatch.setattr(nce_ops, "FUSED_MIN_ROWS", fused_min_rows)
     assert_close_to_reference(OPTIONS[name], device=device, block_size=block_size)
+
+
+def test_fused_path_is_taken_and_skipped(monkeypatch):
+    calls = []
+    real = nce_ops._info_nce_fused_op
+    monkeypatch.setattr(nce_ops, "_info_nce_fused_op", lambda *a: calls.append(1) or real(*a))
+    q, c = make()
+    hnsample.info_nce(q, c)
+    assert calls == [1]
+    hnsample.info_nce(q, c, reduction="none")
+    hnsample.info_nce(q, c, symmetric=True)
+    hnsample.info_nce(q.detach(), c.detach())
+    hnsample.info_nce(q, c, block_size=5)
+    with torch.no_grad():
+        hnsample.info_nce(q, c)
+    assert calls == [1]
+
+
+def test_fused_backward_with_other_upstream_gradients():
+    # If the statistics' upstream gradient is not the assumed multiple, the fused op recomputes.
+    q, c = make(4, 7, 3)
+    args = _stats_args(q, c, symmetric=False)
+    s_pos = torch.randn(4, 2, dtype=torch.float64)
+    fused = nce_ops._info_nce_fused_op(*args, s_pos, 0.0, 0.25)
+    plain = nce_ops._info_nce_stats_op(*args)
+    for a, b in zip(fused[:3], plain[:3], strict=True):
+        torch.testing.assert_close(a, b)
+    w = torch.randn(4, dtype=torch.float64)
+    for scale in (None, 3.0):
+        gw = fused[7] * scale if scale is not None else w
+        got = torch.autograd.grad(fused[0], (q, c, args[2]), gw, retain_graph=True)
+        want = torch.autograd.grad(plain[0], (q, c, args[2]), gw, retain_graph=True)
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y)
 
 
 def test_options_change_the_loss():

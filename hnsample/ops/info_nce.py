@@ -30,9 +30,9 @@ from .._ext import (
 from .topk import _device_guard, block_shape
 
 REDUCTIONS = ("mean", "sum", "none")
-# Score elements per block: 16 MB of float32 on the CPU keeps a block's rows cache-friendly for the
-# fused pass; GPUs want bigger GEMMs.
-DEFAULT_BLOCK_SIZE = {"cpu": 1 << 22, "cuda": 1 << 26}
+# Score elements per block: 64 MB of float32 on the CPU (full rows of up to 65,536 docs for 256-row
+# GEMMs in the fused path); GPUs want bigger GEMMs.
+DEFAULT_BLOCK_SIZE = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -348,6 +348,196 @@ _info_nce_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup
 
 
 # ----------------------------------------------------------------------------------------------------
+# Fused forward+gradient op: 3 GEMM-equivalents instead of 4. When a row block can hold its full row
+# of scores (block_size // M rows), the row statistics are final once that block is scored, so the
+# loss's derivatives with respect to them (for a scalar "mean"/"sum" loss they do not depend on other
+# rows) are known and the gradient matmuls run on the scores already in memory. The op returns the
+# same statistics as info_nce_stats plus the gradients for a unit upstream gradient; its backward
+# scales them, or recomputes exactly (info_nce_stats_backward) if the upstream gradient of the
+# statistics is not a multiple of the one assumed (the loss was not used as a plain scalar).
+
+# A full-row block must hold at least this many rows for the fused path: thinner GEMMs lose more than
+# the saved fourth GEMM-equivalent (measured on the CPU; see benchmarks/results_info_nce.md).
+FUSED_MIN_ROWS = 256
+
+
+def fused_rows(b: int, m: int, block_size: int) -> int:
+    """Rows per full-row block of the fused path, or 0 when it does not apply to this shape."""
+    rows = block_size // max(m, 1)
+    return min(rows, b) if rows >= min(b, FUSED_MIN_ROWS) and b > 0 else 0
+
+
+@torch.library.custom_op("hnsample::info_nce_stats_fused", mutates_args=())
+def _info_nce_fused_op(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    temperature: torch.Tensor,
+    positive_ids: torch.Tensor,
+    positive_doc_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    query_labels: torch.Tensor | None,
+    doc_labels: torch.Tensor | None,
+    upper: torch.Tensor | None,
+    guide_queries: torch.Tensor | None,
+    guide_docs: torch.Tensor | None,
+    guide_upper: torch.Tensor | None,
+    hardness_alpha: float,
+    hcl_beta: float,
+    positive_margin: float,
+    symmetric: bool,
+    block_size: int,
+    positive_scores: torch.Tensor,
+    tau_plus: float,
+    row_weight: float,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    b, m, d = queries.shape[0], docs.shape[0], queries.shape[1]
+    dev = queries.device
+    ct = _compute_dtype(queries.dtype)
+    rules = _rules(
+        temperature,
+        positive_ids,
+        positive_doc_ids,
+        doc_ids,
+        query_labels,
+        doc_labels,
+        upper,
+        guide_upper,
+        hardness_alpha,
+        hcl_beta,
+        positive_margin,
+        False,
+    )
+    row_stats = torch.zeros((b, 5), dtype=torch.float64, device=dev)
+    row_stats[:, 0] = -math.inf
+    row_stats[:, 2] = -math.inf
+    row_coef = torch.zeros((b, 4), dtype=torch.float64, device=dev)
+    tau_acc = torch.zeros((b,), dtype=torch.float64, device=dev)
+    p = rules.params(b, m)
+    p.row_stats, p.row_coef, p.tau_acc = ptr(row_stats), ptr(row_coef), ptr(tau_acc)
+    grad_q = torch.zeros((b, d), dtype=ct, device=dev)
+    grad_d = torch.zeros((m, d), dtype=ct, device=dev)
+    valid = positive_ids >= 0
+    tau = temperature.detach().to(torch.float64)
+    br = max(1, fused_rows(b, m, block_size))
+    with torch.no_grad(), _device_guard(queries):
+        q = queries.to(ct)
+        dc = docs.to(ct)
+        gq = guide_queries.to(ct) if guide_queries is not None else None
+        gd = guide_docs.to(ct) if guide_docs is not None else None
+        buf = torch.empty((br, m), dtype=ct, device=dev)
+        gbuf = torch.empty((br, m), dtype=ct, device=dev) if gq is not None else None
+        for i0 in range(0, b, br):
+            i1 = min(b, i0 + br)
+            out = buf[: i1 - i0]
+            torch.matmul(q[i0:i1], dc.T, out=out)
+            gout = None
+            if gbuf is not None:
+                gout = gbuf[: i1 - i0]
+                torch.matmul(gq[i0:i1], gd.T, out=gout)
+            _run_block(p, False, out, gout, i0, 0)
+            # The rows' statistics are final: differentiate their (scalar-weighted) losses.
+            st = row_stats[i0:i1]
+            s1 = _lse_value(st[:, 0], st[:, 1])
+            cnt = st[:, 4]
+            s0 = _lse_value(st[:, 2], st[:, 3]) if hcl_beta != 0.0 else torch.log(cnt)
+            g1 = (
+                _negative_stat_grad(
+                    positive_scores[i0:i1], valid[i0:i1], tau, s1, s0, cnt, positive_margin, tau_plus
+                )
+                * row_weight
+            )
+            g0 = -g1
+            row_coef[i0:i1] = torch.stack([g1, s1, g0, s0], dim=1)
+            _run_block(p, True, out, gout, i0, 0)
+            torch.mm(out, dc, out=grad_q[i0:i1])
+            grad_d.addmm_(out.T, q[i0:i1])
+    count = row_stats[:, 4].clone()
+    s1 = _lse_value(row_stats[:, 0], row_stats[:, 1])
+    s0 = _lse_value(row_stats[:, 2], row_stats[:, 3]) if hcl_beta != 0.0 else torch.log(count)
+    grad_t = (-tau_acc.sum() / tau).to(temperature.dtype).reshape(temperature.shape)
+    return (
+        s1,
+        s0,
+        count,
+        s1.new_empty(0),
+        grad_q.to(queries.dtype),
+        grad_d.to(docs.dtype),
+        grad_t,
+        row_coef[:, 0].clone(),
+        row_coef[:, 2].clone(),
+    )
+
+
+@_info_nce_fused_op.register_fake
+def _(queries, docs, temperature, *rest):
+    b = queries.shape[0]
+    row = queries.new_empty((b,), dtype=torch.float64)
+    return (
+        row,
+        row.new_empty((b,)),
+        row.new_empty((b,)),
+        row.new_empty((0,)),
+        torch.empty_like(queries),
+        torch.empty_like(docs),
+        torch.empty_like(temperature),
+        row.new_empty((b,)),
+        row.new_empty((b,)),
+    )
+
+
+def _fused_setup(ctx, inputs, output):
+    n = len(_STATS_FIELDS)
+    ctx.save_for_backward(*inputs[:n], output[0], output[1], output[3], *output[4:9])
+    ctx.scalars = inputs[n : n + 5]
+    ctx.hcl_beta = inputs[n + 1]
+
+
+def _upstream_scale(grad: torch.Tensor, assumed: torch.Tensor) -> torch.Tensor | None:
+    """c with grad == c * assumed (to float64 rounding), or None when grad is not such a multiple."""
+    denom = (assumed * assumed).sum()
+    c = (grad * assumed).sum() / denom if bool(denom > 0) else grad.new_zeros(())
+    err = (grad - c * assumed).abs().max() if grad.numel() else grad.new_zeros(())
+    return c if bool(err <= 1e-9 * grad.abs().max() + 1e-300) else None
+
+
+def _fused_backward(ctx, grad_s1, grad_s0, _grad_count, _grad_col, *_pre_grads):
+    saved = ctx.saved_tensors
+    n = len(_STATS_FIELDS)
+    tensors, (s1, s0, col) = saved[:n], saved[n : n + 3]
+    grad_q, grad_d, grad_t, g1, g0 = saved[n + 3 :]
+    grad_s1 = torch.zeros_like(s1) if grad_s1 is None else grad_s1
+    grad_s0 = torch.zeros_like(s0) if grad_s0 is None else grad_s0
+    c = _upstream_scale(grad_s1, g1)
+    if c is not None and ctx.hcl_beta != 0.0:
+        c0 = _upstream_scale(grad_s0, g0)
+        c = c if c0 is not None and bool((c0 - c).abs() <= 1e-9 * c.abs() + 1e-300) else None
+    if c is not None:
+        gq, gd, gt = (
+            (c * grad_q).to(grad_q.dtype),
+            (c * grad_d).to(grad_d.dtype),
+            (c * grad_t).to(grad_t.dtype),
+        )
+    else:
+        gq, gd, gt = _info_nce_backward_op(
+            grad_s1, grad_s0, torch.zeros_like(col), s1, s0, col, *tensors, *ctx.scalars
+        )
+    return (gq, gd, gt) + (None,) * (n - 3 + 8)
+
+
+_info_nce_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Validation and the loss built on the statistics
 
 
@@ -608,7 +798,7 @@ def info_nce(
             guide_upper = _min_positive(g_pos, valid, guide_margin).contiguous()
         positive_doc_ids = doc_ids[idx] if doc_ids is not None else None
 
-    s1, s0, count, col = _info_nce_stats_op(
+    args = (
         queries,
         docs,
         tau,
@@ -627,6 +817,20 @@ def info_nce(
         symmetric,
         block_size,
     )
+    wants_grad = torch.is_grad_enabled() and (
+        queries.requires_grad or docs.requires_grad or tau.requires_grad
+    )
+    if (
+        wants_grad
+        and reduction != "none"
+        and not symmetric
+        and not torch.compiler.is_compiling()
+        and fused_rows(b, m, block_size)
+    ):
+        weight = 1.0 if reduction == "sum" else 1.0 / max(int(has_pos.sum()), 1)
+        s1, s0, count, col = _info_nce_fused_op(*args, s_pos.detach().to(torch.float64), tau_plus, weight)[:4]
+    else:
+        s1, s0, count, col = _info_nce_stats_op(*args)
     rows = _row_losses(s_pos, valid, tau, s1, s0, count, col, idx, positive_margin, tau_plus, symmetric)
     if reduction == "none":
         return rows.to(ct)
@@ -634,6 +838,46 @@ def info_nce(
     if reduction == "mean":
         total = total / has_pos.sum().clamp_min(1)
     return total.to(ct)
+
+
+def _negative_stat_grad(
+    s_pos: torch.Tensor,
+    valid: torch.Tensor,
+    tau: torch.Tensor,
+    s1: torch.Tensor,
+    s0: torch.Tensor,
+    count: torch.Tensor,
+    positive_margin: float,
+    tau_plus: float,
+) -> torch.Tensor:
+    """d row_i / d S1_i of the non-symmetric row loss of _row_losses, in closed form (d / d S0_i is its
+    negative, since S1 and S0 enter only through log R = S1 - S0 + log n):
+
+        d row_i / d S1_i = (1 / |P(i)|) sum_p sigma_ip * dlogNg_ip / dlogR_i,
+        sigma_ip = exp(logNg_ip - logaddexp(Pos_i, logNg_ip)),
+        dlogNg / dlogR = 1 (tau_plus = 0), 1 / (1 - e^t) on the debiased branch, 0 on the floor.
+    """
+    has_pos = valid.any(dim=1)
+    has_neg = count > 0
+    l_pos = (s_pos.to(torch.float64) - positive_margin) / tau
+    pos_lse = torch.where(has_pos, torch.logsumexp(torch.where(valid, l_pos, -math.inf), dim=1), 0.0)
+    log_n = torch.log(torch.where(has_neg, count, 1.0))
+    log_r = torch.where(has_neg, torch.where(has_neg, s1, 0.0) - torch.where(has_neg, s0, 0.0) + log_n, 0.0)
+    log_ng = log_r.unsqueeze(1).expand_as(l_pos)
+    slope = torch.ones_like(l_pos)
+    if tau_plus > 0.0:
+        floor = (log_n - 1.0 / tau).unsqueeze(1)
+        t = math.log(tau_plus) + log_n.unsqueeze(1) + l_pos - log_r.unsqueeze(1)
+        ok = t < 0
+        t_safe = torch.where(ok, t, -1.0)
+        debiased = log_r.unsqueeze(1) + torch.log1p(-torch.exp(t_safe)) - math.log1p(-tau_plus)
+        on_debiased = ok & (debiased >= floor)
+        log_ng = torch.where(on_debiased, debiased, floor)
+        slope = torch.where(on_debiased, 1.0 / -torch.expm1(t_safe), 0.0)
+    sigma = torch.exp(log_ng - torch.logaddexp(pos_lse.unsqueeze(1), log_ng))
+    n_valid = valid.sum(dim=1).clamp_min(1)
+    g = torch.where(valid, sigma * slope, 0.0).sum(dim=1) / n_valid
+    return torch.where(has_neg & has_pos, g, 0.0)
 
 
 def _row_losses(
