@@ -280,6 +280,8 @@ def _stats_args(q, c, symmetric=True, guide=True):
 
 def test_opcheck():
     q, c = make(4, 7, 3)
+    s_pos = torch.randn(4, 2, dtype=torch.float64)
+    torch.library.opcheck(nce_ops._info_nce_fused_op, _stats_args(q, c, symmetric=False) + (s_pos, 0.1, 0.25))
     torch.library.opcheck(nce_ops._info_nce_stats_op, _stats_args(q, c))
     torch.library.opcheck(
         nce_ops._info_nce_stats_op,

@@ -499,7 +499,6 @@ def _fused_setup(ctx, inputs, output):
     n = len(_STATS_FIELDS)
     ctx.save_for_backward(*inputs[:n], output[0], output[1], output[3], *output[4:9])
     ctx.scalars = inputs[n : n + 5]
-    ctx.hcl_beta = inputs[n + 1]
 
 
 def _upstream_scale(grad: torch.Tensor, assumed: torch.Tensor) -> torch.Tensor | None:
@@ -510,27 +509,84 @@ def _upstream_scale(grad: torch.Tensor, assumed: torch.Tensor) -> torch.Tensor |
     return c if bool(err <= 1e-9 * grad.abs().max() + 1e-300) else None
 
 
+@torch.library.custom_op("hnsample::info_nce_fused_backward", mutates_args=())
+def _info_nce_fused_backward_op(
+    grad_s1: torch.Tensor,
+    grad_s0: torch.Tensor,
+    s1: torch.Tensor,
+    s0: torch.Tensor,
+    col: torch.Tensor,
+    grad_q: torch.Tensor,
+    grad_d: torch.Tensor,
+    grad_t: torch.Tensor,
+    g1: torch.Tensor,
+    g0: torch.Tensor,
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    temperature: torch.Tensor,
+    positive_ids: torch.Tensor,
+    positive_doc_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    query_labels: torch.Tensor | None,
+    doc_labels: torch.Tensor | None,
+    upper: torch.Tensor | None,
+    guide_queries: torch.Tensor | None,
+    guide_docs: torch.Tensor | None,
+    guide_upper: torch.Tensor | None,
+    hardness_alpha: float,
+    hcl_beta: float,
+    positive_margin: float,
+    symmetric: bool,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A custom op of its own so that the value-dependent choice below stays out of traced graphs.
+    c = _upstream_scale(grad_s1, g1)
+    if c is not None and hcl_beta != 0.0:
+        c0 = _upstream_scale(grad_s0, g0)
+        c = c if c0 is not None and bool((c0 - c).abs() <= 1e-9 * c.abs() + 1e-300) else None
+    if c is not None:
+        return (c * grad_q).to(grad_q.dtype), (c * grad_d).to(grad_d.dtype), (c * grad_t).to(grad_t.dtype)
+    return _info_nce_backward_op(
+        grad_s1,
+        grad_s0,
+        torch.zeros_like(col),
+        s1,
+        s0,
+        col,
+        queries,
+        docs,
+        temperature,
+        positive_ids,
+        positive_doc_ids,
+        doc_ids,
+        query_labels,
+        doc_labels,
+        upper,
+        guide_queries,
+        guide_docs,
+        guide_upper,
+        hardness_alpha,
+        hcl_beta,
+        positive_margin,
+        symmetric,
+        block_size,
+    )
+
+
+@_info_nce_fused_backward_op.register_fake
+def _(grad_s1, grad_s0, s1, s0, col, grad_q, grad_d, grad_t, *rest):
+    return torch.empty_like(grad_q), torch.empty_like(grad_d), torch.empty_like(grad_t)
+
+
 def _fused_backward(ctx, grad_s1, grad_s0, _grad_count, _grad_col, *_pre_grads):
     saved = ctx.saved_tensors
     n = len(_STATS_FIELDS)
     tensors, (s1, s0, col) = saved[:n], saved[n : n + 3]
-    grad_q, grad_d, grad_t, g1, g0 = saved[n + 3 :]
     grad_s1 = torch.zeros_like(s1) if grad_s1 is None else grad_s1
     grad_s0 = torch.zeros_like(s0) if grad_s0 is None else grad_s0
-    c = _upstream_scale(grad_s1, g1)
-    if c is not None and ctx.hcl_beta != 0.0:
-        c0 = _upstream_scale(grad_s0, g0)
-        c = c if c0 is not None and bool((c0 - c).abs() <= 1e-9 * c.abs() + 1e-300) else None
-    if c is not None:
-        gq, gd, gt = (
-            (c * grad_q).to(grad_q.dtype),
-            (c * grad_d).to(grad_d.dtype),
-            (c * grad_t).to(grad_t.dtype),
-        )
-    else:
-        gq, gd, gt = _info_nce_backward_op(
-            grad_s1, grad_s0, torch.zeros_like(col), s1, s0, col, *tensors, *ctx.scalars
-        )
+    gq, gd, gt = _info_nce_fused_backward_op(
+        grad_s1, grad_s0, s1, s0, col, *saved[n + 3 :], *tensors, *ctx.scalars
+    )
     return (gq, gd, gt) + (None,) * (n - 3 + 8)
 
 
