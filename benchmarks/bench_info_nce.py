@@ -11,6 +11,8 @@ Usage:
   python benchmarks/bench_info_nce.py time   [--n 8192] [--d 768] [--repeats 5] [--json out.json]
   python benchmarks/bench_info_nce.py memory [--n 65536] [--d 768] [--json out.json]
   python benchmarks/bench_info_nce.py all    # both, printing a table
+Run "memory" directly with MALLOC_MMAP_THRESHOLD_=131072 in the environment ("all" sets it) so that
+freed blocks leave the RSS.
 Add --device cuda for the GPU (times with CUDA events, memory via torch.cuda.max_memory_allocated).
 """
 
@@ -156,7 +158,7 @@ def run_memory(n: int, d: int, device: str, dtype_name: str) -> dict:
         "d": d,
         "device": device,
         "dtype": dtype_name,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "seconds": elapsed,
         "input_bytes": 2 * n * d * q.element_size(),
         "grad_bytes": 2 * n * d * q.element_size(),
@@ -191,7 +193,10 @@ def _subprocess(kind: str, args) -> dict:
         "--json",
         "-",
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # A fixed mmap threshold makes glibc return every large block to the OS when freed, so RSS tracks
+    # live memory instead of the allocator's retained arenas.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

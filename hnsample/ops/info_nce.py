@@ -399,6 +399,8 @@ def _info_nce_fused_op(
     torch.Tensor,
     torch.Tensor,
     torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
 ]:
     b, m, d = queries.shape[0], docs.shape[0], queries.shape[1]
     dev = queries.device
@@ -422,6 +424,7 @@ def _info_nce_fused_op(
     row_stats[:, 2] = -math.inf
     row_coef = torch.zeros((b, 4), dtype=torch.float64, device=dev)
     tau_acc = torch.zeros((b,), dtype=torch.float64, device=dev)
+    grad_pos = torch.zeros(positive_scores.shape, dtype=torch.float64, device=dev)
     p = rules.params(b, m)
     p.row_stats, p.row_coef, p.tau_acc = ptr(row_stats), ptr(row_coef), ptr(tau_acc)
     grad_q = torch.zeros((b, d), dtype=ct, device=dev)
@@ -450,13 +453,12 @@ def _info_nce_fused_op(
             s1 = _lse_value(st[:, 0], st[:, 1])
             cnt = st[:, 4]
             s0 = _lse_value(st[:, 2], st[:, 3]) if hcl_beta != 0.0 else torch.log(cnt)
-            g1 = (
-                _negative_stat_grad(
-                    positive_scores[i0:i1], valid[i0:i1], tau, s1, s0, cnt, positive_margin, tau_plus
-                )
-                * row_weight
+            g1, g_l = _closed_form_grads(
+                positive_scores[i0:i1], valid[i0:i1], tau, s1, s0, cnt, positive_margin, tau_plus
             )
+            g1 = g1 * row_weight
             g0 = -g1
+            grad_pos[i0:i1] = g_l * (row_weight / tau)
             row_coef[i0:i1] = torch.stack([g1, s1, g0, s0], dim=1)
             _run_block(p, True, out, gout, i0, 0)
             torch.mm(out, dc, out=grad_q[i0:i1])
@@ -464,6 +466,8 @@ def _info_nce_fused_op(
     count = row_stats[:, 4].clone()
     s1 = _lse_value(row_stats[:, 0], row_stats[:, 1])
     s0 = _lse_value(row_stats[:, 2], row_stats[:, 3]) if hcl_beta != 0.0 else torch.log(count)
+    # The positive terms' gradients for the same unit upstream (the positive scores are an output).
+    _add_positive_grads(q, dc, positive_ids.clamp_min(0), grad_pos.to(ct), grad_q, grad_d)
     grad_t = (-tau_acc.sum() / tau).to(temperature.dtype).reshape(temperature.shape)
     return (
         s1,
@@ -475,6 +479,8 @@ def _info_nce_fused_op(
         grad_t,
         row_coef[:, 0].clone(),
         row_coef[:, 2].clone(),
+        positive_scores.clone(),
+        grad_pos,
     )
 
 
@@ -492,12 +498,14 @@ def _(queries, docs, temperature, *rest):
         torch.empty_like(temperature),
         row.new_empty((b,)),
         row.new_empty((b,)),
+        torch.empty_like(rest[14]),
+        torch.empty_like(rest[14]),
     )
 
 
 def _fused_setup(ctx, inputs, output):
     n = len(_STATS_FIELDS)
-    ctx.save_for_backward(*inputs[:n], output[0], output[1], output[3], *output[4:9])
+    ctx.save_for_backward(*inputs[:n], output[0], output[1], output[3], *output[4:9], output[10])
     ctx.scalars = inputs[n : n + 5]
 
 
@@ -513,6 +521,7 @@ def _upstream_scale(grad: torch.Tensor, assumed: torch.Tensor) -> torch.Tensor |
 def _info_nce_fused_backward_op(
     grad_s1: torch.Tensor,
     grad_s0: torch.Tensor,
+    grad_spos: torch.Tensor,
     s1: torch.Tensor,
     s0: torch.Tensor,
     col: torch.Tensor,
@@ -521,6 +530,7 @@ def _info_nce_fused_backward_op(
     grad_t: torch.Tensor,
     g1: torch.Tensor,
     g0: torch.Tensor,
+    gpos: torch.Tensor,
     queries: torch.Tensor,
     docs: torch.Tensor,
     temperature: torch.Tensor,
@@ -540,13 +550,11 @@ def _info_nce_fused_backward_op(
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # A custom op of its own so that the value-dependent choice below stays out of traced graphs.
-    c = _upstream_scale(grad_s1, g1)
-    if c is not None and hcl_beta != 0.0:
-        c0 = _upstream_scale(grad_s0, g0)
-        c = c if c0 is not None and bool((c0 - c).abs() <= 1e-9 * c.abs() + 1e-300) else None
+    grads, assumed = _upstream_pairs(grad_s1, g1, grad_s0, g0, grad_spos, gpos, hcl_beta)
+    c = _upstream_scale(grads, assumed)
     if c is not None:
         return (c * grad_q).to(grad_q.dtype), (c * grad_d).to(grad_d.dtype), (c * grad_t).to(grad_t.dtype)
-    return _info_nce_backward_op(
+    gq, gd, gt = _info_nce_backward_op(
         grad_s1,
         grad_s0,
         torch.zeros_like(col),
@@ -571,21 +579,43 @@ def _info_nce_fused_backward_op(
         symmetric,
         block_size,
     )
+    ct = _compute_dtype(queries.dtype)
+    pq = torch.zeros(queries.shape, dtype=ct, device=queries.device)
+    pd = torch.zeros(docs.shape, dtype=ct, device=docs.device)
+    _add_positive_grads(queries, docs, positive_ids.clamp_min(0), grad_spos.to(ct), pq, pd)
+    return (gq.to(ct) + pq).to(queries.dtype), (gd.to(ct) + pd).to(docs.dtype), gt
 
 
 @_info_nce_fused_backward_op.register_fake
-def _(grad_s1, grad_s0, s1, s0, col, grad_q, grad_d, grad_t, *rest):
+def _(grad_s1, grad_s0, grad_spos, s1, s0, col, grad_q, grad_d, grad_t, *rest):
     return torch.empty_like(grad_q), torch.empty_like(grad_d), torch.empty_like(grad_t)
 
 
-def _fused_backward(ctx, grad_s1, grad_s0, _grad_count, _grad_col, *_pre_grads):
+def _upstream_pairs(grad_s1, g1, grad_s0, g0, grad_spos, gpos, hcl_beta: float):
+    """The upstream gradients of the fused op's differentiable outputs and the ones it assumed, flat.
+    S0 matters only with HCL weights (otherwise the kernels ignore its gradient)."""
+    grads = [grad_s1, grad_spos.reshape(-1)] + ([grad_s0] if hcl_beta != 0.0 else [])
+    assumed = [g1, gpos.reshape(-1)] + ([g0] if hcl_beta != 0.0 else [])
+    return torch.cat(grads).to(torch.float64), torch.cat(assumed)
+
+
+def _fused_backward(ctx, grad_s1, grad_s0, _grad_count, _grad_col, *more):
     saved = ctx.saved_tensors
     n = len(_STATS_FIELDS)
     tensors, (s1, s0, col) = saved[:n], saved[n : n + 3]
+    grad_q, grad_d, grad_t, g1, g0, gpos = saved[n + 3 :]
     grad_s1 = torch.zeros_like(s1) if grad_s1 is None else grad_s1
     grad_s0 = torch.zeros_like(s0) if grad_s0 is None else grad_s0
+    grad_spos = torch.zeros_like(gpos) if more[5] is None else more[5]
+    tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((grad_s1, g1)) is not None
+    if not tracing:
+        grads, assumed = _upstream_pairs(grad_s1, g1, grad_s0, g0, grad_spos, gpos, ctx.scalars[1])
+        if bool(((grads - assumed).abs() <= 1e-12 * assumed.abs() + 1e-300).all()):
+            # loss.backward() on the loss itself: hand the stored gradients over without a scaled
+            # copy, which would double the gradient memory at its peak.
+            return (grad_q, grad_d, grad_t) + (None,) * (n - 3 + 8)
     gq, gd, gt = _info_nce_fused_backward_op(
-        grad_s1, grad_s0, s1, s0, col, *saved[n + 3 :], *tensors, *ctx.scalars
+        grad_s1, grad_s0, grad_spos, s1, s0, col, grad_q, grad_d, grad_t, g1, g0, gpos, *tensors, *ctx.scalars
     )
     return (gq, gd, gt) + (None,) * (n - 3 + 8)
 
@@ -669,12 +699,70 @@ def _gather_docs(docs, positive_ids, doc_ids, doc_labels, guide_docs):
     return all_docs, positive_ids, plain(doc_ids), plain(doc_labels), plain(guide_docs)
 
 
+# Row chunks of the positive-pair helpers hold at most this many gathered elements.
+_PAIR_CHUNK = 1 << 22
+
+
 def _pair_scores(
     queries: torch.Tensor, docs: torch.Tensor, idx: torch.Tensor, ct: torch.dtype
 ) -> torch.Tensor:
-    """(B, P) scores q_i . d_idx[i, p] through (B, P, d) gathered rows, never (B, M)."""
-    rows = docs[idx.reshape(-1)].reshape(idx.shape[0], idx.shape[1], docs.shape[1])
-    return torch.einsum("bd,bpd->bp", queries.to(ct), rows.to(ct))
+    """(B, P) scores q_i . d_idx[i, p] in dtype ct, gathering rows chunk by chunk (never (B, M), and
+    at most _PAIR_CHUNK gathered elements at a time)."""
+    b, n_pos = idx.shape
+    out = torch.empty((b, n_pos), dtype=ct, device=queries.device)
+    step = max(1, _PAIR_CHUNK // max(1, n_pos * docs.shape[1]))
+    for i0 in range(0, b, step):
+        sl = idx[i0 : i0 + step]
+        rows = docs[sl.reshape(-1)].reshape(sl.shape[0], n_pos, docs.shape[1]).to(ct)
+        out[i0 : i0 + step] = torch.einsum("bd,bpd->bp", queries[i0 : i0 + step].to(ct), rows)
+    return out
+
+
+def _add_positive_grads(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    idx: torch.Tensor,
+    grad: torch.Tensor,
+    grad_q: torch.Tensor | None,
+    grad_d: torch.Tensor | None,
+) -> None:
+    """Accumulates the gradients of the (B, P) positive scores q_i . d_idx[i, p] (upstream grad, in the
+    dtype of grad_q / grad_d) into grad_q (B, d) and grad_d (M, d), gathering rows chunk by chunk."""
+    b, n_pos = idx.shape
+    dim = docs.shape[1]
+    ct = grad.dtype
+    step = max(1, _PAIR_CHUNK // max(1, n_pos * dim))
+    for i0 in range(0, b, step):
+        sl = idx[i0 : i0 + step]
+        g = grad[i0 : i0 + step]
+        if grad_q is not None:
+            rows = docs[sl.reshape(-1)].reshape(sl.shape[0], n_pos, dim).to(ct)
+            grad_q[i0 : i0 + step] += torch.einsum("bp,bpd->bd", g, rows)
+        if grad_d is not None:
+            contrib = g.unsqueeze(2) * queries[i0 : i0 + step].to(ct).unsqueeze(1)
+            grad_d.index_add_(0, sl.reshape(-1), contrib.reshape(-1, dim))
+
+
+class _PositiveScores(torch.autograd.Function):
+    """_pair_scores with autograd that keeps no (B, P, d) gathered rows alive: the backward gathers
+    again in chunks, so the extra memory of the positive terms is just their gradients."""
+
+    @staticmethod
+    def forward(ctx, queries, docs, idx, ct):
+        ctx.save_for_backward(queries, docs, idx)
+        ctx.ct = ct
+        return _pair_scores(queries, docs, idx, ct)
+
+    @staticmethod
+    def backward(ctx, grad):
+        queries, docs, idx = ctx.saved_tensors
+        ct = ctx.ct
+        gq = torch.zeros(queries.shape, dtype=ct, device=queries.device) if ctx.needs_input_grad[0] else None
+        gd = torch.zeros(docs.shape, dtype=ct, device=docs.device) if ctx.needs_input_grad[1] else None
+        _add_positive_grads(queries, docs, idx, grad.to(ct), gq, gd)
+        gq = gq.to(queries.dtype) if gq is not None else None
+        gd = gd.to(docs.dtype) if gd is not None else None
+        return gq, gd, None, None
 
 
 def _min_positive(values: torch.Tensor, valid: torch.Tensor, margin: float) -> torch.Tensor:
@@ -836,7 +924,22 @@ def info_nce(
     valid = positive_ids >= 0
     has_pos = valid.any(dim=1)
     idx = positive_ids.clamp_min(0)
-    s_pos = _pair_scores(queries, docs, idx, ct)
+    wants_grad = torch.is_grad_enabled() and (
+        queries.requires_grad or docs.requires_grad or tau.requires_grad
+    )
+    fused = bool(
+        wants_grad
+        and reduction != "none"
+        and not symmetric
+        and not torch.compiler.is_compiling()
+        and fused_rows(b, m, block_size)
+    )
+    if fused:
+        # The fused op returns the positive scores itself (their gradients are part of its stored ones).
+        with torch.no_grad():
+            s_pos = _pair_scores(queries, docs, idx, ct)
+    else:
+        s_pos = _PositiveScores.apply(queries, docs, idx, ct)
 
     with torch.no_grad():
         upper = None
@@ -873,18 +976,10 @@ def info_nce(
         symmetric,
         block_size,
     )
-    wants_grad = torch.is_grad_enabled() and (
-        queries.requires_grad or docs.requires_grad or tau.requires_grad
-    )
-    if (
-        wants_grad
-        and reduction != "none"
-        and not symmetric
-        and not torch.compiler.is_compiling()
-        and fused_rows(b, m, block_size)
-    ):
+    if fused:
         weight = 1.0 if reduction == "sum" else 1.0 / max(int(has_pos.sum()), 1)
-        s1, s0, count, col = _info_nce_fused_op(*args, s_pos.detach().to(torch.float64), tau_plus, weight)[:4]
+        out = _info_nce_fused_op(*args, s_pos.to(torch.float64), tau_plus, weight)
+        s1, s0, count, col, s_pos = out[0], out[1], out[2], out[3], out[9]
     else:
         s1, s0, count, col = _info_nce_stats_op(*args)
     rows = _row_losses(s_pos, valid, tau, s1, s0, count, col, idx, positive_margin, tau_plus, symmetric)
@@ -896,7 +991,7 @@ def info_nce(
     return total.to(ct)
 
 
-def _negative_stat_grad(
+def _closed_form_grads(
     s_pos: torch.Tensor,
     valid: torch.Tensor,
     tau: torch.Tensor,
@@ -905,22 +1000,28 @@ def _negative_stat_grad(
     count: torch.Tensor,
     positive_margin: float,
     tau_plus: float,
-) -> torch.Tensor:
-    """d row_i / d S1_i of the non-symmetric row loss of _row_losses, in closed form (d / d S0_i is its
-    negative, since S1 and S0 enter only through log R = S1 - S0 + log n):
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Derivatives of the non-symmetric row loss of _row_losses, in closed form: (d row_i / d S1_i,
+    d row_i / d l_iq). d / d S0_i is minus the first (S1, S0 enter only through log R = S1 - S0 + log n).
+    With n_v = |P(i)|, A_ip = logaddexp(Pos_i, logNg_ip), sigma_ip = exp(logNg_ip - A_ip) and
+    pi_iq = softmax_q(l_iq) over the row's positives:
 
-        d row_i / d S1_i = (1 / |P(i)|) sum_p sigma_ip * dlogNg_ip / dlogR_i,
-        sigma_ip = exp(logNg_ip - logaddexp(Pos_i, logNg_ip)),
-        dlogNg / dlogR = 1 (tau_plus = 0), 1 / (1 - e^t) on the debiased branch, 0 on the floor.
+        d row_i / d S1_i = (1 / n_v) sum_p sigma_ip * dlogNg_ip / dlogR_i
+        d row_i / d l_iq = (1 / n_v) (pi_iq sum_p (1 - sigma_ip) + sigma_iq * dlogNg_iq / dl_iq - 1)
+
+    dlogNg / dlogR = 1 and dlogNg / dl = 0 for tau_plus = 0; on the debiased branch 1 / (1 - e^t) and
+    e^t / (e^t - 1); on the floor both 0 (the floor's own tau-dependence is left to autograd).
     """
     has_pos = valid.any(dim=1)
     has_neg = count > 0
     l_pos = (s_pos.to(torch.float64) - positive_margin) / tau
-    pos_lse = torch.where(has_pos, torch.logsumexp(torch.where(valid, l_pos, -math.inf), dim=1), 0.0)
+    l_valid = torch.where(valid, l_pos, -math.inf)
+    pos_lse = torch.where(has_pos, torch.logsumexp(l_valid, dim=1), 0.0)
     log_n = torch.log(torch.where(has_neg, count, 1.0))
     log_r = torch.where(has_neg, torch.where(has_neg, s1, 0.0) - torch.where(has_neg, s0, 0.0) + log_n, 0.0)
     log_ng = log_r.unsqueeze(1).expand_as(l_pos)
-    slope = torch.ones_like(l_pos)
+    slope_r = torch.ones_like(l_pos)
+    slope_l = torch.zeros_like(l_pos)
     if tau_plus > 0.0:
         floor = (log_n - 1.0 / tau).unsqueeze(1)
         t = math.log(tau_plus) + log_n.unsqueeze(1) + l_pos - log_r.unsqueeze(1)
@@ -929,11 +1030,16 @@ def _negative_stat_grad(
         debiased = log_r.unsqueeze(1) + torch.log1p(-torch.exp(t_safe)) - math.log1p(-tau_plus)
         on_debiased = ok & (debiased >= floor)
         log_ng = torch.where(on_debiased, debiased, floor)
-        slope = torch.where(on_debiased, 1.0 / -torch.expm1(t_safe), 0.0)
+        slope_r = torch.where(on_debiased, 1.0 / -torch.expm1(t_safe), 0.0)
+        slope_l = torch.where(on_debiased, torch.exp(t_safe) / torch.expm1(t_safe), 0.0)
     sigma = torch.exp(log_ng - torch.logaddexp(pos_lse.unsqueeze(1), log_ng))
+    sigma = torch.where(valid & has_neg.unsqueeze(1), sigma, 0.0)
     n_valid = valid.sum(dim=1).clamp_min(1)
-    g = torch.where(valid, sigma * slope, 0.0).sum(dim=1) / n_valid
-    return torch.where(has_neg & has_pos, g, 0.0)
+    g_s1 = torch.where(has_pos, (sigma * slope_r).sum(dim=1) / n_valid, 0.0)
+    pi = torch.where(valid, torch.exp(l_valid - pos_lse.unsqueeze(1)), 0.0)
+    keep = torch.where(valid, 1.0 - sigma, 0.0).sum(dim=1, keepdim=True)
+    g_l = torch.where(valid, (pi * keep + sigma * slope_l - 1.0) / n_valid.unsqueeze(1), 0.0)
+    return g_s1, g_l
 
 
 def _row_losses(
