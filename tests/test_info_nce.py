@@ -604,3 +604,17 @@ def test_infinite_scores(dtype):
     ids[0] = 0
     rows = hnsample.info_nce(q, c, doc_ids=ids, positive_ids=torch.arange(B), reduction="none")
     assert torch.isfinite(rows[0])
+
+
+@pytest.mark.parametrize("name", ["plain", "combined"])
+def test_fused_backward_scaled_upstream(name):
+    # 3 * loss reaches the fused op as a multiple of the assumed upstream gradient (scaled stored
+    # gradients); loss + loss ** 2 as another multiple; both must match the reference.
+    kw = {k: v for k, v in OPTIONS[name].items() if k != "temperature"}
+    q, c = make()
+    t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    for f in (lambda x: 3 * x, lambda x: x + x**2):
+        got = grads(f(hnsample.info_nce(q, c, temperature=t, **kw)), q, c, t)
+        want = grads(f(ref.info_nce(q, c, temperature=t, **kw)), q, c, t)
+        for a, w in zip(got, want, strict=True):
+            torch.testing.assert_close(a, w, atol=1e-10, rtol=1e-8)
