@@ -5,6 +5,8 @@ its backward being the op ``hnsample::info_nce_stats_backward``) streams blocks 
 per-row log-sum-exp statistics of the negatives (and per-column statistics for the symmetric loss);
 :func:`info_nce` combines them with the positive logits into the loss. Nothing of size B x M is ever
 materialized: extra memory is one score block (plus one guide block) and O(B + M) statistics.
+``hnsample::info_nce_stats_fused`` computes the same statistics and, for a scalar loss, the gradients
+during the forward pass (3 GEMM-equivalents instead of 4; see fused_rows).
 """
 
 from __future__ import annotations
@@ -847,8 +849,12 @@ def info_nce(
     local doc indices and are shifted to the concatenated numbering; gradients flow back to each rank's
     docs. Every rank must pass the same number of docs. Not combined with ``symmetric``.
 
-    Memory: one (block, block) score block (``block_size`` elements, plus one guide block) and O(B + M)
-    statistics; the backward pass recomputes the blocks (4 GEMM-equivalents in all).
+    Memory: one score block (``block_size`` elements, plus one guide block) and O(B + M) statistics,
+    besides the (B, d) and (M, d) gradients. Two execution paths give the same result: for a scalar
+    loss that needs gradients, when ``block_size // M`` rows (at least 256, or all of them) fit a block,
+    the gradients are formed during the forward pass (3 GEMM-equivalents); otherwise (and for
+    ``reduction="none"``, ``symmetric=True`` or under torch.compile) the backward pass recomputes the
+    blocks (4 GEMM-equivalents).
     """
     queries = as_tensor("queries", queries)
     docs = as_tensor("docs", docs)
