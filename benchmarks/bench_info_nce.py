@@ -70,7 +70,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_time(n: int, d: int, repeats: int, device: str, dtype_name: str) -> dict:
+def run_time(
+    n: int, d: int, repeats: int, device: str, dtype_name: str, block_size: int | None = None
+) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -91,7 +93,9 @@ def run_time(n: int, d: int, repeats: int, device: str, dtype_name: str) -> dict
         return loss
 
     def ours(masked: bool):
-        loss = hnsample.info_nce(q, c, temperature=tau, doc_ids=doc_ids if masked else None)
+        loss = hnsample.info_nce(
+            q, c, temperature=tau, doc_ids=doc_ids if masked else None, block_size=block_size
+        )
         loss.backward()
         return loss
 
@@ -130,6 +134,7 @@ def run_time(n: int, d: int, repeats: int, device: str, dtype_name: str) -> dict
         "d": d,
         "device": device,
         "dtype": dtype_name,
+        "block_size": block_size,
         "threads": torch.get_num_threads(),
         "results": results,
     }
@@ -228,6 +233,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--block-size", type=int, default=None, help="info_nce block_size (time only)")
     ap.add_argument("--json", default=None, help="write results here ('-' for stdout)")
     args = ap.parse_args()
     if args.kind == "all":
@@ -236,7 +242,7 @@ def main() -> int:
         res = {"time": _subprocess("time", args), "memory": _subprocess("memory", args)}
         print(_table(res["time"], res["memory"]))
     elif args.kind == "time":
-        res = run_time(args.n or 8192, args.d, args.repeats, args.device, args.dtype)
+        res = run_time(args.n or 8192, args.d, args.repeats, args.device, args.dtype, args.block_size)
     else:
         res = run_memory(args.n or 65536, args.d, args.device, args.dtype)
     if args.json == "-":
