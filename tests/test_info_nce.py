@@ -384,6 +384,14 @@ def test_noncontiguous_and_empty():
     assert hnsample.info_nce(empty, c, reduction="none").shape == (0,)
     out.backward()
     assert empty.grad.shape == (0, D)
+    # No docs at all: every positive id must be padding; the loss is 0 with zero gradients.
+    q2 = q.clone().requires_grad_()
+    no_docs = torch.zeros(0, D, dtype=torch.float64, requires_grad=True)
+    for reduction in ("mean", "none"):
+        out = hnsample.info_nce(q2, no_docs, positive_ids=torch.full((B,), -1), reduction=reduction)
+        assert (out == 0).all()
+        (gq,) = grads(out.sum(), q2)
+        assert (gq == 0).all()
 
 
 def test_nan_input_gives_nan_loss():

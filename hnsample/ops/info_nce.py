@@ -711,7 +711,9 @@ def _pair_scores(
     """(B, P) scores q_i . d_idx[i, p] in dtype ct, gathering rows chunk by chunk (never (B, M), and
     at most _PAIR_CHUNK gathered elements at a time)."""
     b, n_pos = idx.shape
-    out = torch.empty((b, n_pos), dtype=ct, device=queries.device)
+    out = torch.zeros((b, n_pos), dtype=ct, device=queries.device)
+    if docs.shape[0] == 0:
+        return out  # every positive id is padding
     step = max(1, _PAIR_CHUNK // max(1, n_pos * docs.shape[1]))
     for i0 in range(0, b, step):
         sl = idx[i0 : i0 + step]
@@ -733,6 +735,8 @@ def _add_positive_grads(
     b, n_pos = idx.shape
     dim = docs.shape[1]
     ct = grad.dtype
+    if docs.shape[0] == 0:
+        return  # every positive id is padding
     step = max(1, _PAIR_CHUNK // max(1, n_pos * dim))
     for i0 in range(0, b, step):
         sl = idx[i0 : i0 + step]
