@@ -525,7 +525,6 @@ def test_against_sentence_transformers_class():
         ({"block_size": 0}, ValueError, "block_size must be >= 1"),
         ({"block_size": 2.5}, TypeError, "block_size must be an int"),
         ({"gather": True}, ValueError, "initialized torch.distributed"),
-        ({"gather": True, "symmetric": True}, ValueError, "cannot be combined"),
     ],
 )
 def test_bad_inputs(kwargs, exc, match):

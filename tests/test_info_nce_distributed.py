@@ -49,6 +49,7 @@ def _options(b_total: int, m_total: int) -> dict[str, dict]:
     local_pos = torch.tensor([[0, 6], [1, -1], [2, 5], [3, -1], [-1, -1]] * WORLD)
     return {
         "plain": {},
+        "symmetric": {"symmetric": True, "hcl_beta": 0.5, "false_negative_margin": 0.3, "temperature": 0.1},
         "combined": {
             "positive_ids": local_pos,
             "doc_ids": torch.randint(0, 10, (m_total,), generator=g),

@@ -705,6 +705,34 @@ def _gather_docs(docs, positive_ids, doc_ids, doc_labels, guide_docs):
 _PAIR_CHUNK = 1 << 22
 
 
+class _ColumnLogSumExpAcrossRanks(torch.autograd.Function):
+    """C = log sum_r exp(C_r) over the ranks of the process group, elementwise (the per-column
+    statistics of every rank's queries merged into those of all queries). Backward: the upstream
+    gradient is summed over ranks (every rank's loss uses C) and scaled by dC/dC_r = exp(C_r - C)."""
+
+    @staticmethod
+    def forward(ctx, col):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(col) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, col.contiguous())
+        merged = torch.logsumexp(torch.stack(parts), dim=0)
+        ctx.save_for_backward(col, merged)
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        col, merged = ctx.saved_tensors
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        share = torch.where(
+            col == -math.inf, 0.0, torch.exp(col - torch.where(merged == -math.inf, 0.0, merged))
+        )
+        return total * share
+
+
 def _pair_scores(
     queries: torch.Tensor, docs: torch.Tensor, idx: torch.Tensor, ct: torch.dtype
 ) -> torch.Tensor:
@@ -851,7 +879,8 @@ def info_nce(
     **gather=True** (under torch.distributed): docs (and doc_ids, doc_labels, guide_docs) of every rank
     are concatenated in rank order and serve as candidates for the local queries; ``positive_ids`` are
     local doc indices and are shifted to the concatenated numbering; gradients flow back to each rank's
-    docs. Every rank must pass the same number of docs. Not combined with ``symmetric``.
+    docs. Every rank must pass the same number of docs. With ``symmetric=True`` the doc->query
+    log-sum-exp of each doc runs over the queries of every rank (statistics are merged across ranks).
 
     Memory: one score block (``block_size`` elements, plus one guide block) and O(B + M) statistics,
     besides the (B, d) and (M, d) gradients. Two execution paths give the same result: for a scalar
@@ -879,8 +908,6 @@ def info_nce(
     for name, flag in (("symmetric", symmetric), ("gather", gather)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if gather and symmetric:
-        raise ValueError("symmetric=True cannot be combined with gather=True")
     tau = _check_temperature(temperature, dev)
     fn_margin = check_finite("false_negative_margin", false_negative_margin)
     fn_relative = check_finite("false_negative_relative_margin", false_negative_relative_margin)
@@ -992,6 +1019,8 @@ def info_nce(
         s1, s0, count, col, s_pos = out[0], out[1], out[2], out[3], out[9]
     else:
         s1, s0, count, col = _info_nce_stats_op(*args)
+    if gather and symmetric:
+        col = _ColumnLogSumExpAcrossRanks.apply(col)
     rows = _row_losses(s_pos, valid, tau, s1, s0, count, col, idx, positive_margin, tau_plus, symmetric)
     if reduction == "none":
         return rows.to(ct)
