@@ -605,6 +605,7 @@ def test_infinite_scores(dtype):
     c = c.clone()
     c[9] = torch.inf  # an unmasked negative with an infinite score: the loss is not finite
     assert not torch.isfinite(hnsample.info_nce(q, c, reduction="none")).any()
+    assert not torch.isfinite(hnsample.info_nce(q, c, reduction="none", symmetric=True)).any()
     # Masked by doc id it leaves every denominator, and the loss is finite again.
     ids = torch.arange(M)
     ids[9] = 0

@@ -238,6 +238,50 @@ HN_CPU_CLONES void forward_rows_f32(const InfoNceParams& p, const PairBlock& b, 
   }
 }
 
+// Symmetric loss, float32: the column statistics of rows [r0, r1) in two vectorized sweeps (column
+// maxima, then sums of exp(l - max)). Returns false without touching col_part when a logit is not
+// finite, so the caller can take the exact per-pair path.
+HN_CPU_CLONES bool fold_columns_f32(const InfoNceParams& p, const PairBlock& b, int64_t r0, int64_t r1,
+                                    double* col_part) {
+  const float* data = static_cast<const float*>(b.data);
+  const float* guide = static_cast<const float*>(b.guide);
+  const float inv_t = static_cast<float>(p.inv_temperature);
+  const float alpha = static_cast<float>(p.hardness_alpha);
+  const float margin = static_cast<float>(p.positive_margin);
+  std::vector<float> cmax(b.cols, -INFINITY), csum(b.cols, 0.0f);
+  alignas(64) float sbuf[kChunk], gbuf[kChunk], neg[kChunk], is_pos[kChunk];
+  for (int sweep = 0; sweep < 2; ++sweep) {
+    float finite = 1.0f;
+    for (int64_t r = r0; r < r1; ++r) {
+      const RowRule rr(p, b.row_offset + r);
+      for (int64_t c0 = 0; c0 < b.cols; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, b.cols - c0);
+        const float* s = chunk_scores(data, b.row_stride, b.col_stride, r, c0, n, sbuf);
+        const float* g =
+            guide != nullptr ? chunk_scores(guide, b.guide_row_stride, b.guide_col_stride, r, c0, n, gbuf) : nullptr;
+        chunk_kinds(p, rr, s, g, b.col_offset + c0, n, neg, is_pos);
+        float* mx = cmax.data() + c0;
+        float* sm = csum.data() + c0;
+        for (int64_t t = 0; t < n; ++t) {
+          const float l = is_pos[t] != 0.0f ? (s[t] - margin) * inv_t : s[t] * inv_t + alpha * s[t];
+          const float v = neg[t] + is_pos[t];
+          if (sweep == 0) {
+            finite = (l - l == 0.0f) ? finite : 0.0f;
+            const float x = v != 0.0f ? l : -INFINITY;
+            mx[t] = x > mx[t] ? x : mx[t];
+          } else {
+            sm[t] += v * exp_approx(l - mx[t]);
+          }
+        }
+      }
+    }
+    if (sweep == 0 && finite == 0.0f) return false;
+  }
+  for (int64_t c = 0; c < b.cols; ++c)
+    if (csum[c] > 0.0f) lse_merge(col_part[2 * c], col_part[2 * c + 1], cmax[c], csum[c]);
+  return true;
+}
+
 template <typename T>
 void forward_block(const InfoNceParams& p, const PairBlock& b, int threads) {
   if (threads > b.rows) threads = static_cast<int>(std::max<int64_t>(1, b.rows));
@@ -259,7 +303,13 @@ void forward_block(const InfoNceParams& p, const PairBlock& b, int threads) {
     } else {
       forward_rows_exact<T>(p, b, r0, r1);
     }
-    if (p.symmetric) fold_columns<T>(p, b, r0, r1, col_part.data() + (r0 / chunk) * 2 * b.cols);
+    if (p.symmetric) {
+      double* part = col_part.data() + (r0 / chunk) * 2 * b.cols;
+      if constexpr (std::is_same_v<T, float>) {
+        if (fold_columns_f32(p, b, r0, r1, part)) return;
+      }
+      fold_columns<T>(p, b, r0, r1, part);
+    }
   });
   if (!p.symmetric) return;
   for (int part = 0; part < parts; ++part) {
@@ -303,13 +353,15 @@ HN_CPU_CLONES void backward_rows_f32(const InfoNceParams& p, const PairBlock& b,
   const float b1 = static_cast<float>(1.0 + p.hcl_beta), b0 = static_cast<float>(p.hcl_beta);
   const float inv_t = static_cast<float>(p.inv_temperature);
   const float alpha = static_cast<float>(p.hardness_alpha);
+  const float margin = static_cast<float>(p.positive_margin);
   alignas(64) float sbuf[kChunk], gbuf[kChunk], neg[kChunk], is_pos[kChunk], out[kChunk];
+  alignas(64) float col_grad[kChunk], col_lse[kChunk];
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = b.row_offset + r;
     const double* rc = p.row_coef + 4 * row;
     double acc = 0.0;
     const bool finite_stats = std::isfinite(rc[1]) && (b0 == 0.0f || std::isfinite(rc[3]));
-    if (!finite_stats || (rc[0] == 0.0 && rc[2] == 0.0)) {
+    if (!finite_stats || (!p.symmetric && rc[0] == 0.0 && rc[2] == 0.0)) {
       for (int64_t c0 = 0; c0 < b.cols; c0 += kChunk)
         acc += backward_chunk_exact<float>(p, b, r, c0, std::min(kChunk, b.cols - c0));
       p.tau_acc[row] += acc;
@@ -330,14 +382,23 @@ HN_CPU_CLONES void backward_rows_f32(const InfoNceParams& p, const PairBlock& b,
       const float* g = guide != nullptr ? chunk_scores(guide, b.guide_row_stride, b.guide_col_stride, r, c0, n, gbuf)
                                         : nullptr;
       chunk_kinds(p, rr, s, g, b.col_offset + c0, n, neg, is_pos);
+      if (p.symmetric) {
+        const double* cc = p.col_coef + 2 * (b.col_offset + c0);
+        for (int64_t t = 0; t < n; ++t) {
+          col_grad[t] = static_cast<float>(cc[2 * t]);
+          col_lse[t] = static_cast<float>(cc[2 * t + 1]);
+        }
+      }
       float chunk_acc = 0.0f;
       for (int64_t t = 0; t < n; ++t) {
-        // Positives get no coefficient here (their row terms are handled outside the kernel).
-        const float u = s[t] * inv_t;
-        const float l = u + alpha * s[t];
+        // Positives get no row coefficient (their row terms are handled outside the kernel), only
+        // the symmetric loss's column one.
+        const float u = is_pos[t] != 0.0f ? (s[t] - margin) * inv_t : s[t] * inv_t;
+        const float l = is_pos[t] != 0.0f ? u : u + alpha * s[t];
         float coef = g1 * exp_approx(b1 * l - s1);
         if (b0 != 0.0f) coef += g0 * exp_approx(b0 * l - s0);
         coef *= neg[t];
+        if (p.symmetric) coef += (neg[t] + is_pos[t]) * col_grad[t] * exp_approx(l - col_lse[t]);
         chunk_acc += coef * u;
         out[t] = coef * inv_t;
       }
@@ -353,7 +414,7 @@ template <typename T>
 void backward_block(const InfoNceParams& p, const PairBlock& b, int threads) {
   parallel_rows(b.rows, threads, [&](int64_t r0, int64_t r1) {
     if constexpr (std::is_same_v<T, float>) {
-      if (!p.symmetric) return backward_rows_f32(p, b, r0, r1);
+      return backward_rows_f32(p, b, r0, r1);
     }
     for (int64_t r = r0; r < r1; ++r) {
       double acc = 0.0;
