@@ -2,9 +2,11 @@
 
 from ._ext import has_cuda
 from .dynamic import DynamicNegativeMiner, DynamicNegatives
+from .losses import InfoNCELoss, SentenceTransformerInfoNCELoss
 from .miners import Triplets, batch_hard, semi_hard, triplet_margin_loss
 from .mining import MinedNegatives, mine_hard_negatives
 from .mixing import MixedNegatives, MoCHi, mix_hard_negatives
+from .ops.info_nce import info_nce
 from .ops.topk import TopK, topk_from_scores, topk_similarity
 from .queue import NegativeQueue, QueueNegatives
 from .samplers import ClusterBatchSampler, MPerClassBatchSampler, NeighbourBatchSampler, NoDuplicatesBatchSampler
@@ -12,8 +14,9 @@ from .samplers import ClusterBatchSampler, MPerClassBatchSampler, NeighbourBatch
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClusterBatchSampler", "DynamicNegativeMiner", "DynamicNegatives", "MPerClassBatchSampler", "MinedNegatives",
-    "MixedNegatives", "MoCHi", "NegativeQueue", "NeighbourBatchSampler", "NoDuplicatesBatchSampler",
-    "QueueNegatives", "TopK", "Triplets", "__version__", "batch_hard", "has_cuda", "mine_hard_negatives",
-    "mix_hard_negatives", "semi_hard", "topk_from_scores", "topk_similarity", "triplet_margin_loss",
+    "ClusterBatchSampler", "DynamicNegativeMiner", "DynamicNegatives", "InfoNCELoss", "MPerClassBatchSampler",
+    "MinedNegatives", "MixedNegatives", "MoCHi", "NegativeQueue", "NeighbourBatchSampler",
+    "NoDuplicatesBatchSampler", "QueueNegatives", "SentenceTransformerInfoNCELoss", "TopK", "Triplets",
+    "__version__", "batch_hard", "has_cuda", "info_nce", "mine_hard_negatives", "mix_hard_negatives", "semi_hard",
+    "topk_from_scores", "topk_similarity", "triplet_margin_loss",
 ]
