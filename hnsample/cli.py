@@ -11,6 +11,7 @@ import sys
 COMMANDS = [
     ("demo", "hnsample.demo", "mine hard negatives on a synthetic corpus and show what each filter did"),
     ("bench", "hnsample.bench", "time hnsample against plain torch on this machine"),
+    ("report", "hnsample.report", "peer benchmark report: hnsample vs torch, faiss, metric-learning miners"),
 ]
 
 
