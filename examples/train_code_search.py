@@ -374,11 +374,11 @@ def build_towers(args, train: list[Pair], test: list[Pair], seed: int):
     return (*towers, "hashed word-piece bags (trained from scratch)", params)
 
 
-def train_run(cfg: RunConfig, args, train: list[Pair], test: list[Pair]) -> dict[str, float]:
-    q_tr, d_tr, q_te, d_te, _, params = build_towers(args, train, test, args.seed)
+def train_run(cfg: RunConfig, args, train: list[Pair], test: list[Pair], seed: int) -> dict[str, float]:
+    q_tr, d_tr, q_te, d_te, _, params = build_towers(args, train, test, seed)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     n = len(train)
-    g = torch.Generator().manual_seed(args.seed)  # same batches in every run
+    g = torch.Generator().manual_seed(seed)  # the same batches in every run of this seed
     step = 0
     mined = None
     while step < args.steps:
@@ -402,12 +402,22 @@ def train_run(cfg: RunConfig, args, train: list[Pair], test: list[Pair]) -> dict
     return evaluate(q_te, d_te, len(test))
 
 
+def _mean_std(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and (population) standard deviation of each metric over runs."""
+    out = {}
+    for key in runs[0]:
+        vals = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+        out[key], out[f"{key} std"] = vals.mean().item(), vals.std(unbiased=False).item()
+    return out
+
+
 def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "code_search.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| run | MRR@10 | Recall@10 | train s |", "|---|---:|---:|---:|"]
+    lines = ["| run | MRR@10 | Recall@10 | train s per seed |", "|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['MRR@10']:.4f} | {r['Recall@10']:.4f} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['run']} | {r['MRR@10']:.4f} ± {r['MRR@10 std']:.4f} | "
+                     f"{r['Recall@10']:.4f} ± {r['Recall@10 std']:.4f} | {r['seconds']:.1f} |")
     (out_dir / "code_search.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -420,11 +430,14 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     x = range(len(rows))
     width = 0.38
-    ax.bar([i - width / 2 for i in x], [r["MRR@10"] for r in rows], width, label="MRR@10")
-    ax.bar([i + width / 2 for i in x], [r["Recall@10"] for r in rows], width, label="Recall@10")
+    ax.bar([i - width / 2 for i in x], [r["MRR@10"] for r in rows], width, label="MRR@10",
+           yerr=[r["MRR@10 std"] for r in rows], capsize=3)
+    ax.bar([i + width / 2 for i in x], [r["Recall@10"] for r in rows], width, label="Recall@10",
+           yerr=[r["Recall@10 std"] for r in rows], capsize=3)
     ax.set_xticks(list(x), [r["run"] for r in rows], fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_title(f"stdlib code search, held-out modules ({meta['test_pairs']} queries)", fontsize=10)
+    ax.set_title(f"stdlib code search, held-out modules ({meta['test_pairs']} queries), "
+                 f"mean ± std over {meta['seeds']} seeds", fontsize=10)
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -443,13 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed; also picks the held-out modules")
+    p.add_argument("--seeds", type=int, default=3, help="runs per configuration (seed, seed+1, ...)")
     p.add_argument("--quick", action="store_true", help="the first 40 modules and 60 steps")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "hnsample-example")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 2 or not 0 < args.test_fraction < 1:
-        p.error("need steps >= 1, batch-size >= 2 and 0 < test-fraction < 1")
+    if args.steps < 1 or args.batch_size < 2 or args.seeds < 1 or not 0 < args.test_fraction < 1:
+        p.error("need steps >= 1, batch-size >= 2, seeds >= 1 and 0 < test-fraction < 1")
     if args.quick:
         args.steps = min(args.steps, 60)
 
@@ -466,20 +480,24 @@ def main(argv: list[str] | None = None) -> int:
     q_tr, d_tr, q_te, d_te, encoder, _ = build_towers(args, train, test, args.seed)
     t_encode = time.perf_counter() - t0
     print(f"encoder: {encoder} (base embeddings ready in {t_encode:.1f} s)")
-    rows = [{"run": "untrained encoder", **evaluate(q_te, d_te, len(test)), "seconds": 0.0}]
+    rows = [{"run": "untrained encoder", **_mean_std([evaluate(q_te, d_te, len(test))]), "seconds": 0.0}]
     print(f"  {rows[-1]['run']:<26} MRR@10 {rows[-1]['MRR@10']:.4f}  Recall@10 {rows[-1]['Recall@10']:.4f}")
     for cfg in RUNS:
         t0 = time.perf_counter()
-        metrics = train_run(cfg, args, train, test)
-        rows.append({"run": cfg.name, **metrics, "seconds": time.perf_counter() - t0, "config": asdict(cfg)})
-        print(f"  {cfg.name:<26} MRR@10 {metrics['MRR@10']:.4f}  Recall@10 {metrics['Recall@10']:.4f}  "
-              f"({rows[-1]['seconds']:.1f} s)")
+        per_seed = [train_run(cfg, args, train, test, args.seed + i) for i in range(args.seeds)]
+        metrics = _mean_std(per_seed)
+        rows.append({"run": cfg.name, **metrics, "per_seed": per_seed,
+                     "seconds": (time.perf_counter() - t0) / args.seeds, "config": asdict(cfg)})
+        print(f"  {cfg.name:<26} MRR@10 {metrics['MRR@10']:.4f} ± {metrics['MRR@10 std']:.4f}  "
+              f"Recall@10 {metrics['Recall@10']:.4f} ± {metrics['Recall@10 std']:.4f}  "
+              f"({rows[-1]['seconds']:.1f} s per seed)")
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python examples/train_code_search.py", *given])
     meta = {"python": sys.version.split()[0], "encoder": encoder, "pairs": len(pairs),
             "train_pairs": len(train),
             "test_pairs": len(test), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-            "temperature": args.temperature, "seed": args.seed, "data_s": t_data, "encode_s": t_encode,
+            "temperature": args.temperature, "seed": args.seed, "seeds": args.seeds, "data_s": t_data,
+            "encode_s": t_encode,
             "command": command}
     write_results(rows, meta, args.out_dir)
     print(f"wrote {args.out_dir / 'code_search.md'}, code_search.json, code_search.png")
