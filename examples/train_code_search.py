@@ -25,7 +25,8 @@ documents, for the untrained encoder and the three runs; a markdown table, a PNG
     python examples/train_code_search.py                 # ~minutes on a CPU; writes examples/results/
     python examples/train_code_search.py --quick         # a small subset, for a smoke test
 
-The loss is :func:`contrastive_loss` below, one function, so it can be swapped for ``hnsample.info_nce``.
+The loss is ``hnsample.info_nce`` (memory-flat, with doc_ids masking and HCL) when this build has it, else
+:func:`contrastive_loss` below, the same formulas written out in plain torch.
 """
 
 from __future__ import annotations
@@ -277,7 +278,8 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, te
     With s_ij the cosine of query i and document j, t the temperature, N the number of negatives:
       InfoNCE: l_i = -log( e^{s_ii/t} / sum_j e^{s_ij/t} ).
       HCL (Robinson et al. 2021): w_ij = e^{beta s_ij/t} / mean_{j != i} e^{beta s_ij/t} over negatives,
-        Ng_i = max( (-tau_plus N e^{s_ii/t} + sum_{j != i} w_ij e^{s_ij/t}) / (1 - tau_plus), N e^{-1/t} ),
+        Ng_i = max( (-tau_plus N e^{s_ii/t} + sum_{j != i} w_ij e^{s_ij/t}) / (1 - tau_plus), N e^{-1/t} )
+        when tau_plus > 0, else sum_{j != i} w_ij e^{s_ij/t} (as hnsample.info_nce defines it),
         l_i = -log( e^{s_ii/t} / (e^{s_ii/t} + Ng_i) ).
       With beta = 0 and tau_plus = 0, HCL is InfoNCE. Returns the mean over queries.
     """
@@ -296,8 +298,19 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, te
     log_w = log_w - (torch.logsumexp(log_w, dim=1, keepdim=True) - torch.log(n).unsqueeze(1))
     log_sum = torch.logsumexp((log_w + logits).masked_fill(~neg_mask, -math.inf), dim=1)
     ng = (torch.exp(log_sum) - tau_plus * n * torch.exp(pos)) / (1.0 - tau_plus)
-    ng = torch.maximum(ng, n * math.exp(-1.0 / temperature))
+    if tau_plus > 0:
+        ng = torch.maximum(ng, n * math.exp(-1.0 / temperature))
     return (torch.log(torch.exp(pos) + ng) - pos).mean()
+
+
+def batch_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, temperature: float, hcl_beta: float,
+               tau_plus: float) -> torch.Tensor:
+    """The training loss: hnsample.info_nce when available (positive of query i = document i, documents
+    sharing its id masked, HCL via hcl_beta/tau_plus), else contrastive_loss (same formulas)."""
+    if hasattr(hnsample, "info_nce"):
+        return hnsample.info_nce(q, d, doc_ids=doc_ids, temperature=temperature, hcl_beta=hcl_beta,
+                                 tau_plus=tau_plus)
+    return contrastive_loss(q, d, doc_ids, temperature, hcl_beta, tau_plus)
 
 
 def mine(query_tower, doc_tower, n_train: int, k: int, relative_margin: float | None) -> torch.Tensor:
@@ -393,8 +406,7 @@ def train_run(cfg: RunConfig, args, train: list[Pair], test: list[Pair], seed: i
             if mined is not None:
                 extra = mined[batch].reshape(-1)
                 docs = torch.cat([batch, extra[extra >= 0]])
-            loss = contrastive_loss(q_tr(batch), d_tr(docs), docs, args.temperature, cfg.hcl_beta,
-                                    cfg.tau_plus)
+            loss = batch_loss(q_tr(batch), d_tr(docs), docs, args.temperature, cfg.hcl_beta, cfg.tau_plus)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

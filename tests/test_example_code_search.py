@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hnsample
+
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "train_code_search.py"
 
 
@@ -113,3 +115,14 @@ def test_mine_and_evaluate(ex):
     assert bool((ex.mine(tower, tower, 30, 3, 2.0) == -1).all())
     metrics = ex.evaluate(tower, tower, 30)
     assert metrics == {"MRR@10": pytest.approx(1.0), "Recall@10": pytest.approx(1.0)}
+
+
+@pytest.mark.skipif(not hasattr(hnsample, "info_nce"), reason="this build has no hnsample.info_nce")
+@pytest.mark.parametrize("beta, tau_plus", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.02)])
+def test_training_loss_is_hnsample_info_nce(ex, beta, tau_plus):
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=1)
+    d = F.normalize(torch.randn(10, 8, generator=g, dtype=torch.float64), dim=1)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 7, 2, 9, 0])  # two mined copies of batch positives
+    torch.testing.assert_close(ex.batch_loss(q, d, ids, 0.1, beta, tau_plus),
+                               ex.contrastive_loss(q, d, ids, 0.1, beta, tau_plus))
