@@ -449,6 +449,60 @@ def in_batch_mining(settings: Settings) -> list[Measurement]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Section: the contrastive loss
+
+
+def _loss_and_grads(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], q: torch.Tensor,
+                    d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward of loss_fn(q, d): (loss, dL/dq, dL/dd), detached."""
+    q, d = q.detach().requires_grad_(), d.detach().requires_grad_()
+    loss = loss_fn(q, d)
+    gq, gd = torch.autograd.grad(loss, (q, d))
+    return loss.detach(), gq, gd
+
+
+def naive_info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Plain torch InfoNCE: the full (B, M) logits, cross entropy against the diagonal."""
+    return torch.nn.functional.cross_entropy(q @ d.T / temperature, torch.arange(q.shape[0], device=q.device))
+
+
+def _agree_loss(out, ref) -> float:
+    """Fraction of query and document gradient rows within float32 tolerance of the reference (0 when
+    the losses themselves differ)."""
+    (loss, gq, gd), (rloss, rgq, rgd) = out, ref
+    if not torch.allclose(loss, rloss, rtol=1e-4, atol=1e-5):
+        return 0.0
+    rows = [torch.isclose(g, r, rtol=1e-3, atol=1e-6).all(dim=1) for g, r in ((gq, rgq), (gd, rgd))]
+    return torch.cat(rows).double().mean().item()
+
+
+@section("info_nce", "InfoNCE loss, forward + backward", "B = M (queries = documents)",
+         requires=("info_nce",))
+def info_nce_loss(settings: Settings) -> list[Measurement]:
+    """B query and B document embeddings (d=384, float32, unit norm), query i's positive is document i,
+    every other document a negative, temperature 0.05; the loss and its gradients with respect to both.
+    hnsample: info_nce (blocked, never B×B). torch naive: full B×B logits + cross_entropy + backward
+    (what sentence-transformers' MultipleNegativesRankingLoss does)."""
+    d, t = (32, 0.05) if settings.quick else (384, 0.05)
+    sizes = [64, 256] if settings.quick else [1024, 4096, 16_384]
+
+    def make(b: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(settings.seed + b)
+        q = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
+        c = torch.nn.functional.normalize(q + 0.5 * torch.randn(b, d, generator=g), dim=1)
+        return {"q": q.to(settings.device), "d": c.to(settings.device)}
+
+    ours = lambda q, c: hnsample.info_nce(q, c, temperature=t)  # noqa: E731
+    naive = lambda q, c: naive_info_nce(q, c, t)  # noqa: E731
+    methods = [
+        Method("hnsample", lambda x: lambda: _loss_and_grads(ours, x["q"], x["d"])),
+        Method("torch naive", lambda x: lambda: _loss_and_grads(naive, x["q"], x["d"]),
+               matrix_bytes=lambda x: 3 * 4 * x["q"].shape[0] ** 2),
+    ]
+    return run_sweep("info_nce", sizes, make, methods, _agree_loss, settings)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Output
 
 
