@@ -163,18 +163,23 @@ def measure(fn: Callable[[], Any], settings: Settings) -> tuple[Any, list[float]
 @dataclass
 class Method:
     """A competitor within a section. ``peer`` is the importable module it needs (None: torch or
-    hnsample only); ``make(inputs)`` returns the zero-argument call that is timed; ``matrix_bytes``
-    (inputs) is the size of the dense score matrix the method builds, for the memory guard."""
+    hnsample only); ``needs`` an hnsample attribute the method calls (None: always there);
+    ``make(inputs)`` returns the zero-argument call that is timed; ``matrix_bytes(inputs)`` is the size of
+    the dense score matrix the method builds, for the memory guard."""
 
     name: str
     make: Callable[[Any], Callable[[], Any]]
     peer: str | None = None
     install: str | None = None
     matrix_bytes: Callable[[Any], int] | None = None
+    needs: str | None = None
 
 
 def missing_peer(method: Method) -> str | None:
-    """Why the method cannot run here (its peer package is not importable), or None."""
+    """Why the method cannot run here (its peer package is not importable, or this build lacks the
+    hnsample function it calls), or None."""
+    if method.needs is not None and not hasattr(hnsample, method.needs):
+        return f"this build has no hnsample.{method.needs}"
     if method.peer is None:
         return None
     try:
@@ -412,6 +417,16 @@ def batch_hard_pml(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
+def batch_hard_toolkit(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hnsample.batch_hard (the toolkit's miner, which scores the whole batch at once), scattered back to
+    per-anchor (positive, negative) ids with -1 for the anchors it drops."""
+    t = hnsample.batch_hard(x, labels)
+    pos = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    neg = pos.clone()
+    pos[t.anchors], neg[t.anchors] = t.positives, t.negatives
+    return pos, neg
+
+
 def _agree_batch_hard(out: Pair, ref: Pair) -> float:
     """Fraction of anchors whose (positive, negative) pair equals the reference's, counted over the
     anchors that have both (pytorch-metric-learning drops the others)."""
@@ -427,8 +442,9 @@ def in_batch_mining(settings: Settings) -> list[Measurement]:
     """A batch of B embeddings (d=256, float32) with 4 per label (P×K sampling); for every anchor the
     hardest positive (least similar same-label item) and hardest negative (most similar other-label item)
     by cosine. hnsample: topk_similarity with the label mask for the negatives and a gather over each
-    anchor's K-1 same-label items for the positives (no B×B matrix). torch naive: full B×B matrix with
-    masks. pytorch-metric-learning: BatchHardMiner(distance=CosineSimilarity())."""
+    anchor's K-1 same-label items for the positives (no B×B matrix). hnsample.batch_hard: the toolkit's
+    miner (B×B scores, fused selection), when the build has it. torch naive: full B×B matrix with masks.
+    pytorch-metric-learning: BatchHardMiner(distance=CosineSimilarity())."""
     d, per_label = (16, 4) if settings.quick else (256, 4)
     sizes = [64, 256] if settings.quick else [1024, 4096, 16_384]
 
@@ -442,6 +458,8 @@ def in_batch_mining(settings: Settings) -> list[Measurement]:
     methods = [
         Method("hnsample", lambda x: lambda: batch_hard_hnsample(x["x"], x["labels"])),
         Method("torch naive", lambda x: lambda: batch_hard_naive(x["x"], x["labels"]), matrix_bytes=square),
+        Method("hnsample.batch_hard", lambda x: lambda: batch_hard_toolkit(x["x"], x["labels"]),
+               needs="batch_hard", matrix_bytes=square),
         Method("pytorch-metric-learning", lambda x: lambda: batch_hard_pml(x["x"], x["labels"]),
                peer="pytorch_metric_learning", install="pytorch-metric-learning", matrix_bytes=square),
     ]

@@ -139,3 +139,10 @@ def test_matrix_guard_skips_the_dense_method(tmp_path):
     rows = report.corpus_topk(settings)
     naive = [r for r in rows if r.method == "torch naive"]
     assert naive and all(r.skipped and "score matrix" in r.skipped for r in naive)
+
+
+def test_method_needing_a_missing_function_is_skipped():
+    m = report.Method("x", lambda inputs: lambda: None, needs="no_such_function")
+    assert report.missing_peer(m) == "this build has no hnsample.no_such_function"
+    present = report.Method("y", lambda inputs: lambda: None, needs="topk_similarity")
+    assert report.missing_peer(present) is None
