@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "topk_select.h"
+#include "info_nce.h"
 
 namespace py = pybind11;
 using namespace hnsample;
@@ -135,4 +136,64 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = false;
   m.def("cuda_device_usable", [] { return false; });
 #endif
+
+  // ---- info_nce: memory-flat contrastive loss block passes -------------------------------------
+  py::class_<InfoNceParams> nce(m, "InfoNceParams");
+  nce.def(py::init<>())
+      .def_readwrite("num_rows", &InfoNceParams::num_rows)
+      .def_readwrite("num_cols", &InfoNceParams::num_cols)
+      .def_readwrite("positive_stride", &InfoNceParams::positive_stride)
+      .def_readwrite("positive_cols", &InfoNceParams::positive_cols)
+      .def_readwrite("inv_temperature", &InfoNceParams::inv_temperature)
+      .def_readwrite("hardness_alpha", &InfoNceParams::hardness_alpha)
+      .def_readwrite("hcl_beta", &InfoNceParams::hcl_beta)
+      .def_readwrite("positive_margin", &InfoNceParams::positive_margin)
+      .def_readwrite("symmetric", &InfoNceParams::symmetric);
+  pointer_field(nce, "positive_ids", &InfoNceParams::positive_ids);
+  pointer_field(nce, "positive_doc_ids", &InfoNceParams::positive_doc_ids);
+  pointer_field(nce, "doc_ids", &InfoNceParams::doc_ids);
+  pointer_field(nce, "query_labels", &InfoNceParams::query_labels);
+  pointer_field(nce, "doc_labels", &InfoNceParams::doc_labels);
+  pointer_field(nce, "upper", &InfoNceParams::upper);
+  pointer_field(nce, "guide_upper", &InfoNceParams::guide_upper);
+  pointer_field(nce, "row_stats", &InfoNceParams::row_stats);
+  pointer_field(nce, "col_stats", &InfoNceParams::col_stats);
+  pointer_field(nce, "row_coef", &InfoNceParams::row_coef);
+  pointer_field(nce, "col_coef", &InfoNceParams::col_coef);
+  pointer_field(nce, "tau_acc", &InfoNceParams::tau_acc);
+
+  m.def(
+      "info_nce_block",
+      [](const InfoNceParams& p, bool backward, uintptr_t data, uintptr_t guide, int dtype, int64_t rows,
+         int64_t cols, int64_t row_stride, int64_t col_stride, int64_t guide_row_stride, int64_t guide_col_stride,
+         int64_t row_offset, int64_t col_offset, bool cuda, uintptr_t stream, int threads) {
+        PairBlock b;
+        b.data = as_ptr<void>(data);
+        b.guide = as_ptr<const void>(guide);
+        b.dtype = dtype;
+        b.rows = rows;
+        b.cols = cols;
+        b.row_stride = row_stride;
+        b.col_stride = col_stride;
+        b.guide_row_stride = guide_row_stride;
+        b.guide_col_stride = guide_col_stride;
+        b.row_offset = row_offset;
+        b.col_offset = col_offset;
+        if (!cuda) {
+          return backward ? info_nce_backward_block_cpu(p, b, threads) : info_nce_forward_block_cpu(p, b, threads);
+        }
+#if defined(HNSAMPLE_WITH_CUDA)
+        if (backward) return info_nce_backward_block_cuda(p, b, as_ptr<void>(stream));
+        info_nce_forward_block_cuda(p, b, as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("backward"), py::arg("data"), py::arg("guide"), py::arg("dtype"), py::arg("rows"),
+      py::arg("cols"), py::arg("row_stride"), py::arg("col_stride"), py::arg("guide_row_stride"),
+      py::arg("guide_col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("cuda"), py::arg("stream"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Forward: folds a score block into the InfoNCE statistics. Backward: turns the recomputed block "
+      "into dL/ds in place and accumulates the temperature gradient terms.");
 }

@@ -181,3 +181,110 @@ def topk_similarity(queries: torch.Tensor, candidates: torch.Tensor, k: int, *, 
                     **filters) -> tuple[torch.Tensor, torch.Tensor]:
     """Full score matrix (fp32 accumulation) followed by select_from_scores."""
     return select_from_scores(similarity(queries, candidates, metric), k, **filters)
+
+
+# ----------------------------------------------------------------------------------------------------
+# info_nce: the literal full-matrix InfoNCE with every masking and weighting option (float64).
+
+
+def info_nce(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    positive_ids: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    query_labels: torch.Tensor | None = None,
+    doc_labels: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.05,
+    symmetric: bool = False,
+    false_negative_margin: float | None = None,
+    false_negative_relative_margin: float | None = None,
+    guide_queries: torch.Tensor | None = None,
+    guide_docs: torch.Tensor | None = None,
+    guide_margin: float = 0.0,
+    hcl_beta: float = 0.0,
+    tau_plus: float = 0.0,
+    hardness_alpha: float = 0.0,
+    positive_margin: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """hnsample.info_nce on the full (B, M) matrix, row by row, in float64 (see its docstring)."""
+    q, d = queries.to(torch.float64), docs.to(torch.float64)
+    if isinstance(temperature, torch.Tensor):
+        tau = temperature.to(torch.float64).reshape(())
+    else:
+        tau = float(temperature)
+    b, m = q.shape[0], d.shape[0]
+    s = q @ d.T
+    sd = s.detach()
+    if positive_ids is None:
+        positive_ids = torch.arange(b).unsqueeze(1)
+    positive_ids = positive_ids.reshape(b, -1).cpu()
+    positives = [[int(j) for j in positive_ids[i] if j >= 0] for i in range(b)]
+    is_pos = torch.zeros((b, m), dtype=torch.bool)
+    for i in range(b):
+        for p in positives[i]:
+            is_pos[i, p] = True
+    masked = torch.zeros((b, m), dtype=torch.bool)
+    if doc_ids is not None:
+        for i in range(b):
+            for p in positives[i]:
+                masked[i] |= (doc_ids.cpu() == doc_ids[p].cpu())
+    if query_labels is not None:
+        masked |= query_labels.cpu().unsqueeze(1) == doc_labels.cpu().unsqueeze(0)
+    guide = None
+    if guide_queries is not None:
+        guide = guide_queries.to(torch.float64) @ guide_docs.to(torch.float64).T
+    for i in range(b):
+        if not positives[i]:
+            continue
+        s_plus = min(float(sd[i, p]) for p in positives[i])
+        for j in range(m):
+            v = float(sd[i, j])
+            if false_negative_margin is not None and v > s_plus - false_negative_margin:
+                masked[i, j] = True
+            rel = false_negative_relative_margin
+            if rel is not None and v > s_plus - abs(s_plus) * rel:
+                masked[i, j] = True
+        if guide is not None:
+            g_plus = min(float(guide[i, p]) for p in positives[i])
+            masked[i] |= (guide[i].cpu() > g_plus - guide_margin)
+    masked &= ~is_pos
+    negative = ~masked & ~is_pos
+    logits = torch.where(is_pos, (s - positive_margin) / tau, s / tau + hardness_alpha * sd)
+
+    rows = []
+    for i in range(b):
+        if not positives[i]:
+            rows.append(torch.zeros((), dtype=torch.float64))
+            continue
+        pos_mass = torch.exp(logits[i, is_pos[i]]).sum()
+        negs = logits[i, negative[i]]
+        n = negs.numel()
+        if n:
+            w = torch.exp(hcl_beta * negs) / torch.exp(hcl_beta * negs).mean()
+            r = (w * torch.exp(negs)).sum()
+        else:
+            r = torch.zeros((), dtype=torch.float64)
+        terms = []
+        for p in positives[i]:
+            if tau_plus > 0:
+                floor = n * torch.exp(-1.0 / torch.as_tensor(tau, dtype=torch.float64))
+                ng = torch.maximum((r - tau_plus * n * torch.exp(logits[i, p])) / (1 - tau_plus), floor)
+            else:
+                ng = r
+            terms.append(-torch.log(torch.exp(logits[i, p]) / (pos_mass + ng)))
+        row = torch.stack(terms).mean()
+        if symmetric:
+            back = []
+            for p in positives[i]:
+                column = logits[:, p][is_pos[:, p] | negative[:, p]]
+                back.append(-logits[i, p] + torch.logsumexp(column, dim=0))
+            row = 0.5 * (row + torch.stack(back).mean())
+        rows.append(row)
+    out = torch.stack(rows)
+    if reduction == "none":
+        return out
+    if reduction == "sum":
+        return out.sum()
+    with_pos = sum(1 for i in range(b) if positives[i])
+    return out.sum() / max(with_pos, 1)
