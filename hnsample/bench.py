@@ -187,7 +187,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", "-d", type=positive_int, default=384, help="embedding dimension d (default 384)")
     p.add_argument("-k", type=positive_int, default=64, help="negatives per query (default 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="input dtype")
-    p.add_argument("--block-size", type=positive_int, default=1 << 24, help="score elements per block (default 2**24)")
+    p.add_argument("--block-size", type=positive_int, default=1 << 22, help="score elements per block (default 2**22)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method; the median is reported")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--naive-limit-gb", type=float, default=8.0, help="skip torch naive above this score size")

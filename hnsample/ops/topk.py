@@ -31,7 +31,7 @@ from .._ext import (
 SAMPLING_CODES = {"top": 0, "uniform": 1, "softmax": 2}
 METRICS = ("dot", "cosine")
 MODE_WINDOW, MODE_STREAM = 0, 1
-DEFAULT_BLOCK_SIZE = 1 << 24  # score elements per block: 64 MB of float32 workspace
+DEFAULT_BLOCK_SIZE = 1 << 22  # score elements per block: 16 MB of float32 workspace (stays in cache)
 
 
 class TopK(NamedTuple):
@@ -499,7 +499,7 @@ def topk_similarity(
         sampling: "top" | "uniform" | "softmax"; temperature for "softmax".
         generator, seed: source of the sampling seed.
         block_size: maximum score elements per block (workspace = 4 * block_size bytes);
-            default 2**24 (64 MB).
+            default 2**22 (16 MB: a block small enough to be scanned from cache).
 
     Returns:
         TopK(scores (B, k) float32 [float64 for float64 inputs], indices (B, k) int64).
