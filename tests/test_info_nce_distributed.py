@@ -38,6 +38,7 @@ WORKER = textwrap.dedent(
         gq, gc = torch.autograd.grad(loss, (q, c))
         out[name] = (loss.detach(), gq, gc)
     torch.save(out, out_file)
+    dist.barrier()  # no rank tears gloo down while its peer still uses it
     dist.destroy_process_group()
     """
 )

@@ -57,6 +57,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         assert torch.equal(total, WORLD * counts), (total, counts)
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
             pickle.dump(result, f)
+        # Both ranks finish their collectives before either tears gloo down: destroying the group while
+        # the peer still talks to it can abort the process at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
