@@ -467,6 +467,91 @@ def in_batch_mining(settings: Settings) -> list[Measurement]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Section: corpus mining against sentence-transformers
+
+_MINE = {"num_negatives": 8, "relative_margin": 0.05, "skip_top": 10, "pool": 100}
+
+
+def _mining_inputs(settings: Settings, b: int, d: int) -> Callable[[int], dict[str, Any]]:
+    """Unit-norm corpus; query i = its positive corpus row i plus noise (cosine ~0.9 to it)."""
+
+    def make(n: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(settings.seed + n)
+        c = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+        pos = torch.randperm(n, generator=g)[:b]
+        q = torch.nn.functional.normalize(c[pos] + 0.5 * torch.randn(b, d, generator=g) / d**0.5, dim=1)
+        return {"q": q, "c": c, "pos": pos.unsqueeze(1), "st": None}
+
+    return make
+
+
+def mine_hnsample(x: dict[str, Any]) -> torch.Tensor:
+    return hnsample.mine_hard_negatives(x["q"], x["c"], x["pos"], metric="cosine", device="cpu", progress=False,
+                                        verbose=False, **_MINE).indices
+
+
+def mine_sentence_transformers(x: dict[str, Any]) -> Callable[[], torch.Tensor]:
+    """sentence-transformers' mine_hard_negatives (use_faiss=False) on the same precomputed embeddings:
+    a weightless model (one Normalize module) whose cache_folder holds the embeddings under the names it
+    looks up, so nothing is encoded. Set up once per size, outside the timed call."""
+    import hashlib
+    import tempfile
+
+    import numpy as np
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers.util import mine_hard_negatives as st_mine
+
+    b, n = x["q"].shape[0], x["c"].shape[0]
+    if x["st"] is None:
+        queries = [f"q{i}" for i in range(b)]
+        corpus = [f"d{j}" for j in range(n)]
+        model = SentenceTransformer(modules=[models.Normalize()], device="cpu")
+        cache = tempfile.mkdtemp(prefix="hnsample-report-st-")
+        name = model.model_card_data.base_model or ""
+        for kind, texts, emb in (("query", queries, x["q"]), ("corpus", corpus, x["c"])):
+            digest = hashlib.sha256(repr((name, None, None, texts)).encode()).hexdigest()
+            np.save(Path(cache) / f"{kind}_embeddings_{digest}.npy", emb.numpy())
+        dataset = Dataset.from_dict({"query": queries, "positive": [corpus[int(p)] for p in x["pos"][:, 0]]})
+        x["st"] = (model, corpus, cache, dataset)
+    model, corpus, cache, dataset = x["st"]
+    k = _MINE["num_negatives"]
+
+    def call() -> torch.Tensor:
+        out = st_mine(dataset, model, corpus=corpus, range_min=_MINE["skip_top"],
+                      range_max=_MINE["skip_top"] + _MINE["pool"], relative_margin=_MINE["relative_margin"],
+                      num_negatives=k, sampling_strategy="top", output_format="n-tuple", use_faiss=False,
+                      cache_folder=cache, verbose=False)
+        idx = torch.full((b, k), -1, dtype=torch.int64)
+        cols = out.to_dict()
+        for r, qt in enumerate(cols["query"]):
+            idx[int(qt[1:])] = torch.tensor([int(cols[f"negative_{t}"][r][1:]) for t in range(1, k + 1)])
+        return idx
+
+    return call
+
+
+@section("mine_hard_negatives", "Corpus mining vs sentence-transformers' mine_hard_negatives", "N (corpus size)",
+         requires=("mine_hard_negatives",))
+def mining_vs_sentence_transformers(settings: Settings) -> list[Measurement]:
+    """B=4096 queries (d=384, float32, unit norm), each with one positive in a corpus of N; 8 negatives
+    per query chosen among ranks 10..109 of the candidates that pass relative_margin=0.05 (cosine).
+    hnsample: mine_hard_negatives (exact: the window is taken among eligible candidates). sentence-
+    transformers: util.mine_hard_negatives(range_min=10, range_max=110, relative_margin=0.05,
+    sampling_strategy="top", use_faiss=False) on the same precomputed embeddings (its window is over the
+    raw ranking; where the margin removes few candidates the two agree)."""
+    b, d = (64, 32) if settings.quick else (4096, 384)
+    sizes = [1000, 3000] if settings.quick else [10_000, 30_000, 100_000]
+    methods = [
+        Method("hnsample", lambda x: lambda: mine_hnsample(x)),
+        Method("sentence-transformers", mine_sentence_transformers, peer="sentence_transformers",
+               install="sentence-transformers + datasets", matrix_bytes=lambda x: 4 * x["q"].shape[0] * x["c"].shape[0]),
+    ]
+    return run_sweep("mine_hard_negatives", sizes, _mining_inputs(settings, b, d), methods, rows_equal_fraction,
+                     settings)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Section: the contrastive loss
 
 
