@@ -135,6 +135,18 @@ HN_HD double pair_coefficient(const InfoNceParams& p, int kind, double l, int64_
   return c;
 }
 
+// The backward of one pair with score s: returns dL/ds (= c_ij / tau) and adds c_ij * dl_ij/du to
+// `tau_acc` (the temperature-gradient term). Shared by the CPU and CUDA backward passes.
+HN_HD double pair_backward(const InfoNceParams& p, int64_t row, int64_t col, double s, double guide,
+                           double& tau_acc) {
+  const int k = pair_kind(p, row, col, s, guide);
+  if (k == kMasked) return 0.0;
+  const PairLogit lg = pair_logit(p, k, s);
+  const double coef = pair_coefficient(p, k, lg.l, row, col);
+  if (coef != 0.0) tau_acc += coef * lg.u;
+  return coef * p.inv_temperature;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Launchers.
 void info_nce_forward_block_cpu(const InfoNceParams& p, const PairBlock& block, int threads);

@@ -331,14 +331,7 @@ double backward_chunk_exact(const InfoNceParams& p, const PairBlock& b, int64_t 
   for (int64_t c = c0; c < c0 + n; ++c) {
     T& cell = data[r * b.row_stride + c * b.col_stride];
     const double s = static_cast<double>(to_float(cell));
-    const int k = pair_kind(p, row, b.col_offset + c, s, guide_at<T>(b, r, c));
-    double g = 0.0;
-    if (k != kMasked) {
-      const PairLogit lg = pair_logit(p, k, s);
-      const double coef = pair_coefficient(p, k, lg.l, row, b.col_offset + c);
-      if (coef != 0.0) acc += coef * lg.u;
-      g = coef * p.inv_temperature;
-    }
+    const double g = pair_backward(p, row, b.col_offset + c, s, guide_at<T>(b, r, c), acc);
     cell = static_cast<T>(g);
   }
   return acc;

@@ -96,14 +96,7 @@ __global__ void backward_kernel(InfoNceParams p, PairBlock b) {
   for (int64_t c = lane; c < b.cols; c += kWarp) {
     T* cell = data + r * b.row_stride + c * b.col_stride;
     const double s = static_cast<double>(to_float(*cell));
-    const int k = pair_kind(p, row, b.col_offset + c, s, guide_at<T>(b, r, c));
-    double g = 0.0;
-    if (k != kMasked) {
-      const PairLogit lg = pair_logit(p, k, s);
-      const double coef = pair_coefficient(p, k, lg.l, row, b.col_offset + c);
-      if (coef != 0.0) acc += coef * lg.u;
-      g = coef * p.inv_temperature;
-    }
+    const double g = pair_backward(p, row, b.col_offset + c, s, guide_at<T>(b, r, c), acc);
     store(cell, g);
   }
   for (int off = kWarp / 2; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
