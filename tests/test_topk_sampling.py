@@ -19,6 +19,7 @@ from scipy import stats
 
 import hnsample
 from hnsample import _reference as R
+from hnsample.ops.topk import SelectionState, run_similarity_selection
 
 DRAWS = 12000  # rows per distribution test: expected counts >= ~60 per cell below
 P_MIN = 1e-4  # fixed seeds: a correct sampler passes with probability 1 - P_MIN per test
@@ -259,3 +260,21 @@ def test_sampling_rows_are_independent_of_batch_composition():
     full = hnsample.topk_similarity(q, c, 3, sampling="softmax", seed=11, positives=pos)
     head = hnsample.topk_similarity(q[:5], c, 3, sampling="softmax", seed=11, positives=pos[:5])
     assert torch.equal(full.indices[:5], head.indices)
+
+
+@pytest.mark.parametrize("sampling", ["top", "uniform", "softmax"])
+@pytest.mark.parametrize("window", [dict(skip_top=2), dict(skip_top=1, pool=6)], ids=["stream", "pool"])
+def test_row_shards_with_noise_row_offset_equal_the_whole(sampling, window, make_selection):
+    """A state over query rows [r0, r1) with noise_row_offset=r0, fed candidate chunks one after the
+    other, reproduces rows r0..r1 of the whole selection (the mining pipeline's decomposition)."""
+    q, c, pos = _problem()
+    whole = hnsample.topk_similarity(q, c, 4, positives=pos, sampling=sampling, seed=21, **window)
+    for r0, r1 in ((0, 5), (5, 12)):
+        sel = make_selection(
+            r1 - r0, c.shape[0], 4, positives=pos[r0:r1], sampling=sampling, seed=21, **window
+        )
+        state = SelectionState(sel, r1 - r0, q.device, noise_row_offset=r0)
+        for j0 in range(0, c.shape[0], 13):
+            run_similarity_selection(q[r0:r1], c[j0 : j0 + 13], sel, "dot", 50, state=state, col_offset=j0)
+        s, j = state.finalize()
+        assert torch.equal(j, whole.indices[r0:r1]) and torch.equal(s.float(), whole.scores[r0:r1])
