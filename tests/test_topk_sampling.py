@@ -131,22 +131,19 @@ def test_uniform_ignores_scores_and_softmax_temperature_limits():
     assert (got == torch.tensor(sorted(window[:3], key=lambda j: -float(ROW[j])))).all()
 
 
-def test_sampling_over_many_seeds_matches_single_call_draws():
-    """Across seeds (one row each) the draws follow the same law as across rows of one call."""
-    ranking = eligible_ranking()
-    window = ranking[2:7]
-    seeds = range(2500)
-    scores = ROW.unsqueeze(0)
-    rows = [
-        hnsample.topk_from_scores(
-            scores, 1, exclude=torch.tensor([EXCLUDED]), skip_top=2, pool=5, sampling="softmax", seed=s
-        )
-        .indices[0, 0]
-        .item()
-        for s in seeds
+@pytest.mark.parametrize("sampling", ["uniform", "softmax"])
+def test_sampling_over_many_seeds(sampling):
+    """Across seeds (one row each, two draws) the subsets follow the same law as across rows of one call."""
+    window = eligible_ranking()[2:7]
+    scores, exclude = ROW.unsqueeze(0), torch.tensor([EXCLUDED])
+    draws = [
+        hnsample.topk_from_scores(scores, 2, exclude=exclude, skip_top=2, pool=5, sampling=sampling, seed=s)
+        .indices[0]
+        .tolist()
+        for s in range(2000)
     ]
-    counts = Counter((j,) for j in rows)
-    assert chi_square_pvalue(counts, softmax_subset_probs(window, 1, 1.0)) > P_MIN
+    probs = softmax_subset_probs(window, 2, 1.0) if sampling == "softmax" else uniform_subset_probs(window, 2)
+    assert chi_square_pvalue(subset_counts(torch.tensor(draws)), probs) > P_MIN
 
 
 # ----------------------------------------------------------------------------------------------------
