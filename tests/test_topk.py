@@ -845,23 +845,20 @@ def test_merge_of_column_shards_equals_one_pass(sampling, window, shards, make_s
         query_labels=torch.from_numpy(rng.integers(0, 3, b)),
         candidate_labels=torch.from_numpy(rng.integers(0, 3, n)),
     )
-    positives = ids_matrix(rng, b, 2, n)
+    filters = dict(
+        positives=ids_matrix(rng, b, 2, n),
+        exclude=ids_matrix(rng, b, 3, n),
+        absolute_margin=0.0,
+        sampling=sampling,
+        temperature=0.7,
+        seed=5,
+        **window,
+        **labels,
+    )
 
     def selection():
         return make_selection(
-            b,
-            n,
-            6,
-            positives=positives,
-            exclude=ids_matrix(np.random.default_rng(0), b, 3, n),
-            absolute_margin=0.0,
-            sampling=sampling,
-            temperature=0.7,
-            seed=5,
-            pool=window.get("pool"),
-            skip_top=window.get("skip_top", 0),
-            positive_values=lambda pos: torch.gather(R.similarity(q, c), 1, pos),
-            **labels,
+            b, n, 6, positive_values=lambda pos: torch.gather(R.similarity(q, c), 1, pos), **filters
         )
 
     whole = run_similarity_selection(q, c, selection(), "dot", 1 << 20).finalize()
@@ -874,20 +871,7 @@ def test_merge_of_column_shards_equals_one_pass(sampling, window, shards, make_s
         merged.merge(other)
     got_s, got_j = merged.finalize()
     assert torch.equal(got_j, whole[1]) and torch.equal(got_s, whole[0])
-    ref = R.topk_similarity(
-        q,
-        c,
-        6,
-        positives=positives,
-        exclude=ids_matrix(np.random.default_rng(0), b, 3, n),
-        absolute_margin=0.0,
-        sampling=sampling,
-        temperature=0.7,
-        seed=5,
-        **window,
-        **labels,
-    )
-    assert_same_topk(hnsample.TopK(got_s, got_j), ref)
+    assert_same_topk(hnsample.TopK(got_s, got_j), R.topk_similarity(q, c, 6, **filters))
 
 
 # ----------------------------------------------------------------------------------------------------

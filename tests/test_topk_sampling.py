@@ -19,6 +19,7 @@ from scipy import stats
 
 import hnsample
 from hnsample import _reference as R
+from hnsample.ops.topk import SelectionState, run_similarity_selection
 
 DRAWS = 12000  # rows per distribution test: expected counts >= ~60 per cell below
 P_MIN = 1e-4  # fixed seeds: a correct sampler passes with probability 1 - P_MIN per test
@@ -130,22 +131,19 @@ def test_uniform_ignores_scores_and_softmax_temperature_limits():
     assert (got == torch.tensor(sorted(window[:3], key=lambda j: -float(ROW[j])))).all()
 
 
-def test_sampling_over_many_seeds_matches_single_call_draws():
-    """Across seeds (one row each) the draws follow the same law as across rows of one call."""
-    ranking = eligible_ranking()
-    window = ranking[2:7]
-    seeds = range(2500)
-    scores = ROW.unsqueeze(0)
-    rows = [
-        hnsample.topk_from_scores(
-            scores, 1, exclude=torch.tensor([EXCLUDED]), skip_top=2, pool=5, sampling="softmax", seed=s
-        )
-        .indices[0, 0]
-        .item()
-        for s in seeds
+@pytest.mark.parametrize("sampling", ["uniform", "softmax"])
+def test_sampling_over_many_seeds(sampling):
+    """Across seeds (one row each, two draws) the subsets follow the same law as across rows of one call."""
+    window = eligible_ranking()[2:7]
+    scores, exclude = ROW.unsqueeze(0), torch.tensor([EXCLUDED])
+    draws = [
+        hnsample.topk_from_scores(scores, 2, exclude=exclude, skip_top=2, pool=5, sampling=sampling, seed=s)
+        .indices[0]
+        .tolist()
+        for s in range(2000)
     ]
-    counts = Counter((j,) for j in rows)
-    assert chi_square_pvalue(counts, softmax_subset_probs(window, 1, 1.0)) > P_MIN
+    probs = softmax_subset_probs(window, 2, 1.0) if sampling == "softmax" else uniform_subset_probs(window, 2)
+    assert chi_square_pvalue(subset_counts(torch.tensor(draws)), probs) > P_MIN
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,3 +257,21 @@ def test_sampling_rows_are_independent_of_batch_composition():
     full = hnsample.topk_similarity(q, c, 3, sampling="softmax", seed=11, positives=pos)
     head = hnsample.topk_similarity(q[:5], c, 3, sampling="softmax", seed=11, positives=pos[:5])
     assert torch.equal(full.indices[:5], head.indices)
+
+
+@pytest.mark.parametrize("sampling", ["top", "uniform", "softmax"])
+@pytest.mark.parametrize("window", [dict(skip_top=2), dict(skip_top=1, pool=6)], ids=["stream", "pool"])
+def test_row_shards_with_noise_row_offset_equal_the_whole(sampling, window, make_selection):
+    """A state over query rows [r0, r1) with noise_row_offset=r0, fed candidate chunks one after the
+    other, reproduces rows r0..r1 of the whole selection (the mining pipeline's decomposition)."""
+    q, c, pos = _problem()
+    whole = hnsample.topk_similarity(q, c, 4, positives=pos, sampling=sampling, seed=21, **window)
+    for r0, r1 in ((0, 5), (5, 12)):
+        sel = make_selection(
+            r1 - r0, c.shape[0], 4, positives=pos[r0:r1], sampling=sampling, seed=21, **window
+        )
+        state = SelectionState(sel, r1 - r0, q.device, noise_row_offset=r0)
+        for j0 in range(0, c.shape[0], 13):
+            run_similarity_selection(q[r0:r1], c[j0 : j0 + 13], sel, "dot", 50, state=state, col_offset=j0)
+        s, j = state.finalize()
+        assert torch.equal(j, whole.indices[r0:r1]) and torch.equal(s.float(), whole.scores[r0:r1])
