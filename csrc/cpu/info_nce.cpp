@@ -420,23 +420,28 @@ void backward_block(const InfoNceParams& p, const PairBlock& b, int threads) {
 
 }  // namespace
 
-void info_nce_forward_block_cpu(const InfoNceParams& p, const PairBlock& block, int threads) {
-  if (block.rows == 0 || block.cols == 0) return;
+namespace {
+
+// The cheap invariants both passes re-check; returns the block's dtype.
+DType checked_block_dtype(const InfoNceParams& p, const PairBlock& block) {
   HN_CHECK(block.row_offset >= 0 && block.row_offset + block.rows <= p.num_rows, "block rows out of range");
   HN_CHECK(block.col_offset >= 0 && block.col_offset + block.cols <= p.num_cols, "block cols out of range");
   const auto code = static_cast<DType>(block.dtype);
   HN_CHECK(code == DType::Float32 || code == DType::Float64, "score blocks must be float32 or float64");
-  if (code == DType::Float32) return forward_block<float>(p, block, threads);
+  return code;
+}
+
+}  // namespace
+
+void info_nce_forward_block_cpu(const InfoNceParams& p, const PairBlock& block, int threads) {
+  if (block.rows == 0 || block.cols == 0) return;
+  if (checked_block_dtype(p, block) == DType::Float32) return forward_block<float>(p, block, threads);
   forward_block<double>(p, block, threads);
 }
 
 void info_nce_backward_block_cpu(const InfoNceParams& p, const PairBlock& block, int threads) {
   if (block.rows == 0 || block.cols == 0) return;
-  HN_CHECK(block.row_offset >= 0 && block.row_offset + block.rows <= p.num_rows, "block rows out of range");
-  HN_CHECK(block.col_offset >= 0 && block.col_offset + block.cols <= p.num_cols, "block cols out of range");
-  const auto code = static_cast<DType>(block.dtype);
-  HN_CHECK(code == DType::Float32 || code == DType::Float64, "score blocks must be float32 or float64");
-  if (code == DType::Float32) return backward_block<float>(p, block, threads);
+  if (checked_block_dtype(p, block) == DType::Float32) return backward_block<float>(p, block, threads);
   backward_block<double>(p, block, threads);
 }
 
