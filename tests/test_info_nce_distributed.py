@@ -17,7 +17,7 @@ WORLD, B_LOCAL, M_LOCAL, D = 2, 5, 8, 6
 # Run as a separate interpreter (cwd outside the checkout, so the installed hnsample is imported).
 WORKER = textwrap.dedent(
     """
-    import sys, torch, torch.distributed as dist
+    import os, sys, torch, torch.distributed as dist
     import hnsample
     rank, world, init_file, data_file, out_file = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
@@ -38,8 +38,11 @@ WORKER = textwrap.dedent(
         gq, gc = torch.autograd.grad(loss, (q, c))
         out[name] = (loss.detach(), gq, gc)
     torch.save(out, out_file)
-    dist.barrier()  # no rank tears gloo down while its peer still uses it
-    dist.destroy_process_group()
+    # Every rank is done with gloo once the barrier returns; leaving through os._exit skips torch's
+    # gloo teardown at interpreter exit, which can abort a rank ("terminate called without an active
+    # exception") depending on which peer exits first.
+    dist.barrier()
+    os._exit(0)
     """
 )
 

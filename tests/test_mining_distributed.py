@@ -49,8 +49,11 @@ WORKER = textwrap.dedent("""
         r = M.mine_hard_negatives(q, c, pos, **labels, **configs["softmax"], **common,
                                   checkpoint_dir=d + "/ck_softmax")
         np.save(f"{d}/resumed_{rank}.npy", r.indices.numpy())
-        dist.barrier()  # no rank tears gloo down while its peer still uses it (that aborts at exit)
-        dist.destroy_process_group()
+        # Done with gloo once the barrier returns: leave through os._exit, skipping torch's gloo teardown
+        # at interpreter exit, which can abort a rank depending on which peer exits first.
+        dist.barrier()
+        print("finished", flush=True)
+        os._exit(0)
     elif mode == "fail-mid":
         real, calls = M._mine_batch, []
         def flaky(run, group, q0, q1):

@@ -4,6 +4,7 @@ both ranks hold the same queue."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -57,11 +58,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         assert torch.equal(total, WORLD * counts), (total, counts)
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
             pickle.dump(result, f)
-        # Both ranks finish their collectives before either tears gloo down: destroying the group while
-        # the peer still talks to it can abort the process at exit.
+        # Both ranks are done with gloo once the barrier returns (the caller then leaves through os._exit).
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
 
 
 @pytest.mark.slow
@@ -102,3 +103,7 @@ def test_two_gloo_ranks(tmp_path):
 
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    # Skip torch's gloo teardown at interpreter exit: depending on which peer exits first it can abort
+    # the process ("terminate called without an active exception") after all work is done.
+    sys.stdout.flush()
+    os._exit(0)
