@@ -190,26 +190,30 @@ PYBIND11_MODULE(_C, m) {
       py::arg("params"), py::arg("scores"), py::arg("cols"), py::arg("counts"), py::arg("cap"), py::arg("col_offset"),
       py::arg("cuda"), py::arg("stream"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
       "Offers per-row candidate lists ([B, cap] float scores and int32 columns, [B] counts) to the state.");
+  py::class_<FusedBlock> fused(m, "FusedBlock");
+  fused.def(py::init<>())
+      .def_readwrite("q_stride", &FusedBlock::q_stride)
+      .def_readwrite("c_stride", &FusedBlock::c_stride)
+      .def_readwrite("dtype", &FusedBlock::dtype)
+      .def_readwrite("rows", &FusedBlock::rows)
+      .def_readwrite("cols", &FusedBlock::cols)
+      .def_readwrite("dim", &FusedBlock::dim)
+      .def_readwrite("cand_cap", &FusedBlock::cand_cap)
+      .def_readwrite("kernel", &FusedBlock::kernel);
+  pointer_field(fused, "queries", &FusedBlock::queries);
+  pointer_field(fused, "candidates", &FusedBlock::candidates);
+  pointer_field(fused, "row_lo", &FusedBlock::row_lo);
+  pointer_field(fused, "row_hi", &FusedBlock::row_hi);
+  pointer_field(fused, "row_scale", &FusedBlock::row_scale);
+  pointer_field(fused, "col_scale", &FusedBlock::col_scale);
+  pointer_field(fused, "row_slack", &FusedBlock::row_slack);
+  pointer_field(fused, "col_slack", &FusedBlock::col_slack);
+  pointer_field(fused, "cand_score", &FusedBlock::cand_score);
+  pointer_field(fused, "cand_col", &FusedBlock::cand_col);
+  pointer_field(fused, "cand_count", &FusedBlock::cand_count);
   m.def(
       "topk_fused_scores",
-      [](uintptr_t queries, int64_t q_stride, uintptr_t candidates, int64_t c_stride, int dtype, int64_t rows,
-         int64_t cols, int64_t dim, uintptr_t row_lo, uintptr_t row_hi, uintptr_t cand_score, uintptr_t cand_col,
-         uintptr_t cand_count, int64_t cand_cap, uintptr_t stream) {
-        FusedBlock f;
-        f.queries = as_ptr<const void>(queries);
-        f.q_stride = q_stride;
-        f.candidates = as_ptr<const void>(candidates);
-        f.c_stride = c_stride;
-        f.dtype = dtype;
-        f.rows = rows;
-        f.cols = cols;
-        f.dim = dim;
-        f.row_lo = as_ptr<const float>(row_lo);
-        f.row_hi = as_ptr<const float>(row_hi);
-        f.cand_score = as_ptr<float>(cand_score);
-        f.cand_col = as_ptr<int32_t>(cand_col);
-        f.cand_count = as_ptr<int32_t>(cand_count);
-        f.cand_cap = cand_cap;
+      [](const FusedBlock& f, uintptr_t stream) {
 #if defined(HNSAMPLE_WITH_CUDA)
         topk_fused_scores_cuda(f, as_ptr<void>(stream));
 #else
@@ -218,11 +222,24 @@ PYBIND11_MODULE(_C, m) {
         no_cuda();
 #endif
       },
-      py::arg("queries"), py::arg("q_stride"), py::arg("candidates"), py::arg("c_stride"), py::arg("dtype"),
-      py::arg("rows"), py::arg("cols"), py::arg("dim"), py::arg("row_lo"), py::arg("row_hi"), py::arg("cand_score"),
-      py::arg("cand_col"), py::arg("cand_count"), py::arg("cand_cap"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("block"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "Tensor-core scores q c^T filtered against per-row bounds into per-row candidate lists (CUDA).");
+  m.def(
+      "topk_rescore_candidates",
+      [](const FusedBlock& f, bool cuda, uintptr_t stream, int threads) {
+        if (!cuda) return topk_rescore_candidates_cpu(f, threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_rescore_candidates_cuda(f, as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("block"), py::arg("cuda"), py::arg("stream"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Rescores a fused launch's fp32 candidate lists exactly (double sums, scaled, rounded to float).");
+  m.def("tf32_dot_error_factor", &tf32_dot_error_factor, py::arg("dim"),
+        "e(d) of the tf32 score bound |s_tc - s| <= e(d) |q| |c| (csrc/topk_select.h).");
 #if defined(HNSAMPLE_WITH_CUDA)
   m.def("topk_fused_supported", &topk_fused_supported, py::arg("device"),
         "Whether the device can run the fused kernel (compute capability >= 8.0).");

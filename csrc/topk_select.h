@@ -437,24 +437,62 @@ HN_HD void offer_candidate_list(const TopkParams& p, int64_t row, const float* s
   }
 }
 
-// One fused launch: s_ij = q_i . c_j for rows [0, rows) of `queries` and candidate rows [0, cols) of
-// `candidates` (global ids col_offset + j), 16-bit inputs, fp32 accumulation. Survivors of
-// [row_lo[i], row_hi[i]] are appended to row i's list; cand_count[i] counts every survivor, also
-// those beyond cand_cap (which are dropped: the caller sees the overflow and redoes the chunk).
+// One fused launch: s_ij = (q_i . c_j) * row_scale_i * col_scale_j (scales 1 when null; cosine passes
+// inverse norms) for rows [0, rows) of `queries` and candidate rows [0, cols) of `candidates` (global
+// ids col_offset + j), fp32 accumulation. 16-bit inputs: products exact, so s_ij is the two-pass
+// path's score up to summation order. fp32 inputs: tf32 tensor cores (inputs rounded to nearest tf32),
+// so s_ij may be off by up to w_ij = row_slack_i * col_slack_j (see tf32_dot_error_factor); the
+// kernel then keeps every candidate whose interval [s - w, s + w] meets [row_lo_i, row_hi_i], and the
+// survivors are rescored exactly (topk_rescore_candidates_*) before they are offered. Survivors are
+// appended to row i's list; cand_count[i] counts every survivor, also those beyond cand_cap (which are
+// dropped: the caller sees the overflow and redoes the chunk).
 struct FusedBlock {
-  const void* queries = nullptr;     // [rows, dim] bf16/fp16, rows 16-byte aligned
+  const void* queries = nullptr;     // [rows, dim] bf16/fp16/fp32, rows 16-byte aligned
   int64_t q_stride = 0;
   const void* candidates = nullptr;  // [cols, dim]
   int64_t c_stride = 0;
   int dtype = 0;
   int64_t rows = 0, cols = 0, dim = 0;
-  const float* row_lo = nullptr;  // [rows]
-  const float* row_hi = nullptr;  // [rows]
-  float* cand_score = nullptr;    // [rows, cand_cap]
-  int32_t* cand_col = nullptr;    // [rows, cand_cap]
-  int32_t* cand_count = nullptr;  // [rows]
+  const float* row_lo = nullptr;     // [rows]
+  const float* row_hi = nullptr;     // [rows]
+  const float* row_scale = nullptr;  // [rows] or null
+  const float* col_scale = nullptr;  // [cols] or null
+  const float* row_slack = nullptr;  // [rows] or null (exact products: no slack)
+  const float* col_slack = nullptr;  // [cols], read only when row_slack is set
+  float* cand_score = nullptr;       // [rows, cand_cap]
+  int32_t* cand_col = nullptr;       // [rows, cand_cap]
+  int32_t* cand_count = nullptr;     // [rows]
   int64_t cand_cap = 0;
+  int kernel = 0;  // 0: the fastest kernel the device and inputs allow; 1: mma.sync; 2: sm_90a wgmma
 };
+
+// The factor e(d) of the tf32 score error bound |s_tc - s| <= e(d) |q| |c| (Euclidean norms), where s
+// is the exact real dot product of two fp32 vectors of length d and s_tc what the tf32 tensor cores
+// return for it (either before or after scaling both sides by the same nonnegative float factors):
+//   * each input rounded to nearest tf32 has relative error <= u = 2^-11, so each product
+//     q~_k c~_k = q_k c_k (1 + t_k) with |t_k| <= 2u + u^2, and sum_k |q_k c_k| <= |q| |c|
+//     (Cauchy-Schwarz): at most (2u + u^2) |q| |c| in all;
+//   * fp32 accumulation of d exact products, allowing truncation instead of rounding in every adder
+//     (unit 2^-23 per step) and a factor 2 for alignment losses inside the tensor core's adder tree:
+//     at most 2 (d + 2) 2^-23 sum_k |q~_k c~_k| <= 2 (d + 2) 2^-23 (1 + 2u + u^2) |q| |c|;
+//   * the epilogue's scaling by two floats and the comparisons s +- w: 8 more units of 2^-24, relative
+//     to |s| <= |q| |c|.
+// The sum is rounded up by a further factor (1 + 2^-20) for the float rounding of the slack itself.
+HN_HD double tf32_dot_error_factor(int64_t dim) {
+  const double u = 1.0 / 2048.0, ulp = 1.0 / 8388608.0;
+  const double product = 2 * u + u * u;
+  const double accumulate = 2.0 * static_cast<double>(dim + 2) * ulp * (1 + product);
+  return (product + accumulate + 8 * ulp / 2) * (1 + 1.0 / 1048576.0);
+}
+
+// The exact rescoring of a candidate list: s = (sum_k q_k c_k in double) * row_scale * col_scale,
+// rounded once to float. The double sum of fp32 products has error <= d 2^-53 sum |q_k c_k|, far
+// below one float rounding, so s is the correctly rounded fp32 score but for rare double ties.
+HN_HD float rescore_dot(const float* q, const float* c, int64_t dim, float row_scale, float col_scale) {
+  double acc = 0.0;
+  for (int64_t k = 0; k < dim; ++k) acc += static_cast<double>(q[k]) * static_cast<double>(c[k]);
+  return static_cast<float>(acc * static_cast<double>(row_scale) * static_cast<double>(col_scale));
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Launchers.
@@ -464,6 +502,9 @@ void topk_finalize_cpu(const TopkParams& p, double* out_scores,  // [B, k]
                        int threads);
 void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads);
 void topk_row_bounds_cpu(const TopkParams& p, float* lo, float* hi, int threads);  // [B], [B]
+// Replaces every listed candidate's score in f.cand_score by its exact rescoring (rescore_dot) from
+// f's fp32 queries and candidates and scales.
+void topk_rescore_candidates_cpu(const FusedBlock& f, int threads);
 void topk_offer_candidates_cpu(const TopkParams& p, const float* scores,  // [B, cap]
                                const int32_t* cols,                      // [B, cap]
                                const int32_t* counts,                    // [B]
@@ -483,6 +524,7 @@ void topk_offer_candidates_cuda(const TopkParams& p, const float* scores, const 
 // False when the device cannot run the fused kernel (compute capability < 8.0).
 bool topk_fused_supported(int device);
 void topk_fused_scores_cuda(const FusedBlock& f, void* stream);
+void topk_rescore_candidates_cuda(const FusedBlock& f, void* stream);
 #endif
 
 }  // namespace hnsample

@@ -201,6 +201,24 @@ void topk_offer_candidates_cpu(const TopkParams& p, const float* scores, const i
   });
 }
 
+void topk_rescore_candidates_cpu(const FusedBlock& f, int threads) {
+  HN_CHECK(static_cast<DType>(f.dtype) == DType::Float32, "rescore: inputs must be float32");
+  const auto* q = static_cast<const float*>(f.queries);
+  const auto* c = static_cast<const float*>(f.candidates);
+  parallel_rows(f.rows, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = f.cand_count[r] < f.cand_cap ? f.cand_count[r] : f.cand_cap;
+      const float rs = f.row_scale ? f.row_scale[r] : 1.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t j = f.cand_col[r * f.cand_cap + t];
+        HN_CHECK(j >= 0 && j < f.cols, "rescore: candidate column out of range");
+        const float cs = f.col_scale ? f.col_scale[j] : 1.0f;
+        f.cand_score[r * f.cand_cap + t] = rescore_dot(q + r * f.q_stride, c + j * f.c_stride, f.dim, rs, cs);
+      }
+    }
+  });
+}
+
 const char* cpu_isa_name() {
   switch (detect_isa()) {
     case Isa::Avx512:

@@ -1,30 +1,32 @@
-// Fused path: one tensor-core kernel computes 128 x 128 tiles of s = q c^T (bf16/fp16 inputs,
-// mma.sync m16n8k16, fp32 accumulation) and filters them in its epilogue against per-row float bounds
-// taken from the selection state before the launch; survivors are appended to per-row candidate
-// lists, so the score matrix never reaches global memory. CTA = 128 query rows x 128 candidates,
-// 8 warps of 64 x 32, K in steps of 32 through a two-stage cp.async pipeline. blockIdx.x walks the
-// query tiles, so consecutive CTAs share a candidate tile and the queries stay in L2: candidates are
-// read from memory once per launch. Also here: the row-bounds and candidate-list kernels around it.
+// Fused path: one tensor-core kernel computes 128 x 128 tiles of s = q c^T and filters them in its
+// epilogue (fused_common.cuh) against per-row float bounds taken from the selection state before the
+// launch; survivors are appended to per-row candidate lists, so the score matrix never reaches global
+// memory. CTA = 128 query rows x 128 candidates, 8 warps of 64 x 32, a two-stage cp.async pipeline.
+// bf16/fp16: mma.sync m16n8k16 (exact products, fp32 accumulation), K in steps of 32. fp32: mma.sync
+// m16n8k8 on tf32 (inputs rounded to nearest tf32 in registers), K in steps of 16, with the error
+// slack of tf32_dot_error_factor in the filter and an exact rescoring of the survivors afterwards
+// (rescore_kernel). blockIdx.x walks the query tiles, so consecutive CTAs share a candidate tile and
+// the queries stay in L2: candidates are read from memory once per launch. Also here: the row-bounds
+// and candidate-list kernels around it.
 #include <cuda_runtime.h>
 
 #include "../topk_select.h"
 #include "cuda_common.cuh"
+#include "fused_common.cuh"
 
 namespace hnsample {
 namespace {
 
-constexpr int kBM = 128, kBN = 128, kBK = 32;
+constexpr int kBM = 128, kBN = 128;
 constexpr int kFusedThreads = 256;
-constexpr int kLds = kBK + 8;  // halves per shared row: 80-byte rows make ldmatrix conflict-free
 constexpr int kRowThreads = 128;
+constexpr int kRescoreWarps = 8;
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: zero-fill (rows past the edge of the problem)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+// 16-bit operands: 32 halves of K per stage; 80-byte shared rows make ldmatrix conflict-free.
+constexpr int kBK16 = 32, kLds16 = kBK16 + 8;
+// fp32 operands: 16 floats of K per stage; 80-byte rows put the 32 lanes' fragment loads (rows
+// g = lane / 4, columns t = lane % 4) on 32 distinct banks, (20 g + t) mod 32.
+constexpr int kBK32 = 16, kLds32 = kBK32 + 4;
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -50,15 +52,30 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Round to nearest tf32, ties away from zero: the rounding tf32_dot_error_factor assumes.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+using Acc = float[4][4][4];  // [m16 tile][n8 tile][fragment element] of one warp's 64 x 32
+
+// The main loop for 16-bit operands: acc = q[m0:m0+128] c[n0:n0+128]^T restricted to this warp.
 template <bool kBf16>
-__global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlock f) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  __shared__ __align__(16) uint16_t sA[2][kBM][kLds];
-  __shared__ __align__(16) uint16_t sB[2][kBN][kLds];
+__device__ __forceinline__ void mainloop_16bit(const FusedBlock& f, int64_t m0, int64_t n0, Acc& acc) {
+  __shared__ __align__(16) uint16_t sA[2][kBM][kLds16];
+  __shared__ __align__(16) uint16_t sB[2][kBN][kLds16];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int warp_m = warp / 4, warp_n = warp % 4;  // 2 x 4 warps of 64 x 32
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int warp_m = warp / 4, warp_n = warp % 4;
   const uint16_t* q = static_cast<const uint16_t*>(f.queries);
   const uint16_t* c = static_cast<const uint16_t*>(f.candidates);
 
@@ -74,25 +91,17 @@ __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlo
     }
   };
 
-  float acc[4][4][4];
-#pragma unroll
-  for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-
-  const int ksteps = static_cast<int>(f.dim / kBK);
+  const int ksteps = static_cast<int>(f.dim / kBK16);
   load_stage(0, 0);
   cp_async_commit();
   for (int ks = 0; ks < ksteps; ++ks) {
     const int stage = ks & 1;
-    if (ks + 1 < ksteps) load_stage(stage ^ 1, static_cast<int64_t>(ks + 1) * kBK);
+    if (ks + 1 < ksteps) load_stage(stage ^ 1, static_cast<int64_t>(ks + 1) * kBK16);
     cp_async_commit();
-    cp_async_wait_one();  // this stage's group is complete; the next one may still be in flight
+    cp_async_wait<1>();  // this stage's group is complete; the next one may still be in flight
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < kBK16; kk += 16) {
       uint32_t a[4][4], b[4][2];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi)
@@ -114,8 +123,91 @@ __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlo
     }
     __syncthreads();  // the next iteration's loads overwrite the stage just read
   }
+}
 
-  // Epilogue: accumulator e of tile (mi, ni) is row g + 8 (e / 2), column 2 t + e % 2 of that tile.
+// The main loop for fp32 operands on tf32 tensor cores. Fragments of m16n8k8.tf32 (g = lane / 4,
+// t = lane % 4): A a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); B b0 (k t, n g),
+// b1 (k t + 4, n g); B is stored n-major (sB[n][k]), so b0 = sB[g][t], b1 = sB[g][t + 4].
+__device__ __forceinline__ void mainloop_tf32(const FusedBlock& f, int64_t m0, int64_t n0, Acc& acc) {
+  __shared__ __align__(16) float sA[2][kBM][kLds32];
+  __shared__ __align__(16) float sB[2][kBN][kLds32];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int warp_m = warp / 4, warp_n = warp % 4;
+  const int g = lane / 4, t = lane % 4;
+  const float* q = static_cast<const float*>(f.queries);
+  const float* c = static_cast<const float*>(f.candidates);
+
+  // A stage is 128 rows x 16 floats per operand = 512 chunks of 16 bytes: two per thread each.
+  auto load_stage = [&](int stage, int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int chunk = tid + i * kFusedThreads;
+      const int r = chunk / 4, kc = (chunk % 4) * 4;
+      const bool qv = m0 + r < f.rows, cv = n0 + r < f.cols;
+      cp_async_16(&sA[stage][r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
+      cp_async_16(&sB[stage][r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
+    }
+  };
+
+  const int ksteps = static_cast<int>(f.dim / kBK32);
+  load_stage(0, 0);
+  cp_async_commit();
+  for (int ks = 0; ks < ksteps; ++ks) {
+    const int stage = ks & 1;
+    if (ks + 1 < ksteps) load_stage(stage ^ 1, static_cast<int64_t>(ks + 1) * kBK32);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK32; kk += 8) {
+      uint32_t a[4][4], b[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const float* r0 = &sA[stage][warp_m * 64 + mi * 16 + g][kk + t];
+        const float* r8 = r0 + 8 * kLds32;
+        a[mi][0] = to_tf32(r0[0]);
+        a[mi][1] = to_tf32(r8[0]);
+        a[mi][2] = to_tf32(r0[4]);
+        a[mi][3] = to_tf32(r8[4]);
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const float* rb = &sB[stage][warp_n * 32 + ni * 8 + g][kk + t];
+        b[ni][0] = to_tf32(rb[0]);
+        b[ni][1] = to_tf32(rb[4]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_1688_tf32(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+    }
+    __syncthreads();
+  }
+}
+
+// kKind: 0 fp16, 1 bf16, 2 fp32 via tf32.
+template <int kKind>
+__global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlock f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / 4, warp_n = warp % 4;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  Acc acc;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+  if constexpr (kKind == 2) {
+    mainloop_tf32(f, m0, n0, acc);
+  } else {
+    mainloop_16bit<kKind == 1>(f, m0, n0, acc);
+  }
+
+  // Epilogue: accumulator e of tile (mi, ni) is row g + 8 (e / 2), column 2 t + e % 2 of that tile
+  // (the same C fragment for both instruction shapes).
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi) {
@@ -123,25 +215,39 @@ __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlo
     for (int h = 0; h < 2; ++h) {
       const int64_t row = m0 + warp_m * 64 + mi * 16 + g + 8 * h;
       if (row >= f.rows) continue;
-      const float lo = f.row_lo[row], hi = f.row_hi[row];
+      const FusedRow r = fused_row(f, row);
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
+      for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float s = acc[mi][ni][2 * h + e];
-          const int64_t col = n0 + warp_n * 32 + ni * 8 + 2 * t + e;
-          if (s >= lo && s <= hi && col < f.cols) {
-            const int pos = atomicAdd(&f.cand_count[row], 1);
-            if (pos < f.cand_cap) {
-              f.cand_score[row * f.cand_cap + pos] = s;
-              f.cand_col[row * f.cand_cap + pos] = static_cast<int32_t>(col);
-            }
-          }
-        }
-      }
+        for (int e = 0; e < 2; ++e)
+          fused_keep(f, r, row, n0 + warp_n * 32 + ni * 8 + 2 * t + e, acc[mi][ni][2 * h + e]);
     }
   }
 #endif
+}
+
+// One warp per row: every listed candidate's score becomes rescore_dot's value, with the double
+// sum split over the lanes and reduced by shuffles (same products, another summation order).
+__global__ void rescore_kernel(FusedBlock f) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRescoreWarps + threadIdx.x / 32;
+  if (row >= f.rows) return;
+  const int64_t n = f.cand_count[row] < f.cand_cap ? f.cand_count[row] : f.cand_cap;
+  const float* q = static_cast<const float*>(f.queries) + row * f.q_stride;
+  const float rs = f.row_scale ? f.row_scale[row] : 1.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = f.cand_col[row * f.cand_cap + i];
+    const float* c = static_cast<const float*>(f.candidates) + j * f.c_stride;
+    double acc = 0.0;
+    for (int64_t k = lane; k < f.dim; k += 32) acc += static_cast<double>(q[k]) * static_cast<double>(c[k]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) {
+      const float cs = f.col_scale ? f.col_scale[j] : 1.0f;
+      f.cand_score[row * f.cand_cap + i] =
+          static_cast<float>(acc * static_cast<double>(rs) * static_cast<double>(cs));
+    }
+  }
 }
 
 __global__ void row_bounds_kernel(TopkParams p, float* lo, float* hi) {
@@ -171,18 +277,40 @@ bool topk_fused_supported(int device) {
 
 void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
   if (f.rows == 0 || f.cols == 0) return;
-  HN_CHECK(f.dim > 0 && f.dim % kBK == 0, "fused: dim must be a positive multiple of 32");
-  HN_CHECK(f.q_stride % 8 == 0 && f.c_stride % 8 == 0, "fused: row strides must be multiples of 8");
+  const auto dt = static_cast<DType>(f.dtype);
+  HN_CHECK(dt == DType::BFloat16 || dt == DType::Float16 || dt == DType::Float32,
+           "fused: inputs must be bf16, fp16 or fp32");
+  const bool tf32 = dt == DType::Float32;
+  const int64_t bk = tf32 ? kBK32 : kBK16, per16 = tf32 ? 4 : 8;  // K per stage; elements per 16 bytes
+  HN_CHECK(f.dim > 0 && f.dim % bk == 0, tf32 ? "fused: dim must be a positive multiple of 16 for fp32"
+                                              : "fused: dim must be a positive multiple of 32");
+  HN_CHECK(f.q_stride % per16 == 0 && f.c_stride % per16 == 0, "fused: row strides must span whole 16 bytes");
   HN_CHECK(reinterpret_cast<uintptr_t>(f.queries) % 16 == 0 && reinterpret_cast<uintptr_t>(f.candidates) % 16 == 0,
            "fused: inputs must be 16-byte aligned");
   HN_CHECK(f.cols <= int64_t{65535} * kBN && f.cols < (int64_t{1} << 31), "fused: too many candidates");
   HN_CHECK(f.cand_cap > 0 && f.rows * f.cand_cap < (int64_t{1} << 40), "fused: bad candidate capacity");
-  const auto dt = static_cast<DType>(f.dtype);
-  HN_CHECK(dt == DType::BFloat16 || dt == DType::Float16, "fused: inputs must be bf16 or fp16");
-  const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, kBM)), static_cast<unsigned>(ceil_div(f.cols, kBN)));
+  HN_CHECK(!tf32 || (f.row_slack && f.col_slack), "fused: fp32 inputs need the tf32 error slack");
+  HN_CHECK(!f.row_slack || f.col_slack, "fused: row_slack needs col_slack");
   HN_CHECK(ceil_div(f.rows, kBM) < (int64_t{1} << 31), "fused: too many rows");
+  HN_CHECK(f.kernel == 0 || f.kernel == 1, "fused: kernel must be 0 (auto) or 1 (mma.sync) in this build");
+  const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, kBM)), static_cast<unsigned>(ceil_div(f.cols, kBN)));
   auto s = static_cast<cudaStream_t>(stream);
-  HN_BOOL_SWITCH(dt == DType::BFloat16, kBf16, [&] { fused_scores_kernel<kBf16><<<grid, kFusedThreads, 0, s>>>(f); });
+  if (tf32) {
+    fused_scores_kernel<2><<<grid, kFusedThreads, 0, s>>>(f);
+  } else if (dt == DType::BFloat16) {
+    fused_scores_kernel<1><<<grid, kFusedThreads, 0, s>>>(f);
+  } else {
+    fused_scores_kernel<0><<<grid, kFusedThreads, 0, s>>>(f);
+  }
+  HN_CUDA_CHECK(cudaGetLastError());
+}
+
+void topk_rescore_candidates_cuda(const FusedBlock& f, void* stream) {
+  if (f.rows == 0 || f.dim == 0) return;
+  HN_CHECK(static_cast<DType>(f.dtype) == DType::Float32, "rescore: inputs must be float32");
+  HN_CHECK(f.cand_cap > 0, "rescore: bad candidate capacity");
+  auto s = static_cast<cudaStream_t>(stream);
+  rescore_kernel<<<static_cast<unsigned>(ceil_div(f.rows, kRescoreWarps)), kRescoreWarps * 32, 0, s>>>(f);
   HN_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,0 +1,59 @@
+// Pieces every fused score kernel shares (the mma.sync kernels in topk_fused.cu and the sm_90a wgmma
+// kernel): asynchronous global->shared copies, and the epilogue that turns one accumulator into a
+// scaled score, filters it against its row's bounds (widened by the tf32 slack when the products are
+// inexact) and appends the survivor to the row's candidate list. Semantics: FusedBlock in
+// ../topk_select.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../topk_select.h"
+
+namespace hnsample {
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // 0: zero-fill (rows past the edge of the problem)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// What the epilogue needs of one row, loaded once per row and thread.
+struct FusedRow {
+  float lo, hi, scale, slack;
+};
+
+__device__ __forceinline__ FusedRow fused_row(const FusedBlock& f, int64_t row) {
+  FusedRow r;
+  r.lo = f.row_lo[row];
+  r.hi = f.row_hi[row];
+  r.scale = f.row_scale ? f.row_scale[row] : 1.0f;
+  r.slack = f.row_slack ? f.row_slack[row] : 0.0f;
+  return r;
+}
+
+// Accumulator `acc` of (row, col), row < f.rows already checked. Scaling keeps the two-pass path's
+// order (acc * row scale, then * column scale), so 16-bit scores equal its own up to summation order.
+// NaN scores fail both comparisons and are never kept (as in every other path).
+__device__ __forceinline__ void fused_keep(const FusedBlock& f, const FusedRow& r, int64_t row, int64_t col,
+                                           float acc) {
+  if (col >= f.cols) return;
+  float s = f.row_scale ? acc * r.scale : acc;
+  if (f.col_scale) s *= f.col_scale[col];
+  const float w = f.row_slack ? r.slack * f.col_slack[col] : 0.0f;
+  if (s + w >= r.lo && s - w <= r.hi) {
+    const int pos = atomicAdd(&f.cand_count[row], 1);
+    if (pos < f.cand_cap) {
+      f.cand_score[row * f.cand_cap + pos] = s;
+      f.cand_col[row * f.cand_cap + pos] = static_cast<int32_t>(col);
+    }
+  }
+}
+
+}  // namespace hnsample
