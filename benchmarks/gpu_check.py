@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --memcheck    # small end-to-end case for compute-sanitizer
 
 For every shape it times, with CUDA events after a warm-up (median of --reps runs):
-  * each hnsample path (two-pass; fused when the build has it and the shape qualifies),
+  * each hnsample path (two-pass; fused with each kernel the build and device have -- mma.sync, and
+    wgmma on sm_90a -- when the shape qualifies),
   * torch.matmul-only: q @ c.T in the input dtype (one call; the output is written, ours is not),
   * the blocked GEMM floor: the two-pass path's own GEMM calls into its L2-sized block, no selection,
   * torch naive: full matmul + masked_fill of the excluded ids + topk (where the scores fit in memory),
@@ -27,6 +28,7 @@ from types import SimpleNamespace
 import torch
 
 import hnsample
+from hnsample import _C
 from hnsample.ops import topk_cuda
 from hnsample.ops.topk import SAMPLING_CODES
 
@@ -38,12 +40,15 @@ SHAPES = [
     ("mid_queries", 1024, 1_000_000, 768, torch.bfloat16, 64, {}),
     ("large_k", 4096, 200_000, 384, torch.bfloat16, 2048, {}),
     ("fp32", 4096, 200_000, 384, torch.float32, 64, {}),
+    ("fp32_cosine", 4096, 200_000, 384, torch.float32, 64, {"metric": "cosine"}),
+    ("bf16_cosine", 8192, 1_000_000, 768, torch.bfloat16, 64, {"metric": "cosine"}),
     ("softmax_sampling", 8192, 200_000, 768, torch.bfloat16, 64, {"sampling": "softmax", "seed": 1}),
 ]
 # --smoke: the script's own logic on tiny fp32 shapes on the CPU (no device needed).
 SMOKE_SHAPES = [("smoke", 70, 5000, 32, torch.float32, 8, {}),
                 ("smoke_filtered", 70, 5000, 32, torch.float32, 8, {"positives": 1, "relative_margin": 0.05}),
-                ("smoke_softmax", 30, 3000, 16, torch.float32, 8, {"sampling": "softmax", "seed": 1})]
+                ("smoke_softmax", 30, 3000, 16, torch.float32, 8, {"sampling": "softmax", "seed": 1}),
+                ("smoke_cosine", 40, 3000, 16, torch.float32, 8, {"metric": "cosine"})]
 DEVICE = "cuda"
 # Driver knobs swept on the main shape: (label, L2_SHARE, OVERLAP)
 KNOBS = [("l2x0.25", 0.25, False), ("l2x0.5", 0.5, False), ("l2x1.0", 1.0, False),
@@ -88,6 +93,21 @@ def device_ceilings() -> dict:
             "l2_mb": topk_cuda._device_facts(0)[1] / 2**20, "name": torch.cuda.get_device_name(0)}
 
 
+def fused_kernels() -> list[str]:
+    """The fused kernels this build and device can run (values of topk_cuda.FUSED_KERNEL)."""
+    kernels = ["mma"]
+    available = getattr(_C, "topk_fused_wgmma_available", None)
+    if DEVICE == "cuda" and available is not None and available(0):
+        kernels.append("wgmma")
+    return kernels
+
+
+def upcast(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """fp32 rows for the reference scores, normalized for cosine."""
+    x = x.float()
+    return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
+
+
 def make_inputs(b: int, n: int, d: int, dtype: torch.dtype, extra: dict, seed: int = 0):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     q = torch.randn(b, d, device=DEVICE, dtype=torch.float32, generator=gen).to(dtype)
@@ -103,12 +123,14 @@ def check_rows(q, c, got: hnsample.TopK, k: int, kw: dict, rows: int = 128) -> d
     returned score must equal the recomputed one, and the returned k-th score must not be clearly
     below the reference k-th score (ties and last-bit rounding can reorder near-equal scores)."""
     idx = torch.linspace(0, q.shape[0] - 1, min(rows, q.shape[0]), device=q.device).long()
-    s = q[idx].float() @ c.float().T
+    metric = kw.get("metric", "dot")
+    q, c = upcast(q[idx], metric), upcast(c, metric)
+    s = q @ c.T
     if "positives" in kw:
         pos = kw["positives"][idx]
         s.scatter_(1, pos, float("-inf"))
         if "relative_margin" in kw:
-            p = torch.gather(q[idx].float() @ c.float().T, 1, pos).amin(1, keepdim=True)
+            p = torch.gather(q @ c.T, 1, pos).amin(1, keepdim=True)
             s = torch.where(s <= p - p.abs() * kw["relative_margin"], s, torch.full_like(s, float("-inf")))
     ref_vals, ref_idx = s.topk(k, dim=1)
     gs, gj = got.scores[idx], got.indices[idx]
@@ -138,6 +160,8 @@ def blocked_gemm(q, c, block_size: int) -> None:
 
 
 def naive(q, c, k: int, kw: dict):
+    if kw.get("metric") == "cosine":
+        q, c = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(c, dim=1)
     s = q @ c.T
     if "positives" in kw:
         s = s.scatter(1, kw["positives"], float("-inf"))
@@ -169,16 +193,21 @@ def run_paths(name, b, n, d, dtype, k, extra, reps, ceil, results, knobs=()):
             topk_cuda.L2_SHARE, topk_cuda.OVERLAP = old
     sel = SimpleNamespace(k=k, skip_top=kw.get("skip_top", 0), pool=kw.get("pool") or -1,
                           sampling=SAMPLING_CODES[kw.get("sampling", "top")])
-    if DEVICE == "cuda" and topk_cuda.fused_supported(q, c, "dot", sel):
-        old_path = topk_cuda.PATH
+    if DEVICE == "cuda" and topk_cuda.fused_supported(q, c, kw.get("metric", "dot"), sel):
+        old_path, old_kernel = topk_cuda.PATH, topk_cuda.FUSED_KERNEL
         topk_cuda.PATH = "fused"
-        try:
-            got = hnsample.topk_similarity(q, c, k, **kw)
-            row["fused_check"] = check_rows(q, c, got, k, kw) if "sampling" not in extra else {"ok": True}
-            del got
-            row["fused_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
-        finally:
-            topk_cuda.PATH = old_path
+        for kernel in fused_kernels():
+            topk_cuda.FUSED_KERNEL = kernel
+            try:
+                got = hnsample.topk_similarity(q, c, k, **kw)
+                row[f"fused_{kernel}_check"] = (check_rows(q, c, got, k, kw) if "sampling" not in extra
+                                                else {"ok": True})
+                del got
+                row[f"fused_{kernel}_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
+            except RuntimeError as e:  # a kernel failing on the device: report it, go on with the rest
+                row[f"fused_{kernel}_check"] = {"ok": False, "error": str(e)[:300]}
+            finally:
+                topk_cuda.PATH, topk_cuda.FUSED_KERNEL = old_path, old_kernel
     row["matmul_ms"] = events_time(lambda: q @ c.T, reps)
     row["blocked_gemm_ms"] = events_time(lambda: blocked_gemm(q, c, 1 << 24), reps)
     free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 30
@@ -215,7 +244,17 @@ def memcheck_case() -> int:
     steps = (torch.arange(20_000, device="cuda") // 64).float()
     rising = steps[:, None].expand(20_000, 64).to(torch.bfloat16).contiguous()
     hnsample.topk_similarity(torch.ones_like(q), rising, 9)
-    topk_cuda.PATH = "auto"
+    # fp32 on tf32 with rescoring, cosine scales, ragged shapes; then every other fused kernel
+    q32 = torch.randn(70, 48, device="cuda", generator=gen)
+    c32 = torch.randn(20_000, 48, device="cuda", generator=gen)
+    pos32 = torch.randint(0, 20_000, (70, 1), device="cuda", generator=gen)
+    hnsample.topk_similarity(q32, c32, 9, metric="cosine", positives=pos32, relative_margin=0.05)
+    hnsample.topk_similarity(q32[1:], c32[:19_999], 9)
+    for kernel in fused_kernels()[1:]:
+        topk_cuda.FUSED_KERNEL = kernel
+        hnsample.topk_similarity(q, c, 9, metric="cosine")
+        hnsample.topk_similarity(q[:67], c[:19_990], 9)
+    topk_cuda.PATH, topk_cuda.FUSED_KERNEL = "auto", "auto"
     torch.cuda.synchronize()
     print("memcheck case done")
     return 0
@@ -230,12 +269,13 @@ def print_table(results: list[dict], ceil: dict) -> None:
         paths = [("two_pass", r["two_pass_ms"])]
         paths += [(key[9:-3], r[key]) for key in r
                   if key.startswith("two_pass_") and key.endswith("_ms") and key != "two_pass_ms"]
-        if "fused_ms" in r:
-            paths.append(("fused", r["fused_ms"]))
+        paths += [(key[:-3], r[key]) for key in r if key.startswith("fused_") and key.endswith("_ms")]
+        paths += [(key[:-6] + " FAILED", math.nan) for key in r
+                  if key.startswith("fused_") and key.endswith("_check") and key[:-6] + "_ms" not in r]
         floor = max(r["floor_compute_ms"], r["floor_memory_ms"])
         for label, ms in paths:
             naive_ratio = f"{r['naive_ms'] / ms:.2f}" if "naive_ms" in r else "-"
-            ok = r.get("fused_check" if label == "fused" else "check", {}).get("ok")
+            ok = r.get(f"{label}_check" if label.startswith("fused") else "check", {}).get("ok")
             print("{:<17}{:>4} {:<16}{:>9.2f}{:>9.0f}{:>9.2f}{:>9}{:>11.2f}{:>9.2f}".format(
                 r["shape"], "y" if ok else "N", label, ms, r["flop"] / ms / 1e9,
                 ms / r["matmul_ms"], naive_ratio, ms / r["blocked_gemm_ms"], floor))
@@ -272,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "gpu_check.json").write_text(json.dumps({"device": ceil, "torch": torch.__version__,
                                                     "results": results}, indent=1))
     print_table(results, ceil)
-    return 0 if all(r["check"]["ok"] and r.get("fused_check", {"ok": True})["ok"] for r in results) else 1
+    return 0 if all(v["ok"] for r in results for key, v in r.items() if key.endswith("check")) else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ shared selection code, segmented states merged exactly, and the block/segment pl
 
 from __future__ import annotations
 
+import ctypes
 import math
 import zlib
 
@@ -311,6 +312,261 @@ def test_cuda_driver_loop_on_emulated_kernels(monkeypatch, rows, l2, name, kw):
 
 
 # ----------------------------------------------------------------------------------------------------
+# CPU: the fused path's tf32 error bound, rescoring and driver, on emulated kernels
+
+
+def to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> nearest tf32 (10 stored mantissa bits), ties away from zero: cvt.rna.tf32.f32."""
+    return ((x.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+
+def truncating_fp32_dot(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Row-wise sum of the exact products q_k c_k (q, c float64 holding tf32 values), accumulated in
+    fp32 with every addition rounded toward zero: the worst adder the bound allows for."""
+    acc = torch.zeros(q.shape[0], dtype=torch.float64)
+    for k in range(q.shape[1]):
+        exact = acc + q[:, k] * c[:, k]  # both terms fit in 48 bits: exact in float64
+        rounded = exact.float().double()
+        too_far = rounded.abs() > exact.abs()
+        rounded[too_far] = torch.nextafter(rounded[too_far].float(), torch.zeros(1)).double()
+        acc = rounded
+    return acc
+
+
+@pytest.mark.parametrize("case", ["gaussian", "cancel", "ties_up", "wide_range"])
+@pytest.mark.parametrize("d", [16, 64, 768])
+def test_tf32_error_bound_holds(case, d):
+    # |s_tc - s| <= e(d) |q| |c| for the emulated tensor core (rna inputs, exact products, truncating
+    # fp32 accumulation), on inputs built to hurt: all errors of one sign, cancellation, wide range.
+    gen = torch.Generator().manual_seed(d)
+    m = 2000 if d < 768 else 200
+    q, c = torch.randn(m, d, generator=gen), torch.randn(m, d, generator=gen)
+    if case == "cancel":  # c_k ~ -q_k on half the entries: large terms, tiny sum
+        c[:, : d // 2] = -q[:, : d // 2] * (1 + 2.0**-12)
+        c[:, d // 2:] = q[:, d // 2:]
+    elif case == "ties_up":  # every input exactly halfway between two tf32 values: rounds up
+        q = torch.full((m, d), 1 + 2.0**-11) * torch.randint(1, 5, (m, 1), generator=gen)
+        c = torch.full((m, d), 1 + 2.0**-11)
+    elif case == "wide_range":
+        q = q * torch.exp2(torch.randint(-20, 20, (m, d), generator=gen).float())
+    exact = (q.double() * c.double()).sum(1)
+    got = truncating_fp32_dot(to_tf32(q).double(), to_tf32(c).double())
+    bound = _C.tf32_dot_error_factor(d) * torch.linalg.vector_norm(q.double(), dim=1) * \
+        torch.linalg.vector_norm(c.double(), dim=1)
+    err = (got - exact).abs()
+    assert torch.all(err <= bound)
+    if case == "ties_up":  # the bound is not loose where the error is systematic
+        assert float((err / bound).max()) > 0.3
+
+
+def test_tf32_error_factor_values():
+    # e(d) = ((2u + u^2) + 2 (d + 2) 2^-23 (1 + 2u + u^2) + 4 2^-23) (1 + 2^-20), u = 2^-11
+    u = 2.0**-11
+    for d in (1, 16, 768, 4096):
+        want = ((2 * u + u * u) + 2 * (d + 2) * 2.0**-23 * (1 + 2 * u + u * u) + 4 * 2.0**-23) * (1 + 2.0**-20)
+        assert _C.tf32_dot_error_factor(d) == pytest.approx(want, rel=1e-15)
+
+
+def test_rescore_candidates_cpu_is_the_exact_score():
+    gen = torch.Generator().manual_seed(5)
+    b, n, d, cap = 7, 50, 48, 16
+    q, c = torch.randn(b, d, generator=gen), torch.randn(n, d, generator=gen)
+    rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
+    cols = torch.randint(0, n, (b, cap), generator=gen, dtype=torch.int32)
+    counts = torch.randint(0, cap + 5, (b,), generator=gen, dtype=torch.int32)  # some rows overflow
+    scores = torch.full((b, cap), math.nan)
+    f = _C.FusedBlock()
+    f.queries, f.q_stride, f.candidates, f.c_stride = q.data_ptr(), d, c.data_ptr(), d
+    f.dtype, f.rows, f.cols, f.dim = 0, b, n, d
+    f.row_scale, f.col_scale = rs.data_ptr(), cs.data_ptr()
+    f.cand_score, f.cand_col, f.cand_count, f.cand_cap = scores.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap
+    _C.topk_rescore_candidates(f, False, 0, 1)
+    exact = ((q.double() @ c.double().T) * rs.double()[:, None] * cs.double()[None, :]).float()
+    for i in range(b):
+        m = min(int(counts[i]), cap)
+        assert torch.equal(scores[i, :m], exact[i, cols[i, :m].long()])
+        assert torch.all(torch.isnan(scores[i, m:]))
+    f.dtype = 3  # bf16: rescoring reads fp32 only
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.topk_rescore_candidates(f, False, 0, 1)
+
+
+def _cpu_view(ptr: int, dtype: torch.dtype, rows: int, cols: int, stride: int) -> torch.Tensor:
+    """A tensor over the CPU memory at `ptr` (what a kernel sees through a FusedBlock pointer)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    nbytes = ((rows - 1) * stride + cols) * itemsize if rows else 0
+    buf = (ctypes.c_uint8 * max(nbytes, itemsize)).from_address(ptr)
+    return torch.frombuffer(buf, dtype=dtype)[: max(nbytes // itemsize, 0)].as_strided((rows, cols), (stride, 1))
+
+
+class _EmulatedFused:
+    """The fused kernel in torch, reading and writing through the FusedBlock's pointers: scores of
+    tf32-rounded inputs (fp32) or exact products (16-bit), each pushed by `push` times the bound's
+    accumulation share in a random direction (fp32 only), then the epilogue's scale, slack, filter
+    and unordered lists with overflow counting."""
+
+    def __init__(self, gen: torch.Generator, push: float):
+        self.gen, self.push, self.launches = gen, push, 0
+
+    def __call__(self, f, stream) -> None:
+        self.launches += 1
+        dtype = {0: torch.float32, 2: torch.float16, 3: torch.bfloat16}[f.dtype]
+        q = _cpu_view(f.queries, dtype, f.rows, f.dim, f.q_stride).float()
+        c = _cpu_view(f.candidates, dtype, f.cols, f.dim, f.c_stride).float()
+        vec = lambda ptr, n, dt=torch.float32: _cpu_view(ptr, dt, 1, n, n)[0] if ptr else None  # noqa: E731
+        if f.dtype == 0:
+            s = (to_tf32(q).double() @ to_tf32(c).double().T)
+            acc_share = 2 * (f.dim + 2) * 2.0**-23
+            size = torch.linalg.vector_norm(q.double(), dim=1)[:, None] * torch.linalg.vector_norm(c.double(), dim=1)
+            sign = torch.randint(0, 2, s.shape, generator=self.gen).double() * 2 - 1
+            s = (s + sign * self.push * acc_share * size).float()
+        else:
+            s = (q.double() @ c.double().T).float()  # exact products; fp32 sum here exact for small ints
+        rs, cs = vec(f.row_scale, f.rows), vec(f.col_scale, f.cols)
+        if rs is not None:
+            s = s * rs[:, None]
+        if cs is not None:
+            s = s * cs[None, :]
+        w = torch.zeros_like(s)
+        if f.row_slack:
+            w = vec(f.row_slack, f.rows)[:, None] * vec(f.col_slack, f.cols)[None, :]
+        lo, hi = vec(f.row_lo, f.rows), vec(f.row_hi, f.rows)
+        keep = (s + w >= lo[:, None]) & (s - w <= hi[:, None])
+        scores = _cpu_view(f.cand_score, torch.float32, f.rows, f.cand_cap, f.cand_cap)
+        cols = _cpu_view(f.cand_col, torch.int32, f.rows, f.cand_cap, f.cand_cap)
+        counts = vec(f.cand_count, f.rows, torch.int32)
+        for i in range(f.rows):
+            idx = keep[i].nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=self.gen)][: f.cand_cap]
+            scores[i, : len(idx)] = s[i, idx]
+            cols[i, : len(idx)] = idx.to(torch.int32)
+            counts[i] = int(keep[i].sum())
+
+
+class _EmulatedFusedC(_EmulatedKernels):
+    """_C for the fused driver on the CPU: the two-pass launcher emulated, bounds, offers and merges
+    run by the CPU kernels, the tf32 error factor scaled by `slack` (0 shows what the slack is for)."""
+
+    FusedBlock = _C.FusedBlock
+
+    def __init__(self, slack: float = 1.0):
+        super().__init__()
+        self.slack = slack
+
+    def tf32_dot_error_factor(self, d):
+        return self.slack * _C.tf32_dot_error_factor(d)
+
+    @staticmethod
+    def topk_row_bounds(p, lo, hi, cuda, stream, threads):
+        _C.topk_row_bounds(p, lo, hi, False, 0, 1)
+
+    @staticmethod
+    def topk_offer_candidates(p, scores, cols, counts, cap, col_offset, cuda, stream, threads):
+        _C.topk_offer_candidates(p, scores, cols, counts, cap, col_offset, False, 0, 1)
+
+
+class _ExactGemm(topk_cuda.ScoreGemm):
+    """Two-pass scores with the rescoring's rounding: (q . c in float64) * scales, rounded once, so
+    the seed and the rescored fused chunks agree bit for bit with the expected matrix."""
+
+    def __init__(self, queries, metric):  # no device probe: the CPU build of torch has no CUDA
+        self.metric, self.raw, self.out_dtype = metric, queries, torch.float32
+
+    def operand(self, x):
+        return x, (topk_cuda.cosine_scale(x) if self.metric == "cosine" else None)
+
+    def scores(self, i0, i1, c, c_scale, out):
+        out.copy_(_exact_scores(self.raw[i0:i1], c, self.metric))
+
+
+def _exact_scores(q: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
+    """fp32 inputs: the rescoring's value (double sum times the scales, rounded once). 16-bit inputs:
+    the kernels' value (the exact fp32 sum of small integers, then times each scale in fp32)."""
+    s = q.double() @ c.double().T
+    if metric != "cosine":
+        return s.float()
+    rs, cs = topk_cuda.cosine_scale(q), topk_cuda.cosine_scale(c)
+    if q.dtype == torch.float32:
+        return (s * rs.double()[:, None] * cs.double()[None, :]).float()
+    return s.float() * rs[:, None] * cs[None, :]
+
+
+def _run_emulated_fused(monkeypatch, q, c, metric, k, kw, slack=1.0, push=0.9, seed=0):
+    emulated = _EmulatedFusedC(slack)
+    launch = _EmulatedFused(torch.Generator().manual_seed(seed), push)
+    monkeypatch.setattr(topk_cuda, "_C", emulated)
+    monkeypatch.setattr(topk_cuda, "_device_facts", lambda index: (4, 1 << 20))
+    monkeypatch.setattr(topk_cuda, "ScoreGemm", _ExactGemm)
+    monkeypatch.setattr(topk_cuda, "launch_fused", launch)
+    monkeypatch.setattr(topk_cuda, "rescore_fused", lambda f, stream: _C.topk_rescore_candidates(f, False, 0, 1))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _HostStream())
+    monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 1000)
+    dense_calls = _count_dense_calls(monkeypatch)
+    exact = _exact_scores(q, c, metric)
+    b, n = exact.shape
+    sel = build_selection(
+        b, n, q.device, k, positives=kw.get("positives"), exclude=kw.get("exclude"), query_labels=None,
+        candidate_labels=None, positive_scores=None, absolute_margin=None,
+        relative_margin=kw.get("relative_margin"), min_score=None, max_score=None,
+        skip_top=kw.get("skip_top", 0), pool=kw.get("pool"), sampling=kw.get("sampling", "top"),
+        temperature=1.0, generator=None, seed=kw.get("seed"),
+        positive_values=lambda pos: torch.gather(exact, 1, pos),
+    )
+    state = topk_cuda._run_fused(q, c, sel, metric, 1 << 20, SelectionState(sel, b, q.device), 0)
+    got = state.finalize()
+    monkeypatch.undo()
+    return got, hnsample.topk_from_scores(exact, k, **kw), (launch.launches, dense_calls)
+
+
+FUSED_EMULATED = [
+    ("tf32_dot", torch.float32, "dot"),
+    ("tf32_cosine", torch.float32, "cosine"),
+    ("bf16_cosine", torch.bfloat16, "cosine"),
+    ("f16_dot", torch.float16, "dot"),
+]
+
+
+@pytest.mark.parametrize("name,dtype,metric", FUSED_EMULATED, ids=[x[0] for x in FUSED_EMULATED])
+@pytest.mark.parametrize("fname", ["plain", "margin", "window"])
+def test_fused_driver_on_emulated_kernels(monkeypatch, name, dtype, metric, fname):
+    # The fused driver end to end on the CPU: seed, doubling chunks, bounds, the emulated kernel with
+    # tf32 errors near the bound, exact rescoring, offers. The result must equal the selection over
+    # the exact scores, bit for bit.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{fname}".encode()))
+    b, n, d, k = 64, 9000, 32, 10
+    if dtype == torch.float32:
+        q, c = torch.randn(b, d, generator=gen), torch.randn(n, d, generator=gen)
+    else:  # small integers: exact in 16 bits, every fp32 sum exact
+        q, c = int_matrix(b, d, gen, -8, 8).to(dtype), int_matrix(n, d, gen, -8, 8).to(dtype)
+    kw = {}
+    if fname == "margin":
+        kw = {"positives": torch.randint(0, n, (b, 1), generator=gen), "relative_margin": 0.05,
+              "exclude": torch.randint(-1, n, (b, 4), generator=gen)}
+    elif fname == "window":
+        kw = {"skip_top": 2, "pool": 15, "sampling": "uniform", "seed": 9}
+    (got_s, got_j), want, (launches, dense_calls) = _run_emulated_fused(monkeypatch, q, c, metric, k, kw)
+    assert launches == 4  # after the seed of 1000 columns: chunks of 1000, 2000, 4000 and 1000
+    assert dense_calls == [1000]  # the seed only: no chunk overflowed
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+
+
+def test_fused_driver_needs_the_tf32_slack(monkeypatch):
+    # Without the slack (factor 0) the same emulated errors lose candidates near each row's threshold:
+    # the comparison above can fail, and the slack is what makes it pass.
+    # Candidates that differ by a little noise around one vector: their exact scores lie closer
+    # together than the tf32 errors, so near each row's threshold the tf32 order is not the exact one.
+    gen = torch.Generator().manual_seed(77)
+    b, n, d, k = 64, 9000, 32, 10
+    q = torch.randn(b, d, generator=gen)
+    c = torch.randn(d, generator=gen) + 0.01 * torch.randn(n, d, generator=gen)
+    (_, got_j), want, _ = _run_emulated_fused(monkeypatch, q, c, "dot", k, {}, slack=0.0)
+    assert not torch.equal(got_j, want.indices)
+    (_, got_j), want, _ = _run_emulated_fused(monkeypatch, q, c, "dot", k, {}, slack=1.0)
+    assert torch.equal(got_j, want.indices)
+
+
+# ----------------------------------------------------------------------------------------------------
 # GPU: CUDA == CPU
 
 
@@ -506,12 +762,52 @@ def test_fused_path_redoes_overflowing_chunks(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["fp32", "cosine", "stream", "odd_dim"])
+@pytest.mark.parametrize("case", ["fp64", "stream", "odd_dim", "odd_dim_fp32"])
 def test_fused_path_never_runs_on_unsupported_inputs(monkeypatch, case):
     monkeypatch.setattr(topk_cuda, "PATH", "fused")
-    dtype = torch.float32 if case == "fp32" else torch.bfloat16
-    d = 40 if case == "odd_dim" else 32
+    dtype = {"fp64": torch.float64, "odd_dim_fp32": torch.float32}.get(case, torch.bfloat16)
+    d = 40 if case.startswith("odd_dim") else 32
     q, c = torch.randn(50, d, device="cuda").to(dtype), torch.randn(40_000, d, device="cuda").to(dtype)
     sel_kw = {"sampling": "uniform", "seed": 1} if case == "stream" else {}
     sel = _cpu_state(torch.zeros(50, 40_000), 8, sel_kw).sel
-    assert topk_cuda.choose_path(q, c, "cosine" if case == "cosine" else "dot", sel) == "two_pass"
+    assert topk_cuda.choose_path(q, c, "dot", sel) == "two_pass"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+@pytest.mark.parametrize("fname", ["plain", "labels", "bounds", "window"])
+def test_fused_tf32_path_equals_selection_over_exact_scores(monkeypatch, metric, fname):
+    # fp32 inputs on the tf32 kernel: survivors are rescored exactly (and the seed goes through the
+    # same exact GEMM), so the result is the selection over the exact scores rounded once; a
+    # candidate lost to a tf32 error outside the slack would show here.
+    monkeypatch.setattr(topk_cuda, "PATH", "fused")
+    monkeypatch.setattr(topk_cuda, "ScoreGemm", _ExactGemm)
+    dense_calls = _count_dense_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"tf32/{metric}/{fname}".encode()))
+    b, n, d = 300, 50_000, 64
+    q, c = torch.randn(b, d, generator=gen).cuda(), torch.randn(n, d, generator=gen).cuda()
+    kw = make_filters(FILTERS[fname], b, n, gen)
+    if fname == "bounds" and metric == "cosine":
+        kw["min_score"], kw["max_score"] = -0.2, 0.3
+    want = hnsample.topk_from_scores(_exact_scores(q, c, metric).cpu(), 40, **kw)
+    got = hnsample.topk_similarity(q, c, 40, metric=metric, **to_device(kw, "cuda"))
+    assert_same(want, got)
+    assert dense_calls[0] == 8192
+    if fname != "bounds":  # a max_score cuts where scores are dense: a chunk may overflow, legitimately
+        assert dense_calls == [8192]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_fused_cosine_16bit_equals_two_pass(monkeypatch, dtype):
+    # Both paths scale the same exact fp32 sums of small integers by the same 1 / |x| in fp32.
+    gen = torch.Generator().manual_seed(31)
+    b, n = 200, 40_000
+    q = int_matrix(b, 64, gen, -50, 50).to(dtype).cuda()
+    c = int_matrix(n, 64, gen, -50, 50).to(dtype).cuda()
+    monkeypatch.setattr(topk_cuda, "PATH", "two_pass")
+    want = hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1)
+    monkeypatch.setattr(topk_cuda, "PATH", "fused")
+    dense_calls = _count_dense_calls(monkeypatch)
+    assert_same(want, hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1))
+    assert dense_calls == [8192]

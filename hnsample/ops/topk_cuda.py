@@ -19,7 +19,7 @@ from functools import cache
 import torch
 
 from .. import _C
-from .._ext import dtype_code, stream_of
+from .._ext import dtype_code, ptr, stream_of
 
 # Select-kernel facts (csrc/cuda/topk_select.cu): scores per warp per tile, resident warps per SM in
 # window mode (64 registers, 8 warps per block, 4 blocks per SM).
@@ -42,6 +42,10 @@ OVERLAP = False
 # fused kernel correct and faster on a GPU.
 PATH = "auto"
 FUSED_AUTO = False
+# Which fused kernel: "auto" (the fastest the device and inputs allow), "mma" (mma.sync, sm_80+) or
+# "wgmma" (sm_90a; an error where unavailable). Sets FusedBlock.kernel.
+FUSED_KERNEL = "auto"
+_FUSED_KERNEL_CODES = {"auto": 0, "mma": 1, "wgmma": 2}
 # Fused path: columns scored by the two-pass path first to give every row a threshold, and the
 # smallest N worth fusing. Chunks then double (each about the size of all columns before it), so a
 # row expects about `capacity` survivors per chunk against a candidate list of 4 capacity + 64.
@@ -49,6 +53,8 @@ FUSED_SEED_COLS = 8192
 FUSED_MIN_COLS = 4 * FUSED_SEED_COLS
 FUSED_MAX_CAPACITY = 2048
 FUSED_MAX_LIST_BYTES = 1 << 30
+# Rows per norm computation (float64 temporaries of this many rows).
+NORM_ROWS = 1 << 13
 
 _STATE_FIELDS = (
     "num_rows", "k", "skip", "pool", "capacity", "mode", "sampling", "inv_temperature", "seed",
@@ -142,8 +148,7 @@ class ScoreGemm:
         if self.native:
             scale = None
             if self.metric == "cosine":
-                norm = torch.linalg.vector_norm(x.float(), dim=1)
-                scale = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+                scale = cosine_scale(x)
             return x.contiguous(), scale
         x = x.to(self.out_dtype)
         if self.metric == "cosine":
@@ -192,18 +197,20 @@ def offer_block(
 
 
 def fused_supported(queries: torch.Tensor, candidates: torch.Tensor, metric: str, sel) -> bool:
-    """Whether the fused kernel handles these inputs: a CUDA device of compute capability >= 8.0,
-    bf16/fp16 inputs, metric "dot", d a multiple of 32, a window-mode state (sampling "top", or
-    sampling from a bounded pool) of at most FUSED_MAX_CAPACITY slots whose candidate lists fit
+    """Whether the fused kernels handle these inputs: a CUDA device of compute capability >= 8.0,
+    bf16/fp16 inputs with d a multiple of 32 or fp32 inputs (tf32 tensor cores plus exact rescoring)
+    with d a multiple of 16, metric "dot" or "cosine", a window-mode state (sampling "top", or sampling
+    from a bounded pool) of at most FUSED_MAX_CAPACITY slots whose candidate lists fit
     FUSED_MAX_LIST_BYTES. Stream-mode sampling gains nothing: every eligible candidate matters."""
     from .topk import MODE_WINDOW, state_layout
 
-    if queries.device.type != "cuda" or queries.dtype not in (torch.bfloat16, torch.float16):
+    if queries.device.type != "cuda" or queries.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     d = queries.shape[1]
+    step = 16 if queries.dtype == torch.float32 else 32
     mode, capacity = state_layout(sel.k, sel.skip_top, sel.pool, sel.sampling)
     return (
-        metric == "dot" and d > 0 and d % 32 == 0 and mode == MODE_WINDOW
+        metric in ("dot", "cosine") and d > 0 and d % step == 0 and mode == MODE_WINDOW
         and 0 < capacity <= FUSED_MAX_CAPACITY
         and queries.shape[0] * _list_cap(capacity) * 8 <= FUSED_MAX_LIST_BYTES
         and candidates.shape[0] < (1 << 31) and bool(_C.topk_fused_supported(queries.device.index or 0))
@@ -237,43 +244,132 @@ def run_cuda_selection(
     if b == 0 or n == 0 or sel.k == 0:
         return state
     if choose_path(queries, candidates, metric, sel) == "fused":
-        return _run_fused(queries, candidates, sel, block_size, state, col_offset)
+        return _run_fused(queries, candidates, sel, metric, block_size, state, col_offset)
     return _run_two_pass(queries, candidates, sel, metric, block_size, state, col_offset)
 
 
-def _run_fused(queries: torch.Tensor, candidates: torch.Tensor, sel, block_size: int, state, col_offset: int):
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norms of the rows of x, summed in float64 (NORM_ROWS rows at a time), as float64."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], NORM_ROWS):
+        out[i:i + NORM_ROWS] = torch.linalg.vector_norm(x[i:i + NORM_ROWS].double(), dim=1)
+    return out
+
+
+def cosine_scale(x: torch.Tensor) -> torch.Tensor:
+    """1 / |x_i| per row with the norm taken in fp32 (NORM_ROWS rows at a time), 0 for zero rows."""
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for i in range(0, x.shape[0], NORM_ROWS):
+        norm = torch.linalg.vector_norm(x[i:i + NORM_ROWS].float(), dim=1)
+        out[i:i + NORM_ROWS] = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+    return out
+
+
+def _float_up(x: torch.Tensor) -> torch.Tensor:
+    """float32 values >= the float64 values x (x * (1 + 2^-20), then rounded to nearest)."""
+    return (x * (1 + 2.0**-20)).float()
+
+
+@dataclass
+class FusedOperands:
+    """The per-row and per-column epilogue inputs of the fused kernel for one (queries, candidates)
+    pair: cosine scales 1/|x| (0 for zero rows: they score 0, as on the two-pass path) and, for fp32
+    inputs, the tf32 slack factors: w_ij = row_slack_i col_slack_j >= e(d) |q_i| |c_j| s_i s_j, the
+    error bound of tf32_dot_error_factor on the scaled score. None where not needed."""
+
+    row_scale: torch.Tensor | None
+    col_scale: torch.Tensor | None
+    row_slack: torch.Tensor | None
+    col_slack: torch.Tensor | None
+
+    @classmethod
+    def build(cls, q: torch.Tensor, c: torch.Tensor, metric: str) -> FusedOperands:
+        tf32 = q.dtype == torch.float32
+        if metric != "cosine" and not tf32:
+            return cls(None, None, None, None)
+        row_scale = col_scale = row_slack = col_slack = None
+        if metric == "cosine":  # the two-pass path's scales
+            row_scale, col_scale = cosine_scale(q), cosine_scale(c)
+        if tf32:
+            qn, cn = row_norms(q), row_norms(c)
+            if row_scale is not None:
+                qn, cn = qn * row_scale.double(), cn * col_scale.double()
+            row_slack = _float_up(_C.tf32_dot_error_factor(q.shape[1]) * qn)
+            col_slack = _float_up(cn)
+        return cls(row_scale, col_scale, row_slack, col_slack)
+
+
+def fused_block(
+    q: torch.Tensor, c: torch.Tensor, ops: FusedOperands, c0: int, c1: int, lo: torch.Tensor,
+    hi: torch.Tensor, lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> _C.FusedBlock:
+    """The FusedBlock of one launch over candidates [c0, c1) of c (contiguous rows)."""
+    f = _C.FusedBlock()
+    f.queries, f.q_stride = q.data_ptr(), q.stride(0)
+    f.candidates, f.c_stride = c[c0].data_ptr(), c.stride(0)
+    f.dtype, f.rows, f.cols, f.dim = dtype_code(q), q.shape[0], c1 - c0, q.shape[1]
+    f.row_lo, f.row_hi = lo.data_ptr(), hi.data_ptr()
+    f.row_scale, f.row_slack = ptr(ops.row_scale), ptr(ops.row_slack)
+    f.col_scale = ptr(None if ops.col_scale is None else ops.col_scale[c0:])
+    f.col_slack = ptr(None if ops.col_slack is None else ops.col_slack[c0:])
+    f.cand_score, f.cand_col, f.cand_count = (x.data_ptr() for x in lists)
+    f.cand_cap = lists[0].shape[1]
+    f.kernel = _FUSED_KERNEL_CODES[FUSED_KERNEL]
+    return f
+
+
+def launch_fused(f: _C.FusedBlock, stream: int) -> None:
+    """The fused score kernel over one FusedBlock (tests replace this with a CPU emulation)."""
+    _C.topk_fused_scores(f, stream)
+
+
+def rescore_fused(f: _C.FusedBlock, stream: int) -> None:
+    """Exact rescoring of one launch's fp32 candidate lists (tests replace this too)."""
+    _C.topk_rescore_candidates(f, True, stream, 1)
+
+
+def _run_fused(
+    queries: torch.Tensor, candidates: torch.Tensor, sel, metric: str, block_size: int, state, col_offset: int
+):
     """Fused path: the first FUSED_SEED_COLS candidates through the two-pass path (thresholds), then
     chunks of doubling width through the fused kernel, whose per-row candidate lists are offered to
     the state. A chunk where some row's list overflowed is redone on the two-pass path instead (one
-    host sync per chunk decides), so the state is always exact. Scores are fp32 accumulations of
-    exact bf16/fp16 products, equal to the two-pass path's up to summation order. Extra memory:
-    (B, 4 capacity + 64) candidate lists and the two-pass path's block for the seed."""
-    b, n, d = queries.shape[0], candidates.shape[0], queries.shape[1]
+    host sync per chunk decides), so the state is always exact. 16-bit inputs: scores are fp32
+    accumulations of exact products, equal to the two-pass path's up to summation order. fp32 inputs:
+    the kernel keeps every candidate whose tf32 score is within the proven error slack of the row's
+    bounds, and the survivors are rescored exactly (double sums) before they are offered, so no
+    candidate the exact scores would take is lost. Extra memory: (B, 4 capacity + 64) candidate lists,
+    O(B + N) norms and scales, and the two-pass path's block for the seed."""
+    b, n = queries.shape[0], candidates.shape[0]
     q, c = queries.contiguous(), candidates.contiguous()
     capacity = state.st_score.shape[1]
     done = min(n, max(FUSED_SEED_COLS, 4 * capacity))
-    _run_two_pass(q, c[:done], sel, "dot", block_size, state, col_offset)
+    _run_two_pass(q, c[:done], sel, metric, block_size, state, col_offset)
+    if done == n:
+        return state
+    ops = FusedOperands.build(q, c, metric)
     cap = _list_cap(capacity)
     dev = q.device
     lo, hi = torch.empty(b, dtype=torch.float32, device=dev), torch.empty(b, dtype=torch.float32, device=dev)
-    cand_score = torch.empty((b, cap), dtype=torch.float32, device=dev)
-    cand_col = torch.empty((b, cap), dtype=torch.int32, device=dev)
-    cand_count = torch.empty(b, dtype=torch.int32, device=dev)
+    lists = (
+        torch.empty((b, cap), dtype=torch.float32, device=dev),
+        torch.empty((b, cap), dtype=torch.int32, device=dev),
+        torch.empty(b, dtype=torch.int32, device=dev),
+    )
     stream = torch.cuda.current_stream(dev).cuda_stream
     p = state.params
     while done < n:
         width = min(n - done, done)
         _C.topk_row_bounds(p, lo.data_ptr(), hi.data_ptr(), True, stream, 1)
-        cand_count.zero_()
-        _C.topk_fused_scores(
-            q.data_ptr(), q.stride(0), c[done].data_ptr(), c.stride(0), dtype_code(q), b, width, d,
-            lo.data_ptr(), hi.data_ptr(), cand_score.data_ptr(), cand_col.data_ptr(), cand_count.data_ptr(),
-            cap, stream,
-        )
-        if bool((cand_count > cap).any()):
-            _run_two_pass(q, c[done:done + width], sel, "dot", block_size, state, col_offset + done)
+        lists[2].zero_()
+        f = fused_block(q, c, ops, done, done + width, lo, hi, lists)
+        launch_fused(f, stream)
+        if bool((lists[2] > cap).any()):
+            _run_two_pass(q, c[done:done + width], sel, metric, block_size, state, col_offset + done)
         else:
-            _C.topk_offer_candidates(p, cand_score.data_ptr(), cand_col.data_ptr(), cand_count.data_ptr(),
+            if ops.row_slack is not None:
+                rescore_fused(f, stream)
+            _C.topk_offer_candidates(p, lists[0].data_ptr(), lists[1].data_ptr(), lists[2].data_ptr(),
                                      cap, col_offset + done, True, stream, 1)
         done += width
     return state
