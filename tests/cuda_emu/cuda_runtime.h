@@ -190,6 +190,8 @@ T shfl(const char* kind, unsigned mask, T v, int arg, int width, int mode) {
 }
 
 void vote_combine_ballot(const Slot* ins, Slot* outs, unsigned mask);
+// The ballot of pred over the lanes of mask, as the collective `kind`.
+unsigned vote(const char* kind, unsigned mask, int pred);
 
 }  // namespace cuda_emu
 
@@ -206,14 +208,9 @@ inline void __syncthreads() { ::cuda_emu::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::cuda_emu::collective("__syncwarp", mask, nullptr, 0, nullptr, 0, nullptr);
 }
-inline unsigned __ballot_sync(unsigned mask, int pred) {
-  const int in = pred != 0;
-  unsigned out;
-  ::cuda_emu::collective("__ballot_sync", mask, &in, sizeof(in), &out, sizeof(out), &::cuda_emu::vote_combine_ballot);
-  return out;
-}
-inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
-inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+inline unsigned __ballot_sync(unsigned mask, int pred) { return ::cuda_emu::vote("__ballot_sync", mask, pred); }
+inline int __any_sync(unsigned mask, int pred) { return ::cuda_emu::vote("__any_sync", mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return ::cuda_emu::vote("__all_sync", mask, pred) == mask; }
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
   return ::cuda_emu::shfl("__shfl_sync", mask, v, src, width, 0);

@@ -107,7 +107,7 @@ void thread_exit(Thread& t) {
   g_block.warp_exited[t.warp] |= 1u << t.lane;
   const WarpState& w = g_block.warps[t.warp];
   if (w.kind != nullptr && (w.mask >> t.lane & 1u))
-    fault(where(t) + " exited while its warp waits in " + w.kind + " with mask " + hex(w.mask));
+    fault(std::string("exited while its warp waits in ") + w.kind + " with mask " + hex(w.mask));
   if (g_block.at_barrier > 0 && g_block.at_barrier == g_block.live) {
     for (Thread& o : g_block.threads) o.blocked = false;
     g_block.at_barrier = 0;
@@ -260,6 +260,13 @@ void sync_block() {
   }
   t.blocked = true;
   yield();
+}
+
+unsigned vote(const char* kind, unsigned mask, int pred) {
+  const int in = pred != 0;
+  unsigned out;
+  collective(kind, mask, &in, sizeof(in), &out, sizeof(out), &vote_combine_ballot);
+  return out;
 }
 
 void vote_combine_ballot(const Slot* ins, Slot* outs, unsigned mask) {

@@ -1,0 +1,538 @@
+"""The CUDA kernels' own source, run on the CPU by the emulator of tests/cuda_emu, against the CPU
+kernels (themselves tested against the reference).
+
+Every kernel of csrc/cuda/topk_select.cu, topk_fused.cu and info_nce.cu is compiled with g++ for the
+emulator (one fiber per CUDA thread, warp collectives and barriers as scheduling points, cp.async,
+ldmatrix and mma.sync written from the PTX ISA). A launch that breaks the execution model (a
+collective some lane of its mask never reaches, a deadlock, a misaligned vector load or copy) raises
+``_cuda_emu.KernelFault``. Skips when g++ or the kernel sources are missing.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import math
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import hnsample
+from hnsample import _C
+from hnsample.ops import topk_cuda
+from hnsample.ops.topk import SelectionState, build_selection
+
+_BUILD = Path(__file__).resolve().parent / "cuda_emu" / "build.py"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
+CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+SAMPLING = [
+    ("top", {}),
+    ("uniform_stream", {"sampling": "uniform", "seed": 11}),
+    ("softmax_stream_skip", {"sampling": "softmax", "seed": 5, "skip_top": 4, "temperature": 0.5}),
+    ("uniform_pool", {"sampling": "uniform", "seed": 3, "skip_top": 1, "pool": 30}),
+]
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The _cuda_emu module (built once per source tree, cached in the temp directory)."""
+    if not _BUILD.is_file():
+        pytest.skip("tests/cuda_emu is not here")
+    spec = importlib.util.spec_from_file_location("hnsample_cuda_emu_build", _BUILD)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    try:
+        return build.load()
+    except build.Unavailable as e:
+        pytest.skip(f"CUDA emulator unavailable: {e}")
+
+
+def selection(scores: torch.Tensor, k: int, kw: dict):
+    b, n = scores.shape
+    return build_selection(
+        b, n, scores.device, k, positives=kw.get("positives"), exclude=kw.get("exclude"),
+        query_labels=kw.get("query_labels"), candidate_labels=kw.get("candidate_labels"), positive_scores=None,
+        absolute_margin=kw.get("absolute_margin"), relative_margin=kw.get("relative_margin"),
+        min_score=kw.get("min_score"), max_score=kw.get("max_score"), skip_top=kw.get("skip_top", 0),
+        pool=kw.get("pool"), sampling=kw.get("sampling", "top"), temperature=kw.get("temperature", 1.0),
+        generator=None, seed=kw.get("seed"),
+        positive_values=lambda pos: torch.gather(scores.double(), 1, pos),
+    )
+
+
+def finalize(state: SelectionState, emu=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state's results from the emulated finalize kernel (emu given) or the CPU one."""
+    if emu is None:
+        return state.finalize()
+    rows = state.st_count.shape[0]
+    out_s = torch.full((rows, state.sel.k), 7.0, dtype=torch.float64)
+    out_j = torch.full((rows, state.sel.k), 7, dtype=torch.int64)
+    emu.topk_finalize(state.params, out_s.data_ptr(), out_j.data_ptr(), True, 0, 1)
+    return out_s, out_j
+
+
+def offer(state: SelectionState, block: torch.Tensor, row_offset: int, col_offset: int, emu=None,
+          segments: int = 1) -> None:
+    args = (state.params, block.data_ptr(), CODES[block.dtype], block.shape[0], block.shape[1], block.stride(0),
+            block.stride(1), row_offset, col_offset)
+    if emu is None:
+        _C.topk_select_block(*args, False, 0, 1)
+    else:
+        emu.topk_select_block_segments(*args, segments, 0)
+
+
+def assert_same(got, want) -> None:
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+
+
+def filters(name: str, b: int, n: int, gen: torch.Generator) -> dict:
+    if name == "plain":
+        return {}
+    if name == "masks_margin":
+        pos = torch.randint(-1, n, (b, 2), generator=gen)
+        pos[:, 0] = torch.randint(0, n, (b,), generator=gen)
+        return {"positives": pos, "exclude": torch.randint(-1, n, (b, 5), generator=gen),
+                "query_labels": torch.randint(0, 4, (b,), generator=gen),
+                "candidate_labels": torch.randint(0, 4, (n,), generator=gen), "relative_margin": 0.05}
+    return {"min_score": -1.0, "max_score": 1.5}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The select kernel (two-pass path), finalize and merge
+
+
+def score_matrix(b: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    s = (torch.randn(b, n, generator=gen) * 2).to(dtype)
+    s[:, 100:140] = s[:, 200:240]  # ties
+    s[0, 5] = math.nan
+    s[1, 6] = math.inf
+    s[2, 7] = -math.inf
+    return s
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("fname", ["plain", "masks_margin", "bounds"])
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_select_block_equals_cpu(emu, dtype, fname, sname, skw):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}/{fname}/{sname}".encode()))
+    b, n, k = 19, 1300, 20
+    scores = score_matrix(b, n, dtype, gen)
+    kw = dict(filters(fname, b, n, gen), **skw)
+    states = [SelectionState(selection(scores, k, kw), b, scores.device) for _ in range(2)]
+    # two column blocks, the second with a row offset and a column offset
+    for state, mod in zip(states, (None, emu), strict=True):
+        offer(state, scores[:, :700], 0, 0, mod)
+        offer(state, scores[5:, 700:], 5, 700, mod)
+        offer(state, scores[:5, 700:], 0, 700, mod)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["transposed", "offset", "column_stride"])
+def test_select_block_any_strides(emu, dtype, layout):
+    # Unaligned rows make the kernel peel a head before its 16-byte loads; strided columns take the
+    # scalar path. The emulator faults on any misaligned vector load.
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 1100, generator=gen).to(dtype)
+    scores = {"transposed": base.T[:, :290], "offset": base[3:40, 1:], "column_stride": base[:30, ::3]}[layout]
+    b, n = scores.shape
+    states = [SelectionState(selection(scores, 15, {}), b, scores.device) for _ in range(2)]
+    offer(states[0], scores, 0, 0)
+    offer(states[1], scores, 0, 0, emu)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_segments_and_merge_kernel(emu, sname, skw):
+    # The segmented launch (column range s into state copy s) merged by the merge kernel equals one
+    # CPU state over the whole block.
+    gen = torch.Generator().manual_seed(9)
+    b, n, k, segments = 10, 3000, 12, 3
+    scores = score_matrix(b, n, torch.float32, gen)
+    kw = dict(skw, exclude=torch.randint(-1, n, (b, 4), generator=gen))
+    sel = selection(scores, k, kw)
+    want = SelectionState(sel, b, scores.device)
+    offer(want, scores, 0, 0)
+    state = SelectionState(sel, b, scores.device)
+    cap = state.st_score.shape[1]
+    copies = (
+        torch.empty((segments * b, cap), dtype=torch.float64),
+        torch.empty((segments * b, cap), dtype=torch.int64),
+        torch.empty((segments * b, cap) if sel.sampling != 0 else (0,), dtype=torch.float64),
+        torch.zeros((segments * b, 2), dtype=torch.int64),
+    )
+    target = topk_cuda.copy_params(state.params, 0, copies)
+    args = (scores.data_ptr(), 0, b, n, scores.stride(0), 1, 0, 0)
+    emu.topk_select_block_segments(target, *args, segments, 0)
+    for s in range(segments):
+        emu.topk_merge(state.params, topk_cuda.copy_params(state.params, s * b, copies), True, 0, 1)
+    assert_same(finalize(state, emu), finalize(want))
+
+
+def test_select_large_k(emu):
+    # k beyond 2048: queues flush many times into a large heap.
+    gen = torch.Generator().manual_seed(4)
+    b, n, k = 3, 6000, 2100
+    scores = score_matrix(b, n, torch.float32, gen)
+    states = [SelectionState(selection(scores, k, {"skip_top": 5}), b, scores.device) for _ in range(2)]
+    offer(states[0], scores, 0, 0)
+    offer(states[1], scores, 0, 0, emu)
+    got = finalize(states[1], emu)
+    assert_same(got, finalize(states[0]))
+    assert int((got[1] >= 0).sum()) == b * k
+
+
+def test_select_launcher_checks(emu):
+    scores = torch.zeros(4, 10)
+    state = SelectionState(selection(scores, 3, {}), 4, scores.device)
+    with pytest.raises(RuntimeError, match="segments"):
+        emu.topk_select_block_segments(state.params, scores.data_ptr(), 0, 4, 10, 10, 1, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="cuda"):
+        emu.topk_finalize(state.params, 0, 0, False, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused score kernels, row bounds, offers and rescoring
+
+
+def int_matrix(rows: int, cols: int, gen: torch.Generator, lo: int = -4, hi: int = 5) -> torch.Tensor:
+    """Small integers: exact in every dtype, every fp32 sum of their products exact."""
+    return torch.randint(lo, hi, (rows, cols), generator=gen).to(torch.float32)
+
+
+def fused_launch(emu, q, c, lo, hi, cap, *, row_scale=None, col_scale=None, row_slack=None, col_slack=None):
+    """One emulated fused launch; returns (per-row dict col -> score, counts)."""
+    b, n = q.shape[0], c.shape[0]
+    scores = torch.full((b, cap), math.nan)
+    cols = torch.full((b, cap), -1, dtype=torch.int32)
+    counts = torch.zeros(b, dtype=torch.int32)
+    f = _C.FusedBlock()
+    f.queries, f.q_stride, f.candidates, f.c_stride = q.data_ptr(), q.stride(0), c.data_ptr(), c.stride(0)
+    f.dtype, f.rows, f.cols, f.dim = CODES[q.dtype], b, n, q.shape[1]
+    f.row_lo, f.row_hi = lo.data_ptr(), hi.data_ptr()
+    for name, t in (("row_scale", row_scale), ("col_scale", col_scale), ("row_slack", row_slack),
+                    ("col_slack", col_slack)):
+        setattr(f, name, 0 if t is None else t.data_ptr())
+    f.cand_score, f.cand_col, f.cand_count, f.cand_cap = scores.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap
+    emu.topk_fused_scores(f, 0)
+    kept = []
+    for i in range(b):
+        m = min(int(counts[i]), cap)
+        row = dict(zip(cols[i, :m].tolist(), scores[i, :m].tolist(), strict=True))
+        assert len(row) == m  # no candidate listed twice
+        kept.append(row)
+    return kept, counts, f, (scores, cols, counts)
+
+
+def row_bounds_between(s: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row bounds that cut the row's scores somewhere inside (some rows keep everything or nothing)."""
+    qs = torch.quantile(s.double(), torch.tensor([0.7, 0.95], dtype=torch.float64), dim=1).float()
+    lo, hi = qs[0].clone(), qs[1].clone()
+    lo[0], hi[0] = -math.inf, math.inf
+    lo[1], hi[1] = math.inf, math.inf
+    lo[2] = math.nan
+    return lo.contiguous(), hi.contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape", [(200, 300, 64), (128, 128, 32), (37, 515, 96)], ids=["ragged", "one_tile", "tall_k"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["dot", "scaled"])
+def test_fused_16bit_keeps_exactly_the_scores_in_bounds(emu, dtype, shape, scaled):
+    # Small integers: every product exact and every fp32 sum exact, so the kept (row, col, score) set
+    # is exactly {(i, j, s_ij): lo_i <= s_ij <= hi_i}, whatever the fragment order.
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(b * n + d)
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    s = q.double() @ c.double().T
+    rs = cs = None
+    if scaled:  # cosine-style scales: acc * row scale, then * column scale, in fp32
+        rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
+        s = (s.float() * rs[:, None]) * cs[None, :]
+    s = s.float()
+    lo, hi = row_bounds_between(s, gen)
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, n, row_scale=rs, col_scale=cs)
+    for i in range(b):
+        want = ((s[i] >= lo[i]) & (s[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want, f"row {i}"
+        assert all(kept[i][j] == float(s[i, j]) for j in want)
+        assert int(counts[i]) == len(want)
+    assert int(counts[0]) == n and int(counts[1]) == 0 and int(counts[2]) == 0
+
+
+def test_fused_list_overflow_counts_every_survivor(emu):
+    gen = torch.Generator().manual_seed(2)
+    b, n, d, cap = 20, 260, 32, 16
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    s = (q.double() @ c.double().T).float()
+    lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
+    lo[::2] = 0.0
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, cap)
+    for i in range(b):
+        assert int(counts[i]) == int((s[i] >= lo[i]).sum())
+        assert len(kept[i]) == min(cap, int(counts[i]))
+        assert all(s[i, j] == v and v >= lo[i] for j, v in kept[i].items())
+
+
+@pytest.mark.parametrize("case", ["gaussian", "near_ties"])
+@pytest.mark.parametrize("d", [16, 48, 256])
+def test_fused_tf32_keeps_every_candidate_in_bounds(emu, case, d):
+    # tf32 products are inexact: the kernel must keep every candidate whose exact score lies in the
+    # bounds (it widens them by the slack w_ij), keep nothing farther than 2 w_ij outside them (the
+    # tf32 score is within w_ij of the exact one, and passes when within w_ij of the bounds), and list
+    # scores within w_ij of the exact ones. The slack is the driver's (FusedOperands).
+    gen = torch.Generator().manual_seed(d)
+    b, n = 150, 260
+    q = torch.randn(b, d, generator=gen)
+    if case == "gaussian":
+        c = torch.randn(n, d, generator=gen)
+    else:  # candidates close to one vector: exact scores closer together than the tf32 errors
+        c = torch.randn(d, generator=gen) + 1e-3 * torch.randn(n, d, generator=gen)
+    ops = topk_cuda.FusedOperands.build(q, c, "dot")
+    exact = q.double() @ c.double().T
+    w = ops.row_slack.double()[:, None] * ops.col_slack.double()[None, :]
+    lo, hi = row_bounds_between(exact.float(), gen)
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, n, row_slack=ops.row_slack, col_slack=ops.col_slack)
+    for i in range(3, b):
+        inside = ((exact[i] >= lo[i]) & (exact[i] <= hi[i])).nonzero().flatten().tolist()
+        assert set(inside) <= set(kept[i]), f"row {i} lost a candidate"
+        for j, v in kept[i].items():
+            assert exact[i, j] + 2 * w[i, j] >= lo[i] and exact[i, j] - 2 * w[i, j] <= hi[i]
+            assert abs(v - exact[i, j]) <= w[i, j]
+    # the kernel used tf32, not fp32: some score differs from the fp32-rounded exact one
+    listed = [(i, j, v) for i in range(3, b) for j, v in kept[i].items()]
+    assert any(v != float(exact[i, j].float()) for i, j, v in listed)
+
+
+@pytest.mark.parametrize("d", [16, 32])
+def test_fused_tf32_rounds_inputs_to_nearest_ties_away(emu, d):
+    # cvt.rna: 1 + 2^-11 lies halfway between the tf32 values 1 and 1 + 2^-10 and rounds away from zero
+    # (to 1 + 2^-10; round-to-even or truncation give 1); 1 + 3 2^-12 rounds up. Every product and sum
+    # is then exact, so each score is d rna(x) rna(y), for every fragment slot of A and B.
+    b, n = 20, 24
+    q = torch.full((b, d), 1 + 2.0**-11)
+    q[1::2] = 1 + 3 * 2.0**-12
+    c = torch.full((n, d), -(1 + 2.0**-11))
+    ops = topk_cuda.FusedOperands.build(q, c, "dot")
+    inf = torch.full((b,), math.inf)
+    kept, counts, _, _ = fused_launch(emu, q, c, -inf, inf, n, row_slack=ops.row_slack, col_slack=ops.col_slack)
+    want = -d * (1 + 2.0**-10) ** 2
+    assert all(sorted(row) == list(range(n)) and set(row.values()) == {want} for row in kept)
+
+
+def test_fused_rescore_equals_cpu(emu):
+    gen = torch.Generator().manual_seed(6)
+    b, n, d = 40, 200, 80
+    q, c = torch.randn(b, d, generator=gen), torch.randn(n, d, generator=gen)
+    ops = topk_cuda.FusedOperands.build(q, c, "cosine")
+    exact = q.double() @ c.double().T
+    lo, hi = row_bounds_between(exact.float(), gen)
+    kept, counts, f, lists = fused_launch(emu, q, c, lo, hi, n, row_scale=ops.row_scale, col_scale=ops.col_scale,
+                                          row_slack=ops.row_slack, col_slack=ops.col_slack)
+    emu_scores = lists[0].clone()
+    emu.topk_rescore_candidates(f, True, 0, 1)
+    emu_scores, cpu_scores = lists[0].clone(), emu_scores
+    lists[0].copy_(cpu_scores)
+    _C.topk_rescore_candidates(f, False, 0, 1)
+    cpu_scores = lists[0]
+    m = torch.arange(n)[None, :] < counts.clamp(max=n)[:, None]
+    # same products, another double summation order: the float results agree to one rounding
+    diff = (emu_scores[m] - cpu_scores[m]).abs()
+    assert torch.all(diff <= torch.nextafter(cpu_scores[m].abs(), torch.tensor(math.inf)) - cpu_scores[m].abs())
+    assert int(m.sum()) > 0
+
+
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_row_bounds_and_offers_equal_cpu(emu, sname, skw):
+    gen = torch.Generator().manual_seed(10)
+    b, n, k = 30, 2000, 9
+    scores = score_matrix(b, n, torch.float32, gen)
+    kw = dict(skw, **filters("masks_margin", b, n, gen))
+    sel = selection(scores, k, kw)
+    states = [SelectionState(sel, b, scores.device) for _ in range(2)]
+    for st in states:
+        offer(st, scores[:, :500], 0, 0)
+    bounds = []
+    for st, mod in zip(states, (_C, emu), strict=True):
+        lo, hi = torch.empty(b), torch.empty(b)
+        mod.topk_row_bounds(st.params, lo.data_ptr(), hi.data_ptr(), mod is emu, 0, 1)
+        bounds.append((lo, hi))
+    assert torch.equal(bounds[0][0], bounds[1][0]) and torch.equal(bounds[0][1], bounds[1][1])
+    # candidate lists of the remaining columns, unordered, some rows overflowing the capacity
+    cap = 700
+    rest = scores[:, 500:]
+    perm = torch.stack([torch.randperm(n - 500, generator=gen) for _ in range(b)])[:, :cap]
+    cols = perm.to(torch.int32).contiguous()
+    vals = torch.gather(rest, 1, perm).contiguous()
+    counts = torch.randint(0, cap + 50, (b,), generator=gen, dtype=torch.int32)
+    for st, mod in zip(states, (_C, emu), strict=True):
+        mod.topk_offer_candidates(st.params, vals.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap, 500,
+                                  mod is emu, 0, 1)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+def test_fused_launcher_checks(emu):
+    q = torch.zeros(4, 40, dtype=torch.bfloat16)
+    lo, hi = torch.zeros(4), torch.zeros(4)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        fused_launch(emu, q, q, lo, hi, 4)
+    assert emu.topk_fused_supported(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# info_nce block passes
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_blocks_equal_cpu(emu, monkeypatch, symmetric):
+    from hnsample.ops import info_nce as nce_ops
+
+    gen = torch.Generator().manual_seed(4)
+    q, d = torch.randn(37, 16, generator=gen, dtype=torch.float64), torch.randn(45, 16, generator=gen,
+                                                                                dtype=torch.float64)
+    q.requires_grad_(True)
+    d.requires_grad_(True)
+    kw = {"symmetric": symmetric, "temperature": 0.1}
+    loss = hnsample.info_nce(q, d, **kw)
+    want = torch.autograd.grad(loss, (q, d))
+    calls = collections.Counter()
+    monkeypatch.setattr(nce_ops, "_C", _EmulatedC(emu, calls, route_cpu=True))
+    got_loss = hnsample.info_nce(q, d, **kw)
+    got = torch.autograd.grad(got_loss, (q, d))
+    assert calls["info_nce_block"] > 0
+    torch.testing.assert_close(got_loss, loss, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CUDA driver (hnsample/ops/topk_cuda.py) end to end on emulated kernels
+
+
+class _EmulatedC:
+    """hnsample._C with the CUDA launchers replaced by the emulated ones; everything else is _C.
+    route_cpu: calls made with cuda=False (CPU tensors outside the CUDA driver) go to the emulator too."""
+
+    def __init__(self, emu, calls: collections.Counter, route_cpu: bool = False):
+        self._emu, self._calls, self._route_cpu = emu, calls, route_cpu
+
+    def __getattr__(self, name):
+        real = getattr(_C, name)
+        fn = getattr(self._emu, name, None)
+        if fn is None or not callable(real) or isinstance(real, type):
+            return real
+
+        def call(*args, **kwargs):
+            self._calls[name] += 1
+            if self._route_cpu and "cuda" in kwargs:
+                kwargs["cuda"] = True
+            elif self._route_cpu:
+                args = _with_cuda(name, args)
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def _with_cuda(name: str, args: tuple) -> tuple:
+    """args with the positional `cuda` flag set (info_nce_block's is 14th)."""
+    pos = {"info_nce_block": 13}[name]
+    return args[:pos] + (True,) + args[pos + 1:]
+
+
+class _HostStream:
+    cuda_stream = 0
+
+
+def _patch_driver(monkeypatch, emu, calls):
+    monkeypatch.setattr(topk_cuda, "_C", _EmulatedC(emu, calls))
+    monkeypatch.setattr(topk_cuda, "_device_facts", lambda index: (4, 1 << 18))
+    monkeypatch.setattr(topk_cuda, "_mm_out_dtype_supported", lambda index, dtype: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _HostStream())
+
+
+DRIVER = [
+    ("top", {}),
+    ("margin_exclude", {"relative_margin": 0.1, "positives": "pos", "exclude": "exc"}),
+    ("window_pool", {"skip_top": 2, "pool": 15, "sampling": "uniform", "seed": 9}),
+    ("softmax_stream", {"sampling": "softmax", "seed": 1, "temperature": 2.0}),
+]
+
+
+def _driver_kwargs(spec: dict, b: int, n: int, gen: torch.Generator) -> dict:
+    kw = dict(spec)
+    if "positives" in kw:
+        kw["positives"] = torch.randint(0, n, (b, 1), generator=gen)
+    if "exclude" in kw:
+        kw["exclude"] = torch.randint(-1, n, (b, 4), generator=gen)
+    return kw
+
+
+@pytest.mark.parametrize("name,spec", DRIVER, ids=[x[0] for x in DRIVER])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_two_pass_driver_on_emulated_kernels(monkeypatch, emu, name, spec, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{dtype}".encode()))
+    b, n, d, k = 70, 5000, 32, 12
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    kw = _driver_kwargs(spec, b, n, gen)
+    want = hnsample.topk_similarity(q, c, k, **kw)
+    calls = collections.Counter()
+    _patch_driver(monkeypatch, emu, calls)
+    monkeypatch.setattr(topk_cuda, "PATH", "two_pass")
+    sel = selection(q.float() @ c.float().T, k, kw)
+    state = topk_cuda.run_cuda_selection(q, c, sel, "dot", 1 << 16)
+    got_s, got_j = finalize(state, emu)
+    monkeypatch.undo()
+    assert calls["topk_select_block_segments"] > 1
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+
+
+FUSED = [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine"), ("tf32", torch.float32, "dot")]
+
+
+@pytest.mark.parametrize("name,spec", DRIVER[:3], ids=[x[0] for x in DRIVER[:3]])
+@pytest.mark.parametrize("fname,dtype,metric", FUSED, ids=[x[0] for x in FUSED])
+def test_fused_driver_on_emulated_kernels(monkeypatch, emu, name, spec, fname, dtype, metric):
+    # Seed through the emulated select kernel, then doubling chunks through the emulated fused kernel
+    # (+ rescoring for fp32), bounds and offers. Small integers: every path's scores are exact, so the
+    # result equals the CPU op's bit for bit (cosine: the driver's fp32 scales on both sides).
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{fname}".encode()))
+    b, n, d, k = 40, 2600, 64, 10
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    kw = _driver_kwargs(spec, b, n, gen)
+    exact = q.double() @ c.double().T
+    if metric == "cosine":
+        exact = exact.float() * topk_cuda.cosine_scale(q)[:, None] * topk_cuda.cosine_scale(c)[None, :]
+    exact = exact.float()
+    want = hnsample.topk_from_scores(exact, k, **kw)
+    calls = collections.Counter()
+    _patch_driver(monkeypatch, emu, calls)
+    monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
+    if metric == "cosine":  # the two-pass seed scores with the same fp32 scales as the fused epilogue
+        monkeypatch.setattr(topk_cuda, "ScoreGemm", _ScaledGemm)
+    sel = selection(exact, k, kw)
+    state = topk_cuda._run_fused(q, c, sel, metric, 1 << 16, SelectionState(sel, b, q.device), 0)
+    got_s, got_j = finalize(state, emu)
+    monkeypatch.undo()
+    assert calls["topk_fused_scores"] == 4  # chunks of 300, 600, 1200 and 200 after the seed of 300
+    assert calls["topk_rescore_candidates"] == (4 if dtype == torch.float32 else 0)
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+
+
+class _ScaledGemm(topk_cuda.ScoreGemm):
+    """The native 16-bit GEMM's cosine scores (exact fp32 sum, times each fp32 scale) on the CPU."""
+
+    def __init__(self, queries, metric):
+        self.metric, self.out_dtype, self.native = metric, torch.float32, True
+        self.q, self.q_scale = queries, topk_cuda.cosine_scale(queries)
+
+    def operand(self, x):
+        return x, topk_cuda.cosine_scale(x)
+
+    def scores(self, i0, i1, c, c_scale, out):
+        out.copy_((self.q[i0:i1].double() @ c.double().T).float())
+        out.mul_(self.q_scale[i0:i1, None]).mul_(c_scale[None, :])
