@@ -263,6 +263,50 @@ def test_fused_16bit_keeps_exactly_the_scores_in_bounds(emu, dtype, shape, scale
     assert int(counts[0]) == n and int(counts[1]) == 0 and int(counts[2]) == 0
 
 
+SCHEDULES = [("warps_ascending", True), ("warps_descending", True), ("warps_ascending", False),
+             ("round_robin", True)]
+
+
+@pytest.fixture(params=SCHEDULES, ids=[f"{s}-{'immediate' if i else 'deferred'}" for s, i in SCHEDULES])
+def schedule(request, emu):
+    """Runs the test with the emulator's threads taking turns in another order (one warp running as
+    far ahead as the barriers allow) and cp.async copies landing when issued or when waited for."""
+    emu.configure(*request.param)
+    yield request.param
+    emu.configure("round_robin", False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
+def test_fused_kernel_under_other_schedules(emu, schedule, dtype):
+    # A missing __syncthreads or cp.async wait in the pipelined main loop changes the result under
+    # one of these orders; the lists must be the round-robin ones, exactly.
+    gen = torch.Generator().manual_seed(8)
+    b, n, d = 140, 150, 128
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    s = (q.double() @ c.double().T).float()
+    lo, hi = row_bounds_between(s, gen)
+    slack, w = {}, torch.zeros(b, n)
+    if dtype == torch.float32:  # small integers are exact in tf32 too; the epilogue widens by w in fp32
+        ops = topk_cuda.FusedOperands.build(q, c, "dot")
+        slack = {"row_slack": ops.row_slack, "col_slack": ops.col_slack}
+        w = ops.row_slack[:, None] * ops.col_slack[None, :]
+    kept, _, _, _ = fused_launch(emu, q, c, lo, hi, n, **slack)
+    for i in range(b):
+        want = ((s[i] + w[i] >= lo[i]) & (s[i] - w[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want and all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
+
+
+def test_select_kernel_under_other_schedules(emu, schedule):
+    gen = torch.Generator().manual_seed(12)
+    b, n, k = 17, 2500, 40
+    scores = score_matrix(b, n, torch.bfloat16, gen)
+    kw = filters("masks_margin", b, n, gen)
+    states = [SelectionState(selection(scores, k, kw), b, scores.device) for _ in range(2)]
+    offer(states[0], scores, 0, 0)
+    offer(states[1], scores, 0, 0, emu)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
 def test_fused_list_overflow_counts_every_survivor(emu):
     gen = torch.Generator().manual_seed(2)
     b, n, d, cap = 20, 260, 32, 16

@@ -10,9 +10,12 @@
 //     the same mask. A lane of the mask that has exited, a lane arriving at another kind or mask, or a
 //     block where every live thread waits without any collective able to complete is a kernel fault:
 //     the launch throws cuda_emu::KernelFault (a test failure, never a hang).
-//   * PTX instructions are written from the PTX ISA (emu_runtime.cpp): cp.async copies are deferred to
-//     the cp.async.wait_group that covers them (the latest a GPU may land them), ldmatrix and mma.sync
-//     gather the warp's fragments, form the matrices of the ISA's fragment tables and scatter results.
+//   * The order of the threads' turns is configurable (round robin, or one warp running ahead of the
+//     others), as is when a cp.async copy lands: at the cp.async.wait_group that covers it (the latest a
+//     GPU may land it) or when issued (the earliest), so tests can run a kernel under the extremes of
+//     what the hardware allows and catch a missing barrier or wait.
+//   * PTX instructions are written from the PTX ISA (emu_runtime.cpp): ldmatrix and mma.sync gather
+//     the warp's fragments, form the matrices of the ISA's fragment tables and scatter the results.
 // Not modelled: data races between warps outside the scheduling points, memory spaces (any pointer is
 // as good as any other), occupancy and timing.
 #pragma once
@@ -90,6 +93,12 @@ struct ThreadCoords {
 };
 const ThreadCoords& coords();  // of the running CUDA thread
 [[noreturn]] void fault(const std::string& what);
+
+// How the threads of a block take turns: round robin over the runnable threads (default), or the
+// lowest (highest) warp with a runnable thread first, so one warp runs ahead of the others.
+enum class Schedule { kRoundRobin, kWarpsAscending, kWarpsDescending };
+// cp.async copies land at the covering wait_group (default) or as soon as they are issued.
+void configure(Schedule schedule, bool cp_async_immediate);
 
 // Runs kernel() once per thread of every block of the grid (see the model above).
 void run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* ctx);

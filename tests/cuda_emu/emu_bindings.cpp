@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cuda_runtime.h"
 #include "info_nce.h"
@@ -50,6 +51,24 @@ PYBIND11_MODULE(_cuda_emu, m) {
   py::register_exception<cuda_emu::KernelFault>(m, "KernelFault", PyExc_RuntimeError);
   py::module_::import("hnsample._C");  // registers the params types used below
 
+  m.def(
+      "configure",
+      [](const std::string& schedule, bool cp_async_immediate) {
+        cuda_emu::Schedule sc;
+        if (schedule == "round_robin") {
+          sc = cuda_emu::Schedule::kRoundRobin;
+        } else if (schedule == "warps_ascending") {
+          sc = cuda_emu::Schedule::kWarpsAscending;
+        } else if (schedule == "warps_descending") {
+          sc = cuda_emu::Schedule::kWarpsDescending;
+        } else {
+          throw py::value_error("schedule must be round_robin, warps_ascending or warps_descending, got " + schedule);
+        }
+        cuda_emu::configure(sc, cp_async_immediate);
+      },
+      py::arg("schedule"), py::arg("cp_async_immediate"),
+      "How the emulated threads of a block take turns, and whether cp.async copies land when issued "
+      "(else at the wait_group covering them).");
   m.def(
       "topk_select_block",
       [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,

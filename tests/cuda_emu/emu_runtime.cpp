@@ -60,6 +60,8 @@ void* g_ctx = nullptr;
 std::string g_fault;
 std::exception_ptr g_exception;
 cudaError_t g_last_error = cudaSuccess;
+Schedule g_schedule = Schedule::kRoundRobin;
+bool g_cp_async_immediate = false;
 
 void* stack_for(size_t i) {
   while (g_stacks.size() <= i) {
@@ -168,12 +170,29 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, fiber_main, 0);
   }
+  const int nw = static_cast<int>(nwarps);
   for (;;) {
     bool ran = false, alive = false;
+    // Round robin: one turn for every runnable thread. Warp-greedy orders: only the first warp (in
+    // that order) with a runnable thread gets turns, so it runs as far ahead of the others as the
+    // block's barriers allow (what a missing __syncthreads needs to show).
+    int only_warp = -1;
+    if (g_schedule != Schedule::kRoundRobin) {
+      for (int i = 0; i < nw && only_warp < 0; ++i) {
+        const int w = g_schedule == Schedule::kWarpsAscending ? i : nw - 1 - i;
+        for (int l = 0; l < 32 && 32 * w + l < static_cast<int>(n); ++l) {
+          const Thread& t = g_block.threads[32 * w + l];
+          if (!t.done && !t.blocked) {
+            only_warp = w;
+            break;
+          }
+        }
+      }
+    }
     for (Thread& t : g_block.threads) {
       if (t.done) continue;
       alive = true;
-      if (t.blocked) continue;
+      if (t.blocked || (only_warp >= 0 && t.warp != only_warp)) continue;
       g_current = &t;
       swapcontext(&g_scheduler, &t.ctx);
       g_current = nullptr;
@@ -189,6 +208,12 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
 }
 
 }  // namespace
+
+void configure(Schedule schedule, bool cp_async_immediate) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_schedule = schedule;
+  g_cp_async_immediate = cp_async_immediate;
+}
 
 const ThreadCoords& coords() {
   if (g_current == nullptr) fault("a device builtin was used outside a kernel");
@@ -283,12 +308,18 @@ void vote_combine_ballot(const Slot* ins, Slot* outs, unsigned mask) {
 // ---- PTX ---------------------------------------------------------------------------------------------
 
 // cp.async.cg.shared.global [dst], [src], cp-size, src-size: copies src-size bytes and zero-fills the
-// rest of cp-size; both addresses aligned to cp-size. The copy lands at the wait_group covering it.
+// rest of cp-size; both addresses aligned to cp-size. The copy lands at the wait_group covering it
+// (the latest a GPU may complete it), or at once in the immediate mode (the earliest).
 void cp_async(void* smem, const void* gmem, int cp_size, int src_size) {
   if (reinterpret_cast<uintptr_t>(smem) % cp_size != 0 || reinterpret_cast<uintptr_t>(gmem) % cp_size != 0)
     fault("cp.async: addresses must be aligned to the copy size " + std::to_string(cp_size));
   if (src_size < 0 || src_size > cp_size) fault("cp.async: src-size out of range");
-  g_current->open_group.push_back(CopyOp{smem, gmem, cp_size, src_size});
+  const CopyOp op{smem, gmem, cp_size, src_size};
+  if (g_cp_async_immediate) {
+    perform({op});
+    return;
+  }
+  g_current->open_group.push_back(op);
 }
 
 void cp_async_commit() {
