@@ -102,6 +102,49 @@ def filters(name: str, b: int, n: int, gen: torch.Generator) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The emulator itself (tests/cuda_emu/emu_selftest.cu)
+
+
+def test_emulator_shuffles_and_votes(emu):
+    out = torch.zeros(64, 6, dtype=torch.int32)
+    emu.selftest_shuffles(out.data_ptr())
+    t = torch.arange(64)
+    lane, base = t % 32, t - t % 32
+    v = 100 * t
+    assert torch.equal(out[:, 0], v[base + 31 - lane].int())
+    assert torch.equal(out[:, 1], v[base + (lane ^ 5)].int())
+    assert torch.equal(out[:, 2], torch.where(lane + 3 < 32, v[(t + 3).clamp(max=63)], v).int())
+    assert torch.equal(out[:, 3], torch.where(lane >= 2, v[(t - 2).clamp(min=0)], v).int())
+    assert torch.equal(out[:, 4], v[t - t % 8 + 1].int())
+    assert torch.all(out[:, 5].view(torch.int32) == 0xAAAAAAAA - (1 << 32))
+
+
+@pytest.mark.parametrize("mode,message", [(0, "exited"), (1, "deadlock"), (2, "while lanes")],
+                         ids=["exited_lane", "deadlock", "mismatched"])
+def test_emulator_faults_instead_of_hanging(emu, mode, message):
+    out = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(emu.KernelFault, match=message):
+        emu.selftest_faults(mode, out.data_ptr())
+
+
+def test_emulator_divergent_halves_complete(emu):
+    out = torch.zeros(64, dtype=torch.int32)
+    emu.selftest_faults(3, out.data_ptr())
+    lane = torch.arange(64) % 32
+    assert torch.equal(out, torch.where(lane < 16, 0xFFFF, 16).int())
+
+
+def test_emulator_mma_fragments_compose(emu):
+    # ldmatrix (A) and mma.sync (A, B, C tables), composed as the ISA documents, compute A B.
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randint(-8, 9, (16, 16), generator=gen).to(torch.bfloat16)
+    bt = torch.randint(-8, 9, (8, 16), generator=gen).to(torch.bfloat16)
+    d = torch.full((16, 8), math.nan)
+    emu.selftest_mma_bf16(a.view(torch.int16).data_ptr(), bt.view(torch.int16).data_ptr(), d.data_ptr())
+    assert torch.equal(d, a.float() @ bt.float().T)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The select kernel (two-pass path), finalize and merge
 
 

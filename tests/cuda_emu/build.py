@@ -33,12 +33,13 @@ class Unavailable(RuntimeError):
 
 
 def sources() -> list[Path]:
-    """The translation units: the emulator's runtime and bindings, then the CUDA kernel sources."""
+    """The translation units: the emulator's runtime, bindings and self-test kernels, then the CUDA
+    kernel sources."""
     kernels = [ROOT / "csrc" / "cuda" / name for name in KERNELS]
     missing = [str(p) for p in kernels if not p.is_file()]
     if missing:
         raise Unavailable(f"kernel sources not found: {missing}")
-    return [HERE / "emu_runtime.cpp", HERE / "emu_bindings.cpp", *kernels]
+    return [HERE / "emu_runtime.cpp", HERE / "emu_bindings.cpp", HERE / "emu_selftest.cu", *kernels]
 
 
 def _include_dirs() -> list[str]:

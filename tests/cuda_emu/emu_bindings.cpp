@@ -18,6 +18,11 @@ using namespace hnsample;
 namespace hnsample {
 bool cuda_device_usable();
 }
+namespace cuda_emu_selftest {  // emu_selftest.cu
+void shuffles(int* out);
+void faults(int mode, int* out);
+void mma_bf16(const uint16_t* a, const uint16_t* bt, float* d);
+}  // namespace cuda_emu_selftest
 
 namespace {
 
@@ -69,6 +74,12 @@ PYBIND11_MODULE(_cuda_emu, m) {
       py::arg("schedule"), py::arg("cp_async_immediate"),
       "How the emulated threads of a block take turns, and whether cp.async copies land when issued "
       "(else at the wait_group covering them).");
+  // The emulator's own test kernels (emu_selftest.cu); pointers as ints, as everywhere.
+  m.def("selftest_shuffles", [](uintptr_t out) { cuda_emu_selftest::shuffles(as_ptr<int>(out)); });
+  m.def("selftest_faults", [](int mode, uintptr_t out) { cuda_emu_selftest::faults(mode, as_ptr<int>(out)); });
+  m.def("selftest_mma_bf16", [](uintptr_t a, uintptr_t bt, uintptr_t d) {
+    cuda_emu_selftest::mma_bf16(as_ptr<const uint16_t>(a), as_ptr<const uint16_t>(bt), as_ptr<float>(d));
+  });
   m.def(
       "topk_select_block",
       [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
