@@ -350,6 +350,24 @@ def test_select_kernel_under_other_schedules(emu, schedule):
     assert_same(finalize(states[1], emu), finalize(states[0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
+def test_fused_strided_rows(emu, dtype):
+    # Row strides wider than d (views into wider matrices), whole 16 bytes apart as the launcher requires.
+    gen = torch.Generator().manual_seed(13)
+    b, n, d = 70, 200, 32
+    qw, cw = int_matrix(b, d + 16, gen).to(dtype), int_matrix(n, d + 32, gen).to(dtype)
+    q, c = qw[:, 8:8 + d], cw[:, 16:16 + d]
+    s = (q.double() @ c.double().T).float()
+    lo, hi = row_bounds_between(s, gen)
+    slack = {}
+    if dtype == torch.float32:  # no slack: the products of small integers are exact in tf32
+        slack = {"row_slack": torch.zeros(b), "col_slack": torch.zeros(n)}
+    kept, _, _, _ = fused_launch(emu, q, c, lo, hi, n, **slack)
+    for i in range(b):
+        want = ((s[i] >= lo[i]) & (s[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want and all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
+
+
 def test_fused_list_overflow_counts_every_survivor(emu):
     gen = torch.Generator().manual_seed(2)
     b, n, d, cap = 20, 260, 32, 16
@@ -577,7 +595,8 @@ def test_two_pass_driver_on_emulated_kernels(monkeypatch, emu, name, spec, dtype
     assert torch.equal(got_s.float(), want.scores)
 
 
-FUSED = [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine"), ("tf32", torch.float32, "dot")]
+FUSED = [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine"), ("tf32", torch.float32, "dot"),
+         ("tf32_cosine", torch.float32, "cosine")]
 
 
 @pytest.mark.parametrize("name,spec", DRIVER[:3], ids=[x[0] for x in DRIVER[:3]])
@@ -585,22 +604,18 @@ FUSED = [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine"
 def test_fused_driver_on_emulated_kernels(monkeypatch, emu, name, spec, fname, dtype, metric):
     # Seed through the emulated select kernel, then doubling chunks through the emulated fused kernel
     # (+ rescoring for fp32), bounds and offers. Small integers: every path's scores are exact, so the
-    # result equals the CPU op's bit for bit (cosine: the driver's fp32 scales on both sides).
+    # result equals the CPU op's over the same score matrix bit for bit (cosine: the scaled scores of
+    # _ExactGemm, which the fused epilogue and the rescoring reproduce).
     gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{fname}".encode()))
     b, n, d, k = 40, 2600, 64, 10
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
     kw = _driver_kwargs(spec, b, n, gen)
-    exact = q.double() @ c.double().T
-    if metric == "cosine":
-        exact = exact.float() * topk_cuda.cosine_scale(q)[:, None] * topk_cuda.cosine_scale(c)[None, :]
-    exact = exact.float()
-    want = hnsample.topk_from_scores(exact, k, **kw)
+    want = hnsample.topk_from_scores(_exact_scores(q, c, metric), k, **kw)
     calls = collections.Counter()
     _patch_driver(monkeypatch, emu, calls)
     monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
-    if metric == "cosine":  # the two-pass seed scores with the same fp32 scales as the fused epilogue
-        monkeypatch.setattr(topk_cuda, "ScoreGemm", _ScaledGemm)
-    sel = selection(exact, k, kw)
+    monkeypatch.setattr(topk_cuda, "ScoreGemm", _ExactGemm)
+    sel = selection(_exact_scores(q, c, metric), k, kw)
     state = topk_cuda._run_fused(q, c, sel, metric, 1 << 16, SelectionState(sel, b, q.device), 0)
     got_s, got_j = finalize(state, emu)
     monkeypatch.undo()
@@ -610,16 +625,47 @@ def test_fused_driver_on_emulated_kernels(monkeypatch, emu, name, spec, fname, d
     assert torch.equal(got_s.float(), want.scores)
 
 
-class _ScaledGemm(topk_cuda.ScoreGemm):
-    """The native 16-bit GEMM's cosine scores (exact fp32 sum, times each fp32 scale) on the CPU."""
+def test_fused_driver_redoes_overflowing_chunks(monkeypatch, emu):
+    # Candidates get better chunk after chunk, so every row's list overflows and each chunk is redone
+    # on the two-pass path (emulated select kernel); the result is still exact.
+    gen = torch.Generator().manual_seed(21)
+    b, n, d, k = 24, 2600, 32, 10
+    q = int_matrix(b, d, gen, 0, 4).to(torch.bfloat16)
+    c = (int_matrix(n, d, gen, 0, 4) * (1 + torch.arange(n) // 300)[:, None]).to(torch.bfloat16)
+    want = hnsample.topk_from_scores(_exact_scores(q, c, "dot"), k)
+    calls = collections.Counter()
+    _patch_driver(monkeypatch, emu, calls)
+    monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
+    sel = selection(_exact_scores(q, c, "dot"), k, {})
+    state = topk_cuda._run_fused(q, c, sel, "dot", 1 << 16, SelectionState(sel, b, q.device), 0)
+    got_s, got_j = finalize(state, emu)
+    monkeypatch.undo()
+    assert calls["topk_fused_scores"] == 4 and calls["topk_offer_candidates"] < 4
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+
+
+def _exact_scores(q: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
+    """Scores as the fused path computes them for small-integer inputs: the exact dot product; cosine
+    scales it by the driver's fp32 1/|x| factors, in fp32 for 16-bit inputs (the epilogue's acc * row
+    scale * column scale) and in float64 rounded once for fp32 inputs (the rescoring)."""
+    s = q.double() @ c.double().T
+    if metric != "cosine":
+        return s.float()
+    rs, cs = topk_cuda.cosine_scale(q), topk_cuda.cosine_scale(c)
+    if q.dtype == torch.float32:
+        return (s * rs.double()[:, None] * cs.double()[None, :]).float()
+    return s.float() * rs[:, None] * cs[None, :]
+
+
+class _ExactGemm(topk_cuda.ScoreGemm):
+    """The two-pass path's seed blocks with _exact_scores' values (the GPU GEMM on the CPU)."""
 
     def __init__(self, queries, metric):
-        self.metric, self.out_dtype, self.native = metric, torch.float32, True
-        self.q, self.q_scale = queries, topk_cuda.cosine_scale(queries)
+        self.metric, self.out_dtype, self.q = metric, torch.float32, queries
 
     def operand(self, x):
-        return x, topk_cuda.cosine_scale(x)
+        return x, None
 
     def scores(self, i0, i1, c, c_scale, out):
-        out.copy_((self.q[i0:i1].double() @ c.double().T).float())
-        out.mul_(self.q_scale[i0:i1, None]).mul_(c_scale[None, :])
+        out.copy_(_exact_scores(self.q[i0:i1], c, self.metric))
