@@ -189,13 +189,14 @@ def test_select_block_any_strides(emu, dtype, layout):
     assert_same(finalize(states[1], emu), finalize(states[0]))
 
 
+@pytest.mark.parametrize("n,segments", [(3000, 3), (5, 4), (1100, 7)], ids=["wide", "empty_segment", "ragged"])
 @pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
-def test_segments_and_merge_kernel(emu, sname, skw):
+def test_segments_and_merge_kernel(emu, sname, skw, n, segments):
     # The segmented launch (column range s into state copy s) merged by the merge kernel equals one
-    # CPU state over the whole block.
+    # CPU state over the whole block (also when the last segments are empty: 5 columns in 4 segments).
     gen = torch.Generator().manual_seed(9)
-    b, n, k, segments = 10, 3000, 12, 3
-    scores = score_matrix(b, n, torch.float32, gen)
+    b, k = 10, 12
+    scores = torch.randn(b, n, generator=gen) if n < 300 else score_matrix(b, n, torch.float32, gen)
     kw = dict(skw, exclude=torch.randint(-1, n, (b, 4), generator=gen))
     sel = selection(scores, k, kw)
     want = SelectionState(sel, b, scores.device)
@@ -282,7 +283,8 @@ def row_bounds_between(s: torch.Tensor, gen: torch.Generator) -> tuple[torch.Ten
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("shape", [(200, 300, 64), (128, 128, 32), (37, 515, 96)], ids=["ragged", "one_tile", "tall_k"])
+@pytest.mark.parametrize("shape", [(200, 300, 64), (128, 128, 32), (37, 515, 96), (3, 5, 32)],
+                         ids=["ragged", "one_tile", "tall_k", "tiny"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["dot", "scaled"])
 def test_fused_16bit_keeps_exactly_the_scores_in_bounds(emu, dtype, shape, scaled):
     # Small integers: every product exact and every fp32 sum exact, so the kept (row, col, score) set
@@ -304,6 +306,12 @@ def test_fused_16bit_keeps_exactly_the_scores_in_bounds(emu, dtype, shape, scale
         assert all(kept[i][j] == float(s[i, j]) for j in want)
         assert int(counts[i]) == len(want)
     assert int(counts[0]) == n and int(counts[1]) == 0 and int(counts[2]) == 0
+
+
+def test_fused_single_pair(emu):
+    q, c = torch.ones(1, 32, dtype=torch.float16), torch.full((1, 32), 2.0, dtype=torch.float16)
+    kept, counts, _, _ = fused_launch(emu, q, c, torch.tensor([64.0]), torch.tensor([64.0]), 1)
+    assert kept == [{0: 64.0}] and counts.tolist() == [1]
 
 
 SCHEDULES = [("warps_ascending", True), ("warps_descending", True), ("warps_ascending", False),
@@ -429,21 +437,26 @@ def test_fused_tf32_rounds_inputs_to_nearest_ties_away(emu, d):
 
 
 def test_fused_rescore_equals_cpu(emu):
+    # Rescoring of the lists of a cosine tf32 launch, rows with overflowing lists included (only the
+    # first cand_cap entries exist).
     gen = torch.Generator().manual_seed(6)
-    b, n, d = 40, 200, 80
+    b, n, d, cap = 40, 200, 80, 24
     q, c = torch.randn(b, d, generator=gen), torch.randn(n, d, generator=gen)
     ops = topk_cuda.FusedOperands.build(q, c, "cosine")
     exact = q.double() @ c.double().T
     lo, hi = row_bounds_between(exact.float(), gen)
-    kept, counts, f, lists = fused_launch(emu, q, c, lo, hi, n, row_scale=ops.row_scale, col_scale=ops.col_scale,
+    lo[3::4] = -math.inf  # these rows overflow
+    kept, counts, f, lists = fused_launch(emu, q, c, lo, hi, cap, row_scale=ops.row_scale, col_scale=ops.col_scale,
                                           row_slack=ops.row_slack, col_slack=ops.col_slack)
-    emu_scores = lists[0].clone()
+    assert int((counts > cap).sum()) >= 5
+    listed = lists[0].clone()
     emu.topk_rescore_candidates(f, True, 0, 1)
-    emu_scores, cpu_scores = lists[0].clone(), emu_scores
-    lists[0].copy_(cpu_scores)
+    emu_scores = lists[0].clone()
+    lists[0].copy_(listed)
     _C.topk_rescore_candidates(f, False, 0, 1)
     cpu_scores = lists[0]
-    m = torch.arange(n)[None, :] < counts.clamp(max=n)[:, None]
+    m = torch.arange(cap)[None, :] < counts.clamp(max=cap)[:, None]
+    assert torch.all(torch.isnan(emu_scores[~m]))  # nothing written past a list's end
     # same products, another double summation order: the float results agree to one rounding
     diff = (emu_scores[m] - cpu_scores[m]).abs()
     assert torch.all(diff <= torch.nextafter(cpu_scores[m].abs(), torch.tensor(math.inf)) - cpu_scores[m].abs())

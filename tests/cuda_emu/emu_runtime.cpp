@@ -7,6 +7,7 @@
 
 #include <cfenv>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -61,6 +62,10 @@ std::string g_fault;
 std::exception_ptr g_exception;
 cudaError_t g_last_error = cudaSuccess;
 Schedule g_schedule = Schedule::kRoundRobin;
+// Shared-memory destinations of cp.async seen so far (address -> bytes): each block starts with them
+// filled with 0xff bytes (NaN in every float format), since a block's shared memory starts undefined
+// and statics would otherwise hand it the previous block's data.
+std::map<uintptr_t, int> g_shared_seen;
 bool g_cp_async_immediate = false;
 
 void* stack_for(size_t i) {
@@ -145,6 +150,7 @@ std::string deadlock_report() {
 }
 
 void run_block(dim3 grid, dim3 block, uint3 block_idx) {
+  for (const auto& [addr, bytes] : g_shared_seen) std::memset(reinterpret_cast<void*>(addr), 0xff, bytes);
   const unsigned n = block.x * block.y * block.z;
   const unsigned nwarps = (n + 31) / 32;
   g_block.threads.assign(n, Thread{});
@@ -315,6 +321,7 @@ void cp_async(void* smem, const void* gmem, int cp_size, int src_size) {
     fault("cp.async: addresses must be aligned to the copy size " + std::to_string(cp_size));
   if (src_size < 0 || src_size > cp_size) fault("cp.async: src-size out of range");
   const CopyOp op{smem, gmem, cp_size, src_size};
+  g_shared_seen[reinterpret_cast<uintptr_t>(smem)] = cp_size;
   if (g_cp_async_immediate) {
     perform({op});
     return;
