@@ -97,8 +97,9 @@ const ThreadCoords& coords();  // of the running CUDA thread
 // How the threads of a block take turns: round robin over the runnable threads (default), or the
 // lowest (highest) warp with a runnable thread first, so one warp runs ahead of the others.
 enum class Schedule { kRoundRobin, kWarpsAscending, kWarpsDescending };
-// cp.async copies land at the covering wait_group (default) or as soon as they are issued.
-void configure(Schedule schedule, bool cp_async_immediate);
+// cp.async copies land at the covering wait_group (default) or as soon as they are issued; mma.sync
+// rounds each output once (default) or truncates after every addition (mma_truncate).
+void configure(Schedule schedule, bool cp_async_immediate, bool mma_truncate);
 
 // Runs kernel() once per thread of every block of the grid (see the model above).
 void run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* ctx);
@@ -154,7 +155,8 @@ Launch<P...> make_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_
 template <typename T>
 T load_aligned(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0)
-    fault("misaligned " + std::to_string(sizeof(T)) + "-byte load at " + std::to_string(reinterpret_cast<uintptr_t>(p)));
+    fault("misaligned " + std::to_string(sizeof(T)) + "-byte load at " +
+          std::to_string(reinterpret_cast<uintptr_t>(p)));
   return *p;
 }
 

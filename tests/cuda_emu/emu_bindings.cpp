@@ -58,7 +58,7 @@ PYBIND11_MODULE(_cuda_emu, m) {
 
   m.def(
       "configure",
-      [](const std::string& schedule, bool cp_async_immediate) {
+      [](const std::string& schedule, bool cp_async_immediate, bool mma_truncate) {
         cuda_emu::Schedule sc;
         if (schedule == "round_robin") {
           sc = cuda_emu::Schedule::kRoundRobin;
@@ -69,11 +69,12 @@ PYBIND11_MODULE(_cuda_emu, m) {
         } else {
           throw py::value_error("schedule must be round_robin, warps_ascending or warps_descending, got " + schedule);
         }
-        cuda_emu::configure(sc, cp_async_immediate);
+        cuda_emu::configure(sc, cp_async_immediate, mma_truncate);
       },
-      py::arg("schedule"), py::arg("cp_async_immediate"),
-      "How the emulated threads of a block take turns, and whether cp.async copies land when issued "
-      "(else at the wait_group covering them).");
+      py::arg("schedule") = "round_robin", py::arg("cp_async_immediate") = false, py::arg("mma_truncate") = false,
+      "How the emulated threads of a block take turns, whether cp.async copies land when issued (else at "
+      "the wait_group covering them), and whether mma.sync truncates after every addition (else rounds "
+      "each output once).");
   // The emulator's own test kernels (emu_selftest.cu); pointers as ints, as everywhere.
   m.def("selftest_shuffles", [](uintptr_t out) { cuda_emu_selftest::shuffles(as_ptr<int>(out)); });
   m.def("selftest_faults", [](int mode, uintptr_t out) { cuda_emu_selftest::faults(mode, as_ptr<int>(out)); });

@@ -67,11 +67,12 @@ Schedule g_schedule = Schedule::kRoundRobin;
 // and statics would otherwise hand it the previous block's data.
 std::map<uintptr_t, int> g_shared_seen;
 bool g_cp_async_immediate = false;
+bool g_mma_truncate = false;
 
 void* stack_for(size_t i) {
   while (g_stacks.size() <= i) {
-    void* p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+    const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+    void* p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map a fiber stack");
     mprotect(p, kGuardBytes, PROT_NONE);
     g_stacks.push_back(Fiber{p});
@@ -145,7 +146,8 @@ std::string deadlock_report() {
              ";";
   }
   if (g_block.at_barrier > 0)
-    msg += " " + std::to_string(g_block.at_barrier) + " of " + std::to_string(g_block.live) + " threads at __syncthreads;";
+    msg += " " + std::to_string(g_block.at_barrier) + " of " + std::to_string(g_block.live) +
+           " threads at __syncthreads;";
   return msg;
 }
 
@@ -215,10 +217,11 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
 
 }  // namespace
 
-void configure(Schedule schedule, bool cp_async_immediate) {
+void configure(Schedule schedule, bool cp_async_immediate, bool mma_truncate) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_schedule = schedule;
   g_cp_async_immediate = cp_async_immediate;
+  g_mma_truncate = mma_truncate;
 }
 
 const ThreadCoords& coords() {
@@ -257,7 +260,8 @@ void collective(const char* kind, unsigned mask, const void* in, size_t in_bytes
   WarpState& w = g_block.warps[t.warp];
   if (!(mask >> t.lane & 1u)) fault(std::string(kind) + " with mask " + hex(mask) + " that omits the calling lane");
   if (mask & g_block.warp_exited[t.warp])
-    fault(std::string(kind) + " with mask " + hex(mask) + " names exited lanes " + hex(mask & g_block.warp_exited[t.warp]));
+    fault(std::string(kind) + " with mask " + hex(mask) + " names exited lanes " +
+          hex(mask & g_block.warp_exited[t.warp]));
   if (w.kind == nullptr) {
     w.kind = kind;
     w.mask = mask;
@@ -385,6 +389,15 @@ float bits_float(uint32_t u) {
   return f;
 }
 
+// acc + p rounded to float toward zero (the double sum of a float and a product of two values with
+// 11-bit significands is exact unless their magnitudes are ~2^30 apart, far below float resolution).
+float add_toward_zero(float acc, double p) {
+  const double exact = static_cast<double>(acc) + p;
+  float f = static_cast<float>(exact);
+  if (std::fabs(static_cast<double>(f)) > std::fabs(exact)) f = std::nextafter(f, 0.0f);
+  return f;
+}
+
 struct MmaIn {
   int kind;
   uint32_t a[4], b[2];
@@ -408,8 +421,9 @@ float element(uint32_t reg, int half) {
 //   m16n8k8 tf32: A (16 x 8) a0 = (g, t), a1 = (g + 8, t), a2 = (g, t + 4), a3 = (g + 8, t + 4);
 //     B (8 x 8) b0 = (k t, n g), b1 = (k t + 4, n g).
 //   C/D (16 x 8 f32): c0 = (g, 2t), c1 = (g, 2t + 1), c2 = (g + 8, 2t), c3 = (g + 8, 2t + 1).
-// The products are exact in double; each output is the double sum over k plus c, rounded once to
-// float (a tensor core may round differently, within the error bound the kernels rely on).
+// The products are exact in double. Each output is the double sum over k plus c, rounded once to
+// float; or, in the truncating mode, c plus the products one at a time in float, every addition
+// rounded toward zero: the worst adder tf32_dot_error_factor allows for.
 template <MmaKind kKind>
 void mma_combine(const Slot* ins, Slot* outs, unsigned) {
   constexpr int K = kKind == MmaKind::kTf32 ? 8 : 16;
@@ -446,9 +460,16 @@ void mma_combine(const Slot* ins, Slot* outs, unsigned) {
     float d[4];
     for (int e = 0; e < 4; ++e) {
       const int m = g + 8 * (e / 2), n = 2 * t + e % 2;
-      double acc = C[m][n];
-      for (int k = 0; k < K; ++k) acc += static_cast<double>(A[m][k]) * static_cast<double>(B[k][n]);
-      d[e] = static_cast<float>(acc);
+      if (g_mma_truncate) {
+        float acc = C[m][n];
+        for (int k = 0; k < K; ++k)
+          acc = add_toward_zero(acc, static_cast<double>(A[m][k]) * static_cast<double>(B[k][n]));
+        d[e] = acc;
+      } else {
+        double acc = C[m][n];
+        for (int k = 0; k < K; ++k) acc += static_cast<double>(A[m][k]) * static_cast<double>(B[k][n]);
+        d[e] = static_cast<float>(acc);
+      }
     }
     std::memcpy(outs[l], d, sizeof(d));
   }
