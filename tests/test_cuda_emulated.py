@@ -235,6 +235,17 @@ def test_select_large_k(emu):
     assert int((got[1] >= 0).sum()) == b * k
 
 
+def test_select_block_single_segment_launcher(emu):
+    # topk_select_block_cuda: the one-segment entry point behind _C.topk_select_block(cuda=True).
+    gen = torch.Generator().manual_seed(14)
+    scores = score_matrix(9, 800, torch.float16, gen)
+    states = [SelectionState(selection(scores, 7, {}), 9, scores.device) for _ in range(2)]
+    offer(states[0], scores, 0, 0)
+    emu.topk_select_block(states[1].params, scores.data_ptr(), CODES[scores.dtype], 9, 800, scores.stride(0), 1, 0, 0,
+                          True, 0, 1)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
 def test_select_launcher_checks(emu):
     scores = torch.zeros(4, 10)
     state = SelectionState(selection(scores, 3, {}), 4, scores.device)
