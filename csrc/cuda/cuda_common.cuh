@@ -1,4 +1,4 @@
-// CUDA-only plumbing: the error check that throws with file and line, and ceil_div.
+// CUDA-only plumbing: the error check that throws with file and line, ceil_div, and the launch macro.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,6 +17,13 @@ namespace hnsample {
                               __FILE__ ":" + std::to_string(__LINE__));                             \
     }                                                                                               \
   } while (0)
+
+// Every kernel launch: HN_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...). The kernel comes
+// last so that template arguments with commas pass through the macro. The CPU emulator of the tests
+// (tests/cuda_emu/cuda_runtime.h, HNSAMPLE_CUDA_EMU) defines its own, since g++ cannot parse <<<>>>.
+#if !defined(HNSAMPLE_CUDA_EMU)
+#define HN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -119,11 +119,11 @@ void info_nce_forward_block_cuda(const InfoNceParams& p, const PairBlock& block,
   const unsigned row_grid = static_cast<unsigned>(ceil_div(block.rows, kRowsPerBlock));
   const unsigned col_grid = static_cast<unsigned>(ceil_div(block.cols, kThreads));
   if (static_cast<DType>(block.dtype) == DType::Float32) {
-    forward_rows_kernel<float><<<row_grid, kThreads, 0, s>>>(p, block);
-    if (p.symmetric) forward_cols_kernel<float><<<col_grid, kThreads, 0, s>>>(p, block);
+    HN_LAUNCH(row_grid, kThreads, 0, s, forward_rows_kernel<float>)(p, block);
+    if (p.symmetric) HN_LAUNCH(col_grid, kThreads, 0, s, forward_cols_kernel<float>)(p, block);
   } else {
-    forward_rows_kernel<double><<<row_grid, kThreads, 0, s>>>(p, block);
-    if (p.symmetric) forward_cols_kernel<double><<<col_grid, kThreads, 0, s>>>(p, block);
+    HN_LAUNCH(row_grid, kThreads, 0, s, forward_rows_kernel<double>)(p, block);
+    if (p.symmetric) HN_LAUNCH(col_grid, kThreads, 0, s, forward_cols_kernel<double>)(p, block);
   }
   HN_CUDA_CHECK(cudaGetLastError());
 }
@@ -134,9 +134,9 @@ void info_nce_backward_block_cuda(const InfoNceParams& p, const PairBlock& block
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(ceil_div(block.rows, kRowsPerBlock));
   if (static_cast<DType>(block.dtype) == DType::Float32) {
-    backward_kernel<float><<<grid, kThreads, 0, s>>>(p, block);
+    HN_LAUNCH(grid, kThreads, 0, s, backward_kernel<float>)(p, block);
   } else {
-    backward_kernel<double><<<grid, kThreads, 0, s>>>(p, block);
+    HN_LAUNCH(grid, kThreads, 0, s, backward_kernel<double>)(p, block);
   }
   HN_CUDA_CHECK(cudaGetLastError());
 }

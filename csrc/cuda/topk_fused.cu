@@ -28,44 +28,8 @@ constexpr int kBK16 = 32, kLds16 = kBK16 + 8;
 // g = lane / 4, columns t = lane % 4) on 32 distinct banks, (20 g + t) mod 32.
 constexpr int kBK32 = 16, kLds32 = kBK32 + 4;
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-
-template <bool kBf16>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (kBf16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Round to nearest tf32, ties away from zero: the rounding tf32_dot_error_factor assumes.
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-}
+// The tensor-core instructions (ptx.cuh): ldmatrix_x4, mma_16816, mma_1688_tf32, to_tf32.
+using namespace ptx;
 
 using Acc = float[4][4][4];  // [m16 tile][n8 tile][fragment element] of one warp's 64 x 32
 
@@ -188,7 +152,7 @@ __device__ __forceinline__ void mainloop_tf32(const FusedBlock& f, int64_t m0, i
 // kKind: 0 fp16, 1 bf16, 2 fp32 via tf32.
 template <int kKind>
 __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlock f) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(HNSAMPLE_CUDA_EMU)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / 4, warp_n = warp % 4;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -296,11 +260,11 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, kBM)), static_cast<unsigned>(ceil_div(f.cols, kBN)));
   auto s = static_cast<cudaStream_t>(stream);
   if (tf32) {
-    fused_scores_kernel<2><<<grid, kFusedThreads, 0, s>>>(f);
+    HN_LAUNCH(grid, kFusedThreads, 0, s, fused_scores_kernel<2>)(f);
   } else if (dt == DType::BFloat16) {
-    fused_scores_kernel<1><<<grid, kFusedThreads, 0, s>>>(f);
+    HN_LAUNCH(grid, kFusedThreads, 0, s, fused_scores_kernel<1>)(f);
   } else {
-    fused_scores_kernel<0><<<grid, kFusedThreads, 0, s>>>(f);
+    HN_LAUNCH(grid, kFusedThreads, 0, s, fused_scores_kernel<0>)(f);
   }
   HN_CUDA_CHECK(cudaGetLastError());
 }
@@ -310,14 +274,16 @@ void topk_rescore_candidates_cuda(const FusedBlock& f, void* stream) {
   HN_CHECK(static_cast<DType>(f.dtype) == DType::Float32, "rescore: inputs must be float32");
   HN_CHECK(f.cand_cap > 0, "rescore: bad candidate capacity");
   auto s = static_cast<cudaStream_t>(stream);
-  rescore_kernel<<<static_cast<unsigned>(ceil_div(f.rows, kRescoreWarps)), kRescoreWarps * 32, 0, s>>>(f);
+  const unsigned grid = static_cast<unsigned>(ceil_div(f.rows, kRescoreWarps));
+  HN_LAUNCH(grid, kRescoreWarps * 32, 0, s, rescore_kernel)(f);
   HN_CUDA_CHECK(cudaGetLastError());
 }
 
 void topk_row_bounds_cuda(const TopkParams& p, float* lo, float* hi, void* stream) {
   if (p.num_rows == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  row_bounds_kernel<<<static_cast<unsigned>(ceil_div(p.num_rows, kRowThreads)), kRowThreads, 0, s>>>(p, lo, hi);
+  const unsigned grid = static_cast<unsigned>(ceil_div(p.num_rows, kRowThreads));
+  HN_LAUNCH(grid, kRowThreads, 0, s, row_bounds_kernel)(p, lo, hi);
   HN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -325,8 +291,8 @@ void topk_offer_candidates_cuda(const TopkParams& p, const float* scores, const 
                                 const int32_t* counts, int64_t cap, int64_t col_offset, void* stream) {
   if (p.num_rows == 0 || p.k == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  offer_candidates_kernel<<<static_cast<unsigned>(ceil_div(p.num_rows, kRowThreads)), kRowThreads, 0, s>>>(
-      p, scores, cols, counts, cap, col_offset);
+  const unsigned grid = static_cast<unsigned>(ceil_div(p.num_rows, kRowThreads));
+  HN_LAUNCH(grid, kRowThreads, 0, s, offer_candidates_kernel)(p, scores, cols, counts, cap, col_offset);
   HN_CUDA_CHECK(cudaGetLastError());
 }
 

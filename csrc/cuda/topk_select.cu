@@ -248,7 +248,7 @@ void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& bloc
       const int64_t seg_cols = ceil_div(chunk.cols, segments);
       const dim3 grid(static_cast<unsigned>(ceil_div(block.rows, kSelectWarps)), static_cast<unsigned>(segments));
       HN_BOOL_SWITCH(p.mode == kModeStream, kStream, [&] {
-        select_block_kernel<T, kStream><<<grid, kSelectThreads, 0, s>>>(p, chunk, seg_cols);
+        HN_LAUNCH(grid, kSelectThreads, 0, s, select_block_kernel<T, kStream>)(p, chunk, seg_cols);
       });
       HN_CUDA_CHECK(cudaGetLastError());
     }
@@ -262,8 +262,8 @@ void topk_select_block_cuda(const TopkParams& p, const ScoreBlock& block, void* 
 void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_indices, void* stream) {
   if (p.num_rows == 0 || p.k == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  finalize_kernel<<<static_cast<unsigned>(ceil_div(p.num_rows, kThreads)), kThreads, 0, s>>>(p, out_scores,
-                                                                                             out_indices);
+  const unsigned grid = static_cast<unsigned>(ceil_div(p.num_rows, kThreads));
+  HN_LAUNCH(grid, kThreads, 0, s, finalize_kernel)(p, out_scores, out_indices);
   HN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -272,7 +272,8 @@ void topk_merge_cuda(const TopkParams& p, const TopkParams& other, void* stream)
   HN_CHECK(p.num_rows == other.num_rows && p.capacity == other.capacity && p.mode == other.mode,
            "merged states differ in shape");
   auto s = static_cast<cudaStream_t>(stream);
-  merge_kernel<<<static_cast<unsigned>(ceil_div(p.num_rows, kThreads)), kThreads, 0, s>>>(p, other);
+  const unsigned grid = static_cast<unsigned>(ceil_div(p.num_rows, kThreads));
+  HN_LAUNCH(grid, kThreads, 0, s, merge_kernel)(p, other);
   HN_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,0 +1,186 @@
+// pybind11 module _cuda_emu: the CUDA launchers of csrc/cuda/*.cu, compiled for the CPU emulator, with
+// the signatures of the cuda=True branches of hnsample._C (csrc/bindings.cpp). The params types
+// (TopkParams, FusedBlock, InfoNceParams) are the ones hnsample._C registers: this module only uses
+// them, so objects built with hnsample._C pass straight in. `cuda` must be True and `threads` is
+// ignored: these are the device kernels, nothing else.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cuda_runtime.h"
+#include "info_nce.h"
+#include "topk_select.h"
+
+namespace py = pybind11;
+using namespace hnsample;
+
+namespace hnsample {
+bool cuda_device_usable();
+}
+namespace cuda_emu_selftest {  // emu_selftest.cu
+void shuffles(int* out);
+void faults(int mode, int* out);
+void mma_bf16(const uint16_t* a, const uint16_t* bt, float* d);
+}  // namespace cuda_emu_selftest
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t v) {
+  return reinterpret_cast<T*>(v);
+}
+
+void need_cuda(bool cuda) {
+  if (!cuda) throw py::value_error("cuda: the emulated module runs the CUDA launchers only (cuda=True)");
+}
+
+ScoreBlock make_block(uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+                      int64_t col_stride, int64_t row_offset, int64_t col_offset) {
+  ScoreBlock b;
+  b.data = as_ptr<const void>(data);
+  b.dtype = dtype;
+  b.rows = rows;
+  b.cols = cols;
+  b.row_stride = row_stride;
+  b.col_stride = col_stride;
+  b.row_offset = row_offset;
+  b.col_offset = col_offset;
+  return b;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda_emu, m) {
+  m.doc() = "hnsample's CUDA kernels run on the CPU by the test emulator (tests/cuda_emu)";
+  py::register_exception<cuda_emu::KernelFault>(m, "KernelFault", PyExc_RuntimeError);
+  py::module_::import("hnsample._C");  // registers the params types used below
+
+  m.def(
+      "configure",
+      [](const std::string& schedule, bool cp_async_immediate, bool mma_truncate) {
+        cuda_emu::Schedule sc;
+        if (schedule == "round_robin") {
+          sc = cuda_emu::Schedule::kRoundRobin;
+        } else if (schedule == "warps_ascending") {
+          sc = cuda_emu::Schedule::kWarpsAscending;
+        } else if (schedule == "warps_descending") {
+          sc = cuda_emu::Schedule::kWarpsDescending;
+        } else {
+          throw py::value_error("schedule must be round_robin, warps_ascending or warps_descending, got " + schedule);
+        }
+        cuda_emu::configure(sc, cp_async_immediate, mma_truncate);
+      },
+      py::arg("schedule") = "round_robin", py::arg("cp_async_immediate") = false, py::arg("mma_truncate") = false,
+      "How the emulated threads of a block take turns, whether cp.async copies land when issued (else at "
+      "the wait_group covering them), and whether mma.sync truncates after every addition (else rounds "
+      "each output once).");
+  // The emulator's own test kernels (emu_selftest.cu); pointers as ints, as everywhere.
+  m.def("selftest_shuffles", [](uintptr_t out) { cuda_emu_selftest::shuffles(as_ptr<int>(out)); });
+  m.def("selftest_faults", [](int mode, uintptr_t out) { cuda_emu_selftest::faults(mode, as_ptr<int>(out)); });
+  m.def("selftest_mma_bf16", [](uintptr_t a, uintptr_t bt, uintptr_t d) {
+    cuda_emu_selftest::mma_bf16(as_ptr<const uint16_t>(a), as_ptr<const uint16_t>(bt), as_ptr<float>(d));
+  });
+  m.def(
+      "topk_select_block",
+      [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, bool cuda, uintptr_t stream, int threads) {
+        need_cuda(cuda);
+        py::gil_scoped_release release;
+        topk_select_block_cuda(p, make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset),
+                               as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("cuda"), py::arg("stream"),
+      py::arg("threads"));
+  m.def(
+      "topk_select_block_segments",
+      [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, int64_t segments, uintptr_t stream) {
+        py::gil_scoped_release release;
+        topk_select_block_segments_cuda(
+            p, make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset), segments,
+            as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("segments"), py::arg("stream"));
+  m.def(
+      "topk_finalize",
+      [](const TopkParams& p, uintptr_t out_scores, uintptr_t out_indices, bool cuda, uintptr_t stream, int threads) {
+        need_cuda(cuda);
+        py::gil_scoped_release release;
+        topk_finalize_cuda(p, as_ptr<double>(out_scores), as_ptr<int64_t>(out_indices), as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("out_scores"), py::arg("out_indices"), py::arg("cuda"), py::arg("stream"),
+      py::arg("threads"));
+  m.def(
+      "topk_merge",
+      [](const TopkParams& p, const TopkParams& other, bool cuda, uintptr_t stream, int threads) {
+        need_cuda(cuda);
+        py::gil_scoped_release release;
+        topk_merge_cuda(p, other, as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("other"), py::arg("cuda"), py::arg("stream"), py::arg("threads"));
+  m.def(
+      "topk_row_bounds",
+      [](const TopkParams& p, uintptr_t lo, uintptr_t hi, bool cuda, uintptr_t stream, int threads) {
+        need_cuda(cuda);
+        py::gil_scoped_release release;
+        topk_row_bounds_cuda(p, as_ptr<float>(lo), as_ptr<float>(hi), as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("lo"), py::arg("hi"), py::arg("cuda"), py::arg("stream"), py::arg("threads"));
+  m.def(
+      "topk_offer_candidates",
+      [](const TopkParams& p, uintptr_t scores, uintptr_t cols, uintptr_t counts, int64_t cap, int64_t col_offset,
+         bool cuda, uintptr_t stream, int threads) {
+        need_cuda(cuda);
+        py::gil_scoped_release release;
+        topk_offer_candidates_cuda(p, as_ptr<const float>(scores), as_ptr<const int32_t>(cols),
+                                   as_ptr<const int32_t>(counts), cap, col_offset, as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("scores"), py::arg("cols"), py::arg("counts"), py::arg("cap"), py::arg("col_offset"),
+      py::arg("cuda"), py::arg("stream"), py::arg("threads"));
+  m.def(
+      "topk_fused_scores",
+      [](const FusedBlock& f, uintptr_t stream) {
+        py::gil_scoped_release release;
+        topk_fused_scores_cuda(f, as_ptr<void>(stream));
+      },
+      py::arg("block"), py::arg("stream"));
+  m.def(
+      "topk_rescore_candidates",
+      [](const FusedBlock& f, bool cuda, uintptr_t stream, int threads) {
+        need_cuda(cuda);
+        py::gil_scoped_release release;
+        topk_rescore_candidates_cuda(f, as_ptr<void>(stream));
+      },
+      py::arg("block"), py::arg("cuda"), py::arg("stream"), py::arg("threads"));
+  m.def("topk_fused_supported", &topk_fused_supported, py::arg("device"));
+  m.def("cuda_device_usable", &cuda_device_usable);
+  m.def(
+      "info_nce_block",
+      [](const InfoNceParams& p, bool backward, uintptr_t data, uintptr_t guide, int dtype, int64_t rows,
+         int64_t cols, int64_t row_stride, int64_t col_stride, int64_t guide_row_stride, int64_t guide_col_stride,
+         int64_t row_offset, int64_t col_offset, bool cuda, uintptr_t stream, int threads) {
+        need_cuda(cuda);
+        PairBlock b;
+        b.data = as_ptr<void>(data);
+        b.guide = as_ptr<const void>(guide);
+        b.dtype = dtype;
+        b.rows = rows;
+        b.cols = cols;
+        b.row_stride = row_stride;
+        b.col_stride = col_stride;
+        b.guide_row_stride = guide_row_stride;
+        b.guide_col_stride = guide_col_stride;
+        b.row_offset = row_offset;
+        b.col_offset = col_offset;
+        py::gil_scoped_release release;
+        if (backward) return info_nce_backward_block_cuda(p, b, as_ptr<void>(stream));
+        info_nce_forward_block_cuda(p, b, as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("backward"), py::arg("data"), py::arg("guide"), py::arg("dtype"), py::arg("rows"),
+      py::arg("cols"), py::arg("row_stride"), py::arg("col_stride"), py::arg("guide_row_stride"),
+      py::arg("guide_col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("cuda"), py::arg("stream"),
+      py::arg("threads"));
+}

@@ -1,0 +1,745 @@
+"""The CUDA kernels' own source, run on the CPU by the emulator of tests/cuda_emu, against the CPU
+kernels (themselves tested against the reference).
+
+Every kernel of csrc/cuda/topk_select.cu, topk_fused.cu and info_nce.cu is compiled with g++ for the
+emulator (one fiber per CUDA thread, warp collectives and barriers as scheduling points, cp.async,
+ldmatrix and mma.sync written from the PTX ISA). A launch that breaks the execution model (a
+collective some lane of its mask never reaches, a deadlock, a misaligned vector load or copy) raises
+``_cuda_emu.KernelFault``. Skips when g++ or the kernel sources are missing.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import math
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import hnsample
+from hnsample import _C
+from hnsample.ops import topk_cuda
+from hnsample.ops.topk import SelectionState, build_selection
+
+_BUILD = Path(__file__).resolve().parent / "cuda_emu" / "build.py"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
+CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+SAMPLING = [
+    ("top", {}),
+    ("uniform_stream", {"sampling": "uniform", "seed": 11}),
+    ("softmax_stream_skip", {"sampling": "softmax", "seed": 5, "skip_top": 4, "temperature": 0.5}),
+    ("uniform_pool", {"sampling": "uniform", "seed": 3, "skip_top": 1, "pool": 30}),
+]
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The _cuda_emu module (built once per source tree, cached in the temp directory)."""
+    if not _BUILD.is_file():
+        pytest.skip("tests/cuda_emu is not here")
+    spec = importlib.util.spec_from_file_location("hnsample_cuda_emu_build", _BUILD)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    try:
+        module = build.load()
+    except build.Unavailable as e:
+        pytest.skip(f"CUDA emulator unavailable: {e}")
+    try:  # takes hnsample._C's TopkParams: needs the same pybind11 internals as the installed _C
+        module.topk_row_bounds(_C.TopkParams(), 0, 0, True, 0, 1)
+    except TypeError as e:
+        pytest.skip(f"_cuda_emu cannot take hnsample._C's types (pybind11 versions differ?): {e}")
+    return module
+
+
+def selection(scores: torch.Tensor, k: int, kw: dict):
+    b, n = scores.shape
+    return build_selection(
+        b, n, scores.device, k, positives=kw.get("positives"), exclude=kw.get("exclude"),
+        query_labels=kw.get("query_labels"), candidate_labels=kw.get("candidate_labels"), positive_scores=None,
+        absolute_margin=kw.get("absolute_margin"), relative_margin=kw.get("relative_margin"),
+        min_score=kw.get("min_score"), max_score=kw.get("max_score"), skip_top=kw.get("skip_top", 0),
+        pool=kw.get("pool"), sampling=kw.get("sampling", "top"), temperature=kw.get("temperature", 1.0),
+        generator=None, seed=kw.get("seed"),
+        positive_values=lambda pos: torch.gather(scores.double(), 1, pos),
+    )
+
+
+def finalize(state: SelectionState, emu=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state's results from the emulated finalize kernel (emu given) or the CPU one."""
+    if emu is None:
+        return state.finalize()
+    rows = state.st_count.shape[0]
+    out_s = torch.full((rows, state.sel.k), 7.0, dtype=torch.float64)
+    out_j = torch.full((rows, state.sel.k), 7, dtype=torch.int64)
+    emu.topk_finalize(state.params, out_s.data_ptr(), out_j.data_ptr(), True, 0, 1)
+    return out_s, out_j
+
+
+def offer(state: SelectionState, block: torch.Tensor, row_offset: int, col_offset: int, emu=None,
+          segments: int = 1) -> None:
+    args = (state.params, block.data_ptr(), CODES[block.dtype], block.shape[0], block.shape[1], block.stride(0),
+            block.stride(1), row_offset, col_offset)
+    if emu is None:
+        _C.topk_select_block(*args, False, 0, 1)
+    else:
+        emu.topk_select_block_segments(*args, segments, 0)
+
+
+def assert_same(got, want) -> None:
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+
+
+def filters(name: str, b: int, n: int, gen: torch.Generator) -> dict:
+    if name == "plain":
+        return {}
+    if name == "masks_margin":
+        pos = torch.randint(-1, n, (b, 2), generator=gen)
+        pos[:, 0] = torch.randint(0, n, (b,), generator=gen)
+        return {"positives": pos, "exclude": torch.randint(-1, n, (b, 5), generator=gen),
+                "query_labels": torch.randint(0, 4, (b,), generator=gen),
+                "candidate_labels": torch.randint(0, 4, (n,), generator=gen), "relative_margin": 0.05}
+    return {"min_score": -1.0, "max_score": 1.5}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The emulator itself (tests/cuda_emu/emu_selftest.cu)
+
+
+def test_emulator_shuffles_and_votes(emu):
+    out = torch.zeros(64, 6, dtype=torch.int32)
+    emu.selftest_shuffles(out.data_ptr())
+    t = torch.arange(64)
+    lane, base = t % 32, t - t % 32
+    v = 100 * t
+    assert torch.equal(out[:, 0], v[base + 31 - lane].int())
+    assert torch.equal(out[:, 1], v[base + (lane ^ 5)].int())
+    assert torch.equal(out[:, 2], torch.where(lane + 3 < 32, v[(t + 3).clamp(max=63)], v).int())
+    assert torch.equal(out[:, 3], torch.where(lane >= 2, v[(t - 2).clamp(min=0)], v).int())
+    assert torch.equal(out[:, 4], v[t - t % 8 + 1].int())
+    assert torch.all(out[:, 5].view(torch.int32) == 0xAAAAAAAA - (1 << 32))
+
+
+@pytest.mark.parametrize("mode,message", [(0, "exited"), (1, "deadlock"), (2, "while lanes")],
+                         ids=["exited_lane", "deadlock", "mismatched"])
+def test_emulator_faults_instead_of_hanging(emu, mode, message):
+    out = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(emu.KernelFault, match=message):
+        emu.selftest_faults(mode, out.data_ptr())
+
+
+def test_emulator_divergent_halves_complete(emu):
+    out = torch.zeros(64, dtype=torch.int32)
+    emu.selftest_faults(3, out.data_ptr())
+    lane = torch.arange(64) % 32
+    assert torch.equal(out, torch.where(lane < 16, 0xFFFF, 16).int())
+
+
+def test_emulator_mma_fragments_compose(emu):
+    # ldmatrix (A) and mma.sync (A, B, C tables), composed as the ISA documents, compute A B.
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randint(-8, 9, (16, 16), generator=gen).to(torch.bfloat16)
+    bt = torch.randint(-8, 9, (8, 16), generator=gen).to(torch.bfloat16)
+    d = torch.full((16, 8), math.nan)
+    emu.selftest_mma_bf16(a.view(torch.int16).data_ptr(), bt.view(torch.int16).data_ptr(), d.data_ptr())
+    assert torch.equal(d, a.float() @ bt.float().T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The select kernel (two-pass path), finalize and merge
+
+
+def score_matrix(b: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    s = (torch.randn(b, n, generator=gen) * 2).to(dtype)
+    s[:, 100:140] = s[:, 200:240]  # ties
+    s[0, 5] = math.nan
+    s[1, 6] = math.inf
+    s[2, 7] = -math.inf
+    return s
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("fname", ["plain", "masks_margin", "bounds"])
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_select_block_equals_cpu(emu, dtype, fname, sname, skw):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}/{fname}/{sname}".encode()))
+    b, n, k = 19, 1300, 20
+    scores = score_matrix(b, n, dtype, gen)
+    kw = dict(filters(fname, b, n, gen), **skw)
+    states = [SelectionState(selection(scores, k, kw), b, scores.device) for _ in range(2)]
+    # two column blocks, the second with a row offset and a column offset
+    for state, mod in zip(states, (None, emu), strict=True):
+        offer(state, scores[:, :700], 0, 0, mod)
+        offer(state, scores[5:, 700:], 5, 700, mod)
+        offer(state, scores[:5, 700:], 0, 700, mod)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["transposed", "offset", "column_stride"])
+def test_select_block_any_strides(emu, dtype, layout):
+    # Unaligned rows make the kernel peel a head before its 16-byte loads; strided columns take the
+    # scalar path. The emulator faults on any misaligned vector load.
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 1100, generator=gen).to(dtype)
+    scores = {"transposed": base.T[:, :290], "offset": base[3:40, 1:], "column_stride": base[:30, ::3]}[layout]
+    b, n = scores.shape
+    states = [SelectionState(selection(scores, 15, {}), b, scores.device) for _ in range(2)]
+    offer(states[0], scores, 0, 0)
+    offer(states[1], scores, 0, 0, emu)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+@pytest.mark.parametrize("n,segments", [(3000, 3), (5, 4), (1100, 7)], ids=["wide", "empty_segment", "ragged"])
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_segments_and_merge_kernel(emu, sname, skw, n, segments):
+    # The segmented launch (column range s into state copy s) merged by the merge kernel equals one
+    # CPU state over the whole block (also when the last segments are empty: 5 columns in 4 segments).
+    gen = torch.Generator().manual_seed(9)
+    b, k = 10, 12
+    scores = torch.randn(b, n, generator=gen) if n < 300 else score_matrix(b, n, torch.float32, gen)
+    kw = dict(skw, exclude=torch.randint(-1, n, (b, 4), generator=gen))
+    sel = selection(scores, k, kw)
+    want = SelectionState(sel, b, scores.device)
+    offer(want, scores, 0, 0)
+    state = SelectionState(sel, b, scores.device)
+    cap = state.st_score.shape[1]
+    copies = (
+        torch.empty((segments * b, cap), dtype=torch.float64),
+        torch.empty((segments * b, cap), dtype=torch.int64),
+        torch.empty((segments * b, cap) if sel.sampling != 0 else (0,), dtype=torch.float64),
+        torch.zeros((segments * b, 2), dtype=torch.int64),
+    )
+    target = topk_cuda.copy_params(state.params, 0, copies)
+    args = (scores.data_ptr(), 0, b, n, scores.stride(0), 1, 0, 0)
+    emu.topk_select_block_segments(target, *args, segments, 0)
+    for s in range(segments):
+        emu.topk_merge(state.params, topk_cuda.copy_params(state.params, s * b, copies), True, 0, 1)
+    assert_same(finalize(state, emu), finalize(want))
+
+
+def test_select_large_k(emu):
+    # k beyond 2048: queues flush many times into a large heap.
+    gen = torch.Generator().manual_seed(4)
+    b, n, k = 3, 6000, 2100
+    scores = score_matrix(b, n, torch.float32, gen)
+    states = [SelectionState(selection(scores, k, {"skip_top": 5}), b, scores.device) for _ in range(2)]
+    offer(states[0], scores, 0, 0)
+    offer(states[1], scores, 0, 0, emu)
+    got = finalize(states[1], emu)
+    assert_same(got, finalize(states[0]))
+    assert int((got[1] >= 0).sum()) == b * k
+
+
+def test_select_block_single_segment_launcher(emu):
+    # topk_select_block_cuda: the one-segment entry point behind _C.topk_select_block(cuda=True).
+    gen = torch.Generator().manual_seed(14)
+    scores = score_matrix(9, 800, torch.float16, gen)
+    states = [SelectionState(selection(scores, 7, {}), 9, scores.device) for _ in range(2)]
+    offer(states[0], scores, 0, 0)
+    emu.topk_select_block(states[1].params, scores.data_ptr(), CODES[scores.dtype], 9, 800, scores.stride(0), 1, 0, 0,
+                          True, 0, 1)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+def test_select_launcher_checks(emu):
+    scores = torch.zeros(4, 10)
+    state = SelectionState(selection(scores, 3, {}), 4, scores.device)
+    with pytest.raises(RuntimeError, match="segments"):
+        emu.topk_select_block_segments(state.params, scores.data_ptr(), 0, 4, 10, 10, 1, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="cuda"):
+        emu.topk_finalize(state.params, 0, 0, False, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused score kernels, row bounds, offers and rescoring
+
+
+def int_matrix(rows: int, cols: int, gen: torch.Generator, lo: int = -4, hi: int = 5) -> torch.Tensor:
+    """Small integers: exact in every dtype, every fp32 sum of their products exact."""
+    return torch.randint(lo, hi, (rows, cols), generator=gen).to(torch.float32)
+
+
+def fused_launch(emu, q, c, lo, hi, cap, *, row_scale=None, col_scale=None, row_slack=None, col_slack=None):
+    """One emulated fused launch; returns (per-row dict col -> score, counts)."""
+    b, n = q.shape[0], c.shape[0]
+    scores = torch.full((b, cap), math.nan)
+    cols = torch.full((b, cap), -1, dtype=torch.int32)
+    counts = torch.zeros(b, dtype=torch.int32)
+    f = _C.FusedBlock()
+    f.queries, f.q_stride, f.candidates, f.c_stride = q.data_ptr(), q.stride(0), c.data_ptr(), c.stride(0)
+    f.dtype, f.rows, f.cols, f.dim = CODES[q.dtype], b, n, q.shape[1]
+    f.row_lo, f.row_hi = lo.data_ptr(), hi.data_ptr()
+    for name, t in (("row_scale", row_scale), ("col_scale", col_scale), ("row_slack", row_slack),
+                    ("col_slack", col_slack)):
+        setattr(f, name, 0 if t is None else t.data_ptr())
+    f.cand_score, f.cand_col, f.cand_count, f.cand_cap = scores.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap
+    emu.topk_fused_scores(f, 0)
+    kept = []
+    for i in range(b):
+        m = min(int(counts[i]), cap)
+        row = dict(zip(cols[i, :m].tolist(), scores[i, :m].tolist(), strict=True))
+        assert len(row) == m  # no candidate listed twice
+        kept.append(row)
+    return kept, counts, f, (scores, cols, counts)
+
+
+def row_bounds_between(s: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row bounds that cut the row's scores somewhere inside (some rows keep everything or nothing)."""
+    qs = torch.quantile(s.double(), torch.tensor([0.7, 0.95], dtype=torch.float64), dim=1).float()
+    lo, hi = qs[0].clone(), qs[1].clone()
+    lo[0], hi[0] = -math.inf, math.inf
+    lo[1], hi[1] = math.inf, math.inf
+    lo[2] = math.nan
+    return lo.contiguous(), hi.contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape", [(200, 300, 64), (128, 128, 32), (37, 515, 96), (3, 5, 32)],
+                         ids=["ragged", "one_tile", "tall_k", "tiny"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["dot", "scaled"])
+def test_fused_16bit_keeps_exactly_the_scores_in_bounds(emu, dtype, shape, scaled):
+    # Small integers: every product exact and every fp32 sum exact, so the kept (row, col, score) set
+    # is exactly {(i, j, s_ij): lo_i <= s_ij <= hi_i}, whatever the fragment order.
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(b * n + d)
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    s = q.double() @ c.double().T
+    rs = cs = None
+    if scaled:  # cosine-style scales: acc * row scale, then * column scale, in fp32
+        rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
+        s = (s.float() * rs[:, None]) * cs[None, :]
+    s = s.float()
+    lo, hi = row_bounds_between(s, gen)
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, n, row_scale=rs, col_scale=cs)
+    for i in range(b):
+        want = ((s[i] >= lo[i]) & (s[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want, f"row {i}"
+        assert all(kept[i][j] == float(s[i, j]) for j in want)
+        assert int(counts[i]) == len(want)
+    assert int(counts[0]) == n and int(counts[1]) == 0 and int(counts[2]) == 0
+
+
+def test_fused_single_pair(emu):
+    q, c = torch.ones(1, 32, dtype=torch.float16), torch.full((1, 32), 2.0, dtype=torch.float16)
+    kept, counts, _, _ = fused_launch(emu, q, c, torch.tensor([64.0]), torch.tensor([64.0]), 1)
+    assert kept == [{0: 64.0}] and counts.tolist() == [1]
+
+
+SCHEDULES = [("warps_ascending", True), ("warps_descending", True), ("warps_ascending", False),
+             ("round_robin", True)]
+
+
+@pytest.fixture(params=SCHEDULES, ids=[f"{s}-{'immediate' if i else 'deferred'}" for s, i in SCHEDULES])
+def schedule(request, emu):
+    """Runs the test with the emulator's threads taking turns in another order (one warp running as
+    far ahead as the barriers allow) and cp.async copies landing when issued or when waited for."""
+    emu.configure(*request.param)
+    yield request.param
+    emu.configure()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
+def test_fused_kernel_under_other_schedules(emu, schedule, dtype):
+    # A missing __syncthreads or cp.async wait in the pipelined main loop changes the result under
+    # one of these orders; the lists must be the round-robin ones, exactly.
+    gen = torch.Generator().manual_seed(8)
+    b, n, d = 140, 150, 128
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    s = (q.double() @ c.double().T).float()
+    lo, hi = row_bounds_between(s, gen)
+    slack, w = {}, torch.zeros(b, n)
+    if dtype == torch.float32:  # small integers are exact in tf32 too; the epilogue widens by w in fp32
+        ops = topk_cuda.FusedOperands.build(q, c, "dot")
+        slack = {"row_slack": ops.row_slack, "col_slack": ops.col_slack}
+        w = ops.row_slack[:, None] * ops.col_slack[None, :]
+    kept, _, _, _ = fused_launch(emu, q, c, lo, hi, n, **slack)
+    for i in range(b):
+        want = ((s[i] + w[i] >= lo[i]) & (s[i] - w[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want and all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
+
+
+def test_select_kernel_under_other_schedules(emu, schedule):
+    gen = torch.Generator().manual_seed(12)
+    b, n, k = 17, 2500, 40
+    scores = score_matrix(b, n, torch.bfloat16, gen)
+    kw = filters("masks_margin", b, n, gen)
+    states = [SelectionState(selection(scores, k, kw), b, scores.device) for _ in range(2)]
+    offer(states[0], scores, 0, 0)
+    offer(states[1], scores, 0, 0, emu)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
+def test_fused_strided_rows(emu, dtype):
+    # Row strides wider than d (views into wider matrices), whole 16 bytes apart as the launcher requires.
+    gen = torch.Generator().manual_seed(13)
+    b, n, d = 70, 200, 32
+    qw, cw = int_matrix(b, d + 16, gen).to(dtype), int_matrix(n, d + 32, gen).to(dtype)
+    q, c = qw[:, 8:8 + d], cw[:, 16:16 + d]
+    s = (q.double() @ c.double().T).float()
+    lo, hi = row_bounds_between(s, gen)
+    slack = {}
+    if dtype == torch.float32:  # no slack: the products of small integers are exact in tf32
+        slack = {"row_slack": torch.zeros(b), "col_slack": torch.zeros(n)}
+    kept, _, _, _ = fused_launch(emu, q, c, lo, hi, n, **slack)
+    for i in range(b):
+        want = ((s[i] >= lo[i]) & (s[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want and all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
+
+
+def test_fused_list_overflow_counts_every_survivor(emu):
+    gen = torch.Generator().manual_seed(2)
+    b, n, d, cap = 20, 260, 32, 16
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    s = (q.double() @ c.double().T).float()
+    lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
+    lo[::2] = 0.0
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, cap)
+    for i in range(b):
+        assert int(counts[i]) == int((s[i] >= lo[i]).sum())
+        assert len(kept[i]) == min(cap, int(counts[i]))
+        assert all(s[i, j] == v and v >= lo[i] for j, v in kept[i].items())
+
+
+@pytest.fixture(params=[False, True], ids=["rounding_mma", "truncating_mma"])
+def mma_truncate(request, emu):
+    """Emulated mma.sync rounding each output once, or truncating after every addition (the worst
+    accumulation the tf32 error bound allows for)."""
+    emu.configure(mma_truncate=request.param)
+    yield request.param
+    emu.configure()
+
+
+@pytest.mark.parametrize("case", ["gaussian", "near_ties"])
+@pytest.mark.parametrize("d", [16, 48, 256])
+def test_fused_tf32_keeps_every_candidate_in_bounds(emu, mma_truncate, case, d):
+    # tf32 products are inexact: the kernel must keep every candidate whose exact score lies in the
+    # bounds (it widens them by the slack w_ij), keep nothing farther than 2 w_ij outside them (the
+    # tf32 score is within w_ij of the exact one, and passes when within w_ij of the bounds), and list
+    # scores within w_ij of the exact ones. The slack is the driver's (FusedOperands).
+    gen = torch.Generator().manual_seed(d)
+    b, n = 150, 260
+    q = torch.randn(b, d, generator=gen)
+    if case == "gaussian":
+        c = torch.randn(n, d, generator=gen)
+    else:  # candidates close to one vector: exact scores closer together than the tf32 errors
+        c = torch.randn(d, generator=gen) + 1e-3 * torch.randn(n, d, generator=gen)
+    ops = topk_cuda.FusedOperands.build(q, c, "dot")
+    exact = q.double() @ c.double().T
+    w = ops.row_slack.double()[:, None] * ops.col_slack.double()[None, :]
+    lo, hi = row_bounds_between(exact.float(), gen)
+    _, _, _, (scores, cols, counts) = fused_launch(emu, q, c, lo, hi, n, row_slack=ops.row_slack,
+                                                    col_slack=ops.col_slack)
+    got = torch.full((b, n), math.nan, dtype=torch.float64)  # listed score of (i, j), NaN if not listed
+    listed = torch.arange(n)[None, :] < counts[:, None]
+    got[torch.arange(b)[:, None].expand(b, n)[listed], cols.long()[listed]] = scores[listed].double()
+    kept = ~got.isnan()
+    rows = slice(3, b)  # rows 0-2 have the special bounds of row_bounds_between
+    inside = (exact >= lo.double()[:, None]) & (exact <= hi.double()[:, None])
+    assert not torch.any(inside[rows] & ~kept[rows]), "a candidate inside the bounds was lost"
+    near = (exact + 2 * w >= lo.double()[:, None]) & (exact - 2 * w <= hi.double()[:, None])
+    assert not torch.any(kept[rows] & ~near[rows])
+    assert torch.all((got - exact).abs()[kept] <= w[kept])
+    # the kernel used tf32, not fp32: some score differs from the fp32-rounded exact one
+    assert torch.any(got[kept] != exact.float().double()[kept])
+
+
+@pytest.mark.parametrize("d", [16, 32])
+def test_fused_tf32_rounds_inputs_to_nearest_ties_away(emu, d):
+    # cvt.rna: 1 + 2^-11 lies halfway between the tf32 values 1 and 1 + 2^-10 and rounds away from zero
+    # (to 1 + 2^-10; round-to-even or truncation give 1); 1 + 3 2^-12 rounds up. Every product and sum
+    # is then exact, so each score is d rna(x) rna(y), for every fragment slot of A and B.
+    b, n = 20, 24
+    q = torch.full((b, d), 1 + 2.0**-11)
+    q[1::2] = 1 + 3 * 2.0**-12
+    c = torch.full((n, d), -(1 + 2.0**-11))
+    ops = topk_cuda.FusedOperands.build(q, c, "dot")
+    inf = torch.full((b,), math.inf)
+    kept, counts, _, _ = fused_launch(emu, q, c, -inf, inf, n, row_slack=ops.row_slack, col_slack=ops.col_slack)
+    want = -d * (1 + 2.0**-10) ** 2
+    assert all(sorted(row) == list(range(n)) and set(row.values()) == {want} for row in kept)
+
+
+def test_fused_rescore_equals_cpu(emu):
+    # Rescoring of the lists of a cosine tf32 launch, rows with overflowing lists included (only the
+    # first cand_cap entries exist).
+    gen = torch.Generator().manual_seed(6)
+    b, n, d, cap = 40, 200, 80, 24
+    q, c = torch.randn(b, d, generator=gen), torch.randn(n, d, generator=gen)
+    ops = topk_cuda.FusedOperands.build(q, c, "cosine")
+    exact = q.double() @ c.double().T
+    lo, hi = row_bounds_between(exact.float(), gen)
+    lo[3::4] = -math.inf  # these rows overflow
+    kept, counts, f, lists = fused_launch(emu, q, c, lo, hi, cap, row_scale=ops.row_scale, col_scale=ops.col_scale,
+                                          row_slack=ops.row_slack, col_slack=ops.col_slack)
+    assert int((counts > cap).sum()) >= 5
+    listed = lists[0].clone()
+    emu.topk_rescore_candidates(f, True, 0, 1)
+    emu_scores = lists[0].clone()
+    lists[0].copy_(listed)
+    _C.topk_rescore_candidates(f, False, 0, 1)
+    cpu_scores = lists[0]
+    m = torch.arange(cap)[None, :] < counts.clamp(max=cap)[:, None]
+    assert torch.all(torch.isnan(emu_scores[~m]))  # nothing written past a list's end
+    # same products, another double summation order: the float results agree to one rounding
+    diff = (emu_scores[m] - cpu_scores[m]).abs()
+    assert torch.all(diff <= torch.nextafter(cpu_scores[m].abs(), torch.tensor(math.inf)) - cpu_scores[m].abs())
+    assert int(m.sum()) > 0
+
+
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_row_bounds_and_offers_equal_cpu(emu, sname, skw):
+    gen = torch.Generator().manual_seed(10)
+    b, n, k = 30, 2000, 9
+    scores = score_matrix(b, n, torch.float32, gen)
+    kw = dict(skw, **filters("masks_margin", b, n, gen))
+    sel = selection(scores, k, kw)
+    states = [SelectionState(sel, b, scores.device) for _ in range(2)]
+    for st in states:
+        offer(st, scores[:, :500], 0, 0)
+    bounds = []
+    for st, mod in zip(states, (_C, emu), strict=True):
+        lo, hi = torch.empty(b), torch.empty(b)
+        mod.topk_row_bounds(st.params, lo.data_ptr(), hi.data_ptr(), mod is emu, 0, 1)
+        bounds.append((lo, hi))
+    assert torch.equal(bounds[0][0], bounds[1][0]) and torch.equal(bounds[0][1], bounds[1][1])
+    # candidate lists of the remaining columns, unordered, some rows overflowing the capacity
+    cap = 700
+    rest = scores[:, 500:]
+    perm = torch.stack([torch.randperm(n - 500, generator=gen) for _ in range(b)])[:, :cap]
+    cols = perm.to(torch.int32).contiguous()
+    vals = torch.gather(rest, 1, perm).contiguous()
+    counts = torch.randint(0, cap + 50, (b,), generator=gen, dtype=torch.int32)
+    for st, mod in zip(states, (_C, emu), strict=True):
+        mod.topk_offer_candidates(st.params, vals.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap, 500,
+                                  mod is emu, 0, 1)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+def test_fused_launcher_checks(emu):
+    q = torch.zeros(4, 40, dtype=torch.bfloat16)
+    lo, hi = torch.zeros(4), torch.zeros(4)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        fused_launch(emu, q, q, lo, hi, 4)
+    assert emu.topk_fused_supported(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# info_nce block passes
+
+
+NCE = [
+    ("plain", {}),
+    ("symmetric", {"symmetric": True}),
+    ("masks_margins", {"positive_ids": "pos", "doc_ids": True, "query_labels": True, "false_negative_margin": 0.1,
+                       "hcl_beta": 0.5, "hardness_alpha": 0.3, "positive_margin": 0.2}),
+    ("guided_symmetric", {"symmetric": True, "guide": True, "guide_margin": 0.05, "tau_plus": 0.1,
+                          "false_negative_relative_margin": 0.05, "temperature": "tensor"}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name,spec", NCE, ids=[x[0] for x in NCE])
+def test_info_nce_blocks_equal_cpu(emu, monkeypatch, name, spec, dtype):
+    # Forward (row and column statistics) and backward block kernels through the op: loss and
+    # gradients equal the CPU kernels' up to summation order (float64 statistics either way).
+    from hnsample.ops import info_nce as nce_ops
+
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    b, m, d = 37, 45, 16
+    q = torch.randn(b, d, generator=gen, dtype=torch.float64).to(dtype)
+    docs = torch.randn(m, d, generator=gen, dtype=torch.float64).to(dtype)
+    kw = {"temperature": 0.1}
+    for key, value in spec.items():
+        if value == "pos":
+            kw["positive_ids"] = torch.randint(-1, m, (b, 2), generator=gen)
+            kw["positive_ids"][:, 0] = torch.arange(b) % m
+        elif key == "doc_ids":
+            kw["doc_ids"] = torch.randint(0, 30, (m,), generator=gen)
+        elif key == "query_labels":
+            kw["query_labels"] = torch.randint(0, 3, (b,), generator=gen)
+            kw["doc_labels"] = torch.randint(0, 3, (m,), generator=gen)
+        elif key == "guide":
+            kw["guide_queries"] = q + 0.1 * torch.randn(b, d, generator=gen, dtype=torch.float64).to(dtype)
+            kw["guide_docs"] = docs + 0.1 * torch.randn(m, d, generator=gen, dtype=torch.float64).to(dtype)
+        elif value == "tensor":
+            kw["temperature"] = torch.tensor([0.1], dtype=dtype, requires_grad=True)
+        else:
+            kw[key] = value
+    leaves = [q.requires_grad_(True), docs.requires_grad_(True)]
+    if isinstance(kw["temperature"], torch.Tensor):
+        leaves.append(kw["temperature"])
+    loss = hnsample.info_nce(q, docs, **kw)
+    want = torch.autograd.grad(loss, leaves)
+    calls = collections.Counter()
+    monkeypatch.setattr(nce_ops, "_C", _EmulatedC(emu, calls, route_cpu=True))
+    got_loss = hnsample.info_nce(q, docs, **kw)
+    got = torch.autograd.grad(got_loss, leaves)
+    assert calls["info_nce_block"] >= 2  # a forward and a backward pass at least
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got_loss, loss, rtol=tol, atol=tol)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CUDA driver (hnsample/ops/topk_cuda.py) end to end on emulated kernels
+
+
+class _EmulatedC:
+    """hnsample._C with the CUDA launchers replaced by the emulated ones; everything else is _C.
+    route_cpu: calls made with cuda=False (CPU tensors outside the CUDA driver) go to the emulator too."""
+
+    def __init__(self, emu, calls: collections.Counter, route_cpu: bool = False):
+        self._emu, self._calls, self._route_cpu = emu, calls, route_cpu
+
+    def __getattr__(self, name):
+        real = getattr(_C, name)
+        fn = getattr(self._emu, name, None)
+        if fn is None or not callable(real) or isinstance(real, type):
+            return real
+
+        def call(*args, **kwargs):
+            self._calls[name] += 1
+            if self._route_cpu and "cuda" in kwargs:
+                kwargs["cuda"] = True
+            elif self._route_cpu:
+                args = _with_cuda(name, args)
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def _with_cuda(name: str, args: tuple) -> tuple:
+    """args with the positional `cuda` flag set (info_nce_block's is 14th)."""
+    pos = {"info_nce_block": 13}[name]
+    return args[:pos] + (True,) + args[pos + 1:]
+
+
+class _HostStream:
+    cuda_stream = 0
+
+
+def _patch_driver(monkeypatch, emu, calls):
+    monkeypatch.setattr(topk_cuda, "_C", _EmulatedC(emu, calls))
+    monkeypatch.setattr(topk_cuda, "_device_facts", lambda index: (4, 1 << 18))
+    monkeypatch.setattr(topk_cuda, "_mm_out_dtype_supported", lambda index, dtype: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _HostStream())
+
+
+DRIVER = [
+    ("top", {}),
+    ("margin_exclude", {"relative_margin": 0.1, "positives": "pos", "exclude": "exc"}),
+    ("window_pool", {"skip_top": 2, "pool": 15, "sampling": "uniform", "seed": 9}),
+    ("softmax_stream", {"sampling": "softmax", "seed": 1, "temperature": 2.0}),
+]
+
+
+def _driver_kwargs(spec: dict, b: int, n: int, gen: torch.Generator) -> dict:
+    kw = dict(spec)
+    if "positives" in kw:
+        kw["positives"] = torch.randint(0, n, (b, 1), generator=gen)
+    if "exclude" in kw:
+        kw["exclude"] = torch.randint(-1, n, (b, 4), generator=gen)
+    return kw
+
+
+@pytest.mark.parametrize("name,spec", DRIVER, ids=[x[0] for x in DRIVER])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_two_pass_driver_on_emulated_kernels(monkeypatch, emu, name, spec, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{dtype}".encode()))
+    b, n, d, k = 70, 5000, 32, 12
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    kw = _driver_kwargs(spec, b, n, gen)
+    want = hnsample.topk_similarity(q, c, k, **kw)
+    calls = collections.Counter()
+    _patch_driver(monkeypatch, emu, calls)
+    monkeypatch.setattr(topk_cuda, "PATH", "two_pass")
+    sel = selection(q.float() @ c.float().T, k, kw)
+    state = topk_cuda.run_cuda_selection(q, c, sel, "dot", 1 << 16)
+    got_s, got_j = finalize(state, emu)
+    monkeypatch.undo()
+    assert calls["topk_select_block_segments"] > 1
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+
+
+FUSED = [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine"), ("tf32", torch.float32, "dot"),
+         ("tf32_cosine", torch.float32, "cosine")]
+
+
+@pytest.mark.parametrize("name,spec", DRIVER[:3], ids=[x[0] for x in DRIVER[:3]])
+@pytest.mark.parametrize("fname,dtype,metric", FUSED, ids=[x[0] for x in FUSED])
+def test_fused_driver_on_emulated_kernels(monkeypatch, emu, name, spec, fname, dtype, metric):
+    # Seed through the emulated select kernel, then doubling chunks through the emulated fused kernel
+    # (+ rescoring for fp32), bounds and offers. Small integers: every path's scores are exact, so the
+    # result equals the CPU op's over the same score matrix bit for bit (cosine: the scaled scores of
+    # _ExactGemm, which the fused epilogue and the rescoring reproduce).
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{fname}".encode()))
+    b, n, d, k = 40, 2600, 64, 10
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    kw = _driver_kwargs(spec, b, n, gen)
+    want = hnsample.topk_from_scores(_exact_scores(q, c, metric), k, **kw)
+    calls = collections.Counter()
+    _patch_driver(monkeypatch, emu, calls)
+    monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
+    monkeypatch.setattr(topk_cuda, "ScoreGemm", _ExactGemm)
+    sel = selection(_exact_scores(q, c, metric), k, kw)
+    state = topk_cuda._run_fused(q, c, sel, metric, 1 << 16, SelectionState(sel, b, q.device), 0)
+    got_s, got_j = finalize(state, emu)
+    monkeypatch.undo()
+    assert calls["topk_fused_scores"] == 4  # chunks of 300, 600, 1200 and 200 after the seed of 300
+    assert calls["topk_rescore_candidates"] == (4 if dtype == torch.float32 else 0)
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+
+
+def test_fused_driver_redoes_overflowing_chunks(monkeypatch, emu):
+    # Candidates get better chunk after chunk, so every row's list overflows and each chunk is redone
+    # on the two-pass path (emulated select kernel); the result is still exact.
+    gen = torch.Generator().manual_seed(21)
+    b, n, d, k = 24, 2600, 32, 10
+    q = int_matrix(b, d, gen, 0, 4).to(torch.bfloat16)
+    c = (int_matrix(n, d, gen, 0, 4) * (1 + torch.arange(n) // 300)[:, None]).to(torch.bfloat16)
+    want = hnsample.topk_from_scores(_exact_scores(q, c, "dot"), k)
+    calls = collections.Counter()
+    _patch_driver(monkeypatch, emu, calls)
+    monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
+    sel = selection(_exact_scores(q, c, "dot"), k, {})
+    state = topk_cuda._run_fused(q, c, sel, "dot", 1 << 16, SelectionState(sel, b, q.device), 0)
+    got_s, got_j = finalize(state, emu)
+    monkeypatch.undo()
+    assert calls["topk_fused_scores"] == 4 and calls["topk_offer_candidates"] < 4
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+
+
+def _exact_scores(q: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
+    """Scores as the fused path computes them for small-integer inputs: the exact dot product; cosine
+    scales it by the driver's fp32 1/|x| factors, in fp32 for 16-bit inputs (the epilogue's acc * row
+    scale * column scale) and in float64 rounded once for fp32 inputs (the rescoring)."""
+    s = q.double() @ c.double().T
+    if metric != "cosine":
+        return s.float()
+    rs, cs = topk_cuda.cosine_scale(q), topk_cuda.cosine_scale(c)
+    if q.dtype == torch.float32:
+        return (s * rs.double()[:, None] * cs.double()[None, :]).float()
+    return s.float() * rs[:, None] * cs[None, :]
+
+
+class _ExactGemm(topk_cuda.ScoreGemm):
+    """The two-pass path's seed blocks with _exact_scores' values (the GPU GEMM on the CPU)."""
+
+    def __init__(self, queries, metric):
+        self.metric, self.out_dtype, self.q = metric, torch.float32, queries
+
+    def operand(self, x):
+        return x, None
+
+    def scores(self, i0, i1, c, c_scale, out):
+        out.copy_(_exact_scores(self.q[i0:i1], c, self.metric))
