@@ -6,6 +6,7 @@
 
 #include "topk_select.h"
 #include "info_nce.h"
+#include "topk_fused_sm90.h"
 
 namespace py = pybind11;
 using namespace hnsample;
@@ -246,6 +247,39 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.def("topk_fused_supported", [](int) { return false; }, py::arg("device"));
 #endif
+
+  // ---- CUDA top-k selection, fused path: the sm_90a wgmma kernel (csrc/cuda/topk_fused_sm90.cu) ----
+#if defined(HNSAMPLE_WITH_CUDA)
+  m.def("topk_fused_wgmma_available", &topk_fused_wgmma_available, py::arg("device"),
+        "Whether the device runs the wgmma fused kernel (compute capability 9.0 and sm_90a code in this build).");
+  m.def("topk_fused_wgmma_stalled", &topk_fused_wgmma_stalled, py::arg("device"),
+        "Whether a wait in the wgmma kernel timed out on the device (diagnostic; synchronizes the device).");
+#else
+  m.def("topk_fused_wgmma_available", [](int) { return false; }, py::arg("device"));
+  m.def("topk_fused_wgmma_stalled", [](int) { return false; }, py::arg("device"));
+#endif
+  m.def("topk_fused_wgmma_suits", &sm90::wgmma_inputs_suit, py::arg("block"),
+        "Whether the wgmma kernel takes a FusedBlock's inputs (dtype, alignment, strides, extents).");
+  // The kernel's layout facts, for the CPU tests.
+  py::module_ sm90m = m.def_submodule("sm90", "Tile shape and shared-memory layout of the wgmma kernel");
+  sm90m.attr("BM") = sm90::kBM;
+  sm90m.attr("BN") = sm90::kBN;
+  sm90m.attr("BK") = sm90::kBK;
+  sm90m.attr("STAGES") = sm90::kStages;
+  sm90m.attr("THREADS") = sm90::kThreads;
+  sm90m.attr("TILE_A_BYTES") = sm90::kTileABytes;
+  sm90m.attr("STAGE_BYTES") = sm90::kStageBytes;
+  sm90m.attr("SMEM_BYTES") = sm90::kSmemBytes;
+  sm90m.attr("ACC_PER_THREAD") = sm90::kAccPerThread;
+  sm90m.def("smem_descriptor", &sm90::smem_descriptor, py::arg("start"), py::arg("leading_bytes"),
+            py::arg("stride_bytes"), py::arg("base_offset"), py::arg("swizzle"));
+  sm90m.def("operand_descriptor", &sm90::operand_descriptor, py::arg("tile_start"), py::arg("k16"));
+  sm90m.def("swizzle128", &sm90::swizzle128, py::arg("addr"));
+  sm90m.def("tma_element_address", &sm90::tma_element_address, py::arg("tile"), py::arg("row"), py::arg("k"));
+  sm90m.def("wgmma_element_address", &sm90::wgmma_element_address, py::arg("desc"), py::arg("row"), py::arg("k"));
+  sm90m.def(
+      "acc_coord", [](int warp, int lane, int reg) { return py::make_tuple(sm90::acc_row(warp, lane, reg), sm90::acc_col(lane, reg)); },
+      py::arg("warp"), py::arg("lane"), py::arg("reg"));
 
   // ---- info_nce: memory-flat contrastive loss block passes -------------------------------------
   py::class_<InfoNceParams> nce(m, "InfoNceParams");
