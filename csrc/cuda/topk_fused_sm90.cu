@@ -217,14 +217,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (!ok) break;
     const uint32_t tile_a = base + s * kStageBytes + group * 64 * kRowBytes;
     const uint32_t tile_b = base + s * kStageBytes + kTileABytes;
+    acc_fence(acc);  // every earlier write of the accumulators lands before the fence
     wgmma_fence();
-    acc_fence(acc);
 #pragma unroll
     for (int k16 = 0; k16 < kBK / 16; ++k16)
       wgmma_m64n128k16<kBf16>(acc, operand_descriptor(tile_a, k16), operand_descriptor(tile_b, k16));
     wgmma_commit();
-    acc_fence(acc);
     wgmma_wait<1>();  // the previous step's group is done reading its stage
+    acc_fence(acc);
     if (ks > 0 && lane == 0) mbar_arrive(bars + 8 * (kStages + (ks - 1) % kStages));
   }
   wgmma_wait<0>();
