@@ -3,8 +3,8 @@
 #   build + install (sm_90a only, to halve compile time; the wgmma kernel needs the arch-specific target)
 #   -> GPU tests (the wgmma kernel's file first, in its own process, so a fault there cannot take the
 #   other tests' CUDA context with it) -> compute-sanitizer memcheck on a small case -> per-kernel
-#   resource usage and a count of the wgmma instructions in the SASS -> correctness + timing table
-#   (benchmarks/gpu_check.py).
+#   resource usage and a count of the wgmma instructions in the SASS -> the fused score kernels alone
+#   (benchmarks/bench_wgmma.py) -> correctness + timing table (benchmarks/gpu_check.py).
 # Logs and JSON go to $OUT (default /tmp/gpu_check_out); the table is printed last. Each stage has its own
 # time limit and the script goes on after a failed stage, so one run reports everything it can.
 set -uo pipefail
@@ -44,6 +44,10 @@ export PY WGMMA_TESTS
 stage pytest 110 bash -c gpu_tests
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -n 4
 tail -n 15 "$OUT/pytest.log"
+# The fused score kernels alone (mma.sync, wgmma 128x128, wgmma 256x128) against torch.mm, main shape.
+stage wgmma_bench 40 "$PY" benchmarks/bench_wgmma.py --out "$OUT"
+sed -n '/^B=/,$p' "$OUT/wgmma_bench.log"
+[ "${RC[wgmma_bench]}" = 0 ] || tail -n 20 "$OUT/wgmma_bench.log"
 # Only hnsample's kernels are instrumented (cuBLAS under memcheck is slow); without the filter option
 # (an older sanitizer) the whole case is checked.
 SAN=(compute-sanitizer --tool memcheck --error-exitcode 3)
@@ -55,4 +59,4 @@ grep -E "ERROR SUMMARY|Invalid|memcheck case done" "$OUT/memcheck.log" | head -n
 stage bench 130 "$PY" benchmarks/gpu_check.py --out "$OUT" --budget-s 100
 sed -n '/TFLOP\/s, copy/,$p' "$OUT/bench.log"
 [ "${RC[bench]}" = 0 ] || tail -n 30 "$OUT/bench.log"
-echo "build=${RC[build]} pytest=${RC[pytest]} memcheck=${RC[memcheck]} bench=${RC[bench]}"
+echo "build=${RC[build]} pytest=${RC[pytest]} wgmma_bench=${RC[wgmma_bench]} memcheck=${RC[memcheck]} bench=${RC[bench]}"

@@ -262,15 +262,25 @@ PYBIND11_MODULE(_C, m) {
         "Whether the wgmma kernel takes a FusedBlock's inputs (dtype, alignment, strides, extents).");
   // The kernel's layout facts, for the CPU tests.
   py::module_ sm90m = m.def_submodule("sm90", "Tile shape and shared-memory layout of the wgmma kernel");
-  sm90m.attr("BM") = sm90::kBM;
   sm90m.attr("BN") = sm90::kBN;
   sm90m.attr("BK") = sm90::kBK;
-  sm90m.attr("STAGES") = sm90::kStages;
-  sm90m.attr("THREADS") = sm90::kThreads;
-  sm90m.attr("TILE_A_BYTES") = sm90::kTileABytes;
-  sm90m.attr("STAGE_BYTES") = sm90::kStageBytes;
-  sm90m.attr("SMEM_BYTES") = sm90::kSmemBytes;
   sm90m.attr("ACC_PER_THREAD") = sm90::kAccPerThread;
+  const auto tile = [](auto t) {
+    using T = decltype(t);
+    py::dict d;
+    d["BM"] = T::kBM;
+    d["STAGES"] = T::kStages;
+    d["THREADS"] = T::kThreads;
+    d["TILE_A_BYTES"] = T::kTileABytes;
+    d["STAGE_BYTES"] = T::kStageBytes;
+    d["SMEM_BYTES"] = T::kSmemBytes;
+    d["CTAS_PER_SM"] = T::kCtasPerSm;
+    return d;
+  };
+  py::dict tiles;  // by FusedBlock.kernel code
+  tiles[py::int_(2)] = tile(sm90::TileWide{});
+  tiles[py::int_(3)] = tile(sm90::TileTall{});
+  sm90m.attr("TILES") = tiles;
   sm90m.def("smem_descriptor", &sm90::smem_descriptor, py::arg("start"), py::arg("leading_bytes"),
             py::arg("stride_bytes"), py::arg("base_offset"), py::arg("swizzle"));
   sm90m.def("operand_descriptor", &sm90::operand_descriptor, py::arg("tile_start"), py::arg("k16"));
@@ -278,7 +288,10 @@ PYBIND11_MODULE(_C, m) {
   sm90m.def("tma_element_address", &sm90::tma_element_address, py::arg("tile"), py::arg("row"), py::arg("k"));
   sm90m.def("wgmma_element_address", &sm90::wgmma_element_address, py::arg("desc"), py::arg("row"), py::arg("k"));
   sm90m.def(
-      "acc_coord", [](int warp, int lane, int reg) { return py::make_tuple(sm90::acc_row(warp, lane, reg), sm90::acc_col(lane, reg)); },
+      "acc_coord",
+      [](int warp, int lane, int reg) {
+        return py::make_tuple(sm90::acc_row(warp, lane, reg), sm90::acc_col(lane, reg));
+      },
       py::arg("warp"), py::arg("lane"), py::arg("reg"));
 
   // ---- info_nce: memory-flat contrastive loss block passes -------------------------------------

@@ -14,27 +14,47 @@
 namespace hnsample {
 namespace sm90 {
 
-// CTA tile: 128 query rows (two consumer warpgroups of 64) x 128 candidates, K in steps of 64 elements
-// (one 128-byte swizzle row of 16-bit values per matrix row), 3 shared-memory stages.
-constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 3;
-constexpr int kConsumerGroups = kBM / 64;
-constexpr int kThreads = (kConsumerGroups * 4 + 1) * 32;  // consumer warpgroups + one producer warp
+// Every tile: 128 candidates per CTA, K in steps of 64 elements (one 128-byte swizzle row of 16-bit
+// values per matrix row); each consumer warpgroup owns 64 query rows against all 128 candidates.
+constexpr int kBN = 128, kBK = 64;
 constexpr int kElemBytes = 2;
 constexpr int kRowBytes = kBK * kElemBytes;  // 128: one swizzle span per matrix row
-constexpr int kTileABytes = kBM * kRowBytes;
 constexpr int kTileBBytes = kBN * kRowBytes;
-constexpr int kStageBytes = kTileABytes + kTileBBytes;  // what each stage's full barrier expects
+constexpr int kAccPerThread = 64 * kBN / 128;  // fp32 accumulators of m64n128 over 128 threads
 // A 128-byte-swizzled operand tile must start on a 1024-byte boundary (8 rows of 128 bytes, the span of
 // the XOR pattern), so the descriptor's base offset field stays 0.
 constexpr int kSwizzleAtomBytes = 1024;
-constexpr int kControlBytes = 2 * kStages * 8 + 8;  // full + empty mbarriers, a CTA-wide flag
-// Dynamic shared memory: the stages, the control words, and slack to round the base up to 1024 bytes.
-// About 97 KiB: two CTAs fit one SM (228 KiB), so one CTA's epilogue overlaps the other's main loop.
-constexpr int kSmemBytes = kStages * kStageBytes + kControlBytes + kSwizzleAtomBytes;
-constexpr int kAccPerThread = 64 * kBN / 128;  // fp32 accumulators of m64n128 over 128 threads
+// Hopper: 228 KiB of shared memory per SM, at most 227 KiB per CTA, 1 KiB of it reserved per CTA.
+constexpr int kSmemPerSm = 228 * 1024, kSmemPerCta = 227 * 1024, kSmemReserved = 1024;
 static_assert(kRowBytes == 128, "the 128-byte swizzle needs 128-byte rows");
-static_assert(kTileABytes % kSwizzleAtomBytes == 0 && kTileBBytes % kSwizzleAtomBytes == 0,
-              "every tile must keep the next one on a 1024-byte boundary");
+
+// A CTA shape: kGroups consumer warpgroups (64 query rows each) plus one producer warp, kStages
+// shared-memory stages.
+template <int kGroups, int kStagesT>
+struct Tile {
+  static constexpr int kConsumerGroups = kGroups;
+  static constexpr int kStages = kStagesT;
+  static constexpr int kBM = 64 * kGroups;
+  static constexpr int kThreads = (kGroups * 4 + 1) * 32;
+  static constexpr int kTileABytes = kBM * kRowBytes;
+  static constexpr int kStageBytes = kTileABytes + kTileBBytes;  // what each stage's full barrier expects
+  static constexpr int kControlBytes = 2 * kStages * 8 + 8;      // full + empty mbarriers, a CTA-wide flag
+  // Dynamic shared memory: the stages, the control words, and slack to round the base up to 1024 bytes.
+  static constexpr int kSmemBytes = kStages * kStageBytes + kControlBytes + kSwizzleAtomBytes;
+  static constexpr int kCtasPerSm = kSmemPerSm / (kSmemBytes + kSmemReserved);
+  static_assert(kTileABytes % kSwizzleAtomBytes == 0 && kTileBBytes % kSwizzleAtomBytes == 0,
+                "every tile must keep the next one on a 1024-byte boundary");
+  static_assert(kSmemBytes <= kSmemPerCta && kCtasPerSm >= 1, "the stages must fit one CTA");
+  static_assert(kBM <= 256, "a tensor-copy box spans at most 256 rows");
+};
+
+// kernel 2 (and auto): 128 x 128, 3 stages, about 97 KiB, so two CTAs share an SM and one's epilogue
+// overlaps the other's main loop. kernel 3: 256 x 128, 4 stages, one CTA per SM; a third less operand
+// traffic from L2 per flop (85 instead of 64 flop per byte), no epilogue overlap. Which is faster is a
+// question for the device; the first is the default.
+using TileWide = Tile<2, 3>;
+using TileTall = Tile<4, 4>;
+static_assert(TileWide::kCtasPerSm == 2 && TileTall::kCtasPerSm == 1, "the occupancy each shape is built for");
 
 // wgmma shared-memory matrix descriptor (64 bits):
 //   bits  0-13  start address >> 4        bits 16-29  leading-dimension byte offset >> 4
@@ -110,7 +130,7 @@ inline bool wgmma_inputs_suit(const FusedBlock& f) {
   if (f.q_stride < f.dim || f.c_stride < f.dim) return false;
   if (f.q_stride * kElemBytes >= (int64_t{1} << 40) || f.c_stride * kElemBytes >= (int64_t{1} << 40)) return false;
   if (f.dim >= (int64_t{1} << 31) || f.rows >= (int64_t{1} << 31)) return false;
-  return f.cols <= int64_t{65535} * kBN;
+  return f.cols <= int64_t{65535} * kBN;  // the same for every tile shape
 }
 
 }  // namespace sm90

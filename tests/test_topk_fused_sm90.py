@@ -62,14 +62,15 @@ def test_swizzle128_xors_the_chunk_with_the_row():
 
 
 def _tile_starts():
-    """Every operand tile the kernel describes: stage s, A rows of either warpgroup, and the B tile,
-    from a 1024-byte aligned base."""
+    """Every operand tile either CTA shape describes: stage s, the A rows of each consumer warpgroup, and
+    the B tile, from a 1024-byte aligned base."""
     base = 3 * 1024
-    for s in range(sm90.STAGES):
-        stage = base + s * sm90.STAGE_BYTES
-        for group in range(sm90.BM // 64):
-            yield stage + group * 64 * 128, 64
-        yield stage + sm90.TILE_A_BYTES, sm90.BN
+    for tile in sm90.TILES.values():
+        for s in range(tile["STAGES"]):
+            stage = base + s * tile["STAGE_BYTES"]
+            for group in range(tile["BM"] // 64):
+                yield stage + group * 64 * 128, 64
+            yield stage + tile["TILE_A_BYTES"], sm90.BN
 
 
 def test_wgmma_reads_each_element_where_the_tensor_copy_wrote_it():
@@ -116,13 +117,16 @@ def test_accumulator_fragment_covers_the_warpgroup_tile_once():
         assert sm90.acc_coord(0, lane, 4 * 9 + 3) == (g + 8, 72 + 2 * t + 1)
 
 
-def test_shared_memory_budget_fits_two_ctas_per_sm():
+@pytest.mark.parametrize("kernel,ctas", [(2, 2), (3, 1)])
+def test_shared_memory_budget_fits_the_planned_ctas_per_sm(kernel, ctas):
     # Hopper: 228 KiB of shared memory per SM, at most 227 KiB per CTA, 1 KiB reserved per CTA.
-    assert sm90.STAGE_BYTES == (sm90.BM + sm90.BN) * sm90.BK * 2
-    assert sm90.SMEM_BYTES >= sm90.STAGES * sm90.STAGE_BYTES + 1024
-    assert sm90.SMEM_BYTES <= 227 * 1024
-    assert 2 * (sm90.SMEM_BYTES + 1024) <= 228 * 1024
-    assert sm90.THREADS == (2 * 4 + 1) * 32  # two consumer warpgroups and one producer warp
+    tile = sm90.TILES[kernel]
+    assert tile["STAGE_BYTES"] == (tile["BM"] + sm90.BN) * sm90.BK * 2
+    assert tile["SMEM_BYTES"] >= tile["STAGES"] * tile["STAGE_BYTES"] + 1024
+    assert tile["SMEM_BYTES"] <= 227 * 1024
+    assert tile["CTAS_PER_SM"] == ctas
+    assert ctas * (tile["SMEM_BYTES"] + 1024) <= 228 * 1024 < (ctas + 1) * (tile["SMEM_BYTES"] + 1024)
+    assert tile["THREADS"] == (tile["BM"] // 64 * 4 + 1) * 32  # consumer warpgroups and one producer warp
 
 
 def _block(dtype=BF16, rows=100, cols=1000, dim=96, q_stride=None, c_stride=None, q=1 << 20, c=1 << 24,
@@ -178,16 +182,19 @@ def test_wgmma_unavailable_without_a_device():
 @pytest.mark.skipif(not _C.built_with_cuda, reason="the CUDA launcher's host-side checks")
 def test_launcher_checks_the_kernel_field():
     # These checks run on the host before any CUDA call, so they hold with or without a device.
-    with pytest.raises(RuntimeError, match=r"kernel must be 0 \(auto\), 1 \(mma.sync\) or 2 \(wgmma\)"):
-        _C.topk_fused_scores(_block(kernel=3), 0)
-    with pytest.raises(RuntimeError, match="needs bf16/fp16 inputs"):
-        _C.topk_fused_scores(_block(kernel=2, dim=36), 0)
+    for kernel in (-1, 4):
+        with pytest.raises(RuntimeError, match=r"kernel must be 0 \(auto\), 1 \(mma.sync\), 2 \(wgmma\) or 3"):
+            _C.topk_fused_scores(_block(kernel=kernel), 0)
+    for kernel in (2, 3):
+        with pytest.raises(RuntimeError, match="needs bf16/fp16 inputs"):
+            _C.topk_fused_scores(_block(kernel=kernel, dim=36), 0)
 
 
 @pytest.mark.skipif(not _C.built_with_cuda or hnsample.has_cuda(), reason="needs a CUDA build without a device")
-def test_forced_wgmma_fails_without_a_device():
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_forced_wgmma_fails_without_a_device(kernel):
     with pytest.raises(RuntimeError):
-        _C.topk_fused_scores(_block(kernel=2), 0)
+        _C.topk_fused_scores(_block(kernel=kernel), 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,15 +266,16 @@ SHAPES = [  # (rows, cols, d, pad): edges off the 128 x 128 tile, d from one par
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", [2, 3], ids=["wide", "tall"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("rows,cols,d,pad", SHAPES)
-def test_wgmma_launch_lists_every_score_of_mm(dtype, rows, cols, d, pad):
+def test_wgmma_launch_lists_every_score_of_mm(kernel, dtype, rows, cols, d, pad):
     _needs_wgmma()
     gen = torch.Generator().manual_seed(zlib.crc32(f"{rows}/{cols}/{d}/{dtype}".encode()))
     q, c = _int_operands(rows, cols, d, dtype, gen, pad)
     want = torch.mm(q.float(), c.float().T).cpu()
     inf = torch.full((rows,), math.inf, device="cuda")
-    count, scores, cols_ = _launch(q, c, 2, -inf, inf, cols)
+    count, scores, cols_ = _launch(q, c, kernel, -inf, inf, cols)
     assert not _C.topk_fused_wgmma_stalled(_device_index())
     assert torch.equal(count, torch.full((rows,), cols, dtype=torch.int32))
     for i, got in enumerate(_lists(count, scores, cols_)):
@@ -275,8 +283,9 @@ def test_wgmma_launch_lists_every_score_of_mm(dtype, rows, cols, d, pad):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", [2, 3], ids=["wide", "tall"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_wgmma_launch_filters_and_scales_like_the_epilogue(dtype):
+def test_wgmma_launch_filters_and_scales_like_the_epilogue(kernel, dtype):
     # Per-row bounds and cosine-style scales: the survivors of row i are exactly the j with
     # lo_i <= (acc_ij * row_scale_i) * col_scale_j <= hi_i, scaled in that order in fp32.
     _needs_wgmma()
@@ -289,7 +298,7 @@ def test_wgmma_launch_filters_and_scales_like_the_epilogue(dtype):
     lo = torch.quantile(s, 0.97, dim=1)
     hi = torch.quantile(s, 0.995, dim=1)
     hi[0] = -math.inf  # an empty interval
-    count, scores, cols_ = _launch(q, c, 2, lo, hi, 256, rs, cs)
+    count, scores, cols_ = _launch(q, c, kernel, lo, hi, 256, rs, cs)
     s, lo, hi = s.cpu(), lo.cpu(), hi.cpu()
     for i, got in enumerate(_lists(count, scores, cols_)):
         keep = ((s[i] >= lo[i]) & (s[i] <= hi[i])).nonzero().flatten().tolist()
@@ -305,7 +314,8 @@ def test_auto_and_forced_kernels_agree_with_mma_sync():
     lists = {k: _lists(*_launch(q, c, k, -inf, inf, cols)) for k in (0, 1)}
     assert lists[0] == lists[1]
     if _C.topk_fused_wgmma_available(_device_index()):
-        assert _lists(*_launch(q, c, 2, -inf, inf, cols)) == lists[1]
+        for kernel in (2, 3):
+            assert _lists(*_launch(q, c, kernel, -inf, inf, cols)) == lists[1]
 
 
 @pytest.mark.gpu
@@ -321,8 +331,9 @@ def test_forced_wgmma_raises_where_unavailable():
         pytest.skip("the device runs the wgmma kernel")
     q = torch.ones(4, 64, dtype=torch.bfloat16, device="cuda")
     inf = torch.full((4,), math.inf, device="cuda")
-    with pytest.raises(RuntimeError, match="cannot run it"):
-        _launch(q, q, 2, -inf, inf, 8)
+    for kernel in (2, 3):
+        with pytest.raises(RuntimeError, match="cannot run it"):
+            _launch(q, q, kernel, -inf, inf, 8)
 
 
 @pytest.mark.gpu

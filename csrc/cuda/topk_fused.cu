@@ -287,10 +287,11 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
   HN_CHECK(!tf32 || (f.row_slack && f.col_slack), "fused: fp32 inputs need the tf32 error slack");
   HN_CHECK(!f.row_slack || f.col_slack, "fused: row_slack needs col_slack");
   HN_CHECK(ceil_div(f.rows, kBM) < (int64_t{1} << 31), "fused: too many rows");
-  HN_CHECK(f.kernel == 0 || f.kernel == 1 || f.kernel == 2, "fused: kernel must be 0 (auto), 1 (mma.sync) or 2 (wgmma)");
-  // kernel 2 always goes to wgmma (which throws when the device, the build or the inputs rule it out);
-  // auto takes it whenever all three allow.
-  if (f.kernel == 2) return topk_fused_scores_sm90(f, stream);
+  HN_CHECK(f.kernel >= 0 && f.kernel <= 3,
+           "fused: kernel must be 0 (auto), 1 (mma.sync), 2 (wgmma) or 3 (wgmma, 256-row tiles)");
+  // kernels 2 and 3 always go to wgmma (which throws when the device, the build or the inputs rule it
+  // out); auto takes it whenever all three allow.
+  if (f.kernel >= 2) return topk_fused_scores_sm90(f, stream);
   if (f.kernel == 0 && sm90::wgmma_inputs_suit(f)) {
     int device = 0;
     HN_CUDA_CHECK(cudaGetDevice(&device));

@@ -4,7 +4,9 @@
 // tensor copy engine (128-byte swizzle, edges zero-filled), two consumer warpgroups of 64 rows each run
 // wgmma m64n128k16 from shared memory into fp32 registers, then filter their accumulators through the
 // shared epilogue (fused_common.cuh). About 97 KiB of shared memory, so two CTAs share an SM and one's
-// epilogue overlaps the other's main loop. The grid walks query tiles fastest (as topk_fused.cu does).
+// epilogue overlaps the other's main loop. FusedBlock.kernel 3 selects a 256-row CTA (four consumer
+// warpgroups, 4 stages, one CTA per SM) to measure against it (../topk_fused_sm90.h). The grid walks
+// query tiles fastest (as topk_fused.cu does), so a candidate tile is read from memory once.
 //
 // Why the tensor copy engine rather than cp.async: one thread moves a whole 16 KiB tile, writes the
 // swizzle wgmma expects and zero-fills ragged rows and the K tail in hardware, so the 256 consumer
@@ -162,18 +164,19 @@ __device__ __forceinline__ void mark_overflow(const FusedBlock& f, int64_t row) 
 }
 #endif
 
-template <bool kBf16>
-__global__ void __launch_bounds__(kThreads, 2)
+template <bool kBf16, class T>
+__global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     wgmma_scores_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tc,
                         const FusedBlock f) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kConsumerGroups = T::kConsumerGroups;
   extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned to 1024 below
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t base = (raw + kSwizzleAtomBytes - 1) & ~static_cast<uint32_t>(kSwizzleAtomBytes - 1);
   const uint32_t bars = base + kStages * kStageBytes;  // full[kStages], empty[kStages], then the flag
   int* cta_flag = reinterpret_cast<int*>(smem_raw + (bars - raw) + 2 * kStages * 8);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * T::kBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int ksteps = static_cast<int>((f.dim + kBK - 1) / kBK);
 
@@ -199,13 +202,13 @@ __global__ void __launch_bounds__(kThreads, 2)
         const uint32_t tile = base + s * kStageBytes;
         mbar_arrive_expect_tx(full, kStageBytes);
         tma_load_2d(tile, &tq, ks * kBK, static_cast<int32_t>(m0), full);
-        tma_load_2d(tile + kTileABytes, &tc, ks * kBK, static_cast<int32_t>(n0), full);
+        tma_load_2d(tile + T::kTileABytes, &tc, ks * kBK, static_cast<int32_t>(n0), full);
       }
     }
     return;
   }
 
-  // Consumers: warpgroup `group` computes rows m0 + 64 group .. + 63 against all 128 candidates.
+  // Consumers: warpgroup `group` computes rows m0 + 64 group .. + 63 against all kBN candidates.
   const int group = warp / 4, group_warp = warp % 4;
   float acc[kAccPerThread];
 #pragma unroll
@@ -216,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * s, (ks / kStages) & 1));
     if (!ok) break;
     const uint32_t tile_a = base + s * kStageBytes + group * 64 * kRowBytes;
-    const uint32_t tile_b = base + s * kStageBytes + kTileABytes;
+    const uint32_t tile_b = base + s * kStageBytes + T::kTileABytes;
     acc_fence(acc);  // every earlier write of the accumulators lands before the fence
     wgmma_fence();
 #pragma unroll
@@ -305,13 +308,28 @@ CUtensorMap operand_map(const void* data, int64_t rows, int64_t dim, int64_t str
   return map;
 }
 
-template <bool kBf16>
+template <bool kBf16, class T>
 void set_kernel_attributes() {
-  HN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_scores_kernel<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     kSmemBytes));
-  // All of the unified L1 / shared storage as shared memory, so two CTAs fit.
-  HN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_scores_kernel<kBf16>, cudaFuncAttributePreferredSharedMemoryCarveout,
+  HN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_scores_kernel<kBf16, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     T::kSmemBytes));
+  // All of the unified L1 / shared storage as shared memory, so kCtasPerSm CTAs fit.
+  HN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_scores_kernel<kBf16, T>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                      static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+}
+
+template <class T>
+void launch(const FusedBlock& f, bool bf16, cudaStream_t stream) {
+  const CUtensorMap tq = operand_map(f.queries, f.rows, f.dim, f.q_stride, bf16, T::kBM);
+  const CUtensorMap tc = operand_map(f.candidates, f.cols, f.dim, f.c_stride, bf16, kBN);
+  const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, T::kBM)), static_cast<unsigned>(ceil_div(f.cols, kBN)));
+  if (bf16) {
+    set_kernel_attributes<true, T>();
+    wgmma_scores_kernel<true, T><<<grid, T::kThreads, T::kSmemBytes, stream>>>(tq, tc, f);
+  } else {
+    set_kernel_attributes<false, T>();
+    wgmma_scores_kernel<false, T><<<grid, T::kThreads, T::kSmemBytes, stream>>>(tq, tc, f);
+  }
+  HN_CUDA_CHECK(cudaGetLastError());
 }
 
 // The probe proper, on the current device.
@@ -319,7 +337,7 @@ bool probe_current_device(int device) {
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
   if (prop.major != 9 || prop.minor != 0) return false;
-  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(kSmemBytes)) return false;
+  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(TileTall::kSmemBytes)) return false;
   if (tensor_map_encoder() == nullptr) return false;
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, sm90a_probe_kernel) != cudaSuccess) return false;
@@ -363,18 +381,12 @@ void topk_fused_scores_sm90(const FusedBlock& f, void* stream) {
   HN_CHECK(topk_fused_wgmma_available(device),
            "fused wgmma: this device or build cannot run it (needs compute capability 9.0 and sm_90a code)");
   const bool bf16 = static_cast<DType>(f.dtype) == DType::BFloat16;
-  const CUtensorMap tq = operand_map(f.queries, f.rows, f.dim, f.q_stride, bf16, kBM);
-  const CUtensorMap tc = operand_map(f.candidates, f.cols, f.dim, f.c_stride, bf16, kBN);
-  const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, kBM)), static_cast<unsigned>(ceil_div(f.cols, kBN)));
   auto s = static_cast<cudaStream_t>(stream);
-  if (bf16) {
-    set_kernel_attributes<true>();
-    wgmma_scores_kernel<true><<<grid, kThreads, kSmemBytes, s>>>(tq, tc, f);
+  if (f.kernel == 3) {
+    launch<TileTall>(f, bf16, s);
   } else {
-    set_kernel_attributes<false>();
-    wgmma_scores_kernel<false><<<grid, kThreads, kSmemBytes, s>>>(tq, tc, f);
+    launch<TileWide>(f, bf16, s);
   }
-  HN_CUDA_CHECK(cudaGetLastError());
 }
 
 bool topk_fused_wgmma_stalled(int device) {

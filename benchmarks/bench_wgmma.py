@@ -1,0 +1,154 @@
+"""The fused score kernels alone, on the device: one launch over B x N against torch.mm.
+
+    python benchmarks/bench_wgmma.py [--b 8192 --n 1000000 --d 768] [--out DIR]
+
+Launches FusedBlock directly (no driver, no selection state) with kernel 1 (mma.sync, 128 x 128),
+2 (wgmma, 128 x 128, two CTAs per SM) and 3 (wgmma, 256 x 128, one CTA per SM) on random bf16 inputs,
+under two filters: "none" (lo = +inf: nothing survives, so the time is the GEMM plus the epilogue's
+compare) and "seeded" (lo = each row's 64th best score over the first 65536 candidates, about
+64 N / 65536 survivors per row, the list appends the driver's chunks see). Correctness first: on a
+small integer case every kernel's lists must equal torch.mm's scores. Then each configuration is timed
+with CUDA events (median of --reps after a warm-up) next to torch.mm(q, c.T) in bf16 (matmul-only: it
+writes its B x N output, we do not). Prints TFLOP/s (2 B N d / time) and the ratio to matmul-only;
+writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hnsample import _C
+
+KERNELS = {1: "mma.sync 128x128", 2: "wgmma 128x128", 3: "wgmma 256x128"}
+BF16 = 3  # csrc/common.h DType
+
+
+class Lists:
+    """Per-row candidate lists of one fused launch (torch owns every buffer)."""
+
+    def __init__(self, rows: int, cap: int, device: torch.device):
+        self.cap = cap
+        self.score = torch.empty((rows, cap), dtype=torch.float32, device=device)
+        self.col = torch.empty((rows, cap), dtype=torch.int32, device=device)
+        self.count = torch.zeros(rows, dtype=torch.int32, device=device)
+
+
+def block(q: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lists: Lists, kernel: int):
+    f = _C.FusedBlock()
+    f.queries, f.q_stride, f.candidates, f.c_stride = q.data_ptr(), q.stride(0), c.data_ptr(), c.stride(0)
+    f.dtype, f.rows, f.cols, f.dim = BF16, q.shape[0], c.shape[0], q.shape[1]
+    f.row_lo, f.row_hi = lo.data_ptr(), hi.data_ptr()
+    f.cand_score, f.cand_col, f.cand_count, f.cand_cap = (
+        lists.score.data_ptr(), lists.col.data_ptr(), lists.count.data_ptr(), lists.cap)
+    f.kernel = kernel
+    return f
+
+
+def launch(f: _C.FusedBlock, lists: Lists) -> None:
+    lists.count.zero_()
+    _C.topk_fused_scores(f, torch.cuda.current_stream().cuda_stream)
+
+
+def events_ms(fn, reps: int) -> float:
+    fn()  # warm-up: module load, attribute setting, first tensor map
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def check(kernels: list[int]) -> dict:
+    """Every kernel's lists equal torch.mm's scores on integer inputs (exact in fp32 in any order)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, cols, d = 300, 1000, 224  # d: a multiple of 32 (mma.sync) with a partial 64-wide K step
+    q = torch.randint(-8, 8, (rows, d), generator=gen).to(torch.bfloat16).cuda()
+    c = torch.randint(-8, 8, (cols, d), generator=gen).to(torch.bfloat16).cuda()
+    want = torch.mm(q.float(), c.float().T)
+    lo, hi = torch.full((rows,), -math.inf, device="cuda"), torch.full((rows,), math.inf, device="cuda")
+    out = {}
+    for kernel in kernels:
+        lists = Lists(rows, cols, q.device)
+        launch(block(q, c, lo, hi, lists, kernel), lists)
+        got = torch.full((rows, cols), math.nan, device="cuda")
+        n = lists.count.clamp(max=cols)
+        valid = torch.arange(cols, device="cuda")[None, :] < n[:, None]
+        r = torch.arange(rows, device="cuda")[:, None].expand(rows, cols)[valid]
+        got[r, lists.col[valid].long()] = lists.score[valid]
+        out[kernel] = bool(torch.equal(lists.count, torch.full_like(lists.count, cols)) and torch.equal(got, want))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--b", type=int, default=8192)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check_out"))
+    args = ap.parse_args(argv)
+    if not (_C.built_with_cuda and torch.cuda.is_available()):
+        print("bench_wgmma: needs a CUDA device and a CUDA build")
+        return 1
+    dev = torch.cuda.current_device()
+    kernels = [1] + ([2, 3] if _C.topk_fused_wgmma_available(dev) else [])
+    print(f"device {torch.cuda.get_device_name(dev)}; wgmma available: {len(kernels) > 1}")
+    ok = check(kernels)
+    print("correct (lists == torch.mm):", ok, "stalled:", bool(_C.topk_fused_wgmma_stalled(dev)))
+
+    b, n, d = args.b, args.n, args.d
+    torch.manual_seed(0)
+    q = torch.randn(b, d, device="cuda").to(torch.bfloat16)
+    c = torch.randn(n, d, device="cuda").to(torch.bfloat16)
+    flop = 2.0 * b * n * d
+    results = []
+    t0 = time.perf_counter()
+    mm_ms = events_ms(lambda: torch.mm(q, c.T), args.reps)
+    results.append({"name": "torch.mm bf16 (matmul-only)", "filter": "-", "ms": mm_ms})
+    seed = torch.mm(q, c[:65536].T).float()
+    lo_seeded = seed.topk(64, dim=1).values[:, -1].contiguous()
+    del seed
+    hi = torch.full((b,), math.inf, device="cuda")
+    filters = {"none": (torch.full((b,), math.inf, device="cuda"), 16),
+               "seeded": (lo_seeded, 4 * max(64, 64 * n // 65536))}
+    for fname, (lo, cap) in filters.items():
+        lists = Lists(b, cap, q.device)
+        for kernel in kernels:
+            f = block(q, c, lo, hi, lists, kernel)
+            ms = events_ms(lambda f=f, lists=lists: launch(f, lists), args.reps)
+            survivors = int(lists.count.sum())
+            overflow = int((lists.count > cap).sum())
+            results.append({"name": KERNELS[kernel], "kernel": kernel, "filter": fname, "ms": ms,
+                            "survivors": survivors, "overflowed_rows": overflow})
+    for r in results:
+        r["tflops"] = flop / (r["ms"] * 1e-3) / 1e12
+        r["vs_matmul"] = r["ms"] / mm_ms
+    stalled = bool(_C.topk_fused_wgmma_stalled(dev))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_wgmma.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(dev), "b": b, "n": n, "d": d, "reps": args.reps, "correct": ok,
+         "stalled": stalled, "seconds": time.perf_counter() - t0, "results": results}, indent=1))
+    print(f"\nB={b} N={n} d={d} bf16, median of {args.reps}; stalled={stalled}")
+    print(f"{'kernel':30s} {'filter':7s} {'ms':>9s} {'TFLOP/s':>8s} {'x matmul':>9s} {'survivors':>11s}")
+    for r in results:
+        print(f"{r['name']:30s} {r['filter']:7s} {r['ms']:9.3f} {r['tflops']:8.1f} {r['vs_matmul']:9.3f} "
+              f"{r.get('survivors', ''):>11}")
+    return 0 if all(ok.values()) and not stalled else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
