@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ from pathlib import Path
 import torch
 
 from hnsample import _C
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import events_time  # noqa: E402  (CUDA events, median after a warm-up)
 
 KERNELS = {1: "mma.sync 128x128", 2: "wgmma 128x128", 3: "wgmma 256x128"}
 BF16 = 3  # csrc/common.h DType
@@ -56,19 +58,6 @@ def block(q: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, 
 def launch(f: _C.FusedBlock, lists: Lists) -> None:
     lists.count.zero_()
     _C.topk_fused_scores(f, torch.cuda.current_stream().cuda_stream)
-
-
-def events_ms(fn, reps: int) -> float:
-    fn()  # warm-up: module load, attribute setting, first tensor map
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def check(kernels: list[int]) -> dict:
@@ -116,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     flop = 2.0 * b * n * d
     results = []
     t0 = time.perf_counter()
-    mm_ms = events_ms(lambda: torch.mm(q, c.T), args.reps)
+    mm_ms = events_time(lambda: torch.mm(q, c.T), args.reps)
     results.append({"name": "torch.mm bf16 (matmul-only)", "filter": "-", "ms": mm_ms})
     seed = torch.mm(q, c[:65536].T).float()
     lo_seeded = seed.topk(64, dim=1).values[:, -1].contiguous()
@@ -128,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         lists = Lists(b, cap, q.device)
         for kernel in kernels:
             f = block(q, c, lo, hi, lists, kernel)
-            ms = events_ms(lambda f=f, lists=lists: launch(f, lists), args.reps)
+            ms = events_time(lambda f=f, lists=lists: launch(f, lists), args.reps)
             survivors = int(lists.count.sum())
             overflow = int((lists.count > cap).sum())
             results.append({"name": KERNELS[kernel], "kernel": kernel, "filter": fname, "ms": ms,
