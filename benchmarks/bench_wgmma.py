@@ -3,7 +3,8 @@
     python benchmarks/bench_wgmma.py [--b 8192 --n 1000000 --d 768] [--out DIR]
 
 Launches FusedBlock directly (no driver, no selection state) with kernel 1 (mma.sync, 128 x 128),
-2 (wgmma, 128 x 128, two CTAs per SM) and 3 (wgmma, 256 x 128, one CTA per SM) on random bf16 inputs,
+2 (wgmma, 128 x 128, two CTAs per SM), 3 (wgmma, 256 x 128) and 4 (wgmma, 128 x 256; one CTA per SM
+each; csrc/topk_fused_sm90.h says why each) on random bf16 inputs,
 under two filters: "none" (lo = +inf: nothing survives, so the time is the GEMM plus the epilogue's
 compare) and "seeded" (lo = each row's 64th best score over the first 65536 candidates, about
 64 N / 65536 survivors per row, the list appends the driver's chunks see). Correctness first: on a
@@ -30,7 +31,7 @@ from hnsample import _C
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import events_time  # noqa: E402  (CUDA events, median after a warm-up)
 
-KERNELS = {1: "mma.sync 128x128", 2: "wgmma 128x128", 3: "wgmma 256x128"}
+KERNELS = {1: "mma.sync 128x128", 2: "wgmma 128x128", 3: "wgmma 256x128", 4: "wgmma 128x256"}
 BF16 = 3  # csrc/common.h DType
 
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_wgmma: needs a CUDA device and a CUDA build")
         return 1
     dev = torch.cuda.current_device()
-    kernels = [1] + ([2, 3] if _C.topk_fused_wgmma_available(dev) else [])
+    kernels = [1] + ([2, 3, 4] if _C.topk_fused_wgmma_available(dev) else [])
     print(f"device {torch.cuda.get_device_name(dev)}; wgmma available: {len(kernels) > 1}")
     ok = check(kernels)
     print("correct (lists == torch.mm):", ok, "stalled:", bool(_C.topk_fused_wgmma_stalled(dev)))

@@ -262,13 +262,13 @@ PYBIND11_MODULE(_C, m) {
         "Whether the wgmma kernel takes a FusedBlock's inputs (dtype, alignment, strides, extents).");
   // The kernel's layout facts, for the CPU tests.
   py::module_ sm90m = m.def_submodule("sm90", "Tile shape and shared-memory layout of the wgmma kernel");
-  sm90m.attr("BN") = sm90::kBN;
   sm90m.attr("BK") = sm90::kBK;
-  sm90m.attr("ACC_PER_THREAD") = sm90::kAccPerThread;
   const auto tile = [](auto t) {
     using T = decltype(t);
     py::dict d;
     d["BM"] = T::kBM;
+    d["BN"] = T::kBN;
+    d["ACC"] = T::kAcc;
     d["STAGES"] = T::kStages;
     d["THREADS"] = T::kThreads;
     d["TILE_A_BYTES"] = T::kTileABytes;
@@ -280,6 +280,7 @@ PYBIND11_MODULE(_C, m) {
   py::dict tiles;  // by FusedBlock.kernel code
   tiles[py::int_(2)] = tile(sm90::TileWide{});
   tiles[py::int_(3)] = tile(sm90::TileTall{});
+  tiles[py::int_(4)] = tile(sm90::TileLong{});
   sm90m.attr("TILES") = tiles;
   sm90m.def("smem_descriptor", &sm90::smem_descriptor, py::arg("start"), py::arg("leading_bytes"),
             py::arg("stride_bytes"), py::arg("base_offset"), py::arg("swizzle"));

@@ -14,13 +14,13 @@
 namespace hnsample {
 namespace sm90 {
 
-// Every tile: 128 candidates per CTA, K in steps of 64 elements (one 128-byte swizzle row of 16-bit
-// values per matrix row); each consumer warpgroup owns 64 query rows against all 128 candidates.
-constexpr int kBN = 128, kBK = 64;
+// Every tile: K in steps of 64 elements (one 128-byte swizzle row of 16-bit values per matrix row); each
+// consumer warpgroup owns 64 query rows against all kBN candidates of the CTA (one wgmma m64nNk16 per 16
+// of K, N = kBN).
+constexpr int kBK = 64;
 constexpr int kElemBytes = 2;
 constexpr int kRowBytes = kBK * kElemBytes;  // 128: one swizzle span per matrix row
-constexpr int kTileBBytes = kBN * kRowBytes;
-constexpr int kAccPerThread = 64 * kBN / 128;  // fp32 accumulators of m64n128 over 128 threads
+constexpr int kMinBN = 128;                  // the narrowest tile: sets the candidate limit of the grid
 // A 128-byte-swizzled operand tile must start on a 1024-byte boundary (8 rows of 128 bytes, the span of
 // the XOR pattern), so the descriptor's base offset field stays 0.
 constexpr int kSwizzleAtomBytes = 1024;
@@ -28,15 +28,17 @@ constexpr int kSwizzleAtomBytes = 1024;
 constexpr int kSmemPerSm = 228 * 1024, kSmemPerCta = 227 * 1024, kSmemReserved = 1024;
 static_assert(kRowBytes == 128, "the 128-byte swizzle needs 128-byte rows");
 
-// A CTA shape: kGroups consumer warpgroups (64 query rows each) plus one producer warp, kStages
-// shared-memory stages.
-template <int kGroups, int kStagesT>
+// A CTA shape: kGroups consumer warpgroups (64 query rows each) plus one producer warp, kBNT
+// candidates, kStagesT shared-memory stages.
+template <int kGroups, int kBNT, int kStagesT>
 struct Tile {
   static constexpr int kConsumerGroups = kGroups;
   static constexpr int kStages = kStagesT;
-  static constexpr int kBM = 64 * kGroups;
+  static constexpr int kBM = 64 * kGroups, kBN = kBNT;
   static constexpr int kThreads = (kGroups * 4 + 1) * 32;
+  static constexpr int kAcc = 64 * kBN / 128;  // fp32 accumulators of m64nN per thread of a warpgroup
   static constexpr int kTileABytes = kBM * kRowBytes;
+  static constexpr int kTileBBytes = kBN * kRowBytes;
   static constexpr int kStageBytes = kTileABytes + kTileBBytes;  // what each stage's full barrier expects
   static constexpr int kControlBytes = 2 * kStages * 8 + 8;      // full + empty mbarriers, a CTA-wide flag
   // Dynamic shared memory: the stages, the control words, and slack to round the base up to 1024 bytes.
@@ -45,16 +47,25 @@ struct Tile {
   static_assert(kTileABytes % kSwizzleAtomBytes == 0 && kTileBBytes % kSwizzleAtomBytes == 0,
                 "every tile must keep the next one on a 1024-byte boundary");
   static_assert(kSmemBytes <= kSmemPerCta && kCtasPerSm >= 1, "the stages must fit one CTA");
-  static_assert(kBM <= 256, "a tensor-copy box spans at most 256 rows");
+  static_assert(kBM <= 256 && kBN <= 256, "a tensor-copy box spans at most 256 rows");
+  static_assert((kBN == 128 || kBN == 256) && kBN >= kMinBN, "the wgmma shapes this kernel issues");
 };
 
-// kernel 2 (and auto): 128 x 128, 3 stages, about 97 KiB, so two CTAs share an SM and one's epilogue
-// overlaps the other's main loop. kernel 3: 256 x 128, 4 stages, one CTA per SM; a third less operand
-// traffic from L2 per flop (85 instead of 64 flop per byte), no epilogue overlap. Which is faster is a
-// question for the device; the first is the default.
-using TileWide = Tile<2, 3>;
-using TileTall = Tile<4, 4>;
-static_assert(TileWide::kCtasPerSm == 2 && TileTall::kCtasPerSm == 1, "the occupancy each shape is built for");
+// Three shapes, by FusedBlock.kernel; which is fastest is a question for the device, the first is the
+// default. Per 16 of K a warpgroup's m64nNk16 reads 2 KiB of A and N/8 KiB of B from shared memory and
+// the copy engine writes (BM + BN) x 32 bytes per CTA; against the SM's 128 bytes per clock of shared
+// memory and about 2048 bf16 FMA per clock of tensor cores that is, per clock of tensor work, 160 bytes
+// for 128 x 128, 144 for 256 x 128 and 126 for 128 x 256.
+//   2 (auto): 128 x 128, 3 stages, 97 KiB: two CTAs per SM, one's epilogue overlaps the other's main
+//             loop; 64 flop per byte of operands from L2.
+//   3: 256 x 128, 4 stages, one CTA per SM; 85 flop per byte from L2; no epilogue overlap.
+//   4: 128 x 256, 4 stages, one CTA per SM, 128 accumulators per thread; 85 flop per byte from L2, the
+//      least shared-memory traffic; no epilogue overlap.
+using TileWide = Tile<2, 128, 3>;
+using TileTall = Tile<4, 128, 4>;
+using TileLong = Tile<2, 256, 4>;
+static_assert(TileWide::kCtasPerSm == 2 && TileTall::kCtasPerSm == 1 && TileLong::kCtasPerSm == 1,
+              "the occupancy each shape is built for");
 
 // wgmma shared-memory matrix descriptor (64 bits):
 //   bits  0-13  start address >> 4        bits 16-29  leading-dimension byte offset >> 4
@@ -130,7 +141,7 @@ inline bool wgmma_inputs_suit(const FusedBlock& f) {
   if (f.q_stride < f.dim || f.c_stride < f.dim) return false;
   if (f.q_stride * kElemBytes >= (int64_t{1} << 40) || f.c_stride * kElemBytes >= (int64_t{1} << 40)) return false;
   if (f.dim >= (int64_t{1} << 31) || f.rows >= (int64_t{1} << 31)) return false;
-  return f.cols <= int64_t{65535} * kBN;  // the same for every tile shape
+  return f.cols <= int64_t{65535} * kMinBN;  // blockIdx.y of the narrowest tile
 }
 
 }  // namespace sm90

@@ -287,9 +287,9 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
   HN_CHECK(!tf32 || (f.row_slack && f.col_slack), "fused: fp32 inputs need the tf32 error slack");
   HN_CHECK(!f.row_slack || f.col_slack, "fused: row_slack needs col_slack");
   HN_CHECK(ceil_div(f.rows, kBM) < (int64_t{1} << 31), "fused: too many rows");
-  HN_CHECK(f.kernel >= 0 && f.kernel <= 3,
-           "fused: kernel must be 0 (auto), 1 (mma.sync), 2 (wgmma) or 3 (wgmma, 256-row tiles)");
-  // kernels 2 and 3 always go to wgmma (which throws when the device, the build or the inputs rule it
+  HN_CHECK(f.kernel >= 0 && f.kernel <= 4,
+           "fused: kernel must be 0 (auto), 1 (mma.sync), 2 (wgmma), 3 (wgmma 256 x 128) or 4 (wgmma 128 x 256)");
+  // kernels 2 to 4 always go to wgmma (which throws when the device, the build or the inputs rule it
   // out); auto takes it whenever all three allow.
   if (f.kernel >= 2) return topk_fused_scores_sm90(f, stream);
   if (f.kernel == 0 && sm90::wgmma_inputs_suit(f)) {

@@ -4,8 +4,8 @@
 // tensor copy engine (128-byte swizzle, edges zero-filled), two consumer warpgroups of 64 rows each run
 // wgmma m64n128k16 from shared memory into fp32 registers, then filter their accumulators through the
 // shared epilogue (fused_common.cuh). About 97 KiB of shared memory, so two CTAs share an SM and one's
-// epilogue overlaps the other's main loop. FusedBlock.kernel 3 selects a 256-row CTA (four consumer
-// warpgroups, 4 stages, one CTA per SM) to measure against it (../topk_fused_sm90.h). The grid walks
+// epilogue overlaps the other's main loop. FusedBlock.kernel 3 and 4 select a 256 x 128 and a 128 x 256
+// CTA (one per SM, 4 stages) to measure against it (../topk_fused_sm90.h says why each). The grid walks
 // query tiles fastest (as topk_fused.cu does), so a candidate tile is read from memory once.
 //
 // Why the tensor copy engine rather than cp.async: one thread moves a whole 16 KiB tile, writes the
@@ -110,50 +110,63 @@ __device__ __forceinline__ void wgmma_wait() {
 
 // The accumulators are written asynchronously by wgmma: this keeps the compiler from moving any access
 // to them across the fence / wait it follows.
-__device__ __forceinline__ void acc_fence(float (&d)[kAccPerThread]) {
+template <int kAcc>
+__device__ __forceinline__ void acc_fence(float (&d)[kAcc]) {
 #pragma unroll
-  for (int i = 0; i < kAccPerThread; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// d[64] += A[64 x 16] B[16 x 128], both K-major in shared memory (descriptors), fp32 accumulation.
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kAccPerThread], uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "n"(1));
+// wgmma.mma_async m64nNk16 with fp32 accumulators d[0 .. N/2) (operands %0 .. %(N/2 - 1)), then the
+// A and B descriptors and the scale-d input; scale-d is 1 (the accumulators start at zero), no
+// negation, no transposes (both operands K-major).
+#define HN_WGMMA_REGS_128 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define HN_WGMMA_REGS_256 \
+  HN_WGMMA_REGS_128 ", " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define HN_WGMMA_OUTS_128 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define HN_WGMMA_OUTS_256 \
+  HN_WGMMA_OUTS_128, \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+#define HN_WGMMA(N, TYPE, A, B, C)                                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #C ", 0;\n"                                       \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TYPE "." #TYPE " {" HN_WGMMA_REGS_##N \
+               "}, %" #A ", %" #B ", p, 1, 1, 0, 0;\n}\n"                                               \
+               : HN_WGMMA_OUTS_##N                                                                      \
+               : "l"(desc_a), "l"(desc_b), "n"(1))
+
+// d[N / 2] += A[64 x 16] B[16 x N], both K-major in shared memory (descriptors), fp32 accumulation.
+template <bool kBf16, int kN>
+__device__ __forceinline__ void wgmma_m64nNk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (kN == 128 && kBf16) {
+    HN_WGMMA(128, bf16, 64, 65, 66);
+  } else if constexpr (kN == 128) {
+    HN_WGMMA(128, f16, 64, 65, 66);
+  } else if constexpr (kBf16) {
+    HN_WGMMA(256, bf16, 128, 129, 130);
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "n"(1));
+    HN_WGMMA(256, f16, 128, 129, 130);
   }
 }
 
@@ -170,6 +183,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
                         const FusedBlock f) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kConsumerGroups = T::kConsumerGroups;
+  constexpr int kAcc = T::kAcc;
   extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned to 1024 below
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t base = (raw + kSwizzleAtomBytes - 1) & ~static_cast<uint32_t>(kSwizzleAtomBytes - 1);
@@ -177,7 +191,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
   int* cta_flag = reinterpret_cast<int*>(smem_raw + (bars - raw) + 2 * kStages * 8);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * T::kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * T::kBN;
   const int ksteps = static_cast<int>((f.dim + kBK - 1) / kBK);
 
   if (threadIdx.x == 0) {
@@ -208,11 +222,11 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     return;
   }
 
-  // Consumers: warpgroup `group` computes rows m0 + 64 group .. + 63 against all kBN candidates.
+  // Consumers: warpgroup `group` computes rows m0 + 64 group .. + 63 against all T::kBN candidates.
   const int group = warp / 4, group_warp = warp % 4;
-  float acc[kAccPerThread];
+  float acc[kAcc];
 #pragma unroll
-  for (int i = 0; i < kAccPerThread; ++i) acc[i] = 0.f;
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
   bool ok = !stalled;
   for (int ks = 0; ok && ks < ksteps; ++ks) {
     const int s = ks % kStages;
@@ -224,7 +238,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     wgmma_fence();
 #pragma unroll
     for (int k16 = 0; k16 < kBK / 16; ++k16)
-      wgmma_m64n128k16<kBf16>(acc, operand_descriptor(tile_a, k16), operand_descriptor(tile_b, k16));
+      wgmma_m64nNk16<kBf16, T::kBN>(acc, operand_descriptor(tile_a, k16), operand_descriptor(tile_b, k16));
     wgmma_commit();
     wgmma_wait<1>();  // the previous step's group is done reading its stage
     acc_fence(acc);
@@ -248,7 +262,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     if (row >= f.rows) continue;
     const FusedRow r = fused_row(f, row);
 #pragma unroll
-    for (int i = 0; i < kBN / 8; ++i)
+    for (int i = 0; i < T::kBN / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int reg = 4 * i + 2 * h + e;
@@ -320,8 +334,8 @@ void set_kernel_attributes() {
 template <class T>
 void launch(const FusedBlock& f, bool bf16, cudaStream_t stream) {
   const CUtensorMap tq = operand_map(f.queries, f.rows, f.dim, f.q_stride, bf16, T::kBM);
-  const CUtensorMap tc = operand_map(f.candidates, f.cols, f.dim, f.c_stride, bf16, kBN);
-  const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, T::kBM)), static_cast<unsigned>(ceil_div(f.cols, kBN)));
+  const CUtensorMap tc = operand_map(f.candidates, f.cols, f.dim, f.c_stride, bf16, T::kBN);
+  const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, T::kBM)), static_cast<unsigned>(ceil_div(f.cols, T::kBN)));
   if (bf16) {
     set_kernel_attributes<true, T>();
     wgmma_scores_kernel<true, T><<<grid, T::kThreads, T::kSmemBytes, stream>>>(tq, tc, f);
@@ -337,7 +351,9 @@ bool probe_current_device(int device) {
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
   if (prop.major != 9 || prop.minor != 0) return false;
-  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(TileTall::kSmemBytes)) return false;
+  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(TileTall::kSmemBytes) ||
+      prop.sharedMemPerBlockOptin < static_cast<size_t>(TileLong::kSmemBytes))
+    return false;
   if (tensor_map_encoder() == nullptr) return false;
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, sm90a_probe_kernel) != cudaSuccess) return false;
@@ -384,6 +400,8 @@ void topk_fused_scores_sm90(const FusedBlock& f, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   if (f.kernel == 3) {
     launch<TileTall>(f, bf16, s);
+  } else if (f.kernel == 4) {
+    launch<TileLong>(f, bf16, s);
   } else {
     launch<TileWide>(f, bf16, s);
   }
