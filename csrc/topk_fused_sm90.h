@@ -55,7 +55,7 @@ struct Tile {
 // default. Per 16 of K a warpgroup's m64nNk16 reads 2 KiB of A and N/8 KiB of B from shared memory and
 // the copy engine writes (BM + BN) x 32 bytes per CTA; against the SM's 128 bytes per clock of shared
 // memory and about 2048 bf16 FMA per clock of tensor cores that is, per clock of tensor work, 160 bytes
-// for 128 x 128, 144 for 256 x 128 and 126 for 128 x 256.
+// for 128 x 128, 144 for 256 x 128 and 128 for 128 x 256.
 //   2 (auto): 128 x 128, 3 stages, 97 KiB: two CTAs per SM, one's epilogue overlaps the other's main
 //             loop; 64 flop per byte of operands from L2.
 //   3: 256 x 128, 4 stages, one CTA per SM; 85 flop per byte from L2; no epilogue overlap.
