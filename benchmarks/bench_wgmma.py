@@ -61,25 +61,29 @@ def launch(f: _C.FusedBlock, lists: Lists) -> None:
     _C.topk_fused_scores(f, torch.cuda.current_stream().cuda_stream)
 
 
-def check(kernels: list[int]) -> dict:
-    """Every kernel's lists equal torch.mm's scores on integer inputs (exact in fp32 in any order)."""
-    gen = torch.Generator().manual_seed(0)
+def check(kernel: int) -> bool:
+    """The kernel's lists equal torch.mm's scores on integer inputs (exact in fp32 in any order)."""
+    gen = torch.Generator().manual_seed(kernel)
     rows, cols, d = 300, 1000, 224  # d: a multiple of 32 (mma.sync) with a partial 64-wide K step
     q = torch.randint(-8, 8, (rows, d), generator=gen).to(torch.bfloat16).cuda()
     c = torch.randint(-8, 8, (cols, d), generator=gen).to(torch.bfloat16).cuda()
     want = torch.mm(q.float(), c.float().T)
     lo, hi = torch.full((rows,), -math.inf, device="cuda"), torch.full((rows,), math.inf, device="cuda")
-    out = {}
-    for kernel in kernels:
-        lists = Lists(rows, cols, q.device)
-        launch(block(q, c, lo, hi, lists, kernel), lists)
-        got = torch.full((rows, cols), math.nan, device="cuda")
-        n = lists.count.clamp(max=cols)
-        valid = torch.arange(cols, device="cuda")[None, :] < n[:, None]
-        r = torch.arange(rows, device="cuda")[:, None].expand(rows, cols)[valid]
-        got[r, lists.col[valid].long()] = lists.score[valid]
-        out[kernel] = bool(torch.equal(lists.count, torch.full_like(lists.count, cols)) and torch.equal(got, want))
-    return out
+    lists = Lists(rows, cols, q.device)
+    launch(block(q, c, lo, hi, lists, kernel), lists)
+    if not torch.equal(lists.count, torch.full_like(lists.count, cols)):
+        return False
+    order = lists.col.argsort(dim=1)
+    return bool(torch.equal(lists.col.gather(1, order).long(), torch.arange(cols, device="cuda").expand(rows, cols))
+                and torch.equal(lists.score.gather(1, order), want))
+
+
+ROW = "{:30s} {:7s} {:>9} {:>8} {:>9} {:>11}"
+
+
+def row_text(r: dict) -> str:
+    return ROW.format(r["name"], r["filter"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}", f"{r['vs_matmul']:.3f}",
+                      r.get("survivors", ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,49 +99,50 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dev = torch.cuda.current_device()
     kernels = [1] + ([2, 3, 4] if _C.topk_fused_wgmma_available(dev) else [])
-    print(f"device {torch.cuda.get_device_name(dev)}; wgmma available: {len(kernels) > 1}")
-    ok = check(kernels)
-    print("correct (lists == torch.mm):", ok, "stalled:", bool(_C.topk_fused_wgmma_stalled(dev)))
-
     b, n, d = args.b, args.n, args.d
+    print(f"device {torch.cuda.get_device_name(dev)}; wgmma available: {len(kernels) > 1}")
+    print(f"B={b} N={n} d={d} bf16, median of {args.reps}")
+    print(ROW.format("kernel", "filter", "ms", "TFLOP/s", "x matmul", "survivors"), flush=True)
     torch.manual_seed(0)
     q = torch.randn(b, d, device="cuda").to(torch.bfloat16)
     c = torch.randn(n, d, device="cuda").to(torch.bfloat16)
     flop = 2.0 * b * n * d
-    results = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(dev), "b": b, "n": n, "d": d, "reps": args.reps,
+              "correct": {}, "results": []}
     t0 = time.perf_counter()
+
+    def record(r: dict) -> None:
+        # Each row is printed and saved as soon as it exists: a kernel that faults or a stage that runs out
+        # of time still leaves the rows before it.
+        r["tflops"] = flop / (r["ms"] * 1e-3) / 1e12
+        r["vs_matmul"] = r["ms"] / mm_ms
+        report["results"].append(r)
+        report["seconds"] = time.perf_counter() - t0
+        (out / "bench_wgmma.json").write_text(json.dumps(report, indent=1))
+        print(row_text(r), flush=True)
+
     mm_ms = events_time(lambda: torch.mm(q, c.T), args.reps)
-    results.append({"name": "torch.mm bf16 (matmul-only)", "filter": "-", "ms": mm_ms})
+    record({"name": "torch.mm bf16 (matmul-only)", "filter": "-", "ms": mm_ms})
     seed = torch.mm(q, c[:65536].T).float()
     lo_seeded = seed.topk(64, dim=1).values[:, -1].contiguous()
     del seed
     hi = torch.full((b,), math.inf, device="cuda")
     filters = {"none": (torch.full((b,), math.inf, device="cuda"), 16),
                "seeded": (lo_seeded, 4 * max(64, 64 * n // 65536))}
-    for fname, (lo, cap) in filters.items():
-        lists = Lists(b, cap, q.device)
-        for kernel in kernels:
+    for kernel in kernels:
+        report["correct"][kernel] = check(kernel)  # correctness first, each kernel right before its timing
+        for fname, (lo, cap) in filters.items():
+            lists = Lists(b, cap, q.device)
             f = block(q, c, lo, hi, lists, kernel)
             ms = events_time(lambda f=f, lists=lists: launch(f, lists), args.reps)
-            survivors = int(lists.count.sum())
-            overflow = int((lists.count > cap).sum())
-            results.append({"name": KERNELS[kernel], "kernel": kernel, "filter": fname, "ms": ms,
-                            "survivors": survivors, "overflowed_rows": overflow})
-    for r in results:
-        r["tflops"] = flop / (r["ms"] * 1e-3) / 1e12
-        r["vs_matmul"] = r["ms"] / mm_ms
-    stalled = bool(_C.topk_fused_wgmma_stalled(dev))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_wgmma.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(dev), "b": b, "n": n, "d": d, "reps": args.reps, "correct": ok,
-         "stalled": stalled, "seconds": time.perf_counter() - t0, "results": results}, indent=1))
-    print(f"\nB={b} N={n} d={d} bf16, median of {args.reps}; stalled={stalled}")
-    print(f"{'kernel':30s} {'filter':7s} {'ms':>9s} {'TFLOP/s':>8s} {'x matmul':>9s} {'survivors':>11s}")
-    for r in results:
-        print(f"{r['name']:30s} {r['filter']:7s} {r['ms']:9.3f} {r['tflops']:8.1f} {r['vs_matmul']:9.3f} "
-              f"{r.get('survivors', ''):>11}")
-    return 0 if all(ok.values()) and not stalled else 1
+            record({"name": KERNELS[kernel], "kernel": kernel, "filter": fname, "ms": ms,
+                    "survivors": int(lists.count.sum()), "overflowed_rows": int((lists.count > cap).sum())})
+    report["stalled"] = bool(_C.topk_fused_wgmma_stalled(dev))
+    (out / "bench_wgmma.json").write_text(json.dumps(report, indent=1))
+    print(f"correct (lists == torch.mm): {report['correct']}; stalled: {report['stalled']}")
+    return 0 if all(report["correct"].values()) and not report["stalled"] else 1
 
 
 if __name__ == "__main__":
