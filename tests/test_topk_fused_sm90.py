@@ -289,26 +289,33 @@ def test_wgmma_launch_lists_every_score_of_mm(kernel, dtype, rows, cols, d, pad)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "scaled"])
 @pytest.mark.parametrize("kernel", WGMMA_KERNELS, ids=WGMMA_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_wgmma_launch_filters_and_scales_like_the_epilogue(kernel, dtype):
-    # Per-row bounds and cosine-style scales: the survivors of row i are exactly the j with
-    # lo_i <= (acc_ij * row_scale_i) * col_scale_j <= hi_i, scaled in that order in fp32.
+def test_wgmma_launch_filters_and_scales_like_the_epilogue(kernel, dtype, scaled):
+    # Per-row bounds (and cosine-style scales): the survivors of row i are exactly the j with
+    # lo_i <= (acc_ij * row_scale_i) * col_scale_j <= hi_i, scaled in that order in fp32. The bounds are
+    # scores that occur in the row, so candidates equal to a bound must be kept (closed interval), both
+    # through the kernel's unscaled pre-test and through fused_keep.
     _needs_wgmma()
     gen = torch.Generator().manual_seed(3)
     rows, cols, d = 200, 3000, 160
     q, c = _int_operands(rows, cols, d, dtype, gen)
-    rs = (torch.rand(rows, generator=gen) + 0.5).cuda()
-    cs = (torch.rand(cols, generator=gen) + 0.5).cuda()
-    s = (torch.mm(q.float(), c.float().T) * rs[:, None]) * cs[None, :]
-    lo = torch.quantile(s, 0.97, dim=1)
-    hi = torch.quantile(s, 0.995, dim=1)
+    rs = (torch.rand(rows, generator=gen) + 0.5).cuda() if scaled else None
+    cs = (torch.rand(cols, generator=gen) + 0.5).cuda() if scaled else None
+    s = torch.mm(q.float(), c.float().T)
+    if scaled:
+        s = (s * rs[:, None]) * cs[None, :]
+    lo = s.kthvalue(int(0.97 * cols), dim=1).values.contiguous()
+    hi = s.kthvalue(int(0.995 * cols), dim=1).values.contiguous()
     hi[0] = -math.inf  # an empty interval
+    lo[1] = hi[1] = s[1, 7]  # a single value
     count, scores, cols_ = _launch(q, c, kernel, lo, hi, 256, rs, cs)
     s, lo, hi = s.cpu(), lo.cpu(), hi.cpu()
     for i, got in enumerate(_lists(count, scores, cols_)):
         keep = ((s[i] >= lo[i]) & (s[i] <= hi[i])).nonzero().flatten().tolist()
         assert got == {j: s[i, j].item() for j in keep}
+    assert count[0] == 0 and count[1] >= 1
 
 
 @pytest.mark.gpu
