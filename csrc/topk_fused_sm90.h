@@ -126,9 +126,9 @@ HN_HD constexpr int acc_col(int lane, int reg) { return 8 * (reg / 4) + 2 * (lan
 
 // Whether the wgmma kernel takes these inputs (the device and the binary are checked separately):
 // 16-bit values; the bulk tensor copy needs 16-byte aligned bases and row strides that are whole
-// 16-byte multiples and at least a row long (rows may not overlap), extents below 2^32; the grid
-// walks candidates in blockIdx.y. Any d > 0 works: elements past d in the last K step are zero-filled
-// by the copy and add nothing.
+// 16-byte multiples and at least a row long (rows may not overlap), and tile coordinates that fit
+// int32. Any d > 0 works: elements past d in the last K step are zero-filled by the copy and add
+// nothing.
 inline bool wgmma_inputs_suit(const FusedBlock& f) {
   const auto dt = static_cast<DType>(f.dtype);
   if (dt != DType::BFloat16 && dt != DType::Float16) return false;
@@ -141,7 +141,7 @@ inline bool wgmma_inputs_suit(const FusedBlock& f) {
   if (f.q_stride < f.dim || f.c_stride < f.dim) return false;
   if (f.q_stride * kElemBytes >= (int64_t{1} << 40) || f.c_stride * kElemBytes >= (int64_t{1} << 40)) return false;
   if (f.dim >= (int64_t{1} << 31) || f.rows >= (int64_t{1} << 31)) return false;
-  return f.cols <= int64_t{65535} * kMinBN;  // blockIdx.y of the narrowest tile
+  return f.cols <= int64_t{65535} * kMinBN;  // the mma.sync kernel's limit, so both take the same blocks
 }
 
 }  // namespace sm90

@@ -266,6 +266,7 @@ SHAPES = [  # (rows, cols, d, pad): edges off the 128 x 128 tile, d from one par
     (77, 515, 200, 0),
     (300, 2050, 1024, 0),
     (513, 129, 32, 16),
+    (1000, 5000, 64, 0),  # more tiles than CTAs fit an H200 at once: persistent CTAs walk several
 ]
 
 

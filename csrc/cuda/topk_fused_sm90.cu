@@ -5,8 +5,10 @@
 // wgmma m64n128k16 from shared memory into fp32 registers, then filter their accumulators through the
 // shared epilogue (fused_common.cuh). About 97 KiB of shared memory, so two CTAs share an SM and one's
 // epilogue overlaps the other's main loop. FusedBlock.kernel 3 and 4 select a 256 x 128 and a 128 x 256
-// CTA (one per SM, 4 stages) to measure against it (../topk_fused_sm90.h says why each). The grid walks
-// query tiles fastest (as topk_fused.cu does), so a candidate tile is read from memory once.
+// CTA (one per SM, 4 stages) to measure against it (../topk_fused_sm90.h says why each). CTAs are
+// persistent (as many as fit the device, each walking tiles in steps of the grid), and the producer runs
+// ahead into the next tile while the consumers filter the current one. Tiles go query tiles fastest (as
+// topk_fused.cu's grid does), so a candidate tile is read from memory about once.
 //
 // Why the tensor copy engine rather than cp.async: one thread moves a whole 16 KiB tile, writes the
 // swizzle wgmma expects and zero-fills ragged rows and the K tail in hardware, so the 256 consumer
@@ -20,6 +22,7 @@
 #include <cuda.h>  // CUtensorMap and its enums only: the encoder is reached through the runtime
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <mutex>
 #include <string>
@@ -177,6 +180,47 @@ __device__ __forceinline__ void mark_overflow(const FusedBlock& f, int64_t row) 
 }
 #endif
 
+// The ring position of a pipeline: stage index and the parity of its current round. Producer and
+// consumers walk the same sequence (one step per K step of every tile of this CTA), so a stage's n-th
+// fill and n-th use meet at the same parity.
+struct Ring {
+  int stage = 0;
+  uint32_t phase = 0;
+  template <int kStages>
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// This CTA's tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... as (query tile mi, candidate tile ni),
+// t = ni * mtiles + mi. 32-bit throughout (wgmma_inputs_suit bounds rows below 2^31 and candidates below
+// 65535 x 128, so both tile counts fit), so the two divisions are inline and happen once; each step adds.
+struct TileWalk {
+  uint32_t mtiles, ntiles, mi, ni, step_m, step_n;
+  __device__ __forceinline__ TileWalk(uint32_t m_tiles, uint32_t n_tiles) : mtiles(m_tiles), ntiles(n_tiles) {
+    mi = blockIdx.x % mtiles;
+    ni = blockIdx.x / mtiles;
+    step_m = gridDim.x % mtiles;
+    step_n = gridDim.x / mtiles;
+  }
+  __device__ __forceinline__ bool valid() const { return ni < ntiles; }
+  __device__ __forceinline__ void next() {
+    mi += step_m;
+    ni += step_n;
+    if (mi >= mtiles) {
+      mi -= mtiles;
+      ++ni;
+    }
+  }
+};
+
+// A persistent CTA: tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... of the (query tile, candidate
+// tile) grid, query tiles fastest, so the CTAs running at one time share a few candidate tiles and the
+// queries stay in L2. The producer runs ahead across tile boundaries: the next tile's stages fill while
+// the consumers run the epilogue of the current one.
 template <bool kBf16, class T>
 __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     wgmma_scores_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tc,
@@ -190,9 +234,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
   const uint32_t bars = base + kStages * kStageBytes;  // full[kStages], empty[kStages], then the flag
   int* cta_flag = reinterpret_cast<int*>(smem_raw + (bars - raw) + 2 * kStages * 8);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * T::kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * T::kBN;
   const int ksteps = static_cast<int>((f.dim + kBK - 1) / kBK);
+  const auto mtiles = static_cast<uint32_t>((f.rows + T::kBM - 1) / T::kBM);
+  const auto ntiles = static_cast<uint32_t>((f.cols + T::kBN - 1) / T::kBN);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -206,17 +250,23 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
   const bool stalled = *cta_flag != 0;
 
   if (warp == kConsumerGroups * 4) {
-    // Producer: stage s = ks % kStages is refilled once all consumer warps released its previous use.
+    // Producer: a stage is refilled once all consumer warps released its previous use.
     if (lane == 0 && !stalled) {
-      for (int ks = 0; ks < ksteps; ++ks) {
-        const int s = ks % kStages;
-        const uint32_t parity = ((ks / kStages) & 1) ^ 1;  // the first round passes on fresh barriers
-        if (!mbar_wait(bars + 8 * (kStages + s), parity)) break;
-        const uint32_t full = bars + 8 * s;
-        const uint32_t tile = base + s * kStageBytes;
-        mbar_arrive_expect_tx(full, kStageBytes);
-        tma_load_2d(tile, &tq, ks * kBK, static_cast<int32_t>(m0), full);
-        tma_load_2d(tile + T::kTileABytes, &tc, ks * kBK, static_cast<int32_t>(n0), full);
+      Ring ring;
+      bool ok = true;
+      for (TileWalk w(mtiles, ntiles); ok && w.valid(); w.next()) {
+        const auto m0 = static_cast<int32_t>(w.mi * T::kBM), n0 = static_cast<int32_t>(w.ni * T::kBN);
+        for (int ks = 0; ks < ksteps; ++ks) {
+          // parity ^ 1: the first round of every stage passes on its fresh barrier
+          ok = mbar_wait(bars + 8 * (kStages + ring.stage), ring.phase ^ 1);
+          if (!ok) break;
+          const uint32_t full = bars + 8 * ring.stage;
+          const uint32_t tile = base + ring.stage * kStageBytes;
+          mbar_arrive_expect_tx(full, kStageBytes);
+          tma_load_2d(tile, &tq, ks * kBK, m0, full);
+          tma_load_2d(tile + T::kTileABytes, &tc, ks * kBK, n0, full);
+          ring.advance<kStages>();
+        }
       }
     }
     return;
@@ -224,57 +274,65 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
 
   // Consumers: warpgroup `group` computes rows m0 + 64 group .. + 63 against all T::kBN candidates.
   const int group = warp / 4, group_warp = warp % 4;
-  float acc[kAcc];
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
-  bool ok = !stalled;
-  for (int ks = 0; ok && ks < ksteps; ++ks) {
-    const int s = ks % kStages;
-    ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * s, (ks / kStages) & 1));
-    if (!ok) break;
-    const uint32_t tile_a = base + s * kStageBytes + group * 64 * kRowBytes;
-    const uint32_t tile_b = base + s * kStageBytes + T::kTileABytes;
-    acc_fence(acc);  // every earlier write of the accumulators lands before the fence
-    wgmma_fence();
-#pragma unroll
-    for (int k16 = 0; k16 < kBK / 16; ++k16)
-      wgmma_m64nNk16<kBf16, T::kBN>(acc, operand_descriptor(tile_a, k16), operand_descriptor(tile_b, k16));
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous step's group is done reading its stage
-    acc_fence(acc);
-    if (ks > 0 && lane == 0) mbar_arrive(bars + 8 * (kStages + (ks - 1) % kStages));
-  }
-  wgmma_wait<0>();
-  acc_fence(acc);
-
-  const int64_t row0 = m0 + group * 64;
-  if (!ok) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + acc_row(group_warp, lane, 2 * h);
-      if (row < f.rows) mark_overflow(f, row);
-    }
-    return;
-  }
   // Without scales the score is the accumulator itself (16-bit inputs carry no slack: wgmma_inputs_suit),
   // so fused_keep keeps exactly the accumulators with lo <= acc <= hi. Testing that first sends only the
   // survivors through fused_keep, which still decides each of them: about 4 instructions per rejected
   // accumulator instead of about 25 (its column bound, scale and slack loads, the widened compare).
   // With 64 to 128 accumulators per thread that is what keeps the epilogue short next to the main loop.
   const bool unscaled = f.row_scale == nullptr && f.col_scale == nullptr;
+  Ring ring;
+  bool ok = !stalled;
+  TileWalk w(mtiles, ntiles);
+  for (; ok && w.valid(); w.next()) {
+    const int64_t m0 = static_cast<int64_t>(w.mi) * T::kBM, n0 = static_cast<int64_t>(w.ni) * T::kBN;
+    float acc[kAcc];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t row = row0 + acc_row(group_warp, lane, 2 * h);
-    if (row >= f.rows) continue;
-    const FusedRow r = fused_row(f, row);
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+    int previous = 0;
+    for (int ks = 0; ks < ksteps; ++ks) {
+      ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * ring.stage, ring.phase));
+      if (!ok) break;
+      const uint32_t tile_a = base + ring.stage * kStageBytes + group * 64 * kRowBytes;
+      const uint32_t tile_b = base + ring.stage * kStageBytes + T::kTileABytes;
+      acc_fence(acc);  // every earlier write of the accumulators lands before the fence
+      wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < T::kBN / 8; ++i)
+      for (int k16 = 0; k16 < kBK / 16; ++k16)
+        wgmma_m64nNk16<kBf16, T::kBN>(acc, operand_descriptor(tile_a, k16), operand_descriptor(tile_b, k16));
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous step's group is done reading its stage
+      acc_fence(acc);
+      if (ks > 0 && lane == 0) mbar_arrive(bars + 8 * (kStages + previous));
+      previous = ring.stage;
+      ring.advance<kStages>();
+    }
+    wgmma_wait<0>();
+    acc_fence(acc);
+    if (!ok) break;
+    if (lane == 0) mbar_arrive(bars + 8 * (kStages + previous));  // the tile's last stage, before the epilogue
+
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int reg = 4 * i + 2 * h + e;
-        if (unscaled && !(acc[reg] >= r.lo && acc[reg] <= r.hi)) continue;  // NaN fails here too
-        fused_keep(f, r, row, n0 + acc_col(lane, reg), acc[reg]);
-      }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = m0 + group * 64 + acc_row(group_warp, lane, 2 * h);
+      if (row >= f.rows) continue;
+      const FusedRow r = fused_row(f, row);
+#pragma unroll
+      for (int i = 0; i < T::kBN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int reg = 4 * i + 2 * h + e;
+          if (unscaled && !(acc[reg] >= r.lo && acc[reg] <= r.hi)) continue;  // NaN fails here too
+          fused_keep(f, r, row, n0 + acc_col(lane, reg), acc[reg]);
+        }
+    }
+  }
+  // After a stall: this tile and every later one of this CTA report overflow in all their rows.
+  for (; w.valid(); w.next()) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = static_cast<int64_t>(w.mi) * T::kBM + group * 64 + acc_row(group_warp, lane, 2 * h);
+      if (row < f.rows) mark_overflow(f, row);
+    }
   }
 #endif
 }
@@ -338,19 +396,32 @@ void set_kernel_attributes() {
                                      static_cast<int>(cudaSharedmemCarveoutMaxShared)));
 }
 
+// As many CTAs as fit the device at once (persistent: each walks its share of the tiles), never more
+// than there are tiles.
+template <bool kBf16, class T>
+void launch_persistent(const FusedBlock& f, const CUtensorMap& tq, const CUtensorMap& tc, cudaStream_t stream) {
+  set_kernel_attributes<kBf16, T>();
+  int device = 0, sms = 0, per_sm = 0;
+  HN_CUDA_CHECK(cudaGetDevice(&device));
+  HN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  HN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgmma_scores_kernel<kBf16, T>, T::kThreads,
+                                                              T::kSmemBytes));
+  HN_CHECK(per_sm >= 1, "fused wgmma: the kernel does not fit an SM");
+  const int64_t tiles = ceil_div(f.rows, T::kBM) * ceil_div(f.cols, T::kBN);
+  const int64_t ctas = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm);
+  wgmma_scores_kernel<kBf16, T><<<static_cast<unsigned>(ctas), T::kThreads, T::kSmemBytes, stream>>>(tq, tc, f);
+  HN_CUDA_CHECK(cudaGetLastError());
+}
+
 template <class T>
 void launch(const FusedBlock& f, bool bf16, cudaStream_t stream) {
   const CUtensorMap tq = operand_map(f.queries, f.rows, f.dim, f.q_stride, bf16, T::kBM);
   const CUtensorMap tc = operand_map(f.candidates, f.cols, f.dim, f.c_stride, bf16, T::kBN);
-  const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, T::kBM)), static_cast<unsigned>(ceil_div(f.cols, T::kBN)));
   if (bf16) {
-    set_kernel_attributes<true, T>();
-    wgmma_scores_kernel<true, T><<<grid, T::kThreads, T::kSmemBytes, stream>>>(tq, tc, f);
+    launch_persistent<true, T>(f, tq, tc, stream);
   } else {
-    set_kernel_attributes<false, T>();
-    wgmma_scores_kernel<false, T><<<grid, T::kThreads, T::kSmemBytes, stream>>>(tq, tc, f);
+    launch_persistent<false, T>(f, tq, tc, stream);
   }
-  HN_CUDA_CHECK(cudaGetLastError());
 }
 
 // The probe proper, on the current device.
