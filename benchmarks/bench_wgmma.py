@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.cuda.current_device()
     kernels = [1] + ([2, 3, 4] if _C.topk_fused_wgmma_available(dev) else [])
     b, n, d = args.b, args.n, args.d
-    print(f"device {torch.cuda.get_device_name(dev)}; wgmma available: {len(kernels) > 1}")
+    per_sm = {k: _C.topk_fused_wgmma_ctas_per_sm(dev, k) for k in kernels if k > 1}
+    print(f"device {torch.cuda.get_device_name(dev)}; wgmma available: {len(kernels) > 1}; CTAs per SM: {per_sm}")
     print(f"B={b} N={n} d={d} bf16, median of {args.reps}")
     print(ROW.format("kernel", "filter", "ms", "TFLOP/s", "x matmul", "survivors"), flush=True)
     torch.manual_seed(0)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(dev), "b": b, "n": n, "d": d, "reps": args.reps,
-              "correct": {}, "results": []}
+              "ctas_per_sm": per_sm, "correct": {}, "results": []}
     t0 = time.perf_counter()
 
     def record(r: dict) -> None:

@@ -154,6 +154,9 @@ bool topk_fused_wgmma_available(int device);
 // Launches the wgmma kernel on the current device (FusedBlock contract; inputs must suit, see
 // sm90::wgmma_inputs_suit). Throws when the device cannot run it.
 void topk_fused_scores_sm90(const FusedBlock& f, void* stream);
+// CTAs of wgmma kernel `kernel` (2 to 4) that run at once on one SM of `device` (0 when the kernel is
+// unavailable there); the persistent grid is this times the SM count. Diagnostics.
+int topk_fused_wgmma_ctas_per_sm(int device, int kernel);
 // Whether a wait in the wgmma kernel ran out of time on `device` (then every later launch there reports
 // overflow in every row, so the fused driver redoes its chunks on the two-pass path). Synchronizes the
 // device: a diagnostic for tests and device checks, never called on the op's path.

@@ -334,9 +334,13 @@ def test_auto_and_forced_kernels_agree_with_mma_sync():
 
 @pytest.mark.gpu
 def test_wgmma_availability_follows_the_device():
-    # gpu_check.sh builds for sm_90a, so on compute capability 9.0 the kernel must be there.
-    assert _C.topk_fused_wgmma_available(_device_index()) is _is_sm90()
+    # gpu_check.sh builds for sm_90a, so on compute capability 9.0 the kernel must be there, with the
+    # occupancy each shape is built for (two 128 x 128 CTAs per SM, one of the others).
+    dev = _device_index()
+    assert _C.topk_fused_wgmma_available(dev) is _is_sm90()
     assert _C.topk_fused_wgmma_available(torch.cuda.device_count()) is False
+    want = {2: 2, 3: 1, 4: 1} if _is_sm90() else {2: 0, 3: 0, 4: 0}
+    assert {k: _C.topk_fused_wgmma_ctas_per_sm(dev, k) for k in WGMMA_KERNELS} == want
 
 
 @pytest.mark.gpu

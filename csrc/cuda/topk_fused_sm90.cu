@@ -396,16 +396,24 @@ void set_kernel_attributes() {
                                      static_cast<int>(cudaSharedmemCarveoutMaxShared)));
 }
 
+// CTAs of the kernel that fit one SM of the current device (after its attributes are set).
+template <bool kBf16, class T>
+int ctas_per_sm() {
+  set_kernel_attributes<kBf16, T>();
+  int per_sm = 0;
+  HN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgmma_scores_kernel<kBf16, T>, T::kThreads,
+                                                              T::kSmemBytes));
+  return per_sm;
+}
+
 // As many CTAs as fit the device at once (persistent: each walks its share of the tiles), never more
 // than there are tiles.
 template <bool kBf16, class T>
 void launch_persistent(const FusedBlock& f, const CUtensorMap& tq, const CUtensorMap& tc, cudaStream_t stream) {
-  set_kernel_attributes<kBf16, T>();
-  int device = 0, sms = 0, per_sm = 0;
+  int device = 0, sms = 0;
   HN_CUDA_CHECK(cudaGetDevice(&device));
   HN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  HN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgmma_scores_kernel<kBf16, T>, T::kThreads,
-                                                              T::kSmemBytes));
+  const int per_sm = ctas_per_sm<kBf16, T>();
   HN_CHECK(per_sm >= 1, "fused wgmma: the kernel does not fit an SM");
   const int64_t tiles = ceil_div(f.rows, T::kBM) * ceil_div(f.cols, T::kBN);
   const int64_t ctas = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm);
@@ -483,6 +491,19 @@ void topk_fused_scores_sm90(const FusedBlock& f, void* stream) {
   } else {
     launch<TileWide>(f, bf16, s);
   }
+}
+
+int topk_fused_wgmma_ctas_per_sm(int device, int kernel) {
+  using namespace sm90;
+  HN_CHECK(kernel >= 2 && kernel <= 4, "fused wgmma: kernel must be 2, 3 or 4");
+  if (!topk_fused_wgmma_available(device)) return 0;
+  int previous = 0;
+  HN_CUDA_CHECK(cudaGetDevice(&previous));
+  HN_CUDA_CHECK(cudaSetDevice(device));
+  const int n = kernel == 3 ? ctas_per_sm<true, TileTall>() : kernel == 4 ? ctas_per_sm<true, TileLong>()
+                                                                          : ctas_per_sm<true, TileWide>();
+  HN_CUDA_CHECK(cudaSetDevice(previous));
+  return n;
 }
 
 bool topk_fused_wgmma_stalled(int device) {
