@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One-call device check for the CUDA top-k paths (stage limits sum to under 8 minutes; no network):
-#   build + install (sm_90 only, to halve compile time) -> GPU tests -> compute-sanitizer memcheck on a
-#   small case -> per-kernel resource usage -> correctness + timing table (benchmarks/gpu_check.py).
+# One-call device check for the CUDA top-k paths (stage limits sum to 440 s, 500 s when the sanitizer
+# needs its retry; no network):
+#   build + install (sm_90a only, to halve compile time; the wgmma kernel needs the arch-specific target)
+#   -> per-kernel resource usage and a count of the wgmma instructions in the SASS -> GPU tests (the
+#   wgmma kernel's file first, in its own process, so a fault there cannot take the other tests' CUDA
+#   context with it) -> the fused score kernels alone (benchmarks/bench_wgmma.py) -> compute-sanitizer
+#   memcheck on a small case -> correctness + timing table (benchmarks/gpu_check.py).
 # Logs and JSON go to $OUT (default /tmp/gpu_check_out); the table is printed last. Each stage has its own
 # time limit and the script goes on after a failed stage, so one run reports everything it can.
 set -uo pipefail
@@ -21,11 +25,30 @@ stage() {  # stage NAME SECONDS CMD...
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader || true
-CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DHNSAMPLE_PTXAS_VERBOSE=ON" HNSAMPLE_CUDA=ON \
+CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a-real -DHNSAMPLE_PTXAS_VERBOSE=ON" HNSAMPLE_CUDA=ON \
   stage build 110 "$PY" -m pip install --no-build-isolation --no-deps -v .
 grep -E "ptxas info|spill|registers" "$OUT/build.log" | sed 's/^ *//' | sort -u > "$OUT/resource_usage.txt" || true
-stage pytest 110 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+# HGMMA = wgmma in SASS; 0 means the sm_90a kernel is not in the binary (a build without 90a).
+SO=$("$PY" -c "import hnsample._C as C; print(C.__file__)" 2>/dev/null)
+{ cuobjdump --dump-sass "$SO" | grep -c HGMMA; } > "$OUT/sass_hgmma_count.txt" 2>&1 || true
+echo "HGMMA instructions in SASS: $(head -c 40 "$OUT/sass_hgmma_count.txt")"
+WGMMA_TESTS=tests/test_topk_fused_sm90.py
+gpu_tests() {
+  timeout 50 "$PY" -m pytest -m gpu -q -p no:cacheprovider "$WGMMA_TESTS"
+  local a=$?
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider --ignore="$WGMMA_TESTS" tests
+  local b=$?
+  return $((a != 0 || b != 0))
+}
+export -f gpu_tests
+export PY WGMMA_TESTS
+stage pytest 110 bash -c gpu_tests
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -n 4
 tail -n 15 "$OUT/pytest.log"
+# The fused score kernels alone (mma.sync; wgmma 128x128, 256x128, 128x256) against torch.mm, main shape.
+stage wgmma_bench 30 "$PY" benchmarks/bench_wgmma.py --out "$OUT"
+sed -n '/^B=/,$p' "$OUT/wgmma_bench.log"
+[ "${RC[wgmma_bench]}" = 0 ] || tail -n 20 "$OUT/wgmma_bench.log"
 # Only hnsample's kernels are instrumented (cuBLAS under memcheck is slow); without the filter option
 # (an older sanitizer) the whole case is checked.
 SAN=(compute-sanitizer --tool memcheck --error-exitcode 3)
@@ -37,4 +60,4 @@ grep -E "ERROR SUMMARY|Invalid|memcheck case done" "$OUT/memcheck.log" | head -n
 stage bench 130 "$PY" benchmarks/gpu_check.py --out "$OUT" --budget-s 100
 sed -n '/TFLOP\/s, copy/,$p' "$OUT/bench.log"
 [ "${RC[bench]}" = 0 ] || tail -n 30 "$OUT/bench.log"
-echo "build=${RC[build]} pytest=${RC[pytest]} memcheck=${RC[memcheck]} bench=${RC[bench]}"
+echo "build=${RC[build]} pytest=${RC[pytest]} wgmma_bench=${RC[wgmma_bench]} memcheck=${RC[memcheck]} bench=${RC[bench]}"

@@ -6,6 +6,7 @@
 
 #include "topk_select.h"
 #include "info_nce.h"
+#include "topk_fused_sm90.h"
 
 namespace py = pybind11;
 using namespace hnsample;
@@ -246,6 +247,56 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.def("topk_fused_supported", [](int) { return false; }, py::arg("device"));
 #endif
+
+  // ---- CUDA top-k selection, fused path: the sm_90a wgmma kernel (csrc/cuda/topk_fused_sm90.cu) ----
+#if defined(HNSAMPLE_WITH_CUDA)
+  m.def("topk_fused_wgmma_available", &topk_fused_wgmma_available, py::arg("device"),
+        "Whether the device runs the wgmma fused kernel (compute capability 9.0 and sm_90a code in this build).");
+  m.def("topk_fused_wgmma_stalled", &topk_fused_wgmma_stalled, py::arg("device"),
+        "Whether a wait in the wgmma kernel timed out on the device (diagnostic; synchronizes the device).");
+  m.def("topk_fused_wgmma_ctas_per_sm", &topk_fused_wgmma_ctas_per_sm, py::arg("device"), py::arg("kernel"),
+        "CTAs of wgmma kernel 2, 3 or 4 that run at once on one SM (0 where unavailable).");
+#else
+  m.def("topk_fused_wgmma_available", [](int) { return false; }, py::arg("device"));
+  m.def("topk_fused_wgmma_stalled", [](int) { return false; }, py::arg("device"));
+  m.def("topk_fused_wgmma_ctas_per_sm", [](int, int) { return 0; }, py::arg("device"), py::arg("kernel"));
+#endif
+  m.def("topk_fused_wgmma_suits", &sm90::wgmma_inputs_suit, py::arg("block"),
+        "Whether the wgmma kernel takes a FusedBlock's inputs (dtype, alignment, strides, extents).");
+  // The kernel's layout facts, for the CPU tests.
+  py::module_ sm90m = m.def_submodule("sm90", "Tile shape and shared-memory layout of the wgmma kernel");
+  sm90m.attr("BK") = sm90::kBK;
+  const auto tile = [](auto t) {
+    using T = decltype(t);
+    py::dict d;
+    d["BM"] = T::kBM;
+    d["BN"] = T::kBN;
+    d["ACC"] = T::kAcc;
+    d["STAGES"] = T::kStages;
+    d["THREADS"] = T::kThreads;
+    d["TILE_A_BYTES"] = T::kTileABytes;
+    d["STAGE_BYTES"] = T::kStageBytes;
+    d["SMEM_BYTES"] = T::kSmemBytes;
+    d["CTAS_PER_SM"] = T::kCtasPerSm;
+    return d;
+  };
+  py::dict tiles;  // by FusedBlock.kernel code
+  tiles[py::int_(2)] = tile(sm90::TileWide{});
+  tiles[py::int_(3)] = tile(sm90::TileTall{});
+  tiles[py::int_(4)] = tile(sm90::TileLong{});
+  sm90m.attr("TILES") = tiles;
+  sm90m.def("smem_descriptor", &sm90::smem_descriptor, py::arg("start"), py::arg("leading_bytes"),
+            py::arg("stride_bytes"), py::arg("base_offset"), py::arg("swizzle"));
+  sm90m.def("operand_descriptor", &sm90::operand_descriptor, py::arg("tile_start"), py::arg("k16"));
+  sm90m.def("swizzle128", &sm90::swizzle128, py::arg("addr"));
+  sm90m.def("tma_element_address", &sm90::tma_element_address, py::arg("tile"), py::arg("row"), py::arg("k"));
+  sm90m.def("wgmma_element_address", &sm90::wgmma_element_address, py::arg("desc"), py::arg("row"), py::arg("k"));
+  sm90m.def(
+      "acc_coord",
+      [](int warp, int lane, int reg) {
+        return py::make_tuple(sm90::acc_row(warp, lane, reg), sm90::acc_col(lane, reg));
+      },
+      py::arg("warp"), py::arg("lane"), py::arg("reg"));
 
   // ---- info_nce: memory-flat contrastive loss block passes -------------------------------------
   py::class_<InfoNceParams> nce(m, "InfoNceParams");

@@ -10,6 +10,7 @@
 // and candidate-list kernels around it.
 #include <cuda_runtime.h>
 
+#include "../topk_fused_sm90.h"
 #include "../topk_select.h"
 #include "cuda_common.cuh"
 #include "fused_common.cuh"
@@ -245,18 +246,27 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
   HN_CHECK(dt == DType::BFloat16 || dt == DType::Float16 || dt == DType::Float32,
            "fused: inputs must be bf16, fp16 or fp32");
   const bool tf32 = dt == DType::Float32;
+  HN_CHECK(f.cols <= int64_t{65535} * kBN && f.cols < (int64_t{1} << 31), "fused: too many candidates");
+  HN_CHECK(f.cand_cap > 0 && f.rows * f.cand_cap < (int64_t{1} << 40), "fused: bad candidate capacity");
+  HN_CHECK(!tf32 || (f.row_slack && f.col_slack), "fused: fp32 inputs need the tf32 error slack");
+  HN_CHECK(!f.row_slack || f.col_slack, "fused: row_slack needs col_slack");
+  HN_CHECK(ceil_div(f.rows, kBM) < (int64_t{1} << 31), "fused: too many rows");
+  HN_CHECK(f.kernel >= 0 && f.kernel <= 4,
+           "fused: kernel must be 0 (auto), 1 (mma.sync), 2 (wgmma), 3 (wgmma 256 x 128) or 4 (wgmma 128 x 256)");
+  // kernels 2 to 4 always go to wgmma (which throws when the device, the build or the inputs rule it
+  // out); auto takes it whenever all three allow.
+  if (f.kernel >= 2) return topk_fused_scores_sm90(f, stream);
+  if (f.kernel == 0 && sm90::wgmma_inputs_suit(f)) {
+    int device = 0;
+    HN_CUDA_CHECK(cudaGetDevice(&device));
+    if (topk_fused_wgmma_available(device)) return topk_fused_scores_sm90(f, stream);
+  }
   const int64_t bk = tf32 ? kBK32 : kBK16, per16 = tf32 ? 4 : 8;  // K per stage; elements per 16 bytes
   HN_CHECK(f.dim > 0 && f.dim % bk == 0, tf32 ? "fused: dim must be a positive multiple of 16 for fp32"
                                               : "fused: dim must be a positive multiple of 32");
   HN_CHECK(f.q_stride % per16 == 0 && f.c_stride % per16 == 0, "fused: row strides must span whole 16 bytes");
   HN_CHECK(reinterpret_cast<uintptr_t>(f.queries) % 16 == 0 && reinterpret_cast<uintptr_t>(f.candidates) % 16 == 0,
            "fused: inputs must be 16-byte aligned");
-  HN_CHECK(f.cols <= int64_t{65535} * kBN && f.cols < (int64_t{1} << 31), "fused: too many candidates");
-  HN_CHECK(f.cand_cap > 0 && f.rows * f.cand_cap < (int64_t{1} << 40), "fused: bad candidate capacity");
-  HN_CHECK(!tf32 || (f.row_slack && f.col_slack), "fused: fp32 inputs need the tf32 error slack");
-  HN_CHECK(!f.row_slack || f.col_slack, "fused: row_slack needs col_slack");
-  HN_CHECK(ceil_div(f.rows, kBM) < (int64_t{1} << 31), "fused: too many rows");
-  HN_CHECK(f.kernel == 0 || f.kernel == 1, "fused: kernel must be 0 (auto) or 1 (mma.sync) in this build");
   const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, kBM)), static_cast<unsigned>(ceil_div(f.cols, kBN)));
   auto s = static_cast<cudaStream_t>(stream);
   if (tf32) {

@@ -1,0 +1,520 @@
+// sm_90a fused score kernel: the FusedBlock contract of fused_scores_kernel (topk_fused.cu) for 16-bit
+// inputs on Hopper's asynchronous warpgroup tensor cores. CTA = 128 query rows x 128 candidates: one
+// producer warp streams K steps of 64 elements of both operand tiles into a 3-stage ring with the bulk
+// tensor copy engine (128-byte swizzle, edges zero-filled), two consumer warpgroups of 64 rows each run
+// wgmma m64n128k16 from shared memory into fp32 registers, then filter their accumulators through the
+// shared epilogue (fused_common.cuh). About 97 KiB of shared memory, so two CTAs share an SM and one's
+// epilogue overlaps the other's main loop. FusedBlock.kernel 3 and 4 select a 256 x 128 and a 128 x 256
+// CTA (one per SM, 4 stages) to measure against it (../topk_fused_sm90.h says why each). CTAs are
+// persistent (as many as fit the device, each walking tiles in steps of the grid), and the producer runs
+// ahead into the next tile while the consumers filter the current one. Tiles go query tiles fastest (as
+// topk_fused.cu's grid does), so a candidate tile is read from memory about once.
+//
+// Why the tensor copy engine rather than cp.async: one thread moves a whole 16 KiB tile, writes the
+// swizzle wgmma expects and zero-fills ragged rows and the K tail in hardware, so the 256 consumer
+// threads do no address arithmetic and d needs no padding. Its tensor map comes from the driver's
+// cuTensorMapEncodeTiled, fetched through the runtime's entry-point query: libcuda is never linked.
+//
+// Failure containment: every barrier wait is bounded (kWaitLimitNs). A wait that runs out sets a
+// device flag; from then on every CTA of this and later launches marks its rows as overflowed instead of
+// scoring, which the fused driver answers by redoing the chunk on the two-pass path. A broken pipeline
+// therefore costs one time limit, never a hang, and never a wrong result through the driver.
+#include <cuda.h>  // CUtensorMap and its enums only: the encoder is reached through the runtime
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../topk_fused_sm90.h"
+#include "../topk_select.h"
+#include "cuda_common.cuh"
+#include "fused_common.cuh"
+
+namespace hnsample {
+namespace sm90 {
+namespace {
+
+constexpr int kProbeWords = 97;  // the probe's shared array (only its sm_90a build has one)
+
+__device__ int g_stalled = 0;
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr unsigned long long kWaitLimitNs = 1000000000ull;  // 1 s: a healthy wait takes microseconds
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Makes the initialized barriers visible to the tensor copy engine (the async proxy).
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Waits until the barrier's phase of the given parity has completed. False when it did not within
+// kWaitLimitNs, or when another CTA has already stalled (the flag is read only while waiting).
+__device__ __forceinline__ bool mbar_wait_slow(uint32_t bar, uint32_t parity) {
+  const uint64_t t0 = global_ns();
+  for (;;) {
+    if (mbar_try_wait(bar, parity)) return true;
+    if (*static_cast<volatile int*>(&g_stalled) != 0 || global_ns() - t0 > kWaitLimitNs) {
+      atomicExch(&g_stalled, 1);
+      return false;
+    }
+  }
+}
+
+__device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
+  return mbar_try_wait(bar, parity) || mbar_wait_slow(bar, parity);
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Box (c0 .. c0 + 63, c1 .. c1 + rows - 1) of a 2-D tensor map (c0 along K, c1 along rows) into shared
+// memory at `dst`; completes `bytes` of the barrier's transaction count (the whole box, zero-filled
+// parts included).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// The accumulators are written asynchronously by wgmma: this keeps the compiler from moving any access
+// to them across the fence / wait it follows.
+template <int kAcc>
+__device__ __forceinline__ void acc_fence(float (&d)[kAcc]) {
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// wgmma.mma_async m64nNk16 with fp32 accumulators d[0 .. N/2) (operands %0 .. %(N/2 - 1)), then the
+// A and B descriptors and the scale-d input; scale-d is 1 (the accumulators start at zero), no
+// negation, no transposes (both operands K-major).
+#define HN_WGMMA_REGS_128 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define HN_WGMMA_REGS_256 \
+  HN_WGMMA_REGS_128 ", " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define HN_WGMMA_OUTS_128 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define HN_WGMMA_OUTS_256 \
+  HN_WGMMA_OUTS_128, \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+#define HN_WGMMA(N, TYPE, A, B, C)                                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #C ", 0;\n"                                       \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TYPE "." #TYPE " {" HN_WGMMA_REGS_##N \
+               "}, %" #A ", %" #B ", p, 1, 1, 0, 0;\n}\n"                                               \
+               : HN_WGMMA_OUTS_##N                                                                      \
+               : "l"(desc_a), "l"(desc_b), "n"(1))
+
+// d[N / 2] += A[64 x 16] B[16 x N], both K-major in shared memory (descriptors), fp32 accumulation.
+template <bool kBf16, int kN>
+__device__ __forceinline__ void wgmma_m64nNk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (kN == 128 && kBf16) {
+    HN_WGMMA(128, bf16, 64, 65, 66);
+  } else if constexpr (kN == 128) {
+    HN_WGMMA(128, f16, 64, 65, 66);
+  } else if constexpr (kBf16) {
+    HN_WGMMA(256, bf16, 128, 129, 130);
+  } else {
+    HN_WGMMA(256, f16, 128, 129, 130);
+  }
+}
+
+// Rows whose state must not take this chunk: overflowing their count makes the driver redo it.
+__device__ __forceinline__ void mark_overflow(const FusedBlock& f, int64_t row) {
+  const int over = f.cand_cap < INT_MAX ? static_cast<int>(f.cand_cap) + 1 : INT_MAX;
+  atomicMax(&f.cand_count[row], over);
+}
+#endif
+
+// The ring position of a pipeline: stage index and the parity of its current round. Producer and
+// consumers walk the same sequence (one step per K step of every tile of this CTA), so a stage's n-th
+// fill and n-th use meet at the same parity.
+struct Ring {
+  int stage = 0;
+  uint32_t phase = 0;
+  template <int kStages>
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// This CTA's tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... as (query tile mi, candidate tile ni),
+// t = ni * mtiles + mi. 32-bit throughout (wgmma_inputs_suit bounds rows below 2^31 and candidates below
+// 65535 x 128, so both tile counts fit), so the two divisions are inline and happen once; each step adds.
+struct TileWalk {
+  uint32_t mtiles, ntiles, mi, ni, step_m, step_n;
+  __device__ __forceinline__ TileWalk(uint32_t m_tiles, uint32_t n_tiles) : mtiles(m_tiles), ntiles(n_tiles) {
+    mi = blockIdx.x % mtiles;
+    ni = blockIdx.x / mtiles;
+    step_m = gridDim.x % mtiles;
+    step_n = gridDim.x / mtiles;
+  }
+  __device__ __forceinline__ bool valid() const { return ni < ntiles; }
+  __device__ __forceinline__ void next() {
+    mi += step_m;
+    ni += step_n;
+    if (mi >= mtiles) {
+      mi -= mtiles;
+      ++ni;
+    }
+  }
+};
+
+// A persistent CTA: tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... of the (query tile, candidate
+// tile) grid, query tiles fastest, so the CTAs running at one time share a few candidate tiles and the
+// queries stay in L2. The producer runs ahead across tile boundaries: the next tile's stages fill while
+// the consumers run the epilogue of the current one.
+template <bool kBf16, class T>
+__global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
+    wgmma_scores_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tc,
+                        const FusedBlock f) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kConsumerGroups = T::kConsumerGroups;
+  constexpr int kAcc = T::kAcc;
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned to 1024 below
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t base = (raw + kSwizzleAtomBytes - 1) & ~static_cast<uint32_t>(kSwizzleAtomBytes - 1);
+  const uint32_t bars = base + kStages * kStageBytes;  // full[kStages], empty[kStages], then the flag
+  int* cta_flag = reinterpret_cast<int*>(smem_raw + (bars - raw) + 2 * kStages * 8);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int ksteps = static_cast<int>((f.dim + kBK - 1) / kBK);
+  const auto mtiles = static_cast<uint32_t>((f.rows + T::kBM - 1) / T::kBM);
+  const auto ntiles = static_cast<uint32_t>((f.cols + T::kBN - 1) / T::kBN);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bars + 8 * s, 1);                                     // the producer's expect_tx arrival
+      mbar_init(bars + 8 * (kStages + s), kConsumerGroups * 4);       // one arrival per consumer warp
+    }
+    mbar_init_fence();
+    *cta_flag = *static_cast<volatile int*>(&g_stalled);
+  }
+  __syncthreads();  // the last CTA-wide barrier: from here on the roles never meet at one again
+  const bool stalled = *cta_flag != 0;
+
+  if (warp == kConsumerGroups * 4) {
+    // Producer: a stage is refilled once all consumer warps released its previous use.
+    if (lane == 0 && !stalled) {
+      Ring ring;
+      bool ok = true;
+      for (TileWalk w(mtiles, ntiles); ok && w.valid(); w.next()) {
+        const auto m0 = static_cast<int32_t>(w.mi * T::kBM), n0 = static_cast<int32_t>(w.ni * T::kBN);
+        for (int ks = 0; ks < ksteps; ++ks) {
+          // parity ^ 1: the first round of every stage passes on its fresh barrier
+          ok = mbar_wait(bars + 8 * (kStages + ring.stage), ring.phase ^ 1);
+          if (!ok) break;
+          const uint32_t full = bars + 8 * ring.stage;
+          const uint32_t tile = base + ring.stage * kStageBytes;
+          mbar_arrive_expect_tx(full, kStageBytes);
+          tma_load_2d(tile, &tq, ks * kBK, m0, full);
+          tma_load_2d(tile + T::kTileABytes, &tc, ks * kBK, n0, full);
+          ring.advance<kStages>();
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup `group` computes rows m0 + 64 group .. + 63 against all T::kBN candidates.
+  const int group = warp / 4, group_warp = warp % 4;
+  // Without scales the score is the accumulator itself (16-bit inputs carry no slack: wgmma_inputs_suit),
+  // so fused_keep keeps exactly the accumulators with lo <= acc <= hi. Testing that first sends only the
+  // survivors through fused_keep, which still decides each of them: about 4 instructions per rejected
+  // accumulator instead of about 25 (its column bound, scale and slack loads, the widened compare).
+  // With 64 to 128 accumulators per thread that is what keeps the epilogue short next to the main loop.
+  const bool unscaled = f.row_scale == nullptr && f.col_scale == nullptr;
+  Ring ring;
+  bool ok = !stalled;
+  TileWalk w(mtiles, ntiles);
+  for (; ok && w.valid(); w.next()) {
+    const int64_t m0 = static_cast<int64_t>(w.mi) * T::kBM, n0 = static_cast<int64_t>(w.ni) * T::kBN;
+    float acc[kAcc];
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+    int previous = 0;
+    for (int ks = 0; ks < ksteps; ++ks) {
+      ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * ring.stage, ring.phase));
+      if (!ok) break;
+      const uint32_t tile_a = base + ring.stage * kStageBytes + group * 64 * kRowBytes;
+      const uint32_t tile_b = base + ring.stage * kStageBytes + T::kTileABytes;
+      acc_fence(acc);  // every earlier write of the accumulators lands before the fence
+      wgmma_fence();
+#pragma unroll
+      for (int k16 = 0; k16 < kBK / 16; ++k16)
+        wgmma_m64nNk16<kBf16, T::kBN>(acc, operand_descriptor(tile_a, k16), operand_descriptor(tile_b, k16));
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous step's group is done reading its stage
+      acc_fence(acc);
+      if (ks > 0 && lane == 0) mbar_arrive(bars + 8 * (kStages + previous));
+      previous = ring.stage;
+      ring.advance<kStages>();
+    }
+    wgmma_wait<0>();
+    acc_fence(acc);
+    if (!ok) break;
+    if (lane == 0) mbar_arrive(bars + 8 * (kStages + previous));  // the tile's last stage, before the epilogue
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = m0 + group * 64 + acc_row(group_warp, lane, 2 * h);
+      if (row >= f.rows) continue;
+      const FusedRow r = fused_row(f, row);
+#pragma unroll
+      for (int i = 0; i < T::kBN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int reg = 4 * i + 2 * h + e;
+          if (unscaled && !(acc[reg] >= r.lo && acc[reg] <= r.hi)) continue;  // NaN fails here too
+          fused_keep(f, r, row, n0 + acc_col(lane, reg), acc[reg]);
+        }
+    }
+  }
+  // After a stall: this tile and every later one of this CTA report overflow in all their rows.
+  for (; w.valid(); w.next()) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = static_cast<int64_t>(w.mi) * T::kBM + group * 64 + acc_row(group_warp, lane, 2 * h);
+      if (row < f.rows) mark_overflow(f, row);
+    }
+  }
+#endif
+}
+
+// Never launched: its static shared size says which code the runtime loads for the current device. Only
+// the sm_90a build (the feature macro) declares the marker array; every other build has no shared
+// memory at all.
+__global__ void sm90a_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ int mark[kProbeWords];
+  mark[threadIdx.x % kProbeWords] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = mark[(threadIdx.x + 1) % kProbeWords];
+#else
+  out[threadIdx.x] = 0;
+#endif
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's tensor-map encoder (its CUDA 12.0 ABI), or null when the driver does not export it.
+EncodeTiled tensor_map_encoder() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<EncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// Row-major [rows, dim] 16-bit matrix with a row stride of `stride` elements, read in boxes of 64
+// elements x box_rows rows with the 128-byte swizzle; everything outside [0, dim) x [0, rows) reads 0.
+CUtensorMap operand_map(const void* data, int64_t rows, int64_t dim, int64_t stride, bool bf16, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride) * kElemBytes};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(
+      &map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(data),
+      dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  HN_CHECK(r == CUDA_SUCCESS, "fused wgmma: cuTensorMapEncodeTiled failed with code " + std::to_string(r));
+  return map;
+}
+
+template <bool kBf16, class T>
+void set_kernel_attributes() {
+  HN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_scores_kernel<kBf16, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     T::kSmemBytes));
+  // All of the unified L1 / shared storage as shared memory, so kCtasPerSm CTAs fit.
+  HN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_scores_kernel<kBf16, T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                     static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+}
+
+// CTAs of the kernel that fit one SM of the current device (after its attributes are set).
+template <bool kBf16, class T>
+int ctas_per_sm() {
+  set_kernel_attributes<kBf16, T>();
+  int per_sm = 0;
+  HN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgmma_scores_kernel<kBf16, T>, T::kThreads,
+                                                              T::kSmemBytes));
+  return per_sm;
+}
+
+// As many CTAs as fit the device at once (persistent: each walks its share of the tiles), never more
+// than there are tiles.
+template <bool kBf16, class T>
+void launch_persistent(const FusedBlock& f, const CUtensorMap& tq, const CUtensorMap& tc, cudaStream_t stream) {
+  int device = 0, sms = 0;
+  HN_CUDA_CHECK(cudaGetDevice(&device));
+  HN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int per_sm = ctas_per_sm<kBf16, T>();
+  HN_CHECK(per_sm >= 1, "fused wgmma: the kernel does not fit an SM");
+  const int64_t tiles = ceil_div(f.rows, T::kBM) * ceil_div(f.cols, T::kBN);
+  const int64_t ctas = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm);
+  wgmma_scores_kernel<kBf16, T><<<static_cast<unsigned>(ctas), T::kThreads, T::kSmemBytes, stream>>>(tq, tc, f);
+  HN_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class T>
+void launch(const FusedBlock& f, bool bf16, cudaStream_t stream) {
+  const CUtensorMap tq = operand_map(f.queries, f.rows, f.dim, f.q_stride, bf16, T::kBM);
+  const CUtensorMap tc = operand_map(f.candidates, f.cols, f.dim, f.c_stride, bf16, T::kBN);
+  if (bf16) {
+    launch_persistent<true, T>(f, tq, tc, stream);
+  } else {
+    launch_persistent<false, T>(f, tq, tc, stream);
+  }
+}
+
+// The probe proper, on the current device.
+bool probe_current_device(int device) {
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
+  if (prop.major != 9 || prop.minor != 0) return false;
+  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(TileTall::kSmemBytes) ||
+      prop.sharedMemPerBlockOptin < static_cast<size_t>(TileLong::kSmemBytes))
+    return false;
+  if (tensor_map_encoder() == nullptr) return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, sm90a_probe_kernel) != cudaSuccess) return false;
+  return attr.sharedSizeBytes >= sizeof(int) * kProbeWords;
+}
+
+}  // namespace
+}  // namespace sm90
+
+bool topk_fused_wgmma_available(int device) {
+  static std::mutex mu;
+  static std::vector<signed char> known;  // per device: -1 unknown, 0 no, 1 yes
+  std::lock_guard<std::mutex> lock(mu);
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+    cudaGetLastError();
+    return false;
+  }
+  if (known.size() < static_cast<size_t>(count)) known.resize(count, -1);
+  if (known[device] < 0) {
+    int previous = 0;
+    bool yes = false;
+    if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(device) == cudaSuccess) {
+      yes = sm90::probe_current_device(device);
+      cudaSetDevice(previous);
+    }
+    cudaGetLastError();  // a failed query leaves no sticky error behind for the caller's next check
+    known[device] = yes ? 1 : 0;
+  }
+  return known[device] == 1;
+}
+
+void topk_fused_scores_sm90(const FusedBlock& f, void* stream) {
+  using namespace sm90;
+  if (f.rows == 0 || f.cols == 0) return;
+  HN_CHECK(wgmma_inputs_suit(f),
+           "fused wgmma: needs bf16/fp16 inputs without slack, 16-byte aligned rows with strides >= dim, at most "
+           "65535 * 128 candidates");
+  int device = 0;
+  HN_CUDA_CHECK(cudaGetDevice(&device));
+  HN_CHECK(topk_fused_wgmma_available(device),
+           "fused wgmma: this device or build cannot run it (needs compute capability 9.0 and sm_90a code)");
+  const bool bf16 = static_cast<DType>(f.dtype) == DType::BFloat16;
+  auto s = static_cast<cudaStream_t>(stream);
+  if (f.kernel == 3) {
+    launch<TileTall>(f, bf16, s);
+  } else if (f.kernel == 4) {
+    launch<TileLong>(f, bf16, s);
+  } else {
+    launch<TileWide>(f, bf16, s);
+  }
+}
+
+int topk_fused_wgmma_ctas_per_sm(int device, int kernel) {
+  using namespace sm90;
+  HN_CHECK(kernel >= 2 && kernel <= 4, "fused wgmma: kernel must be 2, 3 or 4");
+  if (!topk_fused_wgmma_available(device)) return 0;
+  int previous = 0;
+  HN_CUDA_CHECK(cudaGetDevice(&previous));
+  HN_CUDA_CHECK(cudaSetDevice(device));
+  const int n = kernel == 3 ? ctas_per_sm<true, TileTall>() : kernel == 4 ? ctas_per_sm<true, TileLong>()
+                                                                          : ctas_per_sm<true, TileWide>();
+  HN_CUDA_CHECK(cudaSetDevice(previous));
+  return n;
+}
+
+bool topk_fused_wgmma_stalled(int device) {
+  int previous = 0;
+  HN_CUDA_CHECK(cudaGetDevice(&previous));
+  HN_CUDA_CHECK(cudaSetDevice(device));
+  int flag = 0;
+  const cudaError_t err = cudaMemcpyFromSymbol(&flag, sm90::g_stalled, sizeof(flag));
+  cudaSetDevice(previous);
+  HN_CUDA_CHECK(err);
+  return flag != 0;
+}
+
+}  // namespace hnsample
