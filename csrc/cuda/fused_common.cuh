@@ -38,7 +38,13 @@ __device__ __forceinline__ FusedRow fused_row(const FusedBlock& f, int64_t row) 
 // NaN scores fail both comparisons and are never kept (as in every other path).
 __device__ __forceinline__ void fused_keep(const FusedBlock& f, const FusedRow& r, int64_t row, int64_t col,
                                            float acc) {
-  if (col >= f.cols) return;
+  if (!f.row_scale && !f.col_scale && !f.row_slack) {
+    // dot on exact products (the common case): the score is the accumulator; test it first, so the
+    // almost always rejected scores cost a compare and no loads
+    if (!(acc >= r.lo && acc <= r.hi) || col >= f.cols) return;
+  } else if (col >= f.cols) {
+    return;
+  }
   float s = f.row_scale ? acc * r.scale : acc;
   if (f.col_scale) s *= f.col_scale[col];
   const float w = f.row_slack ? r.slack * f.col_slack[col] : 0.0f;

@@ -42,10 +42,13 @@ OVERLAP = False
 # fused kernel correct and faster on a GPU.
 PATH = "auto"
 FUSED_AUTO = False
-# Which fused kernel: "auto" (the fastest the device and inputs allow), "mma" (mma.sync, sm_80+) or
-# "wgmma" (sm_90a; an error where unavailable). Sets FusedBlock.kernel.
-FUSED_KERNEL = "auto"
-_FUSED_KERNEL_CODES = {"auto": 0, "mma": 1, "wgmma": 2}
+# Which fused kernel (FusedBlock.kernel): "mma" (mma.sync, sm_80+), "wgmma" (sm_90a, 128 x 128 tiles,
+# two CTAs per SM), "wgmma_256x128" / "wgmma_128x256" (one CTA per SM), or "auto": wgmma where the
+# device (compute capability 9.0), the build (sm_90a code) and the inputs allow it, else mma.sync. A
+# wgmma choice raises where wgmma is unavailable. "mma" stays the default until the device check has
+# shown the wgmma kernels correct.
+FUSED_KERNEL = "mma"
+_FUSED_KERNEL_CODES = {"auto": 0, "mma": 1, "wgmma": 2, "wgmma_256x128": 3, "wgmma_128x256": 4}
 # Fused path: columns scored by the two-pass path first to give every row a threshold, and the
 # smallest N worth fusing. Chunks then double (each about the size of all columns before it), so a
 # row expects about `capacity` survivors per chunk against a candidate list of 4 capacity + 64.

@@ -1,6 +1,7 @@
 // The CUDA emulator's scheduler and PTX instructions (model in cuda_runtime.h). Fibers are ucontext
 // contexts with their own mmap'd stacks (a guard page below each, so an overflow faults loudly).
 #include "cuda_runtime.h"
+#include "topk_fused_sm90.h"
 
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -546,6 +547,10 @@ cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;
 }
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
 // One emulated device of compute capability 8.0: the mma.sync kernels run, sm_90a ones do not exist.
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   if (device != 0) return cudaErrorInvalidValue;
@@ -557,3 +562,13 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   std::snprintf(prop->name, sizeof(prop->name), "cuda_emu (CPU)");
   return cudaSuccess;
 }
+
+// The sm_90a wgmma kernel (csrc/cuda/topk_fused_sm90.cu) is not compiled for the emulated sm_80
+// device: the launcher's wgmma branch sees it unavailable, and forcing it fails as it would on an
+// sm_80 GPU.
+namespace hnsample {
+bool topk_fused_wgmma_available(int) { return false; }
+void topk_fused_scores_sm90(const FusedBlock&, void*) {
+  throw Error("fused: the wgmma kernel needs an sm_90a build on a compute capability 9.0 device");
+}
+}  // namespace hnsample
