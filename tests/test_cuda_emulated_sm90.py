@@ -81,6 +81,16 @@ def test_sm90_device_and_occupancy(emu):
         emu.configure()
 
 
+@pytest.mark.parametrize("mode,message", [(0, "exited"), (1, "does not exist"), (2, "while 64 threads"),
+                                          (3, "without a wgmma.fence"), (4, "without a bound"),
+                                          (5, "more arrivals than its count")],
+                         ids=["exited_thread", "missing_warp", "mismatched", "no_fence", "unbounded_poll",
+                              "surplus_arrival"])
+def test_emulator_sm90_faults_instead_of_hanging(emu, mode, message):
+    with pytest.raises(emu.KernelFault, match=message):
+        emu.selftest_sm90_faults(mode)
+
+
 # (rows, cols, d): ragged in every direction; d = 8 and 40 leave most of the only K step zero-filled,
 # 136 takes three K steps (a ragged third); with 2 SMs every shape has more tiles than CTAs, so the
 # 3- and 4-stage rings wrap across tiles and their phases flip many times.
@@ -140,6 +150,21 @@ def test_wgmma_under_schedule_extremes(emu, schedule, immediate, kernel, kname):
     emu.configure(schedule, immediate, sm90=True, sm90_sms=SMS)
     try:
         check_lists(emu, q, c, kernel, gen)
+    finally:
+        emu.configure()
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["immediate", "deferred"])
+def test_wgmma_long_k_many_phases(emu, immediate):
+    # 16 K steps per tile and two tiles per CTA: every stage of the ring goes round about ten times,
+    # so a barrier count off by one (an arrival carried into the next phase each round) adds up to a
+    # whole phase and the producer refills a stage still in use.
+    gen = torch.Generator().manual_seed(9)
+    b, n, d = 200, 300, 1000
+    q, c = int_matrix(b, d, gen, -2, 3).to(torch.bfloat16), int_matrix(n, d, gen, -2, 3).to(torch.bfloat16)
+    emu.configure("warps_descending", immediate, sm90=True, sm90_sms=SMS)
+    try:
+        check_lists(emu, q, c, 2, gen)
     finally:
         emu.configure()
 

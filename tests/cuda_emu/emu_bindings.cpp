@@ -23,6 +23,7 @@ namespace cuda_emu_selftest {  // emu_selftest.cu
 void shuffles(int* out);
 void faults(int mode, int* out);
 void mma_bf16(const uint16_t* a, const uint16_t* bt, float* d);
+void sm90_faults(int mode);
 }  // namespace cuda_emu_selftest
 
 namespace {
@@ -85,6 +86,7 @@ PYBIND11_MODULE(_cuda_emu, m) {
   // The emulator's own test kernels (emu_selftest.cu); pointers as ints, as everywhere.
   m.def("selftest_shuffles", [](uintptr_t out) { cuda_emu_selftest::shuffles(as_ptr<int>(out)); });
   m.def("selftest_faults", [](int mode, uintptr_t out) { cuda_emu_selftest::faults(mode, as_ptr<int>(out)); });
+  m.def("selftest_sm90_faults", [](int mode) { cuda_emu_selftest::sm90_faults(mode); });
   m.def("selftest_mma_bf16", [](uintptr_t a, uintptr_t bt, uintptr_t d) {
     cuda_emu_selftest::mma_bf16(as_ptr<const uint16_t>(a), as_ptr<const uint16_t>(bt), as_ptr<float>(d));
   });

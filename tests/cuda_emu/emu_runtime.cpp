@@ -352,7 +352,14 @@ void run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), v
       for (unsigned x = 0; x < grid.x; ++x) {
         run_block(grid, block, uint3{x, y, z});
         if (g_exception) std::rethrow_exception(g_exception);
-        if (g_fault.empty()) end_block_checks();
+        if (g_fault.empty()) {
+          try {
+            end_block_checks();
+          } catch (const KernelFault& e) {
+            g_fault = "block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) +
+                      ") at its end: " + e.what();
+          }
+        }
         if (!g_fault.empty()) throw KernelFault("cuda_emu kernel fault: " + g_fault);
       }
 }
