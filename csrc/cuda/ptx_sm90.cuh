@@ -98,6 +98,25 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 #endif
 }
 
+// The AND of `pred` over the kThreads threads (a multiple of 32) that arrive at named barrier kId
+// (1-15; 0 is __syncthreads'), each waiting for all of them. The id is an immediate: with a register
+// id ptxas reserves all 16 barriers.
+template <int kId, int kThreads>
+__device__ __forceinline__ bool barrier_all(bool pred) {
+  static_assert(kId >= 1 && kId <= 15 && kThreads % 32 == 0, "a named barrier and a whole number of warps");
+#if defined(HNSAMPLE_CUDA_EMU)
+  return ::cuda_emu::barrier_red_and(kId, kThreads, pred);
+#else
+  uint32_t all;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.red.and.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(all)
+      : "r"(static_cast<uint32_t>(pred)), "n"(kId), "n"(kThreads)
+      : "memory");
+  return all != 0;
+#endif
+}
+
 // Warpgroup-collective (all 128 threads): orders earlier register and shared-memory accesses before
 // the wgmma.mma_async that follow.
 __device__ __forceinline__ void wgmma_fence() {

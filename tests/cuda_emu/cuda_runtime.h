@@ -139,8 +139,9 @@ enum class Schedule { kRoundRobin, kWarpsAscending, kWarpsDescending };
 void configure(Schedule schedule, bool cp_async_immediate, bool mma_truncate);
 // The sm_90 device: sm90 makes device 1 (compute capability 9.0, `sms` SMs) the current device;
 // lose_bulk_copies makes every bulk tensor copy vanish (never lands, never completes its bytes), the
-// hang the wgmma kernel's bounded waits exist for.
-void configure_sm90(bool sm90, int sms, bool lose_bulk_copies);
+// hang the wgmma kernel's bounded waits exist for; bulk_delay_ns > 0 makes each copy land no earlier
+// than that much global-timer time after its issue (a slow copy engine).
+void configure_sm90(bool sm90, int sms, bool lose_bulk_copies, uint64_t bulk_delay_ns);
 
 // Runs kernel() once per thread of every block of the grid (see the model above). `key` (the kernel's
 // address) selects the attributes that allow more than 48 KiB of dynamic shared memory.
@@ -175,6 +176,7 @@ void fence_mbarrier_init();
 void mbar_arrive(uint32_t bar, uint32_t tx_bytes);
 bool mbar_try_wait_parity(uint32_t bar, uint32_t parity);
 void tma_load_2d(uint32_t dst, const struct CUtensorMap_st* map, int32_t c0, int32_t c1, uint32_t bar);
+bool barrier_red_and(uint32_t id, uint32_t threads, bool pred);
 void wgmma_fence();
 void wgmma_commit_group();
 void wgmma_wait_group(int pending);

@@ -61,7 +61,8 @@ PYBIND11_MODULE(_cuda_emu, m) {
   m.def(
       "configure",
       [](const std::string& schedule, bool cp_async_immediate, bool mma_truncate, bool sm90, int sm90_sms,
-         bool lose_bulk_copies) {
+         bool lose_bulk_copies, double bulk_delay_us) {
+        if (!(bulk_delay_us >= 0 && bulk_delay_us < 1e9)) throw py::value_error("bulk_delay_us must be in [0, 1e9)");
         if (sm90_sms < 1 || sm90_sms > 132) throw py::value_error("sm90_sms must be in [1, 132]");
         cuda_emu::Schedule sc;
         if (schedule == "round_robin") {
@@ -74,15 +75,17 @@ PYBIND11_MODULE(_cuda_emu, m) {
           throw py::value_error("schedule must be round_robin, warps_ascending or warps_descending, got " + schedule);
         }
         cuda_emu::configure(sc, cp_async_immediate, mma_truncate);
-        cuda_emu::configure_sm90(sm90, sm90_sms, lose_bulk_copies);
+        cuda_emu::configure_sm90(sm90, sm90_sms, lose_bulk_copies, static_cast<uint64_t>(bulk_delay_us * 1000));
       },
       py::arg("schedule") = "round_robin", py::arg("cp_async_immediate") = false, py::arg("mma_truncate") = false,
       py::arg("sm90") = false, py::arg("sm90_sms") = 2, py::arg("lose_bulk_copies") = false,
+      py::arg("bulk_delay_us") = 0.0,
       "How the emulated threads of a block take turns, whether cp.async and bulk tensor copies land when "
       "issued (else at the wait_group covering them / the first failed poll of their mbarrier), whether "
       "mma.sync truncates after every addition (else rounds each output once); sm90: the current device "
       "is the emulated compute capability 9.0 one (device 1, sm90_sms SMs) instead of the 8.0 one "
-      "(device 0); lose_bulk_copies: bulk tensor copies never land (a hung copy engine).");
+      "(device 0); lose_bulk_copies: bulk tensor copies never land (a hung copy engine); bulk_delay_us: "
+      "each bulk copy lands no earlier than that long (global timer) after its issue.");
   // The emulator's own test kernels (emu_selftest.cu); pointers as ints, as everywhere.
   m.def("selftest_shuffles", [](uintptr_t out) { cuda_emu_selftest::shuffles(as_ptr<int>(out)); });
   m.def("selftest_faults", [](int mode, uintptr_t out) { cuda_emu_selftest::faults(mode, as_ptr<int>(out)); });

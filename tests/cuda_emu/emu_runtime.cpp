@@ -35,6 +35,7 @@ struct Thread {
   bool done = false, blocked = false;
   bool polling = false;  // yielded from a failed mbarrier poll: the warp-greedy orders pass it over
   uint64_t polls = 0;    // consecutive failed polls
+  bool red_result = false;  // of the last named-barrier reduction it took part in
   std::vector<CopyOp> open_group;               // cp.async issued since the last commit
   std::vector<std::vector<CopyOp>> committed;   // oldest first
 };
@@ -102,6 +103,7 @@ struct BulkCopy {
   uint32_t dst, bar;
   int32_t c0, c1;
   TensorMap map;
+  uint64_t ready_ns;  // the global timer from which it may land
 };
 std::vector<BulkCopy> g_bulk;  // issued, not landed (the deferred mode)
 struct WgOp {
@@ -125,6 +127,13 @@ struct WarpGroup {
   std::deque<std::vector<WgOp>> committed;
 };
 std::vector<WarpGroup> g_groups;
+// Named barriers 1-15 with a thread count (barrier.red): who waits, the count, the reduction so far.
+struct NamedBarrier {
+  uint32_t count = 0;
+  bool all = true;
+  std::vector<int> waiting;
+};
+std::map<uint32_t, NamedBarrier> g_named;
 // Accumulators with wgmma in flight: their value as the finished operations leave it (the registers
 // themselves hold a poison pattern until the last operation on them retires).
 struct Shadow {
@@ -138,6 +147,7 @@ constexpr uint64_t kPollFaultNs = 10000000000ull;  // a thread polling this long
 int g_device = 0;
 int g_sm90_sms = 2;
 bool g_lose_bulk = false;
+uint64_t g_bulk_delay_ns = 0;
 struct FuncAttrs {
   int max_dynamic = 48 * 1024;
   int carveout = -1;
@@ -228,6 +238,10 @@ std::string deadlock_report() {
     if (g_groups[g].kind != nullptr)
       msg += " warpgroup " + std::to_string(g) + " in " + g_groups[g].kind + " (" +
              std::to_string(g_groups[g].arrived) + " of 128 arrived);";
+  for (const auto& [id, b] : g_named)
+    if (!b.waiting.empty())
+      msg += " " + std::to_string(b.waiting.size()) + " of " + std::to_string(b.count) + " threads at named barrier " +
+             std::to_string(id) + ";";
   if (g_block.at_barrier > 0)
     msg += " " + std::to_string(g_block.at_barrier) + " of " + std::to_string(g_block.live) +
            " threads at __syncthreads;";
@@ -248,6 +262,7 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
   g_bulk.clear();
   g_shadows.clear();
   g_groups.assign((nwarps + 3) / 4, WarpGroup{});
+  g_named.clear();
   for (unsigned w = 0; w < nwarps; ++w) {
     // lanes past the block's size never run: they count as exited
     const unsigned have = n - 32 * w >= 32 ? 32 : n - 32 * w;
@@ -306,11 +321,12 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
 
 }  // namespace
 
-void configure_sm90(bool sm90, int sms, bool lose_bulk_copies) {
+void configure_sm90(bool sm90, int sms, bool lose_bulk_copies, uint64_t bulk_delay_ns) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_device = sm90 ? 1 : 0;
   g_sm90_sms = sms;
   g_lose_bulk = lose_bulk_copies;
+  g_bulk_delay_ns = bulk_delay_ns;
 }
 
 void configure(Schedule schedule, bool cp_async_immediate, bool mma_truncate) {
@@ -766,11 +782,11 @@ void land(const BulkCopy& c) {
   mbar_complete_tx(c.bar, total);
 }
 
-// Lands the deferred copies that complete on `bar` (in issue order).
+// Lands the deferred copies that complete on `bar` and are due (in issue order).
 void land_for(uint32_t bar) {
   std::vector<BulkCopy> keep;
   std::vector<BulkCopy> now;
-  for (const BulkCopy& c : g_bulk) (c.bar == bar ? now : keep).push_back(c);
+  for (const BulkCopy& c : g_bulk) (c.bar == bar && c.ready_ns <= g_clock_ns ? now : keep).push_back(c);
   g_bulk.swap(keep);
   for (const BulkCopy& c : now) land(c);
 }
@@ -943,7 +959,8 @@ uint32_t cvta_generic_to_shared(const void* p) {
   return static_cast<uint32_t>(a - w);
 }
 
-uint64_t globaltimer() { return g_clock_ns; }
+// Each read also lets 1 ns pass, so threads running between two polls see time move.
+uint64_t globaltimer() { return ++g_clock_ns; }
 
 void mbar_init(uint32_t bar, uint32_t count) {
   if (count < 1 || count > (1u << 20) - 1) fault("mbarrier.init: count must be in [1, 2^20 - 1]");
@@ -975,8 +992,9 @@ void mbar_arrive(uint32_t bar, uint32_t tx_bytes) {
 }
 
 // mbarrier.try_wait.parity: true when the phase of that parity has completed, i.e. the current phase's
-// parity differs. A failed poll is a scheduling point: deferred copies onto this barrier land, the
-// global timer advances by kPollNs, and other threads get turns before the barrier is tested again.
+// parity differs. Deferred copies onto this barrier that are due land first. A failed poll is a
+// scheduling point: the global timer advances by kPollNs, other threads get turns, then due copies
+// land and the barrier is tested again.
 bool mbar_try_wait_parity(uint32_t bar, uint32_t parity) {
   Thread& t = current();
   if (parity > 1) fault("mbarrier.try_wait.parity: parity must be 0 or 1");
@@ -995,6 +1013,7 @@ bool mbar_try_wait_parity(uint32_t bar, uint32_t parity) {
   t.polling = true;
   yield();
   t.polling = false;
+  land_for(bar);  // what became due while this thread was suspended
   const bool done = mbar_at(bar, "mbarrier.try_wait").phase != parity;
   if (done) t.polls = 0;
   return done;
@@ -1015,13 +1034,43 @@ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, u
   Mbar& mb = mbar_at(bar, "cp.async.bulk.tensor");
   (void)mb;
   std::memset(shared_bytes(dst, box_bytes(m), "cp.async.bulk.tensor"), 0xff, box_bytes(m));
-  const BulkCopy c{dst, bar, c0, c1, m};
+  const BulkCopy c{dst, bar, c0, c1, m, g_clock_ns + g_bulk_delay_ns};
   if (g_lose_bulk) return;
-  if (g_cp_async_immediate) {
+  if (g_cp_async_immediate && g_bulk_delay_ns == 0) {
     land(c);
   } else {
     g_bulk.push_back(c);
   }
+}
+
+// barrier.red.and.pred p, id, threads, pred: waits until `threads` threads (a multiple of the warp size)
+// have arrived at named barrier `id` (1-15; 0 is __syncthreads'), then every one of them gets the AND
+// of their predicates.
+bool barrier_red_and(uint32_t id, uint32_t threads, bool pred) {
+  Thread& t = current();
+  if (id == 0 || id > 15) fault("barrier.red: named barrier id must be in [1, 15], got " + std::to_string(id));
+  if (threads == 0 || threads % 32 != 0 || threads > g_block.threads.size())
+    fault("barrier.red: thread count " + std::to_string(threads) + " is no multiple of 32 within the block");
+  NamedBarrier& b = g_named[id];
+  if (b.waiting.empty()) {
+    b.count = threads;
+    b.all = true;
+  } else if (b.count != threads) {
+    fault("barrier.red: threads at named barrier " + std::to_string(id) + " disagree on its count");
+  }
+  b.all = b.all && pred;
+  b.waiting.push_back(thread_index(t));
+  if (b.waiting.size() == b.count) {
+    for (int i : b.waiting) {
+      g_block.threads[static_cast<size_t>(i)].red_result = b.all;
+      g_block.threads[static_cast<size_t>(i)].blocked = false;
+    }
+    b.waiting.clear();
+  } else {
+    t.blocked = true;
+    yield();
+  }
+  return t.red_result;
 }
 
 void wgmma_fence() { group_collective("wgmma.fence", WgIn{}, &combine_fence); }
