@@ -238,6 +238,45 @@ def test_wgmma_lost_copies_take_the_stall_path(emu):
         emu.configure()
 
 
+def test_wgmma_copy_landing_as_a_wait_times_out(emu):
+    # A copy landing just after one warp's wait ran out (or saw another CTA's stall flag) and before
+    # its warpgroup's other warps look: they must still agree, or the warpgroup splits across its
+    # collective wgmma instructions (a hang or garbage on a GPU, a fault here). Bisects the copy delay
+    # for the point where launches turn from scoring to the stall path; in every launch each row must
+    # have its exact list or be marked overflowed.
+    gen = torch.Generator().manual_seed(7)
+    b, n, d = 100, 120, 64
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    s = (q.double() @ c.double().T).float()
+    lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
+
+    def stalls(delay_us: float) -> bool:
+        emu.configure(sm90=True, sm90_sms=1, bulk_delay_us=delay_us)
+        emu.topk_fused_wgmma_clear_stall(1)
+        _, counts, _, (scores, cols, _) = _base.fused_launch(emu, q, c, lo, hi, n, kernel=2, lists=False)
+        for i in range(b):
+            if int(counts[i]) == n + 1:
+                continue
+            assert int(counts[i]) == n and sorted(cols[i].tolist()) == list(range(n)), f"row {i}"
+            assert torch.equal(scores[i], s[i, cols[i].long()]), f"row {i}"
+        stalled = emu.topk_fused_wgmma_stalled(1)
+        assert stalled == bool((counts == n + 1).any())
+        return stalled
+
+    try:
+        fast, slow = 0.9e6, 1.1e6  # the kernel's waits give up after 1 s
+        assert not stalls(fast) and stalls(slow)
+        while slow - fast > 1e-3:
+            mid = (fast + slow) / 2
+            if stalls(mid):
+                slow = mid
+            else:
+                fast = mid
+    finally:
+        emu.topk_fused_wgmma_clear_stall(1)
+        emu.configure()
+
+
 @pytest.mark.parametrize("name,spec", DRIVER[:3], ids=[x[0] for x in DRIVER[:3]])
 @pytest.mark.parametrize("fkernel", ["wgmma", "wgmma_128x256"])
 @pytest.mark.parametrize("fname,dtype,metric", [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine")],

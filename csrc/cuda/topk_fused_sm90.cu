@@ -64,6 +64,21 @@ __device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
   return mbar_try_wait(bar, parity) || mbar_wait_slow(bar, parity);
 }
 
+// The AND of `pred` over the 128 threads of consumer warpgroup `group`, at its own named barrier
+// 1 + group.
+template <int kGroups>
+__device__ __forceinline__ bool warpgroup_all(int group, bool pred) {
+  static_assert(kGroups == 2 || kGroups == 4, "the tile shapes' consumer warpgroups");
+  if (group == 0) return barrier_all<1, 128>(pred);
+  if constexpr (kGroups == 2) {
+    return barrier_all<2, 128>(pred);
+  } else {
+    if (group == 1) return barrier_all<2, 128>(pred);
+    if (group == 2) return barrier_all<3, 128>(pred);
+    return barrier_all<4, 128>(pred);
+  }
+}
+
 // Rows whose state must not take this chunk: overflowing their count makes the driver redo it.
 __device__ __forceinline__ void mark_overflow(const FusedBlock& f, int64_t row) {
   const int over = f.cand_cap < INT_MAX ? static_cast<int>(f.cand_cap) + 1 : INT_MAX;
@@ -181,8 +196,11 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
     int previous = 0;
     for (int ks = 0; ks < ksteps; ++ks) {
-      ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * ring.stage, ring.phase));
-      if (!ok) break;
+      // A failed wait does not leave the loop: the four warps of the warpgroup decide apart (a copy
+      // may land between one warp's time-out and another's look), yet must all issue the same
+      // warpgroup-collective wgmma sequence. Past a failure a stage's contents are garbage, which the
+      // agreement after the tile throws away.
+      if (ok) ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * ring.stage, ring.phase));
       const uint32_t tile_a = base + ring.stage * kStageBytes + group * 64 * kRowBytes;
       const uint32_t tile_b = base + ring.stage * kStageBytes + T::kTileABytes;
       acc_fence(acc);  // every earlier write of the accumulators lands before the fence
@@ -199,6 +217,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     }
     wgmma_wait<0>();
     acc_fence(acc);
+    ok = warpgroup_all<kConsumerGroups>(group, ok);  // one warp's failed wait fails the tile for its warpgroup
     if (!ok) break;
     if (lane == 0) mbar_arrive(bars + 8 * (kStages + previous));  // the tile's last stage, before the epilogue
 
