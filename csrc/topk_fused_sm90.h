@@ -161,6 +161,9 @@ int topk_fused_wgmma_ctas_per_sm(int device, int kernel);
 // overflow in every row, so the fused driver redoes its chunks on the two-pass path). Synchronizes the
 // device: a diagnostic for tests and device checks, never called on the op's path.
 bool topk_fused_wgmma_stalled(int device);
+// Clears that flag on `device`, so the wgmma kernel scores again there (after a deliberate stall in a
+// test, or once the cause of a real one is understood). Synchronizes the device.
+void topk_fused_wgmma_clear_stall(int device);
 #endif
 
 }  // namespace hnsample

@@ -264,8 +264,10 @@ def int_matrix(rows: int, cols: int, gen: torch.Generator, lo: int = -4, hi: int
     return torch.randint(lo, hi, (rows, cols), generator=gen).to(torch.float32)
 
 
-def fused_launch(emu, q, c, lo, hi, cap, *, row_scale=None, col_scale=None, row_slack=None, col_slack=None):
-    """One emulated fused launch; returns (per-row dict col -> score, counts)."""
+def fused_launch(emu, q, c, lo, hi, cap, *, row_scale=None, col_scale=None, row_slack=None, col_slack=None,
+                 kernel=None, lists=True):
+    """One emulated fused launch (FusedBlock.kernel = kernel when given); returns (per-row dict col ->
+    score, counts, the block, the raw lists), the dicts None without `lists`."""
     b, n = q.shape[0], c.shape[0]
     scores = torch.full((b, cap), math.nan)
     cols = torch.full((b, cap), -1, dtype=torch.int32)
@@ -278,7 +280,11 @@ def fused_launch(emu, q, c, lo, hi, cap, *, row_scale=None, col_scale=None, row_
                     ("col_slack", col_slack)):
         setattr(f, name, 0 if t is None else t.data_ptr())
     f.cand_score, f.cand_col, f.cand_count, f.cand_cap = scores.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap
+    if kernel is not None:
+        f.kernel = kernel
     emu.topk_fused_scores(f, 0)
+    if not lists:
+        return None, counts, f, (scores, cols, counts)
     kept = []
     for i in range(b):
         m = min(int(counts[i]), cap)
@@ -393,13 +399,18 @@ def test_fused_strided_rows(emu, dtype):
 
 
 def test_fused_list_overflow_counts_every_survivor(emu):
+    check_list_overflow(emu)
+
+
+def check_list_overflow(emu, kernel=None) -> None:
+    """Lists of 16 for rows where most candidates survive: every survivor counted, at most 16 kept."""
     gen = torch.Generator().manual_seed(2)
     b, n, d, cap = 20, 260, 32, 16
     q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
     s = (q.double() @ c.double().T).float()
     lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
     lo[::2] = 0.0
-    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, cap)
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, cap, kernel=kernel)
     for i in range(b):
         assert int(counts[i]) == int((s[i] >= lo[i]).sum())
         assert len(kept[i]) == min(cap, int(counts[i]))
@@ -680,8 +691,17 @@ def test_fused_driver_on_emulated_kernels(monkeypatch, emu, name, spec, fname, d
     # (+ rescoring for fp32), bounds and offers. Small integers: every path's scores are exact, so the
     # result equals the CPU op's over the same score matrix bit for bit (cosine: the scaled scores of
     # _ExactGemm, which the fused epilogue and the rescoring reproduce).
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{fname}".encode()))
-    b, n, d, k = 40, 2600, 64, 10
+    calls = run_fused_driver(monkeypatch, emu, f"{name}/{fname}", spec, dtype, metric, 64)
+    assert calls["topk_rescore_candidates"] == (4 if dtype == torch.float32 else 0)
+
+
+def run_fused_driver(monkeypatch, emu, seed: str, spec: dict, dtype, metric: str, d: int,
+                     **settings) -> collections.Counter:
+    """topk_cuda._run_fused over 40 queries x 2600 small-integer candidates (seed of 300 columns,
+    then 4 chunks) on the emulated kernels, with topk_cuda's `settings` patched in; asserts the result
+    equals the CPU op's over the exact scores and returns the launcher calls."""
+    gen = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
+    b, n, k = 40, 2600, 10
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
     kw = _driver_kwargs(spec, b, n, gen)
     want = hnsample.topk_from_scores(_exact_scores(q, c, metric), k, **kw)
@@ -689,14 +709,16 @@ def test_fused_driver_on_emulated_kernels(monkeypatch, emu, name, spec, fname, d
     _patch_driver(monkeypatch, emu, calls)
     monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
     monkeypatch.setattr(topk_cuda, "ScoreGemm", _ExactGemm)
+    for name, value in settings.items():
+        monkeypatch.setattr(topk_cuda, name, value)
     sel = selection(_exact_scores(q, c, metric), k, kw)
     state = topk_cuda._run_fused(q, c, sel, metric, 1 << 16, SelectionState(sel, b, q.device), 0)
     got_s, got_j = finalize(state, emu)
     monkeypatch.undo()
     assert calls["topk_fused_scores"] == 4  # chunks of 300, 600, 1200 and 200 after the seed of 300
-    assert calls["topk_rescore_candidates"] == (4 if dtype == torch.float32 else 0)
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
+    return calls
 
 
 def test_fused_driver_redoes_overflowing_chunks(monkeypatch, emu):

@@ -23,6 +23,9 @@ namespace hnsample {
 // (tests/cuda_emu/cuda_runtime.h, HNSAMPLE_CUDA_EMU) defines its own, since g++ cannot parse <<<>>>.
 #if !defined(HNSAMPLE_CUDA_EMU)
 #define HN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+// A kernel's dynamic shared memory as the array `name` of `type`, 16-byte aligned (the emulator's
+// stands for its emulated shared window).
+#define HN_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

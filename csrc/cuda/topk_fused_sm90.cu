@@ -32,6 +32,7 @@
 #include "../topk_select.h"
 #include "cuda_common.cuh"
 #include "fused_common.cuh"
+#include "ptx_sm90.cuh"
 
 namespace hnsample {
 namespace sm90 {
@@ -41,31 +42,10 @@ constexpr int kProbeWords = 97;  // the probe's shared array (only its sm_90a bu
 
 __device__ int g_stalled = 0;
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if HN_SM90A_CODE
+using namespace ptx90;  // the instruction wrappers (ptx_sm90.cuh)
+
 constexpr unsigned long long kWaitLimitNs = 1000000000ull;  // 1 s: a healthy wait takes microseconds
-
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-// Makes the initialized barriers visible to the tensor copy engine (the async proxy).
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-
-__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
 
 // Waits until the barrier's phase of the given parity has completed. False when it did not within
 // kWaitLimitNs, or when another CTA has already stalled (the flag is read only while waiting).
@@ -84,92 +64,18 @@ __device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
   return mbar_try_wait(bar, parity) || mbar_wait_slow(bar, parity);
 }
 
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-// Box (c0 .. c0 + 63, c1 .. c1 + rows - 1) of a 2-D tensor map (c0 along K, c1 along rows) into shared
-// memory at `dst`; completes `bytes` of the barrier's transaction count (the whole box, zero-filled
-// parts included).
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1,
-                                            uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-
-// The accumulators are written asynchronously by wgmma: this keeps the compiler from moving any access
-// to them across the fence / wait it follows.
-template <int kAcc>
-__device__ __forceinline__ void acc_fence(float (&d)[kAcc]) {
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// wgmma.mma_async m64nNk16 with fp32 accumulators d[0 .. N/2) (operands %0 .. %(N/2 - 1)), then the
-// A and B descriptors and the scale-d input; scale-d is 1 (the accumulators start at zero), no
-// negation, no transposes (both operands K-major).
-#define HN_WGMMA_REGS_128 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define HN_WGMMA_REGS_256 \
-  HN_WGMMA_REGS_128 ", " \
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-#define HN_WGMMA_OUTS_128 \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define HN_WGMMA_OUTS_256 \
-  HN_WGMMA_OUTS_128, \
-  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
-  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
-  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
-  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
-  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
-  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
-  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-#define HN_WGMMA(N, TYPE, A, B, C)                                                                      \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #C ", 0;\n"                                       \
-               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TYPE "." #TYPE " {" HN_WGMMA_REGS_##N \
-               "}, %" #A ", %" #B ", p, 1, 1, 0, 0;\n}\n"                                               \
-               : HN_WGMMA_OUTS_##N                                                                      \
-               : "l"(desc_a), "l"(desc_b), "n"(1))
-
-// d[N / 2] += A[64 x 16] B[16 x N], both K-major in shared memory (descriptors), fp32 accumulation.
-template <bool kBf16, int kN>
-__device__ __forceinline__ void wgmma_m64nNk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (kN == 128 && kBf16) {
-    HN_WGMMA(128, bf16, 64, 65, 66);
-  } else if constexpr (kN == 128) {
-    HN_WGMMA(128, f16, 64, 65, 66);
-  } else if constexpr (kBf16) {
-    HN_WGMMA(256, bf16, 128, 129, 130);
+// The AND of `pred` over the 128 threads of consumer warpgroup `group`, at its own named barrier
+// 1 + group.
+template <int kGroups>
+__device__ __forceinline__ bool warpgroup_all(int group, bool pred) {
+  static_assert(kGroups == 2 || kGroups == 4, "the tile shapes' consumer warpgroups");
+  if (group == 0) return barrier_all<1, 128>(pred);
+  if constexpr (kGroups == 2) {
+    return barrier_all<2, 128>(pred);
   } else {
-    HN_WGMMA(256, f16, 128, 129, 130);
+    if (group == 1) return barrier_all<2, 128>(pred);
+    if (group == 2) return barrier_all<3, 128>(pred);
+    return barrier_all<4, 128>(pred);
   }
 }
 
@@ -225,10 +131,10 @@ template <bool kBf16, class T>
 __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     wgmma_scores_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tc,
                         const FusedBlock f) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if HN_SM90A_CODE
   constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kConsumerGroups = T::kConsumerGroups;
   constexpr int kAcc = T::kAcc;
-  extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned to 1024 below
+  HN_DYNAMIC_SHARED(unsigned char, smem_raw);  // 16-byte aligned; the stages are aligned to 1024 below
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t base = (raw + kSwizzleAtomBytes - 1) & ~static_cast<uint32_t>(kSwizzleAtomBytes - 1);
   const uint32_t bars = base + kStages * kStageBytes;  // full[kStages], empty[kStages], then the flag
@@ -290,8 +196,11 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
     int previous = 0;
     for (int ks = 0; ks < ksteps; ++ks) {
-      ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * ring.stage, ring.phase));
-      if (!ok) break;
+      // A failed wait does not leave the loop: the four warps of the warpgroup decide apart (a copy
+      // may land between one warp's time-out and another's look), yet must all issue the same
+      // warpgroup-collective wgmma sequence. Past a failure a stage's contents are garbage, which the
+      // agreement after the tile throws away.
+      if (ok) ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * ring.stage, ring.phase));
       const uint32_t tile_a = base + ring.stage * kStageBytes + group * 64 * kRowBytes;
       const uint32_t tile_b = base + ring.stage * kStageBytes + T::kTileABytes;
       acc_fence(acc);  // every earlier write of the accumulators lands before the fence
@@ -308,6 +217,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     }
     wgmma_wait<0>();
     acc_fence(acc);
+    ok = warpgroup_all<kConsumerGroups>(group, ok);  // one warp's failed wait fails the tile for its warpgroup
     if (!ok) break;
     if (lane == 0) mbar_arrive(bars + 8 * (kStages + previous));  // the tile's last stage, before the epilogue
 
@@ -341,7 +251,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
 // the sm_90a build (the feature macro) declares the marker array; every other build has no shared
 // memory at all.
 __global__ void sm90a_probe_kernel(int* out) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if HN_SM90A_CODE
   __shared__ int mark[kProbeWords];
   mark[threadIdx.x % kProbeWords] = static_cast<int>(threadIdx.x);
   __syncthreads();
@@ -417,7 +327,7 @@ void launch_persistent(const FusedBlock& f, const CUtensorMap& tq, const CUtenso
   HN_CHECK(per_sm >= 1, "fused wgmma: the kernel does not fit an SM");
   const int64_t tiles = ceil_div(f.rows, T::kBM) * ceil_div(f.cols, T::kBN);
   const int64_t ctas = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm);
-  wgmma_scores_kernel<kBf16, T><<<static_cast<unsigned>(ctas), T::kThreads, T::kSmemBytes, stream>>>(tq, tc, f);
+  HN_LAUNCH(static_cast<unsigned>(ctas), T::kThreads, T::kSmemBytes, stream, wgmma_scores_kernel<kBf16, T>)(tq, tc, f);
   HN_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -515,6 +425,16 @@ bool topk_fused_wgmma_stalled(int device) {
   cudaSetDevice(previous);
   HN_CUDA_CHECK(err);
   return flag != 0;
+}
+
+void topk_fused_wgmma_clear_stall(int device) {
+  int previous = 0;
+  HN_CUDA_CHECK(cudaGetDevice(&previous));
+  HN_CUDA_CHECK(cudaSetDevice(device));
+  const int zero = 0;
+  const cudaError_t err = cudaMemcpyToSymbol(sm90::g_stalled, &zero, sizeof(zero));
+  cudaSetDevice(previous);
+  HN_CUDA_CHECK(err);
 }
 
 }  // namespace hnsample

@@ -23,9 +23,10 @@ from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-# The kernels that run on the emulator. csrc/cuda/topk_fused_sm90.cu (wgmma, sm_90a) is left out: the
-# emulated device is an sm_80, and wgmma is not emulated.
-KERNELS = ["topk_select.cu", "topk_fused.cu", "info_nce.cu"]
+# The kernels that run on the emulator, each with the extra flags of its translation unit: the wgmma
+# kernel's device code exists only under the sm_90a feature macro (as in nvcc's sm_90a pass).
+KERNELS = {"topk_select.cu": [], "topk_fused.cu": [], "info_nce.cu": [],
+           "topk_fused_sm90.cu": ["-D__CUDA_ARCH_FEAT_SM90_ALL"]}
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-DHNSAMPLE_CUDA_EMU", "-DHNSAMPLE_WITH_CUDA", "-Wall",
          "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Wno-unused-function"]
 
@@ -54,7 +55,7 @@ def _include_dirs() -> list[str]:
 
 def _digest(compiler: str, includes: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(" ".join([compiler, *FLAGS, *includes, sys.version]).encode())
+    h.update(" ".join([compiler, *FLAGS, *includes, sys.version, repr(sorted(KERNELS.items()))]).encode())
     watched = sorted({*sources(), *HERE.glob("*.h"), *(ROOT / "csrc").rglob("*.h"),
                       *(ROOT / "csrc").rglob("*.cuh")})
     for path in watched:
@@ -81,7 +82,7 @@ def build(cache: Path | None = None) -> Path:
     for src in sources():
         obj = work / (src.name + ".o")
         objects.append(obj)
-        cmd = [compiler, *FLAGS, *inc, "-x", "c++", "-c", str(src), "-o", str(obj)]
+        cmd = [compiler, *FLAGS, *KERNELS.get(src.name, []), *inc, "-x", "c++", "-c", str(src), "-o", str(obj)]
         jobs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     errors = []
     for cmd, proc in jobs:

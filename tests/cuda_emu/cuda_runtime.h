@@ -16,8 +16,12 @@
 //     what the hardware allows and catch a missing barrier or wait.
 //   * PTX instructions are written from the PTX ISA (emu_runtime.cpp): ldmatrix and mma.sync gather
 //     the warp's fragments, form the matrices of the ISA's fragment tables and scatter the results.
+//   * An sm_90 device (configure_sm90; docs/cuda_emu_sm90.md): mbarrier, bulk tensor copies through
+//     emulated tensor maps, wgmma from shared-memory descriptors, warpgroup collectives (all 128
+//     threads of a warpgroup), dynamic shared memory in an emulated shared window, and a global timer
+//     that advances while threads poll barriers, so a deadlock shows as a kernel's bounded-wait path.
 // Not modelled: data races between warps outside the scheduling points, memory spaces (any pointer is
-// as good as any other), occupancy and timing.
+// as good as any other, but the sm_90 instructions take shared-window addresses), registers, timing.
 #pragma once
 
 #include <cmath>
@@ -38,6 +42,7 @@
 #define __noinline__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
 // One block runs at a time, so a block's shared memory can be a static of the function declaring it.
 #define __shared__ static
 
@@ -64,6 +69,7 @@ enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
 };
 typedef struct CUstream_st* cudaStream_t;
 
@@ -71,15 +77,45 @@ struct cudaDeviceProp {
   int major = 0, minor = 0;
   int multiProcessorCount = 0;
   int l2CacheSize = 0;
+  size_t sharedMemPerBlock = 0, sharedMemPerBlockOptin = 0, sharedMemPerMultiprocessor = 0;
+  int maxThreadsPerMultiProcessor = 0;
   char name[256] = {};
 };
+
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+};
+enum cudaSharedCarveout { cudaSharedmemCarveoutDefault = -1, cudaSharedmemCarveoutMaxL1 = 0,
+                          cudaSharedmemCarveoutMaxShared = 100 };
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes = 0;
+  int maxThreadsPerBlock = 0;
+  int maxDynamicSharedSizeBytes = 0;
+  int preferredShmemCarveout = -1;
+};
+enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2, cudaMemcpyDefault = 4 };
+enum cudaDriverEntryPointQueryResult {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+  cudaDriverEntryPointVersionNotSufficent = 2,
+};
+enum { cudaEnableDefault = 0 };
 
 cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t err);
+// Two emulated devices: 0 is a compute capability 8.0 GPU (4 SMs), 1 a 9.0 one with sm_90a code in the
+// binary (cuda_emu::configure's sm90 makes it the current device; its SM count is configurable).
 cudaError_t cudaGetDeviceCount(int* count);
 cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+// The driver entry points the kernels fetch (only cuTensorMapEncodeTiled, ABI of CUDA 12.0).
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int version,
+                                             unsigned long long flags, cudaDriverEntryPointQueryResult* status);
 
 namespace cuda_emu {
 
@@ -101,9 +137,15 @@ enum class Schedule { kRoundRobin, kWarpsAscending, kWarpsDescending };
 // cp.async copies land at the covering wait_group (default) or as soon as they are issued; mma.sync
 // rounds each output once (default) or truncates after every addition (mma_truncate).
 void configure(Schedule schedule, bool cp_async_immediate, bool mma_truncate);
+// The sm_90 device: sm90 makes device 1 (compute capability 9.0, `sms` SMs) the current device;
+// lose_bulk_copies makes every bulk tensor copy vanish (never lands, never completes its bytes), the
+// hang the wgmma kernel's bounded waits exist for; bulk_delay_ns > 0 makes each copy land no earlier
+// than that much global-timer time after its issue (a slow copy engine).
+void configure_sm90(bool sm90, int sms, bool lose_bulk_copies, uint64_t bulk_delay_ns);
 
-// Runs kernel() once per thread of every block of the grid (see the model above).
-void run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* ctx);
+// Runs kernel() once per thread of every block of the grid (see the model above). `key` (the kernel's
+// address) selects the attributes that allow more than 48 KiB of dynamic shared memory.
+void run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* ctx, const void* key);
 
 // A warp collective: every lane of `mask` hands in `in` (in_bytes <= kSlotBytes); when all have
 // arrived, combine(ins, outs, mask) runs once and each lane gets outs[lane] back in `out`.
@@ -113,6 +155,32 @@ using Combine = void (*)(const Slot* ins, Slot* outs, unsigned mask);
 void collective(const char* kind, unsigned mask, const void* in, size_t in_bytes, void* out, size_t out_bytes,
                 Combine combine);
 void sync_block();
+
+// Per-kernel attributes and occupancy on the current device (emu_runtime.cpp); `key` is the kernel's
+// address.
+cudaError_t func_set_attribute(const void* key, cudaFuncAttribute attr, int value);
+cudaError_t func_get_attributes(const void* key, cudaFuncAttributes* attr);
+cudaError_t occupancy(const void* key, int block_threads, size_t dynamic_shared, int* blocks);
+
+// The block's dynamic shared memory, inside the emulated shared window (see emu_runtime.cpp), and the
+// shared-window address of a generic pointer into it.
+void* dynamic_shared();
+uint32_t cvta_generic_to_shared(const void* p);
+
+// sm_90 instructions (emu_runtime.cpp, written from the PTX ISA): the global timer, mbarrier objects in
+// shared memory, the bulk tensor copy, and the warpgroup MMA.
+uint64_t globaltimer();
+void mbar_init(uint32_t bar, uint32_t count);
+void fence_mbarrier_init();
+// mbarrier.arrive (tx_bytes 0) or mbarrier.arrive.expect_tx (tx_bytes > 0).
+void mbar_arrive(uint32_t bar, uint32_t tx_bytes);
+bool mbar_try_wait_parity(uint32_t bar, uint32_t parity);
+void tma_load_2d(uint32_t dst, const struct CUtensorMap_st* map, int32_t c0, int32_t c1, uint32_t bar);
+bool barrier_red_and(uint32_t id, uint32_t threads, bool pred);
+void wgmma_fence();
+void wgmma_commit_group();
+void wgmma_wait_group(int pending);
+void wgmma_mma_async(bool bf16, int n, float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d);
 
 // PTX instructions (emu_runtime.cpp).
 enum class MmaKind { kFp16, kBf16, kTf32 };
@@ -144,7 +212,7 @@ struct Launch {
                auto* x = static_cast<Ctx*>(c);
                std::apply(x->kernel, *x->params);
              },
-             &ctx);
+             &ctx, reinterpret_cast<const void*>(kernel));
   }
 };
 
@@ -214,6 +282,37 @@ unsigned vote(const char* kind, unsigned mask, int pred);
 
 // HN_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...): see csrc/cuda/cuda_common.cuh.
 #define HN_LAUNCH(grid, block, smem, stream, ...) ::cuda_emu::make_launch(grid, block, smem, stream, &__VA_ARGS__)
+#define HN_DYNAMIC_SHARED(type, name) type* const name = static_cast<type*>(::cuda_emu::dynamic_shared())
+
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  return ::cuda_emu::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+template <typename... P>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*kernel)(P...)) {
+  return ::cuda_emu::func_get_attributes(reinterpret_cast<const void*>(kernel), attr);
+}
+template <typename... P>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*kernel)(P...), int block_threads,
+                                                          size_t dynamic_shared) {
+  return ::cuda_emu::occupancy(reinterpret_cast<const void*>(kernel), block_threads, dynamic_shared, blocks);
+}
+// __device__ variables are host globals here (one emulated memory for every device).
+template <typename T>
+cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t count, size_t offset = 0,
+                                 cudaMemcpyKind = cudaMemcpyDeviceToHost) {
+  if (offset + count > sizeof(T)) return cudaErrorInvalidValue;
+  std::memcpy(dst, reinterpret_cast<const char*>(&symbol) + offset, count);
+  return cudaSuccess;
+}
+template <typename T>
+cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t count, size_t offset = 0,
+                               cudaMemcpyKind = cudaMemcpyHostToDevice) {
+  if (offset + count > sizeof(T)) return cudaErrorInvalidValue;
+  std::memcpy(reinterpret_cast<char*>(&symbol) + offset, src, count);
+  return cudaSuccess;
+}
+inline size_t __cvta_generic_to_shared(const void* p) { return ::cuda_emu::cvta_generic_to_shared(p); }
 
 // ---- device intrinsics -----------------------------------------------------------------------------
 inline void __syncthreads() { ::cuda_emu::sync_block(); }

@@ -10,6 +10,7 @@
 
 #include "cuda_runtime.h"
 #include "info_nce.h"
+#include "topk_fused_sm90.h"
 #include "topk_select.h"
 
 namespace py = pybind11;
@@ -22,6 +23,7 @@ namespace cuda_emu_selftest {  // emu_selftest.cu
 void shuffles(int* out);
 void faults(int mode, int* out);
 void mma_bf16(const uint16_t* a, const uint16_t* bt, float* d);
+void sm90_faults(int mode);
 }  // namespace cuda_emu_selftest
 
 namespace {
@@ -58,7 +60,10 @@ PYBIND11_MODULE(_cuda_emu, m) {
 
   m.def(
       "configure",
-      [](const std::string& schedule, bool cp_async_immediate, bool mma_truncate) {
+      [](const std::string& schedule, bool cp_async_immediate, bool mma_truncate, bool sm90, int sm90_sms,
+         bool lose_bulk_copies, double bulk_delay_us) {
+        if (!(bulk_delay_us >= 0 && bulk_delay_us < 1e9)) throw py::value_error("bulk_delay_us must be in [0, 1e9)");
+        if (sm90_sms < 1 || sm90_sms > 132) throw py::value_error("sm90_sms must be in [1, 132]");
         cuda_emu::Schedule sc;
         if (schedule == "round_robin") {
           sc = cuda_emu::Schedule::kRoundRobin;
@@ -70,14 +75,21 @@ PYBIND11_MODULE(_cuda_emu, m) {
           throw py::value_error("schedule must be round_robin, warps_ascending or warps_descending, got " + schedule);
         }
         cuda_emu::configure(sc, cp_async_immediate, mma_truncate);
+        cuda_emu::configure_sm90(sm90, sm90_sms, lose_bulk_copies, static_cast<uint64_t>(bulk_delay_us * 1000));
       },
       py::arg("schedule") = "round_robin", py::arg("cp_async_immediate") = false, py::arg("mma_truncate") = false,
-      "How the emulated threads of a block take turns, whether cp.async copies land when issued (else at "
-      "the wait_group covering them), and whether mma.sync truncates after every addition (else rounds "
-      "each output once).");
+      py::arg("sm90") = false, py::arg("sm90_sms") = 2, py::arg("lose_bulk_copies") = false,
+      py::arg("bulk_delay_us") = 0.0,
+      "How the emulated threads of a block take turns, whether cp.async and bulk tensor copies land when "
+      "issued (else at the wait_group covering them / the first failed poll of their mbarrier), whether "
+      "mma.sync truncates after every addition (else rounds each output once); sm90: the current device "
+      "is the emulated compute capability 9.0 one (device 1, sm90_sms SMs) instead of the 8.0 one "
+      "(device 0); lose_bulk_copies: bulk tensor copies never land (a hung copy engine); bulk_delay_us: "
+      "each bulk copy lands no earlier than that long (global timer) after its issue.");
   // The emulator's own test kernels (emu_selftest.cu); pointers as ints, as everywhere.
   m.def("selftest_shuffles", [](uintptr_t out) { cuda_emu_selftest::shuffles(as_ptr<int>(out)); });
   m.def("selftest_faults", [](int mode, uintptr_t out) { cuda_emu_selftest::faults(mode, as_ptr<int>(out)); });
+  m.def("selftest_sm90_faults", [](int mode) { cuda_emu_selftest::sm90_faults(mode); });
   m.def("selftest_mma_bf16", [](uintptr_t a, uintptr_t bt, uintptr_t d) {
     cuda_emu_selftest::mma_bf16(as_ptr<const uint16_t>(a), as_ptr<const uint16_t>(bt), as_ptr<float>(d));
   });
@@ -156,6 +168,15 @@ PYBIND11_MODULE(_cuda_emu, m) {
       },
       py::arg("block"), py::arg("cuda"), py::arg("stream"), py::arg("threads"));
   m.def("topk_fused_supported", &topk_fused_supported, py::arg("device"));
+  m.def("topk_fused_wgmma_available", &topk_fused_wgmma_available, py::arg("device"));
+  m.def("topk_fused_wgmma_ctas_per_sm", &topk_fused_wgmma_ctas_per_sm, py::arg("device"), py::arg("kernel"));
+  m.def("topk_fused_wgmma_stalled", &topk_fused_wgmma_stalled, py::arg("device"));
+  m.def("topk_fused_wgmma_clear_stall", &topk_fused_wgmma_clear_stall, py::arg("device"));
+  m.def("current_device", [] {
+    int d = -1;
+    cudaGetDevice(&d);
+    return d;
+  });
   m.def("cuda_device_usable", &cuda_device_usable);
   m.def(
       "info_nce_block",

@@ -1,12 +1,16 @@
 // The CUDA emulator's scheduler and PTX instructions (model in cuda_runtime.h). Fibers are ucontext
 // contexts with their own mmap'd stacks (a guard page below each, so an overflow faults loudly).
 #include "cuda_runtime.h"
-#include "topk_fused_sm90.h"
+#include "cuda.h"
+
 
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cfenv>
+#include <cstdlib>
+#include <deque>
 #include <exception>
 #include <map>
 #include <mutex>
@@ -29,6 +33,9 @@ struct Thread {
   ThreadCoords coords;
   int lane = 0, warp = 0;
   bool done = false, blocked = false;
+  bool polling = false;  // yielded from a failed mbarrier poll: the warp-greedy orders pass it over
+  uint64_t polls = 0;    // consecutive failed polls
+  bool red_result = false;  // of the last named-barrier reduction it took part in
   std::vector<CopyOp> open_group;               // cp.async issued since the last commit
   std::vector<std::vector<CopyOp>> committed;   // oldest first
 };
@@ -69,6 +76,85 @@ Schedule g_schedule = Schedule::kRoundRobin;
 std::map<uintptr_t, int> g_shared_seen;
 bool g_cp_async_immediate = false;
 bool g_mma_truncate = false;
+
+// ---- the sm_90 state of the running block (see the "sm_90" section below) ----
+// The shared window: shared address a is byte a of g_window. A kernel's dynamic shared memory starts
+// 16 bytes past the first KiB (the reserved KiB of an sm_90 CTA, then an offset that makes a kernel's
+// own round-up to 1024 bytes do something); only [kDynamicBase, kDynamicBase + g_dynamic_bytes) may
+// be reached by the emulated instructions.
+constexpr uint32_t kWindowBytes = 256 * 1024;
+constexpr uint32_t kDynamicBase = 1024 + 16;
+unsigned char* g_window = nullptr;
+size_t g_dynamic_bytes = 0;
+struct Mbar {
+  int64_t pending = 0, expected = 0, tx = 0;  // arrivals left, arrivals per phase, transaction bytes
+  uint32_t phase = 0;                         // parity of the current (incomplete) phase
+  int init_thread = -1;                       // who initialized it (its fence makes it visible)
+  bool fenced = false;                        // init visible to the async proxy
+};
+std::map<uint32_t, Mbar> g_mbars;
+struct TensorMap {
+  int dtype = 0, rank = 0, interleave = 0, swizzle = 0, oob = 0;
+  uintptr_t address = 0;
+  uint64_t dim[2] = {1, 1}, stride1 = 0;
+  uint32_t box[2] = {1, 1}, elem_stride[2] = {1, 1};
+};
+struct BulkCopy {
+  uint32_t dst, bar;
+  int32_t c0, c1;
+  TensorMap map;
+  uint64_t ready_ns;  // the global timer from which it may land
+};
+std::vector<BulkCopy> g_bulk;  // issued, not landed (the deferred mode)
+struct WgOp {
+  bool bf16 = false, scale_d = true;
+  int n = 0;
+  uint64_t desc_a = 0, desc_b = 0;
+  float* d[128] = {};
+};
+struct WgIn {
+  bool bf16 = false, scale_d = true;
+  int n = 0, pending = 0;
+  float* d = nullptr;
+  uint64_t desc_a = 0, desc_b = 0;
+};
+struct WarpGroup {
+  const char* kind = nullptr;  // pending warpgroup collective, or null
+  int arrived = 0;
+  WgIn in[128];
+  bool fenced = false;  // a wgmma.fence since the last wait_group
+  std::vector<WgOp> open;
+  std::deque<std::vector<WgOp>> committed;
+};
+std::vector<WarpGroup> g_groups;
+// Named barriers 1-15 with a thread count (barrier.red): who waits, the count, the reduction so far.
+struct NamedBarrier {
+  uint32_t count = 0;
+  bool all = true;
+  std::vector<int> waiting;
+};
+std::map<uint32_t, NamedBarrier> g_named;
+// Accumulators with wgmma in flight: their value as the finished operations leave it (the registers
+// themselves hold a poison pattern until the last operation on them retires).
+struct Shadow {
+  std::vector<float> value;
+  int pending = 0;
+};
+std::map<float*, Shadow> g_shadows;
+uint64_t g_clock_ns = 0;                 // the global timer: advances while threads poll barriers
+constexpr uint64_t kPollNs = 20000;      // per failed poll (try_wait's own suspend time hint)
+constexpr uint64_t kPollFaultNs = 10000000000ull;  // a thread polling this long waits without a bound
+int g_device = 0;
+int g_sm90_sms = 2;
+bool g_lose_bulk = false;
+uint64_t g_bulk_delay_ns = 0;
+struct FuncAttrs {
+  int max_dynamic = 48 * 1024;
+  int carveout = -1;
+};
+std::map<std::pair<int, const void*>, FuncAttrs> g_func_attrs;
+
+void end_block_checks();  // the sm_90 section: what a block may not leave behind
 
 void* stack_for(size_t i) {
   while (g_stacks.size() <= i) {
@@ -117,6 +203,8 @@ void thread_exit(Thread& t) {
   const WarpState& w = g_block.warps[t.warp];
   if (w.kind != nullptr && (w.mask >> t.lane & 1u))
     fault(std::string("exited while its warp waits in ") + w.kind + " with mask " + hex(w.mask));
+  if (static_cast<size_t>(t.warp / 4) < g_groups.size() && g_groups[t.warp / 4].kind != nullptr)
+    fault(std::string("exited while its warpgroup waits in ") + g_groups[t.warp / 4].kind);
   if (g_block.at_barrier > 0 && g_block.at_barrier == g_block.live) {
     for (Thread& o : g_block.threads) o.blocked = false;
     g_block.at_barrier = 0;
@@ -146,6 +234,14 @@ std::string deadlock_report() {
       msg += " warp " + std::to_string(w) + " in " + ws.kind + " mask " + hex(ws.mask) + " arrived " + hex(ws.arrived) +
              ";";
   }
+  for (size_t g = 0; g < g_groups.size(); ++g)
+    if (g_groups[g].kind != nullptr)
+      msg += " warpgroup " + std::to_string(g) + " in " + g_groups[g].kind + " (" +
+             std::to_string(g_groups[g].arrived) + " of 128 arrived);";
+  for (const auto& [id, b] : g_named)
+    if (!b.waiting.empty())
+      msg += " " + std::to_string(b.waiting.size()) + " of " + std::to_string(b.count) + " threads at named barrier " +
+             std::to_string(id) + ";";
   if (g_block.at_barrier > 0)
     msg += " " + std::to_string(g_block.at_barrier) + " of " + std::to_string(g_block.live) +
            " threads at __syncthreads;";
@@ -160,6 +256,13 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
   g_block.warps.assign(nwarps, WarpState{});
   g_block.live = static_cast<int>(n);
   g_block.at_barrier = 0;
+  // A block's shared memory starts undefined: 0xff bytes (NaN in every float format).
+  if (g_dynamic_bytes > 0) std::memset(g_window + kDynamicBase, 0xff, g_dynamic_bytes);
+  g_mbars.clear();
+  g_bulk.clear();
+  g_shadows.clear();
+  g_groups.assign((nwarps + 3) / 4, WarpGroup{});
+  g_named.clear();
   for (unsigned w = 0; w < nwarps; ++w) {
     // lanes past the block's size never run: they count as exited
     const unsigned have = n - 32 * w >= 32 ? 32 : n - 32 * w;
@@ -191,7 +294,7 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
         const int w = g_schedule == Schedule::kWarpsAscending ? i : nw - 1 - i;
         for (int l = 0; l < 32 && 32 * w + l < static_cast<int>(n); ++l) {
           const Thread& t = g_block.threads[32 * w + l];
-          if (!t.done && !t.blocked) {
+          if (!t.done && !t.blocked && !t.polling) {  // a poller waits for another warp
             only_warp = w;
             break;
           }
@@ -218,6 +321,14 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
 
 }  // namespace
 
+void configure_sm90(bool sm90, int sms, bool lose_bulk_copies, uint64_t bulk_delay_ns) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_device = sm90 ? 1 : 0;
+  g_sm90_sms = sms;
+  g_lose_bulk = lose_bulk_copies;
+  g_bulk_delay_ns = bulk_delay_ns;
+}
+
 void configure(Schedule schedule, bool cp_async_immediate, bool mma_truncate) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_schedule = schedule;
@@ -234,14 +345,20 @@ void fault(const std::string& what) {
   throw KernelFault(g_current != nullptr ? where(*g_current) + ": " + what : what);
 }
 
-void run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* ctx) {
+void run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* ctx, const void* key) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  // Past 48 KiB of dynamic shared memory a kernel must have opted in (cudaFuncSetAttribute), up to
+  // the device's limit.
+  const auto attrs = g_func_attrs.find({g_device, key});
+  const size_t allowed = attrs == g_func_attrs.end() ? 48 * 1024 : static_cast<size_t>(attrs->second.max_dynamic);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > 1024 || grid.y > 65535 ||
-      grid.z > 65535 || block.z > 64 || shared_bytes > 48 * 1024) {
+      grid.z > 65535 || block.z > 64 || shared_bytes > allowed || kDynamicBase + shared_bytes > kWindowBytes) {
     g_last_error = cudaErrorInvalidConfiguration;
     return;
   }
   std::lock_guard<std::mutex> lock(g_launch_mutex);
+  if (g_window == nullptr) g_window = static_cast<unsigned char*>(std::aligned_alloc(4096, kWindowBytes));
+  g_dynamic_bytes = shared_bytes;
   g_body = body;
   g_ctx = ctx;
   g_fault.clear();
@@ -251,6 +368,14 @@ void run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), v
       for (unsigned x = 0; x < grid.x; ++x) {
         run_block(grid, block, uint3{x, y, z});
         if (g_exception) std::rethrow_exception(g_exception);
+        if (g_fault.empty()) {
+          try {
+            end_block_checks();
+          } catch (const KernelFault& e) {
+            g_fault = "block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) +
+                      ") at its end: " + e.what();
+          }
+        }
         if (!g_fault.empty()) throw KernelFault("cuda_emu kernel fault: " + g_fault);
       }
 }
@@ -524,6 +649,552 @@ float half_bits_to_float(uint16_t h) {
   return static_cast<float>(x);
 }
 
+// ---- sm_90 ------------------------------------------------------------------------------------------
+// Written from the PTX ISA (mbarrier, cp.async.bulk.tensor, wgmma) and the driver's description of
+// cuTensorMapEncodeTiled, independently of the kernel and of csrc/topk_fused_sm90.h.
+
+namespace {
+
+Thread& current() {
+  if (g_current == nullptr) fault("a device instruction was used outside a kernel");
+  return *g_current;
+}
+
+int thread_index(const Thread& t) { return 32 * t.warp + t.lane; }
+
+// Host bytes of [addr, addr + bytes) of the shared window; the range must lie in the launch's dynamic
+// shared memory.
+unsigned char* shared_bytes(uint32_t addr, size_t bytes, const char* what) {
+  if (addr < kDynamicBase || addr + bytes > kDynamicBase + g_dynamic_bytes)
+    fault(std::string(what) + ": shared address " + std::to_string(addr) + " (+" + std::to_string(bytes) +
+          " bytes) outside the block's dynamic shared memory [" + std::to_string(kDynamicBase) + ", " +
+          std::to_string(kDynamicBase + g_dynamic_bytes) + ")");
+  return g_window + addr;
+}
+
+// An mbarrier object: 8 bytes, 8-byte aligned, in shared memory. The emulator keeps its state aside
+// and a tag in its 8 bytes, so a store over an initialized barrier is caught at its next use.
+uint64_t mbar_tag(uint32_t addr) { return 0x6d62617272696572ull ^ (static_cast<uint64_t>(addr) * 0x9e3779b97f4a7c15ull); }
+
+Mbar& mbar_at(uint32_t addr, const char* what) {
+  if (addr % 8 != 0) fault(std::string(what) + ": mbarrier address " + std::to_string(addr) + " not 8-byte aligned");
+  const unsigned char* p = shared_bytes(addr, 8, what);
+  const auto it = g_mbars.find(addr);
+  uint64_t tag;
+  std::memcpy(&tag, p, 8);
+  if (it == g_mbars.end()) fault(std::string(what) + ": mbarrier at " + std::to_string(addr) + " was never initialized");
+  if (tag != mbar_tag(addr))
+    fault(std::string(what) + ": the mbarrier at " + std::to_string(addr) + " was overwritten after its init");
+  return it->second;
+}
+
+// A phase completes when its pending arrivals and its transaction count both reach zero; then the
+// next phase starts with the expected arrivals again.
+void mbar_progress(Mbar& m) {
+  if (m.pending == 0 && m.tx == 0) {
+    m.phase ^= 1u;
+    m.pending = m.expected;
+  }
+}
+
+void mbar_complete_tx(uint32_t bar, uint32_t bytes) {
+  Mbar& m = mbar_at(bar, "complete_tx");
+  if (!m.fenced)
+    fault("a bulk copy completes on the mbarrier at " + std::to_string(bar) +
+          " whose initialization was never made visible to the async proxy (fence.mbarrier_init)");
+  m.tx -= bytes;
+  mbar_progress(m);
+}
+
+size_t element_bytes(int dtype) {
+  switch (dtype) {
+    case CU_TENSOR_MAP_DATA_TYPE_UINT8: return 1;
+    case CU_TENSOR_MAP_DATA_TYPE_UINT16: case CU_TENSOR_MAP_DATA_TYPE_FLOAT16: case CU_TENSOR_MAP_DATA_TYPE_BFLOAT16:
+      return 2;
+    case CU_TENSOR_MAP_DATA_TYPE_UINT64: case CU_TENSOR_MAP_DATA_TYPE_INT64: case CU_TENSOR_MAP_DATA_TYPE_FLOAT64:
+      return 8;
+    default: return 4;
+  }
+}
+
+uint32_t swizzle_span(int mode) { return mode == 0 ? 0 : 16u << mode; }  // 32, 64, 128 bytes
+
+// The swizzled layouts XOR the 16-byte chunk index within a span (address bits 4 and up) with the
+// index of the span-wide row within the pattern's 8 rows (address bits 7 and up), as many bits of each
+// as the span has chunks; on absolute shared addresses, so a pattern repeats every 8 spans... of 128
+// bytes (1024 bytes for the 128-byte swizzle).
+uint32_t swizzled(uint32_t addr, uint32_t span) {
+  if (span == 0) return addr;
+  const uint32_t mask = span / 16 - 1;
+  return addr ^ (((addr >> 7) & mask) << 4);
+}
+
+constexpr uint64_t kMapMagic = 0x746d6170656d7531ull;
+
+TensorMap decode_map(const CUtensorMap* map) {
+  if (map == nullptr || map->opaque[0] != kMapMagic) fault("cp.async.bulk.tensor: not a tensor map from the encoder");
+  TensorMap m;
+  const uint64_t f = map->opaque[1];
+  m.dtype = static_cast<int>(f & 0xff);
+  m.rank = static_cast<int>(f >> 8 & 0xff);
+  m.interleave = static_cast<int>(f >> 16 & 0xff);
+  m.swizzle = static_cast<int>(f >> 24 & 0xff);
+  m.oob = static_cast<int>(f >> 40 & 0xff);
+  m.address = static_cast<uintptr_t>(map->opaque[2]);
+  m.dim[0] = map->opaque[3];
+  m.dim[1] = map->opaque[4];
+  m.stride1 = map->opaque[5];
+  m.box[0] = static_cast<uint32_t>(map->opaque[6]);
+  m.box[1] = static_cast<uint32_t>(map->opaque[6] >> 32);
+  m.elem_stride[0] = static_cast<uint32_t>(map->opaque[7]);
+  m.elem_stride[1] = static_cast<uint32_t>(map->opaque[7] >> 32);
+  return m;
+}
+
+uint32_t box_bytes(const TensorMap& m) {
+  return static_cast<uint32_t>(m.box[0] * m.box[1] * element_bytes(m.dtype));
+}
+
+// The copy itself: box element (i, j) is tensor element (c0 + i, c1 + j), or the fill value outside
+// the tensor; box row j starts j * (box0 * element bytes) bytes past dst, then the swizzle.
+void land(const BulkCopy& c) {
+  const TensorMap& m = c.map;
+  const size_t e = element_bytes(m.dtype);
+  const uint32_t row_bytes = static_cast<uint32_t>(m.box[0] * e), span = swizzle_span(m.swizzle);
+  const uint32_t total = box_bytes(m);
+  unsigned char* base = shared_bytes(c.dst, total, "cp.async.bulk.tensor");
+  (void)base;
+  for (const auto& [addr, mb] : g_mbars)
+    if (addr + 8 > c.dst && addr < c.dst + total)
+      fault("cp.async.bulk.tensor: the box at " + std::to_string(c.dst) + " (+" + std::to_string(total) +
+            " bytes) overwrites the mbarrier at " + std::to_string(addr));
+  for (uint32_t j = 0; j < m.box[1]; ++j)
+    for (uint32_t i = 0; i < m.box[0]; ++i) {
+      const int64_t x = static_cast<int64_t>(c.c0) + i, y = static_cast<int64_t>(c.c1) + j;
+      unsigned char* dst = g_window + swizzled(c.dst + j * row_bytes + static_cast<uint32_t>(i * e), span);
+      const bool inside = x >= 0 && y >= 0 && static_cast<uint64_t>(x) < m.dim[0] && static_cast<uint64_t>(y) < m.dim[1];
+      if (inside) {
+        std::memcpy(dst, reinterpret_cast<const unsigned char*>(m.address) + y * m.stride1 + x * e, e);
+      } else {
+        std::memset(dst, m.oob == CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE ? 0 : 0xff, e);
+      }
+    }
+  mbar_complete_tx(c.bar, total);
+}
+
+// Lands the deferred copies that complete on `bar` and are due (in issue order).
+void land_for(uint32_t bar) {
+  std::vector<BulkCopy> keep;
+  std::vector<BulkCopy> now;
+  for (const BulkCopy& c : g_bulk) (c.bar == bar && c.ready_ns <= g_clock_ns ? now : keep).push_back(c);
+  g_bulk.swap(keep);
+  for (const BulkCopy& c : now) land(c);
+}
+
+// A warpgroup collective: all 128 threads of the calling thread's warpgroup (warps 4 g .. 4 g + 3) must
+// arrive at the same kind; the last one runs `combine`. A missing, exited or diverging thread faults.
+void group_collective(const char* kind, const WgIn& in, void (*combine)(WarpGroup&, int)) {
+  Thread& t = current();
+  const int g = t.warp / 4;
+  for (int i = 0; i < 128; ++i) {
+    const size_t idx = 128 * static_cast<size_t>(g) + i;
+    if (idx >= g_block.threads.size() || g_block.threads[idx].done)
+      fault(std::string(kind) + " is warpgroup-collective, but thread " + std::to_string(idx) + " of warpgroup " +
+            std::to_string(g) + (idx >= g_block.threads.size() ? " does not exist" : " has exited"));
+  }
+  WarpGroup& w = g_groups[g];
+  if (w.kind == nullptr) {
+    w.kind = kind;
+    w.arrived = 0;
+  } else if (std::strcmp(w.kind, kind) != 0) {
+    fault(std::string(kind) + " while " + std::to_string(w.arrived) + " threads of the warpgroup wait in " + w.kind);
+  }
+  w.in[thread_index(t) % 128] = in;
+  if (++w.arrived == 128) {
+    combine(w, g);
+    w.kind = nullptr;
+    for (int i = 0; i < 128; ++i) g_block.threads[128 * static_cast<size_t>(g) + i].blocked = false;
+  } else {
+    t.blocked = true;
+    yield();
+  }
+}
+
+constexpr uint32_t kPoisonBits = 0x7fdead00u;  // a quiet NaN: accumulators while their wgmma is in flight
+
+float poison() {
+  float f;
+  std::memcpy(&f, &kPoisonBits, 4);
+  return f;
+}
+
+// One operand of wgmma from its shared-memory matrix descriptor (start address >> 4 in bits 0-13,
+// leading byte offset >> 4 in 16-29, stride byte offset >> 4 in 32-45, base offset in 49-51, swizzle
+// in 62-63: 1 = 128-byte, 2 = 64-byte, 3 = 32-byte). K-major with a swizzle of span W: row r of the
+// operand at (r / 8) * stride + (r % 8) * W bytes past the start, its 16 K elements of 2 bytes
+// contiguous in there; then the swizzle on the absolute address. The leading byte offset does not
+// enter (the 32 bytes of K lie within one span row).
+void read_operand(uint64_t desc, int rows, bool bf16, std::vector<float>& out) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
+  const uint32_t stride = static_cast<uint32_t>(desc >> 32 & 0x3fff) << 4;
+  const int base_offset = static_cast<int>(desc >> 49 & 7), mode = static_cast<int>(desc >> 62 & 3);
+  if (mode == 0) fault("wgmma: the unswizzled (interleaved core matrix) layout is not emulated");
+  if (base_offset != 0) fault("wgmma: a nonzero matrix base offset is not emulated");
+  const uint32_t span = 16u << (4 - mode);  // 1 -> 128, 2 -> 64, 3 -> 32
+  if (start % span + 32 > span)
+    fault("wgmma: the descriptor's start address " + std::to_string(start) + " leaves less than 32 bytes of K in its " +
+          std::to_string(span) + "-byte swizzle row");
+  out.assign(static_cast<size_t>(rows) * 16, 0.f);
+  for (int r = 0; r < rows; ++r)
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t addr = swizzled(start + static_cast<uint32_t>(r / 8) * stride + static_cast<uint32_t>(r % 8) * span +
+                                         static_cast<uint32_t>(2 * k),
+                                     span);
+      uint16_t h;
+      std::memcpy(&h, shared_bytes(addr, 2, "wgmma operand"), 2);
+      out[static_cast<size_t>(r) * 16 + k] = bf16 ? bf16_to_float(h) : half_bits_to_float(h);
+    }
+}
+
+// D (64 x N, fp32) = A (64 x 16) B (16 x N) + (scale_d ? D : 0). Thread i of the warpgroup (warp
+// w = i / 32, lane l) holds N / 2 values: value v is row 16 w + l / 4 + 8 ((v / 2) % 2), column
+// 8 (v / 4) + 2 (l % 4) + v % 2. Products exact in double, each output rounded once.
+void retire(const WgOp& op) {
+  std::vector<float> a, b;
+  read_operand(op.desc_a, 64, op.bf16, a);
+  read_operand(op.desc_b, op.n, op.bf16, b);
+  for (int i = 0; i < 128; ++i) {
+    Shadow& sh = g_shadows.at(op.d[i]);
+    const int w = i / 32, l = i % 32;
+    for (int v = 0; v < op.n / 2; ++v) {
+      const int row = 16 * w + l / 4 + 8 * ((v / 2) % 2), col = 8 * (v / 4) + 2 * (l % 4) + v % 2;
+      double acc = op.scale_d ? static_cast<double>(sh.value[v]) : 0.0;
+      for (int k = 0; k < 16; ++k)
+        acc += static_cast<double>(a[static_cast<size_t>(row) * 16 + k]) * static_cast<double>(b[static_cast<size_t>(col) * 16 + k]);
+      sh.value[v] = static_cast<float>(acc);
+    }
+    if (--sh.pending == 0) {
+      for (int v = 0; v < op.n / 2; ++v) {
+        uint32_t bits;
+        std::memcpy(&bits, &op.d[i][v], 4);
+        if (bits != kPoisonBits)
+          fault("wgmma: accumulator " + std::to_string(v) + " of warpgroup thread " + std::to_string(i) +
+                " was written while a wgmma.mma_async on it was in flight");
+      }
+      std::memcpy(op.d[i], sh.value.data(), sizeof(float) * static_cast<size_t>(op.n / 2));
+      g_shadows.erase(op.d[i]);
+    }
+  }
+}
+
+void combine_fence(WarpGroup& w, int) { w.fenced = true; }
+
+void combine_commit(WarpGroup& w, int) {
+  w.committed.push_back(std::move(w.open));
+  w.open.clear();
+}
+
+void combine_wait(WarpGroup& w, int) {
+  const int pending = w.in[0].pending;
+  for (int i = 1; i < 128; ++i)
+    if (w.in[i].pending != pending) fault("wgmma.wait_group: the warpgroup's threads disagree on N");
+  while (static_cast<int>(w.committed.size()) > pending) {
+    for (const WgOp& op : w.committed.front()) retire(op);
+    w.committed.pop_front();
+  }
+  // The accumulators are registers again: another wgmma on them needs a fence first.
+  w.fenced = false;
+}
+
+void combine_mma(WarpGroup& w, int) {
+  const WgIn& first = w.in[0];
+  if (!w.fenced)
+    fault("wgmma.mma_async without a wgmma.fence since the warpgroup's last wait_group (or its start)");
+  WgOp op;
+  op.bf16 = first.bf16;
+  op.n = first.n;
+  op.scale_d = first.scale_d;
+  op.desc_a = first.desc_a;
+  op.desc_b = first.desc_b;
+  for (int i = 0; i < 128; ++i) {
+    const WgIn& in = w.in[i];
+    if (in.bf16 != op.bf16 || in.n != op.n || in.scale_d != op.scale_d || in.desc_a != op.desc_a ||
+        in.desc_b != op.desc_b)
+      fault("wgmma.mma_async: the warpgroup's threads disagree on the shape, type or descriptors");
+    op.d[i] = in.d;
+    auto [it, fresh] = g_shadows.try_emplace(in.d);
+    if (fresh) {  // the registers' value now; then poison, so a read before the wait shows
+      it->second.value.assign(in.d, in.d + op.n / 2);
+      for (int v = 0; v < op.n / 2; ++v) in.d[v] = poison();
+    } else if (static_cast<int>(it->second.value.size()) != op.n / 2) {
+      fault("wgmma.mma_async: accumulators reused with another shape while in flight");
+    }
+    ++it->second.pending;
+  }
+  w.open.push_back(op);
+}
+
+void end_block_checks() {
+  for (size_t g = 0; g < g_groups.size(); ++g)
+    if (!g_groups[g].open.empty() || !g_groups[g].committed.empty())
+      fault("warpgroup " + std::to_string(g) + " ended with wgmma.mma_async in flight (no wait_group 0)");
+  if (!g_lose_bulk) {  // what the copy engine still had in flight lands (into a finished block)
+    std::vector<BulkCopy> rest;
+    rest.swap(g_bulk);
+    for (const BulkCopy& c : rest) {
+      if (g_mbars.count(c.bar) == 0) fault("a bulk copy completes on an mbarrier that no longer exists");
+      land(c);
+    }
+  }
+}
+
+}  // namespace
+
+void* dynamic_shared() { return g_window + kDynamicBase; }
+
+uint32_t cvta_generic_to_shared(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p), w = reinterpret_cast<uintptr_t>(g_window);
+  if (g_window == nullptr || a < w || a >= w + kWindowBytes)
+    fault("__cvta_generic_to_shared of a pointer outside the shared window");
+  return static_cast<uint32_t>(a - w);
+}
+
+// Each read also lets 1 ns pass, so threads running between two polls see time move.
+uint64_t globaltimer() { return ++g_clock_ns; }
+
+void mbar_init(uint32_t bar, uint32_t count) {
+  if (count < 1 || count > (1u << 20) - 1) fault("mbarrier.init: count must be in [1, 2^20 - 1]");
+  if (bar % 8 != 0) fault("mbarrier.init: address not 8-byte aligned");
+  const uint64_t tag = mbar_tag(bar);
+  std::memcpy(shared_bytes(bar, 8, "mbarrier.init"), &tag, 8);
+  Mbar m;
+  m.pending = m.expected = count;
+  m.init_thread = thread_index(current());
+  g_mbars[bar] = m;
+}
+
+// fence.mbarrier_init.release.cluster: the calling thread's earlier inits become visible to the async
+// proxy (the copy engine).
+void fence_mbarrier_init() {
+  const int me = thread_index(current());
+  for (auto& [addr, m] : g_mbars)
+    if (m.init_thread == me) m.fenced = true;
+}
+
+// mbarrier.arrive{.expect_tx}: the expect-tx part (transaction count += bytes), then one arrival.
+void mbar_arrive(uint32_t bar, uint32_t tx_bytes) {
+  Mbar& m = mbar_at(bar, tx_bytes ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
+  m.tx += tx_bytes;
+  if (m.pending == 0)
+    fault("mbarrier.arrive at " + std::to_string(bar) + ": more arrivals than its count in one phase");
+  --m.pending;
+  mbar_progress(m);
+}
+
+// mbarrier.try_wait.parity: true when the phase of that parity has completed, i.e. the current phase's
+// parity differs. Deferred copies onto this barrier that are due land first. A failed poll is a
+// scheduling point: the global timer advances by kPollNs, other threads get turns, then due copies
+// land and the barrier is tested again.
+bool mbar_try_wait_parity(uint32_t bar, uint32_t parity) {
+  Thread& t = current();
+  if (parity > 1) fault("mbarrier.try_wait.parity: parity must be 0 or 1");
+  if (mbar_at(bar, "mbarrier.try_wait").phase != parity) {
+    t.polls = 0;
+    return true;
+  }
+  land_for(bar);
+  if (mbar_at(bar, "mbarrier.try_wait").phase != parity) {
+    t.polls = 0;
+    return true;
+  }
+  g_clock_ns += kPollNs;
+  if (++t.polls * kPollNs > kPollFaultNs)
+    fault("polled the mbarrier at " + std::to_string(bar) + " for 10 s of emulated time: a wait without a bound");
+  t.polling = true;
+  yield();
+  t.polling = false;
+  land_for(bar);  // what became due while this thread was suspended
+  const bool done = mbar_at(bar, "mbarrier.try_wait").phase != parity;
+  if (done) t.polls = 0;
+  return done;
+}
+
+// cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes: lands when issued
+// (cp_async_immediate) or at the first failed poll of its barrier (the latest point a waiter could
+// tell); its destination is poisoned at issue, so a read before the barrier completes shows.
+void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar) {
+  current();
+  const TensorMap m = decode_map(map);
+  if (m.rank != 2) fault("cp.async.bulk.tensor.2d with a tensor map of rank " + std::to_string(m.rank));
+  if (m.elem_stride[0] != 1 || m.elem_stride[1] != 1) fault("cp.async.bulk.tensor: element strides are not emulated");
+  if (dst % 128 != 0) fault("cp.async.bulk.tensor: shared destination " + std::to_string(dst) + " not 128-byte aligned");
+  const uint32_t span = swizzle_span(m.swizzle);
+  if (span != 0 && m.box[0] * element_bytes(m.dtype) != span)
+    fault("cp.async.bulk.tensor: a swizzled box narrower than the swizzle span is not emulated");
+  Mbar& mb = mbar_at(bar, "cp.async.bulk.tensor");
+  (void)mb;
+  std::memset(shared_bytes(dst, box_bytes(m), "cp.async.bulk.tensor"), 0xff, box_bytes(m));
+  const BulkCopy c{dst, bar, c0, c1, m, g_clock_ns + g_bulk_delay_ns};
+  if (g_lose_bulk) return;
+  if (g_cp_async_immediate && g_bulk_delay_ns == 0) {
+    land(c);
+  } else {
+    g_bulk.push_back(c);
+  }
+}
+
+// barrier.red.and.pred p, id, threads, pred: waits until `threads` threads (a multiple of the warp size)
+// have arrived at named barrier `id` (1-15; 0 is __syncthreads'), then every one of them gets the AND
+// of their predicates.
+bool barrier_red_and(uint32_t id, uint32_t threads, bool pred) {
+  Thread& t = current();
+  if (id == 0 || id > 15) fault("barrier.red: named barrier id must be in [1, 15], got " + std::to_string(id));
+  if (threads == 0 || threads % 32 != 0 || threads > g_block.threads.size())
+    fault("barrier.red: thread count " + std::to_string(threads) + " is no multiple of 32 within the block");
+  NamedBarrier& b = g_named[id];
+  if (b.waiting.empty()) {
+    b.count = threads;
+    b.all = true;
+  } else if (b.count != threads) {
+    fault("barrier.red: threads at named barrier " + std::to_string(id) + " disagree on its count");
+  }
+  b.all = b.all && pred;
+  b.waiting.push_back(thread_index(t));
+  if (b.waiting.size() == b.count) {
+    for (int i : b.waiting) {
+      g_block.threads[static_cast<size_t>(i)].red_result = b.all;
+      g_block.threads[static_cast<size_t>(i)].blocked = false;
+    }
+    b.waiting.clear();
+  } else {
+    t.blocked = true;
+    yield();
+  }
+  return t.red_result;
+}
+
+void wgmma_fence() { group_collective("wgmma.fence", WgIn{}, &combine_fence); }
+void wgmma_commit_group() { group_collective("wgmma.commit_group", WgIn{}, &combine_commit); }
+void wgmma_wait_group(int pending) {
+  WgIn in;
+  in.pending = pending;
+  group_collective("wgmma.wait_group", in, &combine_wait);
+}
+void wgmma_mma_async(bool bf16, int n, float* d, uint64_t desc_a, uint64_t desc_b, bool scale_d) {
+  if (n % 8 != 0 || n < 8 || n > 256) fault("wgmma.mma_async: N must be a multiple of 8 in [8, 256]");
+  WgIn in;
+  in.bf16 = bf16;
+  in.n = n;
+  in.d = d;
+  in.desc_a = desc_a;
+  in.desc_b = desc_b;
+  in.scale_d = scale_d;
+  group_collective("wgmma.mma_async", in, &combine_mma);
+}
+
+// ---- devices, kernel attributes, occupancy --------------------------------------------------------
+
+namespace {
+
+struct DeviceModel {
+  int major, minor, sms;
+  size_t optin, per_sm;  // shared memory: per block after opting in, per SM
+};
+
+DeviceModel device_model(int device) {
+  if (device == 1) return {9, 0, g_sm90_sms, 227 * 1024, 228 * 1024};
+  return {8, 0, 4, 163 * 1024, 164 * 1024};
+}
+
+// The tensor-map encoder: validates as the driver documents (rank 1 or 2 emulated) and stores the
+// arguments in the map's 128 opaque bytes.
+CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType dtype, cuuint32_t rank, void* address,
+                      const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                      const cuuint32_t* element_strides, CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+                      CUtensorMapL2promotion l2, CUtensorMapFloatOOBfill oob) {
+  if (map == nullptr || rank < 1 || rank > 2 || dtype < CU_TENSOR_MAP_DATA_TYPE_UINT8 ||
+      dtype > CU_TENSOR_MAP_DATA_TYPE_TFLOAT32_FTZ)
+    return CUDA_ERROR_INVALID_VALUE;
+  const size_t e = element_bytes(dtype);
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0) return CUDA_ERROR_INVALID_VALUE;
+  for (cuuint32_t i = 0; i < rank; ++i) {
+    if (dims[i] == 0 || dims[i] > (1ull << 32)) return CUDA_ERROR_INVALID_VALUE;
+    if (box[i] == 0 || box[i] > 256) return CUDA_ERROR_INVALID_VALUE;
+    if (element_strides[i] == 0 || element_strides[i] > 8) return CUDA_ERROR_INVALID_VALUE;
+  }
+  if (rank == 2 && (strides[0] % 16 != 0 || strides[0] >= (1ull << 40) || strides[0] < dims[0] * e))
+    return CUDA_ERROR_INVALID_VALUE;
+  if (interleave != CU_TENSOR_MAP_INTERLEAVE_NONE) return CUDA_ERROR_INVALID_VALUE;  // not emulated
+  if (box[0] * e % 16 != 0) return CUDA_ERROR_INVALID_VALUE;
+  const uint32_t span = swizzle_span(swizzle);
+  if (span != 0 && box[0] * e > span) return CUDA_ERROR_INVALID_VALUE;
+  if (oob != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE &&
+      (dtype != CU_TENSOR_MAP_DATA_TYPE_FLOAT16 && dtype != CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 &&
+       dtype != CU_TENSOR_MAP_DATA_TYPE_FLOAT32 && dtype != CU_TENSOR_MAP_DATA_TYPE_FLOAT64))
+    return CUDA_ERROR_INVALID_VALUE;
+  *map = CUtensorMap{};
+  map->opaque[0] = kMapMagic;
+  map->opaque[1] = static_cast<uint64_t>(dtype) | static_cast<uint64_t>(rank) << 8 |
+                   static_cast<uint64_t>(interleave) << 16 | static_cast<uint64_t>(swizzle) << 24 |
+                   static_cast<uint64_t>(l2) << 32 | static_cast<uint64_t>(oob) << 40;
+  map->opaque[2] = reinterpret_cast<uintptr_t>(address);
+  map->opaque[3] = dims[0];
+  map->opaque[4] = rank == 2 ? dims[1] : 1;
+  map->opaque[5] = rank == 2 ? strides[0] : dims[0] * e;
+  map->opaque[6] = box[0] | static_cast<uint64_t>(rank == 2 ? box[1] : 1) << 32;
+  map->opaque[7] = element_strides[0] | static_cast<uint64_t>(rank == 2 ? element_strides[1] : 1) << 32;
+  return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+cudaError_t func_set_attribute(const void* key, cudaFuncAttribute attr, int value) {
+  FuncAttrs& a = g_func_attrs[{g_device, key}];
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || static_cast<size_t>(value) > device_model(g_device).optin) return cudaErrorInvalidValue;
+    a.max_dynamic = value;
+  } else if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) {
+    if (value < -1 || value > 100) return cudaErrorInvalidValue;
+    a.carveout = value;
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
+// The emulator cannot measure a kernel's static shared memory (__shared__ arrays are host statics): it
+// reports none on the sm_80 device and the 48 KiB static limit on the sm_90a one, whose binary is taken
+// to hold sm_90a code (the wgmma kernel's probe looks for a static array only that code declares).
+cudaError_t func_get_attributes(const void* key, cudaFuncAttributes* attr) {
+  const auto it = g_func_attrs.find({g_device, key});
+  const FuncAttrs a = it == g_func_attrs.end() ? FuncAttrs{} : it->second;
+  *attr = cudaFuncAttributes{};
+  attr->sharedSizeBytes = g_device == 1 ? 48 * 1024 : 0;
+  attr->maxThreadsPerBlock = 1024;
+  attr->maxDynamicSharedSizeBytes = a.max_dynamic;
+  attr->preferredShmemCarveout = a.carveout;
+  return cudaSuccess;
+}
+
+// Blocks per SM as limited by threads (2048 per SM), blocks (32) and shared memory (the carveout's
+// share of the SM's, 1 KiB reserved per block); registers are not modelled.
+cudaError_t occupancy(const void* key, int block_threads, size_t dynamic_shared, int* blocks) {
+  if (block_threads <= 0 || block_threads > 1024) return cudaErrorInvalidValue;
+  const auto it = g_func_attrs.find({g_device, key});
+  const FuncAttrs a = it == g_func_attrs.end() ? FuncAttrs{} : it->second;
+  const DeviceModel d = device_model(g_device);
+  if (dynamic_shared > static_cast<size_t>(a.max_dynamic)) {
+    *blocks = 0;
+    return cudaSuccess;
+  }
+  const size_t smem = a.carveout < 0 ? d.per_sm : d.per_sm * static_cast<size_t>(a.carveout) / 100;
+  const int warps = (block_threads + 31) / 32;
+  const int by_threads = 2048 / (32 * warps);
+  const int by_smem = static_cast<int>(smem / (dynamic_shared + 1024));
+  *blocks = std::min(std::min(by_threads, by_smem), 32);
+  return cudaSuccess;
+}
+
 }  // namespace cuda_emu
 
 cudaError_t cudaGetLastError() {
@@ -540,35 +1211,59 @@ const char* cudaGetErrorString(cudaError_t err) {
       return "invalid argument";
     case cudaErrorInvalidConfiguration:
       return "invalid configuration argument";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
   }
   return "unknown error";
 }
 cudaError_t cudaGetDeviceCount(int* count) {
-  *count = 1;
+  *count = 2;
   return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = cuda_emu::g_device;
   return cudaSuccess;
 }
-// One emulated device of compute capability 8.0: the mma.sync kernels run, sm_90a ones do not exist.
+cudaError_t cudaSetDevice(int device) {
+  if (device < 0 || device > 1) return cudaErrorInvalidDevice;
+  cuda_emu::g_device = device;
+  return cudaSuccess;
+}
+// Device 0: compute capability 8.0 (the mma.sync kernels run, sm_90a code does not exist for it);
+// device 1: 9.0 with the sm_90a kernels (cuda_emu::configure_sm90).
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
-  if (device != 0) return cudaErrorInvalidValue;
+  if (device < 0 || device > 1) return cudaErrorInvalidDevice;
+  const cuda_emu::DeviceModel d = cuda_emu::device_model(device);
   *prop = cudaDeviceProp{};
-  prop->major = 8;
-  prop->minor = 0;
-  prop->multiProcessorCount = 4;
+  prop->major = d.major;
+  prop->minor = d.minor;
+  prop->multiProcessorCount = d.sms;
   prop->l2CacheSize = 1 << 20;
-  std::snprintf(prop->name, sizeof(prop->name), "cuda_emu (CPU)");
+  prop->sharedMemPerBlock = 48 * 1024;
+  prop->sharedMemPerBlockOptin = d.optin;
+  prop->sharedMemPerMultiprocessor = d.per_sm;
+  prop->maxThreadsPerMultiProcessor = 2048;
+  std::snprintf(prop->name, sizeof(prop->name), "cuda_emu (CPU) sm_%d%d", d.major, d.minor);
   return cudaSuccess;
 }
-
-// The sm_90a wgmma kernel (csrc/cuda/topk_fused_sm90.cu) is not compiled for the emulated sm_80
-// device: the launcher's wgmma branch sees it unavailable, and forcing it fails as it would on an
-// sm_80 GPU.
-namespace hnsample {
-bool topk_fused_wgmma_available(int) { return false; }
-void topk_fused_scores_sm90(const FusedBlock&, void*) {
-  throw Error("fused: the wgmma kernel needs an sm_90a build on a compute capability 9.0 device");
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device < 0 || device > 1) return cudaErrorInvalidDevice;
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = cuda_emu::device_model(device).sms;
+  return cudaSuccess;
 }
-}  // namespace hnsample
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int version,
+                                             unsigned long long, cudaDriverEntryPointQueryResult* status) {
+  *fn = nullptr;
+  if (std::strcmp(symbol, "cuTensorMapEncodeTiled") != 0) {
+    if (status) *status = cudaDriverEntryPointSymbolNotFound;
+    return cudaSuccess;
+  }
+  if (version < 12000) {
+    if (status) *status = cudaDriverEntryPointVersionNotSufficent;
+    return cudaSuccess;
+  }
+  *fn = reinterpret_cast<void*>(&cuda_emu::encode_tiled);
+  if (status) *status = cudaDriverEntryPointSuccess;
+  return cudaSuccess;
+}

@@ -1,7 +1,8 @@
 // Kernels that test the emulator itself (tests/test_cuda_emulated.py, "emulator" section): warp
 // shuffles and votes against their CUDA definitions, the faults it must raise instead of hanging
 // (a lane that leaves before a collective naming it, a deadlock, lanes at different collectives), and
-// the fragment tables of ldmatrix and mma.sync composed the way the PTX ISA documents them.
+// the fragment tables of ldmatrix and mma.sync composed the way the PTX ISA documents them, and the
+// sm_90 rules (warpgroup collectives, wgmma.fence, unbounded mbarrier polls, surplus arrivals).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -80,6 +81,46 @@ __global__ void mma_bf16_kernel(const uint16_t* a, const uint16_t* bt, float* d)
   d[(g + 8) * 8 + 2 * t + 1] = c[3];
 }
 
+
+// The emulator's sm_90 rules, on a 128-thread block (one warpgroup; 96 threads in mode 1) with 64
+// bytes of dynamic shared memory:
+// mode 0: thread 5 leaves, the others wgmma.fence (a warpgroup collective missing a thread).
+// mode 1: a 96-thread block wgmma.fences (a warpgroup with a missing warp).
+// mode 2: threads < 64 wgmma.fence, the others wgmma.commit_group (different collectives).
+// mode 3: wgmma.mma_async with no wgmma.fence before it.
+// mode 4: thread 0 polls an mbarrier that never completes, without a bound.
+// mode 5: an mbarrier of count 1 gets a second arrival in one phase (its first left bytes pending).
+__global__ void sm90_fault_kernel(int mode) {
+  HN_DYNAMIC_SHARED(unsigned char, smem);
+  const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int t = threadIdx.x;
+  if (mode == 0) {
+    if (t == 5) return;
+    ::cuda_emu::wgmma_fence();
+  } else if (mode == 1) {
+    ::cuda_emu::wgmma_fence();
+  } else if (mode == 2) {
+    if (t < 64) {
+      ::cuda_emu::wgmma_fence();
+    } else {
+      ::cuda_emu::wgmma_commit_group();
+    }
+  } else if (mode == 3) {
+    float d[64] = {};
+    ::cuda_emu::wgmma_mma_async(true, 128, d, 0, 0, true);
+  } else if (t == 0) {
+    ::cuda_emu::mbar_init(bar, 1);
+    ::cuda_emu::fence_mbarrier_init();
+    if (mode == 4) {
+      while (!::cuda_emu::mbar_try_wait_parity(bar, 0)) {
+      }
+    } else {
+      ::cuda_emu::mbar_arrive(bar, 16);
+      ::cuda_emu::mbar_arrive(bar, 0);
+    }
+  }
+}
+
 }  // namespace
 
 void shuffles(int* out) { HN_LAUNCH(1, 64, 0, nullptr, shuffle_kernel)(out); }
@@ -87,5 +128,6 @@ void faults(int mode, int* out) { HN_LAUNCH(1, 64, 0, nullptr, fault_kernel)(mod
 void mma_bf16(const uint16_t* a, const uint16_t* bt, float* d) {
   HN_LAUNCH(1, 32, 0, nullptr, mma_bf16_kernel)(a, bt, d);
 }
+void sm90_faults(int mode) { HN_LAUNCH(1, mode == 1 ? 96 : 128, 64, nullptr, sm90_fault_kernel)(mode); }
 
 }  // namespace cuda_emu_selftest

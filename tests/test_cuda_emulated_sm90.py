@@ -1,0 +1,290 @@
+"""The sm_90a wgmma fused score kernel (csrc/cuda/topk_fused_sm90.cu), its own source, run on the CPU by
+the emulator of tests/cuda_emu in its sm_90 mode, against exact scores (torch on the CPU).
+
+The emulator's sm_90 device (``configure(sm90=True)``: device 1, compute capability 9.0, a few SMs)
+runs the kernel's mbarrier ring, its bulk tensor copies (tensor maps from the emulated
+cuTensorMapEncodeTiled, 128-byte swizzle, zero fill past the edges) and its wgmma.mma_async from
+shared-memory descriptors into the warpgroup accumulator fragment, all written from the PTX ISA. A
+wgmma computes when its group is waited for and poisons its accumulators until then; a bulk copy lands
+when issued or at the first failed poll of its barrier; warpgroup collectives need all 128 threads.
+Small-integer inputs make every product and every fp32 sum exact, so the kept lists must equal the
+exact scores in bounds bit for bit. Skips where the emulator cannot be built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _sibling(name: str):
+    """A test module of this directory (the suite imports by path: --import-mode=importlib)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_base = _sibling("test_cuda_emulated")
+emu = _base.emu  # the fixture: the _cuda_emu module, built once per source tree
+CODES, DRIVER, int_matrix, row_bounds_between = _base.CODES, _base.DRIVER, _base.int_matrix, _base.row_bounds_between
+
+SMS = 2  # emulated SMs: few, so the persistent CTAs walk several tiles each
+KERNELS = [(2, "128x128"), (3, "256x128"), (4, "128x256")]
+
+
+@pytest.fixture
+def sm90(emu):
+    """The emulator with the compute capability 9.0 device current; back to the 8.0 one after."""
+    emu.configure(sm90=True, sm90_sms=SMS)
+    yield emu
+    emu.configure()
+
+
+def wgmma_launch(emu, q, c, lo, hi, cap, kernel, *, row_scale=None, col_scale=None, lists=True):
+    """One emulated fused launch with FusedBlock.kernel = kernel; returns (per-row dict col -> score,
+    or None without lists, counts)."""
+    kept, counts, _, _ = _base.fused_launch(emu, q, c, lo, hi, cap, row_scale=row_scale, col_scale=col_scale,
+                                            kernel=kernel, lists=lists)
+    return kept, counts
+
+
+def assert_kept_exactly(kept, counts, s, lo, hi):
+    """The lists hold exactly {(j, s_ij): lo_i <= s_ij <= hi_i} and the counts their sizes."""
+    for i in range(s.shape[0]):
+        want = ((s[i] >= lo[i]) & (s[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want, f"row {i}"
+        assert all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
+        assert int(counts[i]) == len(want), f"row {i}"
+
+
+def test_sm90_device_and_occupancy(emu):
+    emu.configure()
+    assert emu.current_device() == 0 and not emu.topk_fused_wgmma_available(0)
+    assert emu.topk_fused_wgmma_ctas_per_sm(0, 2) == 0
+    emu.configure(sm90=True, sm90_sms=SMS)
+    try:
+        assert emu.current_device() == 1 and emu.topk_fused_wgmma_available(1)
+        # 97 KiB CTAs: two per SM of 228 KiB; the 256-row and 256-column shapes: one
+        assert [emu.topk_fused_wgmma_ctas_per_sm(1, k) for k in (2, 3, 4)] == [2, 1, 1]
+        with pytest.raises(RuntimeError, match="kernel must be 2, 3 or 4"):
+            emu.topk_fused_wgmma_ctas_per_sm(1, 5)
+    finally:
+        emu.configure()
+
+
+@pytest.mark.parametrize("mode,message", [(0, "exited"), (1, "does not exist"), (2, "while 64 threads"),
+                                          (3, "without a wgmma.fence"), (4, "without a bound"),
+                                          (5, "more arrivals than its count")],
+                         ids=["exited_thread", "missing_warp", "mismatched", "no_fence", "unbounded_poll",
+                              "surplus_arrival"])
+def test_emulator_sm90_faults_instead_of_hanging(emu, mode, message):
+    with pytest.raises(emu.KernelFault, match=message):
+        emu.selftest_sm90_faults(mode)
+
+
+# (rows, cols, d): ragged in every direction; d = 8 and 40 leave most of the only K step zero-filled,
+# 136 takes three K steps (a ragged third); with 2 SMs every shape has more tiles than CTAs, so the
+# 3- and 4-stage rings wrap across tiles and their phases flip many times.
+SHAPES = [(37, 515, 8), (200, 300, 40), (130, 400, 64), (300, 260, 136)]
+
+
+def check_lists(emu, q, c, kernel, gen) -> torch.Tensor:
+    """Launches `kernel` over q, c with row bounds cutting inside each row's exact scores and checks
+    the lists against them; returns the counts."""
+    s = (q.double() @ c.double().T).float()
+    assert torch.equal(s, q.float() @ c.float().T)  # exact: torch.mm agrees
+    lo, hi = row_bounds_between(s, gen)
+    kept, counts = wgmma_launch(emu, q, c, lo, hi, c.shape[0], kernel)
+    assert_kept_exactly(kept, counts, s, lo, hi)
+    return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{b}x{n}x{d}" for b, n, d in SHAPES])
+@pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
+def test_wgmma_keeps_exactly_the_scores_in_bounds(sm90, dtype, shape, kernel, kname):
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}/{kernel}/{dtype}".encode()))
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    counts = check_lists(sm90, q, c, kernel, gen)
+    assert int(counts[0]) == n and int(counts[1]) == 0 and int(counts[2]) == 0
+    assert not sm90.topk_fused_wgmma_stalled(1)
+
+
+@pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
+def test_wgmma_scales_and_cosine(sm90, kernel, kname):
+    # acc * row scale, then * column scale, in fp32: what the epilogue computes with scales.
+    gen = torch.Generator().manual_seed(31 + kernel)
+    b, n, d = 140, 300, 72
+    q, c = int_matrix(b, d, gen).to(torch.float16), int_matrix(n, d, gen).to(torch.float16)
+    rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
+    s = ((q.double() @ c.double().T).float() * rs[:, None]) * cs[None, :]
+    lo, hi = row_bounds_between(s, gen)
+    kept, counts = wgmma_launch(sm90, q, c, lo, hi, n, kernel, row_scale=rs, col_scale=cs)
+    assert_kept_exactly(kept, counts, s, lo, hi)
+
+
+SCHEDULES = [("warps_ascending", True), ("warps_descending", True), ("warps_ascending", False),
+             ("warps_descending", False), ("round_robin", True)]
+
+
+@pytest.mark.parametrize("schedule,immediate", SCHEDULES,
+                         ids=[f"{s}-{'immediate' if i else 'deferred'}" for s, i in SCHEDULES])
+@pytest.mark.parametrize("kernel,kname", KERNELS[:2], ids=[k[1] for k in KERNELS[:2]])
+def test_wgmma_under_schedule_extremes(emu, schedule, immediate, kernel, kname):
+    # The producer warp running ahead of the consumers (or behind them), copies landing when issued
+    # or as late as a waiter could tell: a missing or wrong-parity wait, or a stage released before
+    # its wgmma has read it, changes the lists under one of these.
+    gen = torch.Generator().manual_seed(40 + kernel)
+    b, n, d = 150, 290, 136
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    emu.configure(schedule, immediate, sm90=True, sm90_sms=SMS)
+    try:
+        check_lists(emu, q, c, kernel, gen)
+    finally:
+        emu.configure()
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["immediate", "deferred"])
+def test_wgmma_long_k_many_phases(emu, immediate):
+    # 16 K steps per tile and two tiles per CTA: every stage of the ring goes round about ten times,
+    # so a barrier count off by one (an arrival carried into the next phase each round) adds up to a
+    # whole phase and the producer refills a stage still in use.
+    gen = torch.Generator().manual_seed(9)
+    b, n, d = 200, 300, 1000
+    q, c = int_matrix(b, d, gen, -2, 3).to(torch.bfloat16), int_matrix(n, d, gen, -2, 3).to(torch.bfloat16)
+    emu.configure("warps_descending", immediate, sm90=True, sm90_sms=SMS)
+    try:
+        check_lists(emu, q, c, 2, gen)
+    finally:
+        emu.configure()
+
+
+def test_wgmma_strided_rows(sm90):
+    # Views into wider matrices: row strides of whole 16 bytes, past d.
+    gen = torch.Generator().manual_seed(5)
+    b, n, d = 70, 200, 48
+    qw, cw = int_matrix(b, d + 16, gen).to(torch.bfloat16), int_matrix(n, d + 24, gen).to(torch.bfloat16)
+    check_lists(sm90, qw[:, 8:8 + d], cw[:, 16:16 + d], 2, gen)
+
+
+@pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
+def test_wgmma_list_overflow_counts_every_survivor(sm90, kernel, kname):
+    _base.check_list_overflow(sm90, kernel)
+
+
+def test_wgmma_kernel_field_errors(emu):
+    gen = torch.Generator().manual_seed(3)
+    q = int_matrix(8, 40, gen).to(torch.bfloat16)
+    lo, hi = torch.zeros(8), torch.zeros(8)
+    emu.configure()  # the compute capability 8.0 device: no wgmma
+    with pytest.raises(RuntimeError, match="cannot run it"):
+        wgmma_launch(emu, q, q, lo, hi, 4, 2)
+    with pytest.raises(RuntimeError, match="multiple of 32"):  # auto takes mma.sync there
+        wgmma_launch(emu, q, q, lo, hi, 4, 0)
+    emu.configure(sm90=True, sm90_sms=SMS)
+    try:
+        with pytest.raises(RuntimeError, match="kernel must be 0"):
+            wgmma_launch(emu, q, q, lo, hi, 4, 5)
+        with pytest.raises(RuntimeError, match="needs bf16/fp16 inputs"):  # base 2 bytes past 16
+            shifted = int_matrix(8, 48, gen).to(torch.bfloat16)
+            wgmma_launch(emu, shifted[:, 1:41], q, lo, hi, 4, 3)
+        with pytest.raises(RuntimeError, match="needs bf16/fp16 inputs"):  # rows 2 bytes apart from 16
+            wide = int_matrix(8, 41, gen).to(torch.bfloat16)
+            wgmma_launch(emu, wide[:, :40], q, lo, hi, 4, 4)
+    finally:
+        emu.configure()
+
+
+def test_auto_dispatch_takes_wgmma_on_sm90(sm90):
+    # d = 40 is no multiple of 32, which only the mma.sync kernel needs: auto runs it through wgmma.
+    gen = torch.Generator().manual_seed(4)
+    b, n, d = 90, 150, 40
+    check_lists(sm90, int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16), 0, gen)
+
+
+def test_wgmma_lost_copies_take_the_stall_path(emu):
+    # Bulk copies that never land: every bounded wait runs out (the emulated global timer advances
+    # while threads poll), the kernel marks every row overflowed instead of hanging, the stall flag
+    # stays set and later launches overflow at once, until it is cleared.
+    gen = torch.Generator().manual_seed(6)
+    b, n, d, cap = 130, 300, 64, 8
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
+    emu.configure(sm90=True, sm90_sms=SMS, lose_bulk_copies=True)
+    try:
+        emu.topk_fused_wgmma_clear_stall(1)
+        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, 2, lists=False)
+        assert torch.all(counts == cap + 1)
+        assert emu.topk_fused_wgmma_stalled(1)
+        emu.configure(sm90=True, sm90_sms=SMS)
+        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, 2, lists=False)
+        assert torch.all(counts == cap + 1)
+        emu.topk_fused_wgmma_clear_stall(1)
+        assert not emu.topk_fused_wgmma_stalled(1)
+        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, 2, lists=False)
+        assert torch.all(counts == n)
+    finally:
+        emu.topk_fused_wgmma_clear_stall(1)
+        emu.configure()
+
+
+def test_wgmma_copy_landing_as_a_wait_times_out(emu):
+    # A copy landing just after one warp's wait ran out (or saw another CTA's stall flag) and before
+    # its warpgroup's other warps look: they must still agree, or the warpgroup splits across its
+    # collective wgmma instructions (a hang or garbage on a GPU, a fault here). Bisects the copy delay
+    # for the point where launches turn from scoring to the stall path; in every launch each row must
+    # have its exact list or be marked overflowed.
+    gen = torch.Generator().manual_seed(7)
+    b, n, d = 100, 120, 64
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    s = (q.double() @ c.double().T).float()
+    lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
+
+    def stalls(delay_us: float) -> bool:
+        emu.configure(sm90=True, sm90_sms=1, bulk_delay_us=delay_us)
+        emu.topk_fused_wgmma_clear_stall(1)
+        _, counts, _, (scores, cols, _) = _base.fused_launch(emu, q, c, lo, hi, n, kernel=2, lists=False)
+        for i in range(b):
+            if int(counts[i]) == n + 1:
+                continue
+            assert int(counts[i]) == n and sorted(cols[i].tolist()) == list(range(n)), f"row {i}"
+            assert torch.equal(scores[i], s[i, cols[i].long()]), f"row {i}"
+        stalled = emu.topk_fused_wgmma_stalled(1)
+        assert stalled == bool((counts == n + 1).any())
+        return stalled
+
+    try:
+        fast, slow = 0.9e6, 1.1e6  # the kernel's waits give up after 1 s
+        assert not stalls(fast) and stalls(slow)
+        while slow - fast > 1e-3:
+            mid = (fast + slow) / 2
+            if stalls(mid):
+                slow = mid
+            else:
+                fast = mid
+    finally:
+        emu.topk_fused_wgmma_clear_stall(1)
+        emu.configure()
+
+
+@pytest.mark.parametrize("name,spec", DRIVER[:3], ids=[x[0] for x in DRIVER[:3]])
+@pytest.mark.parametrize("fkernel", ["wgmma", "wgmma_128x256"])
+@pytest.mark.parametrize("fname,dtype,metric", [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine")],
+                         ids=["bf16", "f16_cosine"])
+def test_fused_driver_on_emulated_wgmma(monkeypatch, sm90, name, spec, fkernel, fname, dtype, metric):
+    # topk_cuda._run_fused end to end on the emulated sm_90 device: seed through the select kernel,
+    # then chunks of doubling width through the wgmma kernel (d = 40: the mma.sync kernel could not
+    # take it), bounds and offers; equals the CPU op.
+    _base.run_fused_driver(monkeypatch, sm90, f"{name}/{fname}/{fkernel}", spec, dtype, metric, 40,
+                           FUSED_KERNEL=fkernel)
+    assert not sm90.topk_fused_wgmma_stalled(1)
