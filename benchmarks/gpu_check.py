@@ -94,12 +94,19 @@ def device_ceilings() -> dict:
 
 
 def fused_kernels() -> list[str]:
-    """The fused kernels this build and device can run (values of topk_cuda.FUSED_KERNEL)."""
-    kernels = ["mma"]
+    """The fused kernels this build and device can run: values of topk_cuda.FUSED_KERNEL, and
+    "mma_2stage" (mma.sync with FUSED_STAGES = 2, next to the default depth)."""
+    kernels = ["mma", "mma_2stage"]
     available = getattr(_C, "topk_fused_wgmma_available", None)
     if DEVICE == "cuda" and available is not None and available(0):
         kernels.append("wgmma")
     return kernels
+
+
+def use_fused_kernel(name: str) -> None:
+    """Sets topk_cuda's FUSED_KERNEL and FUSED_STAGES for one of fused_kernels()."""
+    topk_cuda.FUSED_KERNEL = "mma" if name.startswith("mma") else name
+    topk_cuda.FUSED_STAGES = 2 if name == "mma_2stage" else 0
 
 
 def upcast(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -194,10 +201,10 @@ def run_paths(name, b, n, d, dtype, k, extra, reps, ceil, results, knobs=()):
     sel = SimpleNamespace(k=k, skip_top=kw.get("skip_top", 0), pool=kw.get("pool") or -1,
                           sampling=SAMPLING_CODES[kw.get("sampling", "top")])
     if DEVICE == "cuda" and topk_cuda.fused_supported(q, c, kw.get("metric", "dot"), sel):
-        old_path, old_kernel = topk_cuda.PATH, topk_cuda.FUSED_KERNEL
+        old = (topk_cuda.PATH, topk_cuda.FUSED_KERNEL, topk_cuda.FUSED_STAGES)
         topk_cuda.PATH = "fused"
         for kernel in fused_kernels():
-            topk_cuda.FUSED_KERNEL = kernel
+            use_fused_kernel(kernel)
             try:
                 got = hnsample.topk_similarity(q, c, k, **kw)
                 row[f"fused_{kernel}_check"] = (check_rows(q, c, got, k, kw) if "sampling" not in extra
@@ -207,7 +214,7 @@ def run_paths(name, b, n, d, dtype, k, extra, reps, ceil, results, knobs=()):
             except RuntimeError as e:  # a kernel failing on the device: report it, go on with the rest
                 row[f"fused_{kernel}_check"] = {"ok": False, "error": str(e)[:300]}
             finally:
-                topk_cuda.PATH, topk_cuda.FUSED_KERNEL = old_path, old_kernel
+                topk_cuda.PATH, topk_cuda.FUSED_KERNEL, topk_cuda.FUSED_STAGES = old
     row["matmul_ms"] = events_time(lambda: q @ c.T, reps)
     row["blocked_gemm_ms"] = events_time(lambda: blocked_gemm(q, c, 1 << 24), reps)
     free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 30
@@ -251,10 +258,11 @@ def memcheck_case() -> int:
     hnsample.topk_similarity(q32, c32, 9, metric="cosine", positives=pos32, relative_margin=0.05)
     hnsample.topk_similarity(q32[1:], c32[:19_999], 9)
     for kernel in fused_kernels()[1:]:
-        topk_cuda.FUSED_KERNEL = kernel
+        use_fused_kernel(kernel)
         hnsample.topk_similarity(q, c, 9, metric="cosine")
         hnsample.topk_similarity(q[:67], c[:19_990], 9)
-    topk_cuda.PATH, topk_cuda.FUSED_KERNEL = "auto", "auto"
+    use_fused_kernel("mma")
+    topk_cuda.PATH = "auto"
     torch.cuda.synchronize()
     print("memcheck case done")
     return 0

@@ -200,7 +200,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("cols", &FusedBlock::cols)
       .def_readwrite("dim", &FusedBlock::dim)
       .def_readwrite("cand_cap", &FusedBlock::cand_cap)
-      .def_readwrite("kernel", &FusedBlock::kernel);
+      .def_readwrite("kernel", &FusedBlock::kernel)
+      .def_readwrite("stages", &FusedBlock::stages);
   pointer_field(fused, "queries", &FusedBlock::queries);
   pointer_field(fused, "candidates", &FusedBlock::candidates);
   pointer_field(fused, "row_lo", &FusedBlock::row_lo);

@@ -463,7 +463,8 @@ struct FusedBlock {
   int32_t* cand_col = nullptr;       // [rows, cand_cap]
   int32_t* cand_count = nullptr;     // [rows]
   int64_t cand_cap = 0;
-  int kernel = 0;  // 0: the fastest kernel the device and inputs allow; 1: mma.sync; 2: sm_90a wgmma;
+  int kernel = 0;  // 0: the fastest kernel the device and inputs allow; 1: mma.sync; 2: sm_90a wgmma
+  int stages = 0;  // mma.sync pipeline depth: 0 by the device's shared memory, or 2 or 4;
                    // 3, 4: sm_90a wgmma with 256 x 128, 128 x 256 tiles (csrc/topk_fused_sm90.h)
 };
 

@@ -265,7 +265,7 @@ def int_matrix(rows: int, cols: int, gen: torch.Generator, lo: int = -4, hi: int
 
 
 def fused_launch(emu, q, c, lo, hi, cap, *, row_scale=None, col_scale=None, row_slack=None, col_slack=None,
-                 kernel=None, lists=True):
+                 kernel=None, lists=True, stages=0):
     """One emulated fused launch (FusedBlock.kernel = kernel when given); returns (per-row dict col ->
     score, counts, the block, the raw lists), the dicts None without `lists`."""
     b, n = q.shape[0], c.shape[0]
@@ -282,6 +282,7 @@ def fused_launch(emu, q, c, lo, hi, cap, *, row_scale=None, col_scale=None, row_
     f.cand_score, f.cand_col, f.cand_count, f.cand_cap = scores.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap
     if kernel is not None:
         f.kernel = kernel
+    f.stages = stages
     emu.topk_fused_scores(f, 0)
     if not lists:
         return None, counts, f, (scores, cols, counts)
@@ -349,8 +350,9 @@ def schedule(request, emu):
     emu.configure()
 
 
+@pytest.mark.parametrize("stages", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
-def test_fused_kernel_under_other_schedules(emu, schedule, dtype):
+def test_fused_kernel_under_other_schedules(emu, schedule, dtype, stages):
     # A missing __syncthreads or cp.async wait in the pipelined main loop changes the result under
     # one of these orders; the lists must be the round-robin ones, exactly.
     gen = torch.Generator().manual_seed(8)
@@ -363,7 +365,7 @@ def test_fused_kernel_under_other_schedules(emu, schedule, dtype):
         ops = topk_cuda.FusedOperands.build(q, c, "dot")
         slack = {"row_slack": ops.row_slack, "col_slack": ops.col_slack}
         w = ops.row_slack[:, None] * ops.col_slack[None, :]
-    kept, _, _, _ = fused_launch(emu, q, c, lo, hi, n, **slack)
+    kept, _, _, _ = fused_launch(emu, q, c, lo, hi, n, stages=stages, **slack)
     for i in range(b):
         want = ((s[i] + w[i] >= lo[i]) & (s[i] - w[i] <= hi[i])).nonzero().flatten().tolist()
         assert sorted(kept[i]) == want and all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
@@ -537,6 +539,8 @@ def test_fused_launcher_checks(emu):
     lo, hi = torch.zeros(4), torch.zeros(4)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         fused_launch(emu, q, q, lo, hi, 4)
+    with pytest.raises(RuntimeError, match="stages must be"):
+        fused_launch(emu, q[:, :32].contiguous(), q[:, :32].contiguous(), lo, hi, 4, stages=3)
     assert emu.topk_fused_supported(0)
 
 

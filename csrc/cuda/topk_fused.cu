@@ -1,7 +1,8 @@
 // Fused path: one tensor-core kernel computes 128 x 128 tiles of s = q c^T and filters them in its
 // epilogue (fused_common.cuh) against per-row float bounds taken from the selection state before the
 // launch; survivors are appended to per-row candidate lists, so the score matrix never reaches global
-// memory. CTA = 128 query rows x 128 candidates, 8 warps of 64 x 32, a two-stage cp.async pipeline.
+// memory. CTA = 128 query rows x 128 candidates, 8 warps of 64 x 32, a 4-stage cp.async pipeline in
+// dynamic shared memory (2 stages on GPUs with 100 KiB of shared memory per SM).
 // bf16/fp16: mma.sync m16n8k16 (exact products, fp32 accumulation), K in steps of 32. fp32: mma.sync
 // m16n8k8 on tf32 (inputs rounded to nearest tf32 in registers), K in steps of 16, with the error
 // slack of tf32_dot_error_factor in the filter and an exact rescoring of the survivors afterwards
@@ -34,48 +35,69 @@ using namespace ptx;
 
 using Acc = float[4][4][4];  // [m16 tile][n8 tile][fragment element] of one warp's 64 x 32
 
+// One pipeline stage holds k-step slices of the CTA's 128 query rows (rows 0-127) and 128 candidate
+// rows (rows 128-255): 256 rows x 80 bytes = 20 KiB for either operand type.
+constexpr int kStageRows = kBM + kBN;
+constexpr int kStageBytes = kStageRows * kLds16 * 2;
+static_assert(kStageBytes == kStageRows * kLds32 * 4, "both operand types use the same stage size");
+
+// The multistage cp.async pipeline both main loops run: k-step i is copied into slot i % kStages,
+// kStages - 1 k-steps ahead of the one being computed. Group accounting: one commit per k-step slot
+// (empty groups past the end keep the count aligned), so after the commits of iteration ks, waiting
+// until at most kStages - 2 groups are pending means k-step ks has landed. The __syncthreads then
+// also proves every warp finished computing k-step ks - 1, whose slot the next copy refills.
+template <int kStages, typename Load, typename Compute>
+__device__ __forceinline__ void pipelined(int ksteps, Load&& load, Compute&& compute) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ksteps) load(s, s);
+    cp_async_commit();
+  }
+  for (int ks = 0; ks < ksteps; ++ks) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = ks + kStages - 1;
+    if (next < ksteps) load(next % kStages, next);
+    cp_async_commit();
+    compute(ks % kStages);
+  }
+}
+
 // The main loop for 16-bit operands: acc = q[m0:m0+128] c[n0:n0+128]^T restricted to this warp.
-template <bool kBf16>
-__device__ __forceinline__ void mainloop_16bit(const FusedBlock& f, int64_t m0, int64_t n0, Acc& acc) {
-  __shared__ __align__(16) uint16_t sA[2][kBM][kLds16];
-  __shared__ __align__(16) uint16_t sB[2][kBN][kLds16];
+template <bool kBf16, int kStages>
+__device__ __forceinline__ void mainloop_16bit(const FusedBlock& f, int64_t m0, int64_t n0, Acc& acc,
+                                               unsigned char* smem) {
+  auto* st = reinterpret_cast<uint16_t(*)[kStageRows][kLds16]>(smem);  // [kStages][256][40]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warp_m = warp / 4, warp_n = warp % 4;
   const uint16_t* q = static_cast<const uint16_t*>(f.queries);
   const uint16_t* c = static_cast<const uint16_t*>(f.candidates);
 
-  // A stage is 128 rows x 32 halves per operand = 512 chunks of 16 bytes: two per thread each.
-  auto load_stage = [&](int stage, int64_t k0) {
+  // A k-step is 128 rows x 32 halves per operand = 512 chunks of 16 bytes: two per thread each.
+  auto load = [&](int slot, int ks) {
+    const int64_t k0 = static_cast<int64_t>(ks) * kBK16;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int chunk = tid + i * kFusedThreads;
       const int r = chunk / 4, kc = (chunk % 4) * 8;
       const bool qv = m0 + r < f.rows, cv = n0 + r < f.cols;
-      cp_async_16(&sA[stage][r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
-      cp_async_16(&sB[stage][r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
+      cp_async_16(&st[slot][r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
+      cp_async_16(&st[slot][kBM + r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
     }
   };
-
-  const int ksteps = static_cast<int>(f.dim / kBK16);
-  load_stage(0, 0);
-  cp_async_commit();
-  for (int ks = 0; ks < ksteps; ++ks) {
-    const int stage = ks & 1;
-    if (ks + 1 < ksteps) load_stage(stage ^ 1, static_cast<int64_t>(ks + 1) * kBK16);
-    cp_async_commit();
-    cp_async_wait<1>();  // this stage's group is complete; the next one may still be in flight
-    __syncthreads();
+  auto compute = [&](int slot) {
 #pragma unroll
     for (int kk = 0; kk < kBK16; kk += 16) {
       uint32_t a[4][4], b[4][2];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi)
-        ldmatrix_x4(a[mi], &sA[stage][warp_m * 64 + mi * 16 + (lane % 16)][kk + (lane / 16) * 8]);
+        ldmatrix_x4(a[mi], &st[slot][warp_m * 64 + mi * 16 + (lane % 16)][kk + (lane / 16) * 8]);
 #pragma unroll
       for (int nj = 0; nj < 2; ++nj) {
         // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
         uint32_t t[4];
-        ldmatrix_x4(t, &sB[stage][warp_n * 32 + nj * 16 + (lane % 8) + (lane / 16) * 8][kk + ((lane / 8) % 2) * 8]);
+        ldmatrix_x4(t, &st[slot][kBM + warp_n * 32 + nj * 16 + (lane % 8) + (lane / 16) * 8]
+                          [kk + ((lane / 8) % 2) * 8]);
         b[2 * nj][0] = t[0];
         b[2 * nj][1] = t[1];
         b[2 * nj + 1][0] = t[2];
@@ -86,49 +108,43 @@ __device__ __forceinline__ void mainloop_16bit(const FusedBlock& f, int64_t m0, 
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_16816<kBf16>(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
     }
-    __syncthreads();  // the next iteration's loads overwrite the stage just read
-  }
+  };
+  pipelined<kStages>(static_cast<int>(f.dim / kBK16), load, compute);
 }
 
 // The main loop for fp32 operands on tf32 tensor cores. Fragments of m16n8k8.tf32 (g = lane / 4,
 // t = lane % 4): A a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); B b0 (k t, n g),
-// b1 (k t + 4, n g); B is stored n-major (sB[n][k]), so b0 = sB[g][t], b1 = sB[g][t + 4].
-__device__ __forceinline__ void mainloop_tf32(const FusedBlock& f, int64_t m0, int64_t n0, Acc& acc) {
-  __shared__ __align__(16) float sA[2][kBM][kLds32];
-  __shared__ __align__(16) float sB[2][kBN][kLds32];
+// b1 (k t + 4, n g); B is stored n-major (row n of the stage's candidate half, k along the row), so
+// b0 = B[g][t], b1 = B[g][t + 4].
+template <int kStages>
+__device__ __forceinline__ void mainloop_tf32(const FusedBlock& f, int64_t m0, int64_t n0, Acc& acc,
+                                              unsigned char* smem) {
+  auto* st = reinterpret_cast<float(*)[kStageRows][kLds32]>(smem);  // [kStages][256][20]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warp_m = warp / 4, warp_n = warp % 4;
   const int g = lane / 4, t = lane % 4;
   const float* q = static_cast<const float*>(f.queries);
   const float* c = static_cast<const float*>(f.candidates);
 
-  // A stage is 128 rows x 16 floats per operand = 512 chunks of 16 bytes: two per thread each.
-  auto load_stage = [&](int stage, int64_t k0) {
+  // A k-step is 128 rows x 16 floats per operand = 512 chunks of 16 bytes: two per thread each.
+  auto load = [&](int slot, int ks) {
+    const int64_t k0 = static_cast<int64_t>(ks) * kBK32;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int chunk = tid + i * kFusedThreads;
       const int r = chunk / 4, kc = (chunk % 4) * 4;
       const bool qv = m0 + r < f.rows, cv = n0 + r < f.cols;
-      cp_async_16(&sA[stage][r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
-      cp_async_16(&sB[stage][r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
+      cp_async_16(&st[slot][r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
+      cp_async_16(&st[slot][kBM + r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
     }
   };
-
-  const int ksteps = static_cast<int>(f.dim / kBK32);
-  load_stage(0, 0);
-  cp_async_commit();
-  for (int ks = 0; ks < ksteps; ++ks) {
-    const int stage = ks & 1;
-    if (ks + 1 < ksteps) load_stage(stage ^ 1, static_cast<int64_t>(ks + 1) * kBK32);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+  auto compute = [&](int slot) {
 #pragma unroll
     for (int kk = 0; kk < kBK32; kk += 8) {
       uint32_t a[4][4], b[4][2];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi) {
-        const float* r0 = &sA[stage][warp_m * 64 + mi * 16 + g][kk + t];
+        const float* r0 = &st[slot][warp_m * 64 + mi * 16 + g][kk + t];
         const float* r8 = r0 + 8 * kLds32;
         a[mi][0] = to_tf32(r0[0]);
         a[mi][1] = to_tf32(r8[0]);
@@ -137,7 +153,7 @@ __device__ __forceinline__ void mainloop_tf32(const FusedBlock& f, int64_t m0, i
       }
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
-        const float* rb = &sB[stage][warp_n * 32 + ni * 8 + g][kk + t];
+        const float* rb = &st[slot][kBM + warp_n * 32 + ni * 8 + g][kk + t];
         b[ni][0] = to_tf32(rb[0]);
         b[ni][1] = to_tf32(rb[4]);
       }
@@ -146,14 +162,15 @@ __device__ __forceinline__ void mainloop_tf32(const FusedBlock& f, int64_t m0, i
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_1688_tf32(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
     }
-    __syncthreads();
-  }
+  };
+  pipelined<kStages>(static_cast<int>(f.dim / kBK32), load, compute);
 }
 
-// kKind: 0 fp16, 1 bf16, 2 fp32 via tf32.
-template <int kKind>
+// kKind: 0 fp16, 1 bf16, 2 fp32 via tf32. Dynamic shared memory: kStages * kStageBytes.
+template <int kKind, int kStages>
 __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlock f) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(HNSAMPLE_CUDA_EMU)
+  HN_DYNAMIC_SHARED(unsigned char, smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / 4, warp_n = warp % 4;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -166,9 +183,9 @@ __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlo
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
   if constexpr (kKind == 2) {
-    mainloop_tf32(f, m0, n0, acc);
+    mainloop_tf32<kStages>(f, m0, n0, acc, smem);
   } else {
-    mainloop_16bit<kKind == 1>(f, m0, n0, acc);
+    mainloop_16bit<kKind == 1, kStages>(f, m0, n0, acc, smem);
   }
 
   // Epilogue: accumulator e of tile (mi, ni) is row g + 8 (e / 2), column 2 t + e % 2 of that tile
@@ -231,6 +248,37 @@ __global__ void offer_candidates_kernel(TopkParams p, const float* scores, const
 
 }  // namespace
 
+namespace {
+
+// Pipeline depth for a device: 4 stages (80 KiB per CTA) where two such CTAs fit an SM's shared
+// memory (sm_80, sm_90, sm_100: 164 KiB and more), else 2 stages (40 KiB; sm_86, sm_89, sm_120 with
+// 100 KiB keep two CTAs per SM, which covers latency better than one deeper CTA). Cached per device.
+int fused_pipeline_stages(int device) {
+  static int cached[64] = {};
+  if (device >= 0 && device < 64 && cached[device]) return cached[device];
+  cudaDeviceProp prop;
+  HN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  const size_t per_cta_deep = 4 * static_cast<size_t>(kStageBytes) + prop.reservedSharedMemPerBlock;
+  const int stages = prop.sharedMemPerMultiprocessor >= 2 * per_cta_deep ? 4 : 2;
+  if (device >= 0 && device < 64) cached[device] = stages;
+  return stages;
+}
+
+template <int kKind, int kStages>
+void launch_fused(dim3 grid, cudaStream_t s, const FusedBlock& f) {
+  constexpr int bytes = kStages * kStageBytes;
+  // above the 48 KiB default the kernel must opt in; the carveout asks for the shared memory two
+  // CTAs per SM need
+  HN_CUDA_CHECK(cudaFuncSetAttribute(fused_scores_kernel<kKind, kStages>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  HN_CUDA_CHECK(cudaFuncSetAttribute(fused_scores_kernel<kKind, kStages>,
+                                     cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  HN_LAUNCH(grid, kFusedThreads, bytes, s, fused_scores_kernel<kKind, kStages>)(f);
+  HN_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
 bool topk_fused_supported(int device) {
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
@@ -269,14 +317,17 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
            "fused: inputs must be 16-byte aligned");
   const dim3 grid(static_cast<unsigned>(ceil_div(f.rows, kBM)), static_cast<unsigned>(ceil_div(f.cols, kBN)));
   auto s = static_cast<cudaStream_t>(stream);
+  HN_CHECK(f.stages == 0 || f.stages == 2 || f.stages == 4, "fused: stages must be 0 (by device), 2 or 4");
+  int device = 0;
+  HN_CUDA_CHECK(cudaGetDevice(&device));
+  const bool deep = (f.stages ? f.stages : fused_pipeline_stages(device)) == 4;
   if (tf32) {
-    HN_LAUNCH(grid, kFusedThreads, 0, s, fused_scores_kernel<2>)(f);
+    deep ? launch_fused<2, 4>(grid, s, f) : launch_fused<2, 2>(grid, s, f);
   } else if (dt == DType::BFloat16) {
-    HN_LAUNCH(grid, kFusedThreads, 0, s, fused_scores_kernel<1>)(f);
+    deep ? launch_fused<1, 4>(grid, s, f) : launch_fused<1, 2>(grid, s, f);
   } else {
-    HN_LAUNCH(grid, kFusedThreads, 0, s, fused_scores_kernel<0>)(f);
+    deep ? launch_fused<0, 4>(grid, s, f) : launch_fused<0, 2>(grid, s, f);
   }
-  HN_CUDA_CHECK(cudaGetLastError());
 }
 
 void topk_rescore_candidates_cuda(const FusedBlock& f, void* stream) {

@@ -49,6 +49,9 @@ FUSED_AUTO = False
 # shown the wgmma kernels correct.
 FUSED_KERNEL = "mma"
 _FUSED_KERNEL_CODES = {"auto": 0, "mma": 1, "wgmma": 2, "wgmma_256x128": 3, "wgmma_128x256": 4}
+# Pipeline depth of the mma.sync kernel: 0 picks by the device (4 stages of 20 KiB where two CTAs of
+# 80 KiB fit an SM, else 2), or 2 / 4 (FusedBlock.stages).
+FUSED_STAGES = 0
 # Fused path: columns scored by the two-pass path first to give every row a threshold, and the
 # smallest N worth fusing. Chunks then double (each about the size of all columns before it), so a
 # row expects about `capacity` survivors per chunk against a candidate list of 4 capacity + 64.
@@ -318,6 +321,7 @@ def fused_block(
     f.cand_score, f.cand_col, f.cand_count = (x.data_ptr() for x in lists)
     f.cand_cap = lists[0].shape[1]
     f.kernel = _FUSED_KERNEL_CODES[FUSED_KERNEL]
+    f.stages = FUSED_STAGES
     return f
 
 

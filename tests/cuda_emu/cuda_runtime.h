@@ -78,6 +78,7 @@ struct cudaDeviceProp {
   int multiProcessorCount = 0;
   int l2CacheSize = 0;
   size_t sharedMemPerBlock = 0, sharedMemPerBlockOptin = 0, sharedMemPerMultiprocessor = 0;
+  size_t reservedSharedMemPerBlock = 0;
   int maxThreadsPerMultiProcessor = 0;
   char name[256] = {};
 };

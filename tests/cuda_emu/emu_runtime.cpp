@@ -1242,6 +1242,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   prop->sharedMemPerBlock = 48 * 1024;
   prop->sharedMemPerBlockOptin = d.optin;
   prop->sharedMemPerMultiprocessor = d.per_sm;
+  prop->reservedSharedMemPerBlock = 1024;
   prop->maxThreadsPerMultiProcessor = 2048;
   std::snprintf(prop->name, sizeof(prop->name), "cuda_emu (CPU) sm_%d%d", d.major, d.minor);
   return cudaSuccess;
