@@ -169,12 +169,13 @@ def test_wgmma_long_k_many_phases(emu, immediate):
         emu.configure()
 
 
-def test_wgmma_strided_rows(sm90):
-    # Views into wider matrices: row strides of whole 16 bytes, past d.
-    gen = torch.Generator().manual_seed(5)
-    b, n, d = 70, 200, 48
-    qw, cw = int_matrix(b, d + 16, gen).to(torch.bfloat16), int_matrix(n, d + 24, gen).to(torch.bfloat16)
-    check_lists(sm90, qw[:, 8:8 + d], cw[:, 16:16 + d], 2, gen)
+@pytest.mark.parametrize("d,pad", [(48, 16), (13, 3)], ids=["d48", "d13"])
+def test_wgmma_strided_rows(sm90, d, pad):
+    # Views into wider matrices: row strides of whole 16 bytes, past d (d = 13: rows of 26 bytes).
+    gen = torch.Generator().manual_seed(5 + d)
+    b, n = 70, 200
+    qw, cw = int_matrix(b, d + pad, gen).to(torch.bfloat16), int_matrix(n, d + pad + 8, gen).to(torch.bfloat16)
+    check_lists(sm90, qw[:, :d], cw[:, 8:8 + d], 2, gen)
 
 
 @pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
