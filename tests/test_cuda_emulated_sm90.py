@@ -289,3 +289,18 @@ def test_fused_driver_on_emulated_wgmma(monkeypatch, sm90, name, spec, fkernel, 
     _base.run_fused_driver(monkeypatch, sm90, f"{name}/{fname}/{fkernel}", spec, dtype, metric, 40,
                            FUSED_KERNEL=fkernel)
     assert not sm90.topk_fused_wgmma_stalled(1)
+
+
+def test_fused_driver_survives_a_wgmma_stall(monkeypatch, emu):
+    # The containment end to end: the copy engine loses every copy, the first wgmma launch stalls and
+    # overflows every row, later ones overflow at once (the stall flag), and the driver redoes every
+    # chunk on the two-pass path: the result is still the CPU op's, exactly.
+    emu.configure(sm90=True, sm90_sms=SMS, lose_bulk_copies=True)
+    try:
+        emu.topk_fused_wgmma_clear_stall(1)
+        calls = _base.run_fused_driver(monkeypatch, emu, "stall", {}, torch.bfloat16, "dot", 40, FUSED_KERNEL="wgmma")
+        assert emu.topk_fused_wgmma_stalled(1)
+        assert calls["topk_offer_candidates"] == 0  # no chunk's lists were taken
+    finally:
+        emu.topk_fused_wgmma_clear_stall(1)
+        emu.configure()
