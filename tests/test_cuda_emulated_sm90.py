@@ -239,14 +239,15 @@ def test_wgmma_lost_copies_take_the_stall_path(emu):
         emu.configure()
 
 
-def test_wgmma_copy_landing_as_a_wait_times_out(emu):
+@pytest.mark.parametrize("d", [64, 136])
+def test_wgmma_copy_landing_as_a_wait_times_out(emu, d):
     # A copy landing just after one warp's wait ran out (or saw another CTA's stall flag) and before
     # its warpgroup's other warps look: they must still agree, or the warpgroup splits across its
     # collective wgmma instructions (a hang or garbage on a GPU, a fault here). Bisects the copy delay
     # for the point where launches turn from scoring to the stall path; in every launch each row must
     # have its exact list or be marked overflowed, and a warpgroup must leave its tiles together.
     gen = torch.Generator().manual_seed(7)
-    b, n, d = 200, 200, 64  # 4 tiles for 2 CTAs: after a split tile each CTA has another to run
+    b, n = 200, 200  # 4 tiles for 2 CTAs: after a split tile each CTA has another to run
     q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
     s = (q.double() @ c.double().T).float()
     lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)

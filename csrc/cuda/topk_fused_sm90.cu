@@ -224,7 +224,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's group is done reading its stage
       acc_fence(acc);
-      if (ks > 0 && lane == 0) mbar_arrive(bars + 8 * (kStages + previous));
+      // Only a warp whose waits all succeeded releases a stage: one that gave up never saw the stage's
+      // copy land, and releasing it could let the producer refill the stage under that copy.
+      if (ok && ks > 0 && lane == 0) mbar_arrive(bars + 8 * (kStages + previous));
       previous = ring.stage;
       ring.advance<kStages>();
     }
