@@ -6,7 +6,8 @@ runs the kernel's mbarrier ring, its bulk tensor copies (tensor maps from the em
 cuTensorMapEncodeTiled, 128-byte swizzle, zero fill past the edges) and its wgmma.mma_async from
 shared-memory descriptors into the warpgroup accumulator fragment, all written from the PTX ISA. A
 wgmma computes when its group is waited for and poisons its accumulators until then; a bulk copy lands
-when issued or at the first failed poll of its barrier; warpgroup collectives need all 128 threads.
+when issued or at the first failed poll of its barrier (or, slowed, once due); warpgroup collectives
+need all 128 threads; a block may not end with copies in flight.
 Small-integer inputs make every product and every fp32 sum exact, so the kept lists must equal the
 exact scores in bounds bit for bit. Skips where the emulator cannot be built.
 """
