@@ -6,7 +6,8 @@ runs the kernel's mbarrier ring, its bulk tensor copies (tensor maps from the em
 cuTensorMapEncodeTiled, 128-byte swizzle, zero fill past the edges) and its wgmma.mma_async from
 shared-memory descriptors into the warpgroup accumulator fragment, all written from the PTX ISA. A
 wgmma computes when its group is waited for and poisons its accumulators until then; a bulk copy lands
-when issued or at the first failed poll of its barrier; warpgroup collectives need all 128 threads.
+when issued or at the first failed poll of its barrier (or, slowed, once due); warpgroup collectives
+need all 128 threads; a block may not end with copies in flight.
 Small-integer inputs make every product and every fp32 sum exact, so the kept lists must equal the
 exact scores in bounds bit for bit. Skips where the emulator cannot be built.
 """
@@ -169,12 +170,13 @@ def test_wgmma_long_k_many_phases(emu, immediate):
         emu.configure()
 
 
-def test_wgmma_strided_rows(sm90):
-    # Views into wider matrices: row strides of whole 16 bytes, past d.
-    gen = torch.Generator().manual_seed(5)
-    b, n, d = 70, 200, 48
-    qw, cw = int_matrix(b, d + 16, gen).to(torch.bfloat16), int_matrix(n, d + 24, gen).to(torch.bfloat16)
-    check_lists(sm90, qw[:, 8:8 + d], cw[:, 16:16 + d], 2, gen)
+@pytest.mark.parametrize("d,pad", [(48, 16), (13, 3)], ids=["d48", "d13"])
+def test_wgmma_strided_rows(sm90, d, pad):
+    # Views into wider matrices: row strides of whole 16 bytes, past d (d = 13: rows of 26 bytes).
+    gen = torch.Generator().manual_seed(5 + d)
+    b, n = 70, 200
+    qw, cw = int_matrix(b, d + pad, gen).to(torch.bfloat16), int_matrix(n, d + pad + 8, gen).to(torch.bfloat16)
+    check_lists(sm90, qw[:, :d], cw[:, 8:8 + d], 2, gen)
 
 
 @pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
@@ -238,14 +240,15 @@ def test_wgmma_lost_copies_take_the_stall_path(emu):
         emu.configure()
 
 
-def test_wgmma_copy_landing_as_a_wait_times_out(emu):
+@pytest.mark.parametrize("d", [64, 136])
+def test_wgmma_copy_landing_as_a_wait_times_out(emu, d):
     # A copy landing just after one warp's wait ran out (or saw another CTA's stall flag) and before
     # its warpgroup's other warps look: they must still agree, or the warpgroup splits across its
     # collective wgmma instructions (a hang or garbage on a GPU, a fault here). Bisects the copy delay
     # for the point where launches turn from scoring to the stall path; in every launch each row must
-    # have its exact list or be marked overflowed.
+    # have its exact list or be marked overflowed, and a warpgroup must leave its tiles together.
     gen = torch.Generator().manual_seed(7)
-    b, n, d = 100, 120, 64
+    b, n = 200, 200  # 4 tiles for 2 CTAs: after a split tile each CTA has another to run
     q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
     s = (q.double() @ c.double().T).float()
     lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
@@ -288,3 +291,18 @@ def test_fused_driver_on_emulated_wgmma(monkeypatch, sm90, name, spec, fkernel, 
     _base.run_fused_driver(monkeypatch, sm90, f"{name}/{fname}/{fkernel}", spec, dtype, metric, 40,
                            FUSED_KERNEL=fkernel)
     assert not sm90.topk_fused_wgmma_stalled(1)
+
+
+def test_fused_driver_survives_a_wgmma_stall(monkeypatch, emu):
+    # The containment end to end: the copy engine loses every copy, the first wgmma launch stalls and
+    # overflows every row, later ones overflow at once (the stall flag), and the driver redoes every
+    # chunk on the two-pass path: the result is still the CPU op's, exactly.
+    emu.configure(sm90=True, sm90_sms=SMS, lose_bulk_copies=True)
+    try:
+        emu.topk_fused_wgmma_clear_stall(1)
+        calls = _base.run_fused_driver(monkeypatch, emu, "stall", {}, torch.bfloat16, "dot", 40, FUSED_KERNEL="wgmma")
+        assert emu.topk_fused_wgmma_stalled(1)
+        assert calls["topk_offer_candidates"] == 0  # no chunk's lists were taken
+    finally:
+        emu.topk_fused_wgmma_clear_stall(1)
+        emu.configure()

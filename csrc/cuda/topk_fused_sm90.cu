@@ -160,6 +160,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     if (lane == 0 && !stalled) {
       Ring ring;
       bool ok = true;
+      int fills = 0;
       for (TileWalk w(mtiles, ntiles); ok && w.valid(); w.next()) {
         const auto m0 = static_cast<int32_t>(w.mi * T::kBM), n0 = static_cast<int32_t>(w.ni * T::kBN);
         for (int ks = 0; ks < ksteps; ++ks) {
@@ -172,6 +173,18 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
           tma_load_2d(tile, &tq, ks * kBK, m0, full);
           tma_load_2d(tile + T::kTileABytes, &tc, ks * kBK, n0, full);
           ring.advance<kStages>();
+          ++fills;
+        }
+      }
+      // The CTA must not exit while copies still write its shared memory: after a stall the consumers
+      // leave without waiting, and a copy landing later would write into whatever CTA the SM runs
+      // next. So the last fill of each stage must have landed before this thread leaves (healthy
+      // runs: long since). Bounded, deaf to the stall flag: a merely slow copy engine finishes here.
+      const uint64_t t0 = global_ns();
+      for (int i = 1; i <= kStages && i <= fills; ++i) {
+        const int back = ring.stage - i;  // the i-th last fill: this round's stages, then the last round's
+        const uint32_t bar = bars + 8 * (back < 0 ? back + kStages : back), parity = back < 0 ? ring.phase ^ 1 : ring.phase;
+        while (!mbar_try_wait(bar, parity) && global_ns() - t0 <= 2 * kWaitLimitNs) {
         }
       }
     }
@@ -211,7 +224,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's group is done reading its stage
       acc_fence(acc);
-      if (ks > 0 && lane == 0) mbar_arrive(bars + 8 * (kStages + previous));
+      // Only a warp whose waits all succeeded releases a stage: one that gave up never saw the stage's
+      // copy land, and releasing it could let the producer refill the stage under that copy.
+      if (ok && ks > 0 && lane == 0) mbar_arrive(bars + 8 * (kStages + previous));
       previous = ring.stage;
       ring.advance<kStages>();
     }

@@ -938,14 +938,12 @@ void end_block_checks() {
   for (size_t g = 0; g < g_groups.size(); ++g)
     if (!g_groups[g].open.empty() || !g_groups[g].committed.empty())
       fault("warpgroup " + std::to_string(g) + " ended with wgmma.mma_async in flight (no wait_group 0)");
-  if (!g_lose_bulk) {  // what the copy engine still had in flight lands (into a finished block)
-    std::vector<BulkCopy> rest;
-    rest.swap(g_bulk);
-    for (const BulkCopy& c : rest) {
-      if (g_mbars.count(c.bar) == 0) fault("a bulk copy completes on an mbarrier that no longer exists");
-      land(c);
-    }
-  }
+  // A copy still in flight would write into the shared memory of an exited CTA (whatever the SM runs
+  // next); lost copies (lose_bulk_copies) never write.
+  if (!g_bulk.empty())
+    fault("the block ended with " + std::to_string(g_bulk.size()) +
+          " bulk tensor copies in flight into its shared memory (the first onto the mbarrier at " +
+          std::to_string(g_bulk.front().bar) + ")");
 }
 
 }  // namespace
