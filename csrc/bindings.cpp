@@ -255,11 +255,14 @@ PYBIND11_MODULE(_C, m) {
         "Whether the device runs the wgmma fused kernel (compute capability 9.0 and sm_90a code in this build).");
   m.def("topk_fused_wgmma_stalled", &topk_fused_wgmma_stalled, py::arg("device"),
         "Whether a wait in the wgmma kernel timed out on the device (diagnostic; synchronizes the device).");
+  m.def("topk_fused_wgmma_clear_stall", &topk_fused_wgmma_clear_stall, py::arg("device"),
+        "Resets the device's wgmma stall flag (after a stall was reported, before timing again).");
   m.def("topk_fused_wgmma_ctas_per_sm", &topk_fused_wgmma_ctas_per_sm, py::arg("device"), py::arg("kernel"),
         "CTAs of wgmma kernel 2, 3 or 4 that run at once on one SM (0 where unavailable).");
 #else
   m.def("topk_fused_wgmma_available", [](int) { return false; }, py::arg("device"));
   m.def("topk_fused_wgmma_stalled", [](int) { return false; }, py::arg("device"));
+  m.def("topk_fused_wgmma_clear_stall", [](int) {}, py::arg("device"));
   m.def("topk_fused_wgmma_ctas_per_sm", [](int, int) { return 0; }, py::arg("device"), py::arg("kernel"));
 #endif
   m.def("topk_fused_wgmma_suits", &sm90::wgmma_inputs_suit, py::arg("block"),
