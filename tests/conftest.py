@@ -9,6 +9,8 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+# Helper modules shared by test files (fused_support.py); tests/ holds no package that could shadow one.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fused_support import ExactGemm, exact_fused_scores
 
 import hnsample
 from hnsample import _C
@@ -694,7 +695,7 @@ def test_fused_driver_on_emulated_kernels(monkeypatch, emu, name, spec, fname, d
     # Seed through the emulated select kernel, then doubling chunks through the emulated fused kernel
     # (+ rescoring for fp32), bounds and offers. Small integers: every path's scores are exact, so the
     # result equals the CPU op's over the same score matrix bit for bit (cosine: the scaled scores of
-    # _ExactGemm, which the fused epilogue and the rescoring reproduce).
+    # ExactGemm, which the fused epilogue and the rescoring reproduce).
     calls = run_fused_driver(monkeypatch, emu, f"{name}/{fname}", spec, dtype, metric, 64)
     assert calls["topk_rescore_candidates"] == (4 if dtype == torch.float32 else 0)
 
@@ -708,14 +709,14 @@ def run_fused_driver(monkeypatch, emu, seed: str, spec: dict, dtype, metric: str
     b, n, k = 40, 2600, 10
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
     kw = _driver_kwargs(spec, b, n, gen)
-    want = hnsample.topk_from_scores(_exact_scores(q, c, metric), k, **kw)
+    want = hnsample.topk_from_scores(exact_fused_scores(q, c, metric), k, **kw)
     calls = collections.Counter()
     _patch_driver(monkeypatch, emu, calls)
     monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
-    monkeypatch.setattr(topk_cuda, "ScoreGemm", _ExactGemm)
+    monkeypatch.setattr(topk_cuda, "ScoreGemm", ExactGemm)
     for name, value in settings.items():
         monkeypatch.setattr(topk_cuda, name, value)
-    sel = selection(_exact_scores(q, c, metric), k, kw)
+    sel = selection(exact_fused_scores(q, c, metric), k, kw)
     state = topk_cuda._run_fused(q, c, sel, metric, 1 << 16, SelectionState(sel, b, q.device), 0)
     got_s, got_j = finalize(state, emu)
     monkeypatch.undo()
@@ -732,40 +733,14 @@ def test_fused_driver_redoes_overflowing_chunks(monkeypatch, emu):
     b, n, d, k = 24, 2600, 32, 10
     q = int_matrix(b, d, gen, 0, 4).to(torch.bfloat16)
     c = (int_matrix(n, d, gen, 0, 4) * (1 + torch.arange(n) // 300)[:, None]).to(torch.bfloat16)
-    want = hnsample.topk_from_scores(_exact_scores(q, c, "dot"), k)
+    want = hnsample.topk_from_scores(exact_fused_scores(q, c, "dot"), k)
     calls = collections.Counter()
     _patch_driver(monkeypatch, emu, calls)
     monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
-    sel = selection(_exact_scores(q, c, "dot"), k, {})
+    sel = selection(exact_fused_scores(q, c, "dot"), k, {})
     state = topk_cuda._run_fused(q, c, sel, "dot", 1 << 16, SelectionState(sel, b, q.device), 0)
     got_s, got_j = finalize(state, emu)
     monkeypatch.undo()
     assert calls["topk_fused_scores"] == 4 and calls["topk_offer_candidates"] < 4
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
-
-
-def _exact_scores(q: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
-    """Scores as the fused path computes them for small-integer inputs: the exact dot product; cosine
-    scales it by the driver's fp32 1/|x| factors, in fp32 for 16-bit inputs (the epilogue's acc * row
-    scale * column scale) and in float64 rounded once for fp32 inputs (the rescoring)."""
-    s = q.double() @ c.double().T
-    if metric != "cosine":
-        return s.float()
-    rs, cs = topk_cuda.cosine_scale(q), topk_cuda.cosine_scale(c)
-    if q.dtype == torch.float32:
-        return (s * rs.double()[:, None] * cs.double()[None, :]).float()
-    return s.float() * rs[:, None] * cs[None, :]
-
-
-class _ExactGemm(topk_cuda.ScoreGemm):
-    """The two-pass path's seed blocks with _exact_scores' values (the GPU GEMM on the CPU)."""
-
-    def __init__(self, queries, metric):
-        self.metric, self.out_dtype, self.q = metric, torch.float32, queries
-
-    def operand(self, x):
-        return x, None
-
-    def scores(self, i0, i1, c, c_scale, out):
-        out.copy_(_exact_scores(self.q[i0:i1], c, self.metric))

@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 import torch
+from fused_support import ExactGemm, exact_fused_scores
 
 import hnsample
 from hnsample import _C
@@ -465,44 +466,18 @@ class _EmulatedFusedC(_EmulatedKernels):
         _C.topk_offer_candidates(p, scores, cols, counts, cap, col_offset, False, 0, 1)
 
 
-class _ExactGemm(topk_cuda.ScoreGemm):
-    """Two-pass scores with the rescoring's rounding: (q . c in float64) * scales, rounded once, so
-    the seed and the rescored fused chunks agree bit for bit with the expected matrix."""
-
-    def __init__(self, queries, metric):  # no device probe: the CPU build of torch has no CUDA
-        self.metric, self.raw, self.out_dtype = metric, queries, torch.float32
-
-    def operand(self, x):
-        return x, (topk_cuda.cosine_scale(x) if self.metric == "cosine" else None)
-
-    def scores(self, i0, i1, c, c_scale, out):
-        out.copy_(_exact_scores(self.raw[i0:i1], c, self.metric))
-
-
-def _exact_scores(q: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
-    """fp32 inputs: the rescoring's value (double sum times the scales, rounded once). 16-bit inputs:
-    the kernels' value (the exact fp32 sum of small integers, then times each scale in fp32)."""
-    s = q.double() @ c.double().T
-    if metric != "cosine":
-        return s.float()
-    rs, cs = topk_cuda.cosine_scale(q), topk_cuda.cosine_scale(c)
-    if q.dtype == torch.float32:
-        return (s * rs.double()[:, None] * cs.double()[None, :]).float()
-    return s.float() * rs[:, None] * cs[None, :]
-
-
 def _run_emulated_fused(monkeypatch, q, c, metric, k, kw, slack=1.0, push=0.9, seed=0):
     emulated = _EmulatedFusedC(slack)
     launch = _EmulatedFused(torch.Generator().manual_seed(seed), push)
     monkeypatch.setattr(topk_cuda, "_C", emulated)
     monkeypatch.setattr(topk_cuda, "_device_facts", lambda index: (4, 1 << 20))
-    monkeypatch.setattr(topk_cuda, "ScoreGemm", _ExactGemm)
+    monkeypatch.setattr(topk_cuda, "ScoreGemm", ExactGemm)
     monkeypatch.setattr(topk_cuda, "launch_fused", launch)
     monkeypatch.setattr(topk_cuda, "rescore_fused", lambda f, stream: _C.topk_rescore_candidates(f, False, 0, 1))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _HostStream())
     monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 1000)
     dense_calls = _count_dense_calls(monkeypatch)
-    exact = _exact_scores(q, c, metric)
+    exact = exact_fused_scores(q, c, metric)
     b, n = exact.shape
     sel = build_selection(
         b, n, q.device, k, positives=kw.get("positives"), exclude=kw.get("exclude"), query_labels=None,
@@ -781,7 +756,7 @@ def test_fused_tf32_path_equals_selection_over_exact_scores(monkeypatch, metric,
     # same exact GEMM), so the result is the selection over the exact scores rounded once; a
     # candidate lost to a tf32 error outside the slack would show here.
     monkeypatch.setattr(topk_cuda, "PATH", "fused")
-    monkeypatch.setattr(topk_cuda, "ScoreGemm", _ExactGemm)
+    monkeypatch.setattr(topk_cuda, "ScoreGemm", ExactGemm)
     dense_calls = _count_dense_calls(monkeypatch)
     gen = torch.Generator().manual_seed(zlib.crc32(f"tf32/{metric}/{fname}".encode()))
     b, n, d = 300, 50_000, 64
@@ -789,7 +764,7 @@ def test_fused_tf32_path_equals_selection_over_exact_scores(monkeypatch, metric,
     kw = make_filters(FILTERS[fname], b, n, gen)
     if fname == "bounds" and metric == "cosine":
         kw["min_score"], kw["max_score"] = -0.2, 0.3
-    want = hnsample.topk_from_scores(_exact_scores(q, c, metric).cpu(), 40, **kw)
+    want = hnsample.topk_from_scores(exact_fused_scores(q, c, metric).cpu(), 40, **kw)
     got = hnsample.topk_similarity(q, c, 40, metric=metric, **to_device(kw, "cuda"))
     assert_same(want, got)
     assert dense_calls[0] == 8192

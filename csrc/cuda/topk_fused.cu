@@ -29,6 +29,7 @@ constexpr int kBK16 = 32, kLds16 = kBK16 + 8;
 // fp32 operands: 16 floats of K per stage; 80-byte rows put the 32 lanes' fragment loads (rows
 // g = lane / 4, columns t = lane % 4) on 32 distinct banks, (20 g + t) mod 32.
 constexpr int kBK32 = 16, kLds32 = kBK32 + 4;
+static_assert(kBK16 == 4 * 8 && kBK32 == 4 * 4, "load_kstep copies 4 chunks of 16 bytes per row and k-step");
 
 // The tensor-core instructions (ptx.cuh): ldmatrix_x4, mma_16816, mma_1688_tf32, to_tf32.
 using namespace ptx;
@@ -63,28 +64,33 @@ __device__ __forceinline__ void pipelined(int ksteps, Load&& load, Compute&& com
   }
 }
 
+// Copies k-step ks of the CTA's 128 query rows (stage rows 0-127) and 128 candidate rows (128-255)
+// into one stage: 4 chunks of 16 bytes per row and operand (32 halves or 16 floats of K), 512 per
+// operand, two of each per thread; rows past the edge of the problem are zero-filled.
+template <typename T, int kLds>
+__device__ __forceinline__ void load_kstep(const FusedBlock& f, int64_t m0, int64_t n0, T (*stage)[kLds], int ks) {
+  constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
+  const T* q = static_cast<const T*>(f.queries);
+  const T* c = static_cast<const T*>(f.candidates);
+  const int64_t k0 = static_cast<int64_t>(ks) * 4 * kPer16;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int chunk = static_cast<int>(threadIdx.x) + i * kFusedThreads;
+    const int r = chunk / 4, kc = (chunk % 4) * kPer16;
+    const bool qv = m0 + r < f.rows, cv = n0 + r < f.cols;
+    cp_async_16(&stage[r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
+    cp_async_16(&stage[kBM + r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
+  }
+}
+
 // The main loop for 16-bit operands: acc = q[m0:m0+128] c[n0:n0+128]^T restricted to this warp.
 template <bool kBf16, int kStages>
 __device__ __forceinline__ void mainloop_16bit(const FusedBlock& f, int64_t m0, int64_t n0, Acc& acc,
                                                unsigned char* smem) {
   auto* st = reinterpret_cast<uint16_t(*)[kStageRows][kLds16]>(smem);  // [kStages][256][40]
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / 4, warp_n = warp % 4;
-  const uint16_t* q = static_cast<const uint16_t*>(f.queries);
-  const uint16_t* c = static_cast<const uint16_t*>(f.candidates);
-
-  // A k-step is 128 rows x 32 halves per operand = 512 chunks of 16 bytes: two per thread each.
-  auto load = [&](int slot, int ks) {
-    const int64_t k0 = static_cast<int64_t>(ks) * kBK16;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int chunk = tid + i * kFusedThreads;
-      const int r = chunk / 4, kc = (chunk % 4) * 8;
-      const bool qv = m0 + r < f.rows, cv = n0 + r < f.cols;
-      cp_async_16(&st[slot][r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
-      cp_async_16(&st[slot][kBM + r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
-    }
-  };
+  auto load = [&](int slot, int ks) { load_kstep(f, m0, n0, st[slot], ks); };
   auto compute = [&](int slot) {
 #pragma unroll
     for (int kk = 0; kk < kBK16; kk += 16) {
@@ -120,24 +126,10 @@ template <int kStages>
 __device__ __forceinline__ void mainloop_tf32(const FusedBlock& f, int64_t m0, int64_t n0, Acc& acc,
                                               unsigned char* smem) {
   auto* st = reinterpret_cast<float(*)[kStageRows][kLds32]>(smem);  // [kStages][256][20]
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / 4, warp_n = warp % 4;
   const int g = lane / 4, t = lane % 4;
-  const float* q = static_cast<const float*>(f.queries);
-  const float* c = static_cast<const float*>(f.candidates);
-
-  // A k-step is 128 rows x 16 floats per operand = 512 chunks of 16 bytes: two per thread each.
-  auto load = [&](int slot, int ks) {
-    const int64_t k0 = static_cast<int64_t>(ks) * kBK32;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int chunk = tid + i * kFusedThreads;
-      const int r = chunk / 4, kc = (chunk % 4) * 4;
-      const bool qv = m0 + r < f.rows, cv = n0 + r < f.cols;
-      cp_async_16(&st[slot][r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
-      cp_async_16(&st[slot][kBM + r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
-    }
-  };
+  auto load = [&](int slot, int ks) { load_kstep(f, m0, n0, st[slot], ks); };
   auto compute = [&](int slot) {
 #pragma unroll
     for (int kk = 0; kk < kBK32; kk += 8) {
