@@ -1,5 +1,5 @@
 """The device check script's own logic (shapes, correctness checks, table, JSON), on tiny CPU shapes:
-a device session has minutes, so the script must not fail on its first run for a reason the CPU shows."""
+device time is short, so the script must not fail on its first run for a reason the CPU shows."""
 
 from __future__ import annotations
 
