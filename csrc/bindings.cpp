@@ -7,6 +7,7 @@
 #include "topk_select.h"
 #include "info_nce.h"
 #include "topk_fused_sm90.h"
+#include "launch_args.h"
 
 namespace py = pybind11;
 using namespace hnsample;
@@ -20,31 +21,12 @@ bool cuda_device_usable();
 
 namespace {
 
-template <typename T>
-T* as_ptr(uintptr_t v) {
-  return reinterpret_cast<T*>(v);
-}
-
 // Exposes a raw pointer field of a params struct as an int property.
 template <typename S, typename P>
 void pointer_field(py::class_<S>& cls, const char* name, P* S::*field) {
   cls.def_property(
       name, [field](const S& s) { return reinterpret_cast<uintptr_t>(s.*field); },
       [field](S& s, uintptr_t v) { s.*field = reinterpret_cast<P*>(v); });
-}
-
-ScoreBlock make_block(uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
-                      int64_t col_stride, int64_t row_offset, int64_t col_offset) {
-  ScoreBlock b;
-  b.data = as_ptr<const void>(data);
-  b.dtype = dtype;
-  b.rows = rows;
-  b.cols = cols;
-  b.row_stride = row_stride;
-  b.col_stride = col_stride;
-  b.row_offset = row_offset;
-  b.col_offset = col_offset;
-  return b;
 }
 
 [[noreturn]] void no_cuda() { throw Error("hnsample was built without CUDA kernels"); }
@@ -332,18 +314,8 @@ PYBIND11_MODULE(_C, m) {
       [](const InfoNceParams& p, bool backward, uintptr_t data, uintptr_t guide, int dtype, int64_t rows,
          int64_t cols, int64_t row_stride, int64_t col_stride, int64_t guide_row_stride, int64_t guide_col_stride,
          int64_t row_offset, int64_t col_offset, bool cuda, uintptr_t stream, int threads) {
-        PairBlock b;
-        b.data = as_ptr<void>(data);
-        b.guide = as_ptr<const void>(guide);
-        b.dtype = dtype;
-        b.rows = rows;
-        b.cols = cols;
-        b.row_stride = row_stride;
-        b.col_stride = col_stride;
-        b.guide_row_stride = guide_row_stride;
-        b.guide_col_stride = guide_col_stride;
-        b.row_offset = row_offset;
-        b.col_offset = col_offset;
+        const PairBlock b = make_pair_block(data, guide, dtype, rows, cols, row_stride, col_stride, guide_row_stride,
+                                            guide_col_stride, row_offset, col_offset);
         if (!cuda) {
           return backward ? info_nce_backward_block_cpu(p, b, threads) : info_nce_forward_block_cpu(p, b, threads);
         }

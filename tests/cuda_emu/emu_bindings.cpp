@@ -10,6 +10,7 @@
 
 #include "cuda_runtime.h"
 #include "info_nce.h"
+#include "launch_args.h"
 #include "topk_fused_sm90.h"
 #include "topk_select.h"
 
@@ -28,27 +29,8 @@ void sm90_faults(int mode);
 
 namespace {
 
-template <typename T>
-T* as_ptr(uintptr_t v) {
-  return reinterpret_cast<T*>(v);
-}
-
 void need_cuda(bool cuda) {
   if (!cuda) throw py::value_error("cuda: the emulated module runs the CUDA launchers only (cuda=True)");
-}
-
-ScoreBlock make_block(uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
-                      int64_t col_stride, int64_t row_offset, int64_t col_offset) {
-  ScoreBlock b;
-  b.data = as_ptr<const void>(data);
-  b.dtype = dtype;
-  b.rows = rows;
-  b.cols = cols;
-  b.row_stride = row_stride;
-  b.col_stride = col_stride;
-  b.row_offset = row_offset;
-  b.col_offset = col_offset;
-  return b;
 }
 
 }  // namespace
@@ -184,18 +166,8 @@ PYBIND11_MODULE(_cuda_emu, m) {
          int64_t cols, int64_t row_stride, int64_t col_stride, int64_t guide_row_stride, int64_t guide_col_stride,
          int64_t row_offset, int64_t col_offset, bool cuda, uintptr_t stream, int threads) {
         need_cuda(cuda);
-        PairBlock b;
-        b.data = as_ptr<void>(data);
-        b.guide = as_ptr<const void>(guide);
-        b.dtype = dtype;
-        b.rows = rows;
-        b.cols = cols;
-        b.row_stride = row_stride;
-        b.col_stride = col_stride;
-        b.guide_row_stride = guide_row_stride;
-        b.guide_col_stride = guide_col_stride;
-        b.row_offset = row_offset;
-        b.col_offset = col_offset;
+        const PairBlock b = make_pair_block(data, guide, dtype, rows, cols, row_stride, col_stride, guide_row_stride,
+                                            guide_col_stride, row_offset, col_offset);
         py::gil_scoped_release release;
         if (backward) return info_nce_backward_block_cuda(p, b, as_ptr<void>(stream));
         info_nce_forward_block_cuda(p, b, as_ptr<void>(stream));
