@@ -8,6 +8,7 @@
 #include "info_nce.h"
 #include "topk_fused_sm90.h"
 #include "launch_args.h"
+#include "params_check.h"
 
 namespace py = pybind11;
 using namespace hnsample;
@@ -36,9 +37,54 @@ void pointer_field(py::class_<S>& cls, const char* name, P* S::*field) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hnsample compiled kernels (torch-free; see hnsample/_ext.py)";
   py::register_exception<Error>(m, "KernelError", PyExc_RuntimeError);
+  // Registered after KernelError so that it is matched first (pybind11 tries the newest translator first).
+  py::register_exception<ParamError>(m, "ParamError", PyExc_ValueError);
+
+  // The codes the kernels take, named as the Python API names them.
+  py::enum_<DType>(m, "DType")
+      .value("float32", DType::Float32)
+      .value("float64", DType::Float64)
+      .value("float16", DType::Float16)
+      .value("bfloat16", DType::BFloat16)
+      .value("int64", DType::Int64);
+  py::enum_<Sampling>(m, "Sampling")
+      .value("top", Sampling::Top)
+      .value("uniform", Sampling::Uniform)
+      .value("softmax", Sampling::Softmax);
+  py::enum_<SelectMode>(m, "SelectMode").value("window", SelectMode::Window).value("stream", SelectMode::Stream);
+  py::enum_<FusedKernel>(m, "FusedKernel")
+      .value("auto", FusedKernel::Auto)
+      .value("mma", FusedKernel::Mma)
+      .value("wgmma", FusedKernel::Wgmma)
+      .value("wgmma_256x128", FusedKernel::Wgmma256x128)
+      .value("wgmma_128x256", FusedKernel::Wgmma128x256);
+  m.def(
+      "state_layout",
+      [](int64_t k, int64_t skip, int64_t pool, Sampling sampling) {
+        const StateLayout l = state_layout(k, skip, pool, sampling);
+        return py::make_tuple(l.mode, l.capacity);
+      },
+      py::arg("k"), py::arg("skip"), py::arg("pool"), py::arg("sampling"),
+      "(mode, capacity): the per-row selection state a selection needs (csrc/topk_select.h).");
 
   py::class_<TopkParams> params(m, "TopkParams");
   params.def(py::init<>())
+      .def(
+          "configure",
+          [](TopkParams& p, int64_t num_rows, int64_t k, int64_t skip, int64_t pool, Sampling sampling) {
+            p.num_rows = num_rows;
+            p.k = k;
+            p.skip = skip;
+            p.pool = pool;
+            p.sampling = sampling;
+            const StateLayout l = state_layout(k, skip, pool, sampling);
+            p.mode = l.mode;
+            p.capacity = l.capacity;
+          },
+          py::arg("num_rows"), py::arg("k"), py::arg("skip"), py::arg("pool"), py::arg("sampling"),
+          "Sets the selection's shape and derives mode and capacity (the state is [num_rows, capacity]).")
+      .def("copy", [](const TopkParams& p) { return p; }, "A copy (the same fields, the same buffers).")
+      .def("check", [](const TopkParams& p) { check_params(p); }, "Raises ValueError where a launcher would.")
       .def_readwrite("num_rows", &TopkParams::num_rows)
       .def_readwrite("k", &TopkParams::k)
       .def_readwrite("skip", &TopkParams::skip)
@@ -240,12 +286,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("topk_fused_wgmma_clear_stall", &topk_fused_wgmma_clear_stall, py::arg("device"),
         "Resets the device's wgmma stall flag (after a stall was reported, before timing again).");
   m.def("topk_fused_wgmma_ctas_per_sm", &topk_fused_wgmma_ctas_per_sm, py::arg("device"), py::arg("kernel"),
-        "CTAs of wgmma kernel 2, 3 or 4 that run at once on one SM (0 where unavailable).");
+        "CTAs of a wgmma FusedKernel that run at once on one SM (0 where unavailable).");
 #else
   m.def("topk_fused_wgmma_available", [](int) { return false; }, py::arg("device"));
   m.def("topk_fused_wgmma_stalled", [](int) { return false; }, py::arg("device"));
   m.def("topk_fused_wgmma_clear_stall", [](int) {}, py::arg("device"));
-  m.def("topk_fused_wgmma_ctas_per_sm", [](int, int) { return 0; }, py::arg("device"), py::arg("kernel"));
+  m.def("topk_fused_wgmma_ctas_per_sm", [](int, FusedKernel) { return 0; }, py::arg("device"), py::arg("kernel"));
 #endif
   m.def("topk_fused_wgmma_suits", &sm90::wgmma_inputs_suit, py::arg("block"),
         "Whether the wgmma kernel takes a FusedBlock's inputs (dtype, alignment, strides, extents).");
@@ -266,10 +312,10 @@ PYBIND11_MODULE(_C, m) {
     d["CTAS_PER_SM"] = T::kCtasPerSm;
     return d;
   };
-  py::dict tiles;  // by FusedBlock.kernel code
-  tiles[py::int_(2)] = tile(sm90::TileWide{});
-  tiles[py::int_(3)] = tile(sm90::TileTall{});
-  tiles[py::int_(4)] = tile(sm90::TileLong{});
+  py::dict tiles;  // by FusedKernel
+  tiles[py::cast(FusedKernel::Wgmma)] = tile(sm90::TileWide{});
+  tiles[py::cast(FusedKernel::Wgmma256x128)] = tile(sm90::TileTall{});
+  tiles[py::cast(FusedKernel::Wgmma128x256)] = tile(sm90::TileLong{});
   sm90m.attr("TILES") = tiles;
   sm90m.def("smem_descriptor", &sm90::smem_descriptor, py::arg("start"), py::arg("leading_bytes"),
             py::arg("stride_bytes"), py::arg("base_offset"), py::arg("swizzle"));

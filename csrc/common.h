@@ -24,6 +24,11 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Parameters a launcher cannot run with (csrc/params_check.h); Python sees a ValueError.
+struct ParamError : Error {
+  using Error::Error;
+};
+
 #define HN_CHECK(cond, msg)                                                                   \
   do {                                                                                        \
     if (!(cond)) {                                                                            \

@@ -51,16 +51,16 @@ struct Tile {
   static_assert((kBN == 128 || kBN == 256) && kBN >= kMinBN, "the wgmma shapes this kernel issues");
 };
 
-// Three shapes, by FusedBlock.kernel; which is fastest is a question for the device, the first is the
-// default. Per 16 of K a warpgroup's m64nNk16 reads 2 KiB of A and N/8 KiB of B from shared memory and
+// Three shapes, by FusedBlock.kernel (FusedKernel); which is fastest is a question for the device, the
+// first is what Wgmma and Auto (where wgmma runs) launch. Per 16 of K a warpgroup's m64nNk16 reads 2 KiB of A and N/8 KiB of B from shared memory and
 // the copy engine writes (BM + BN) x 32 bytes per CTA; against the SM's 128 bytes per clock of shared
 // memory and about 2048 bf16 FMA per clock of tensor cores that is, per clock of tensor work, 160 bytes
 // for 128 x 128, 144 for 256 x 128 and 128 for 128 x 256.
-//   2 (auto): 128 x 128, 3 stages, 97 KiB: two CTAs per SM, one's epilogue overlaps the other's main
-//             loop; 64 flop per byte of operands from L2.
-//   3: 256 x 128, 4 stages, one CTA per SM; 85 flop per byte from L2; no epilogue overlap.
-//   4: 128 x 256, 4 stages, one CTA per SM, 128 accumulators per thread; 85 flop per byte from L2, the
-//      least shared-memory traffic; no epilogue overlap.
+//   Wgmma: 128 x 128, 3 stages, 97 KiB: two CTAs per SM, one's epilogue overlaps the other's main loop;
+//          64 flop per byte of operands from L2.
+//   Wgmma256x128: 256 x 128, 4 stages, one CTA per SM; 85 flop per byte from L2; no epilogue overlap.
+//   Wgmma128x256: 128 x 256, 4 stages, one CTA per SM, 128 accumulators per thread; 85 flop per byte
+//                 from L2, the least shared-memory traffic; no epilogue overlap.
 using TileWide = Tile<2, 128, 3>;
 using TileTall = Tile<4, 128, 4>;
 using TileLong = Tile<2, 256, 4>;
@@ -154,9 +154,9 @@ bool topk_fused_wgmma_available(int device);
 // Launches the wgmma kernel on the current device (FusedBlock contract; inputs must suit, see
 // sm90::wgmma_inputs_suit). Throws when the device cannot run it.
 void topk_fused_scores_sm90(const FusedBlock& f, void* stream);
-// CTAs of wgmma kernel `kernel` (2 to 4) that run at once on one SM of `device` (0 when the kernel is
-// unavailable there); the persistent grid is this times the SM count. Diagnostics.
-int topk_fused_wgmma_ctas_per_sm(int device, int kernel);
+// CTAs of a wgmma kernel (one of the three wgmma codes) that run at once on one SM of `device` (0 when the
+// kernel is unavailable there); the persistent grid is this times the SM count. Diagnostics.
+int topk_fused_wgmma_ctas_per_sm(int device, FusedKernel kernel);
 // Whether a wait in the wgmma kernel ran out of time on `device` (then every later launch there reports
 // overflow in every row, so the fused driver redoes its chunks on the two-pass path). Synchronizes the
 // device: a diagnostic for tests and device checks, never called on the op's path.

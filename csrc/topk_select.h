@@ -11,25 +11,26 @@
 
 namespace hnsample {
 
-enum SelectMode : int {
+// How a row's state is organised (state_layout picks it from k, skip_top, pool and the sampling).
+enum class SelectMode : int {
   // Keep the best `capacity` eligible candidates by score; the window and any sampling are applied at
   // finalize time. Used for sampling="top" and for every bounded pool.
-  kModeWindow = 0,
+  Window = 0,
   // sampling over an unbounded pool: a score heap of `skip` slots holds the candidates that are ranked
   // above the window; everything pushed out of it streams into a key heap of `k` slots.
-  kModeStream = 1,
+  Stream = 1,
 };
 
-enum Sampling : int { kSampleTop = 0, kSampleUniform = 1, kSampleSoftmax = 2 };
+enum class Sampling : int { Top = 0, Uniform = 1, Softmax = 2 };
 
 struct TopkParams {
   int64_t num_rows = 0;      // B: rows of the selection state
   int64_t k = 0;             // results per row
   int64_t skip = 0;          // skip_top
   int64_t pool = -1;         // window length after skip; -1 = unbounded
-  int64_t capacity = 0;      // state slots per row (mode window: skip + window kept; stream: skip + k)
-  int mode = kModeWindow;
-  int sampling = kSampleTop;
+  int64_t capacity = 0;      // derived: state slots per row (state_layout)
+  SelectMode mode = SelectMode::Window;  // derived: state_layout(k, skip, pool, sampling)
+  Sampling sampling = Sampling::Top;
   double inv_temperature = 1.0;
   uint64_t seed = 0;
   int64_t noise_row_offset = 0;  // noise row = noise_row_offset + state row (global query id)
@@ -57,6 +58,20 @@ struct ScoreBlock {
   int64_t row_stride = 0, col_stride = 1;
   int64_t row_offset = 0, col_offset = 0;
 };
+
+// The per-row state a selection needs: the mode and the slots per row. sampling="top" keeps the best
+// skip + min(k, pool) candidates; sampling over a bounded pool keeps the whole window (skip + pool) and
+// draws at finalize; sampling over an unbounded pool streams (skip heap + a key heap of k).
+struct StateLayout {
+  SelectMode mode;
+  int64_t capacity;
+};
+
+HN_HD StateLayout state_layout(int64_t k, int64_t skip, int64_t pool, Sampling sampling) {
+  if (sampling == Sampling::Top) return {SelectMode::Window, skip + (pool < 0 || k < pool ? k : pool)};
+  if (pool < 0) return {SelectMode::Stream, skip + k};
+  return {SelectMode::Window, skip + pool};
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Counter-based noise: Philox-4x32-10 keyed by the seed, counter = (candidate id, query row). A pure
@@ -96,10 +111,10 @@ HN_HD double uniform_noise(uint64_t seed, uint64_t row, uint64_t col) {
 
 // Sampling key: larger keys are chosen first. Uniform: u. Softmax: s / T + Gumbel(u) (Gumbel-top-k
 // draws k without replacement with probability proportional to exp(s / T)).
-HN_HD double sample_key(int sampling, double score, double inv_temperature, uint64_t seed, int64_t row,
+HN_HD double sample_key(Sampling sampling, double score, double inv_temperature, uint64_t seed, int64_t row,
                         int64_t col) {
   const double u = uniform_noise(seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col));
-  if (sampling == kSampleSoftmax) return score * inv_temperature - log(-log(u));
+  if (sampling == Sampling::Softmax) return score * inv_temperature - log(-log(u));
   return u;
 }
 
@@ -253,7 +268,7 @@ HN_HD RowState row_state(const TopkParams& p, int64_t row) {
   RowState r;
   const int64_t base = row * p.capacity;
   r.skip_or_window = Slot{p.st_score + base, p.st_index + base, nullptr};
-  if (p.mode == kModeStream) {
+  if (p.mode == SelectMode::Stream) {
     r.keyed = Slot{p.st_score + base + p.skip, p.st_index + base + p.skip, p.st_key + base + p.skip};
   } else {
     r.keyed = Slot{nullptr, nullptr, nullptr};
@@ -272,7 +287,7 @@ HN_HD void offer_to_keyed(const TopkParams& p, const RowState& st, int64_t row, 
 // Offers an eligible candidate to the row's state.
 HN_HD void offer_candidate(const TopkParams& p, const RowState& st, int64_t row, double s, int64_t j) {
   Item out;
-  if (p.mode == kModeWindow) {
+  if (p.mode == SelectMode::Window) {
     heap_offer<false>(st.skip_or_window, p.capacity, st.count[0], Item{s, j, 0.0}, out);
     return;
   }
@@ -325,8 +340,8 @@ HN_HD bool stream_gate_admits(const StreamGate& g, double s, int64_t j, double k
 // offer_candidate). -inf while the heap has room, and always in stream mode, where every eligible
 // candidate can matter to the sample.
 HN_HD double row_entry_threshold(const TopkParams& p, const RowState& st) {
-  if (p.mode == kModeWindow && p.capacity > 0 && st.count[0] >= p.capacity) return st.skip_or_window.s[0];
-  if (p.mode == kModeWindow && p.capacity == 0) return INFINITY;
+  if (p.mode == SelectMode::Window && p.capacity > 0 && st.count[0] >= p.capacity) return st.skip_or_window.s[0];
+  if (p.mode == SelectMode::Window && p.capacity == 0) return INFINITY;
   return -INFINITY;
 }
 
@@ -336,14 +351,14 @@ HN_HD void finalize_row(const TopkParams& p, int64_t row, double* out_s, int64_t
   const RowState st = row_state(p, row);
   int64_t first = 0, n = 0;  // the chosen items, best first, live at slots [first, first + n)
   Slot out_slot = st.skip_or_window;
-  if (p.mode == kModeWindow) {
+  if (p.mode == SelectMode::Window) {
     const int64_t count = st.count[0];
     sort_heap_best_first<false>(st.skip_or_window, count);
     const int64_t begin = p.skip < count ? p.skip : count;
     int64_t end = count;
     if (p.pool >= 0 && begin + p.pool < end) end = begin + p.pool;
     first = begin;
-    if (p.sampling == kSampleTop) {
+    if (p.sampling == Sampling::Top) {
       n = (end - begin) < p.k ? (end - begin) : p.k;
     } else {
       // Choose the k largest keys of the window in place: slots [begin, begin + k) become a key heap
@@ -385,7 +400,7 @@ HN_HD void merge_row(const TopkParams& p, const TopkParams& other, int64_t row) 
   const RowState ot = row_state(other, row);
   for (int64_t t = 0; t < ot.count[0]; ++t)
     offer_candidate(p, st, row, ot.skip_or_window.s[t], ot.skip_or_window.j[t]);
-  if (p.mode == kModeStream) {
+  if (p.mode == SelectMode::Stream) {
     // These were outranked by `skip` items of their own shard, so they are below the global skip set.
     for (int64_t t = 0; t < ot.count[1]; ++t) offer_to_keyed(p, st, row, ot.keyed.s[t], ot.keyed.j[t]);
   }
@@ -446,6 +461,11 @@ HN_HD void offer_candidate_list(const TopkParams& p, int64_t row, const float* s
 // survivors are rescored exactly (topk_rescore_candidates_*) before they are offered. Survivors are
 // appended to row i's list; cand_count[i] counts every survivor, also those beyond cand_cap (which are
 // dropped: the caller sees the overflow and redoes the chunk).
+// Which kernel a fused launch runs. Auto: the sm_90a wgmma kernel where the device, the build and the
+// inputs allow it, else mma.sync. The wgmma codes force that kernel and tile shape (csrc/topk_fused_sm90.h)
+// and throw where it cannot run.
+enum class FusedKernel : int { Auto = 0, Mma = 1, Wgmma = 2, Wgmma256x128 = 3, Wgmma128x256 = 4 };
+
 struct FusedBlock {
   const void* queries = nullptr;     // [rows, dim] bf16/fp16/fp32, rows 16-byte aligned
   int64_t q_stride = 0;
@@ -463,9 +483,8 @@ struct FusedBlock {
   int32_t* cand_col = nullptr;       // [rows, cand_cap]
   int32_t* cand_count = nullptr;     // [rows]
   int64_t cand_cap = 0;
-  int kernel = 0;  // 0: the fastest kernel the device and inputs allow; 1: mma.sync; 2: sm_90a wgmma
-  int stages = 0;  // mma.sync pipeline depth: 0 by the device's shared memory, or 2 or 4;
-                   // 3, 4: sm_90a wgmma with 256 x 128, 128 x 256 tiles (csrc/topk_fused_sm90.h)
+  FusedKernel kernel = FusedKernel::Auto;
+  int stages = 0;  // mma.sync pipeline depth: 0 by the device's shared memory, or 2 or 4
 };
 
 // The factor e(d) of the tf32 score error bound |s_tc - s| <= e(d) |q| |c| (Euclidean norms), where s

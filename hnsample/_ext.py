@@ -1,5 +1,5 @@
-"""Loads the compiled kernels and holds the torch <-> kernel plumbing: dtype codes, raw pointers,
-CUDA streams, thread counts, and the shared argument checks every op module uses."""
+"""Loads the compiled kernels and holds the torch <-> kernel plumbing (dtype codes, raw pointers, the
+CUDA device guard) and the shared argument checks every op module uses."""
 
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ import torch
 
 from . import _C
 
-# Must match csrc/common.h::DType.
-DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.int64: 4,
-}
+# torch dtype -> the kernels' dtype code (csrc/common.h DType, bound as _C.DType with torch's names).
+DTYPE_CODES = {getattr(torch, name): int(code) for name, code in _C.DType.__members__.items()}
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -37,17 +31,20 @@ def ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr()
 
 
-def stream_of(t: torch.Tensor) -> int:
-    """The current CUDA stream of t's device as an int (0 on the CPU)."""
-    if t.device.type != "cuda":
-        return 0
-    return torch.cuda.current_stream(t.device).cuda_stream
+class device_guard:
+    """Runs CUDA work under the tensor's device (a no-op on the CPU)."""
 
+    def __init__(self, t: torch.Tensor):
+        self.ctx = torch.cuda.device_of(t) if t.device.type == "cuda" else None
 
-def num_threads() -> int:
-    """Threads for the CPU kernels: the same budget torch uses, so the two never oversubscribe (they
-    run one after the other, never at the same time)."""
-    return max(1, torch.get_num_threads())
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def _run_method(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import hnsample
-    from hnsample.ops.topk import block_shape
+    from hnsample.engine import block_shape
 
     q, c, pos = _inputs(cfg["b"], cfg["n"], cfg["d"], cfg["p"], cfg["dtype"], cfg["seed"])
     k, margin, block = cfg["k"], cfg["relative_margin"], cfg["block_size"]

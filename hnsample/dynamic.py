@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ._ext import as_tensor, check_int, check_labels
-from .ops.topk import SelectionState, build_selection, prepare_rows, run_similarity_selection
+from .engine import SelectionState, backend_for, build_selection, pair_similarities, prepare_rows
 
 __all__ = ["DynamicNegativeMiner", "DynamicNegatives"]
 
@@ -148,7 +148,8 @@ class DynamicNegativeMiner:
             raise TypeError("generator must be a CPU torch.Generator or None")
         opts = {**_FILTER_DEFAULTS, **filters}
         ct = torch.float64 if q_in.dtype == torch.float64 else torch.float32
-        q = prepare_rows(q_in.detach().to(self.device), self.metric).to(ct)
+        q_raw = q_in.detach().to(self.device)
+        q = prepare_rows(q_raw, self.metric).to(ct)
         b = q.shape[0]
         if query_labels is not None:
             if self.labels is None:
@@ -158,8 +159,7 @@ class DynamicNegativeMiner:
         exclude = None if exclude is None else as_tensor("exclude", exclude).to(self.device)
 
         def positive_values(pos: torch.Tensor) -> torch.Tensor:
-            rows = prepare_rows(self._rows(pos.reshape(-1)), self.metric).to(ct)
-            return torch.einsum("bd,bpd->bp", q, rows.reshape(pos.shape[0], pos.shape[1], -1))
+            return pair_similarities(q_raw, self._rows, pos, self.metric, out_dtype=ct)
 
         sel = build_selection(
             b, self.num_documents, self.device, k, positives=positives, exclude=exclude,
@@ -167,8 +167,9 @@ class DynamicNegativeMiner:
             generator=generator, seed=seed, positive_values=positive_values, **opts,
         )
         state = SelectionState(sel, b, self.device)
+        backend = backend_for(self.device)
         for j0, chunk in self._chunks(ct):
-            run_similarity_selection(q, chunk, sel, self.metric, self.block_size, state=state, col_offset=j0)
+            backend.select(q, chunk, state, self.metric, self.block_size, col_offset=j0)
         hard_scores, hard_ids = state.finalize()
 
         banned = [t for t in (sel.banned, hard_ids) if t is not None]

@@ -1,5 +1,6 @@
 """Corpus-scale hard-negative mining: :func:`mine_hard_negatives` streams a (possibly memory-mapped)
-corpus through the fused top-k selection of :mod:`hnsample.ops.topk`, query batch by query batch,
+corpus through the selection engine (:mod:`hnsample.engine`, the semantics of
+:func:`hnsample.topk_similarity`), query batch by query batch,
 shard by shard, on one or several devices and across torch.distributed ranks, with resumable
 checkpoints. The result is a :class:`MinedNegatives`."""
 
@@ -28,15 +29,17 @@ from .mining_io import (
     save_result,
     tensor_digest,
 )
-from .ops.topk import (
-    DEFAULT_BLOCK_SIZE,
+from . import settings as _settings
+from .engine import (
     METRICS,
-    SAMPLING_CODES,
+    SAMPLINGS,
     Selection,
     SelectionState,
+    backend_for,
     build_selection,
-    prepare_rows,
-    run_similarity_selection,
+    draw_seed,
+    pair_similarities,
+    positive_score,
 )
 
 # Per-row counters of the filter statistics, in attribution order (a candidate is counted under the
@@ -372,31 +375,6 @@ class _Group:
         return c.to(t.device)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Selection state plumbing
-
-
-def _selection_on(sel: Selection, device: torch.device) -> Selection:
-    def mv(t):
-        return None if t is None else t.to(device)
-
-    return dataclasses.replace(sel, banned=mv(sel.banned), query_labels=mv(sel.query_labels),
-                               candidate_labels=mv(sel.candidate_labels), upper=mv(sel.upper))
-
-
-def _state_tensors(state: SelectionState) -> list[torch.Tensor]:
-    return [state.st_score, state.st_index, state.st_key, state.st_count]
-
-
-def _state_from(sel: Selection, rows: int, device: torch.device, row_offset: int,
-                tensors: list[torch.Tensor]) -> SelectionState:
-    """A state on `device` holding a copy of another state's contents (from another device or rank)."""
-    st = SelectionState(sel, rows, device, noise_row_offset=row_offset)
-    for dst, src in zip(_state_tensors(st), tensors, strict=True):
-        dst.copy_(src)
-    return st
-
-
 def _distinct_valid(ids: torch.Tensor) -> torch.Tensor:
     """Per row, the number of distinct ids >= 0."""
     if ids.shape[1] == 0:
@@ -466,11 +444,7 @@ class _Run:
 
 def _positive_matrix(run: _Run, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """(b, P) similarity of each query with its (clamped) positive ids, in the kernels' compute dtype."""
-    dev = q.device
-    qn = prepare_rows(q, run.metric)
-    c = run.src_c.take(pos.clamp_min(0).cpu()).to(dev)
-    cn = prepare_rows(c.reshape(-1, c.shape[-1]), run.metric).reshape(c.shape)
-    return torch.einsum("bd,bpd->bp", qn, cn)
+    return pair_similarities(q, lambda ids: run.src_c.take(ids.cpu()), pos.clamp_min(0), run.metric)
 
 
 def _mine_batch(run: _Run, group: _Group, q0: int, q1: int) -> dict[str, Any]:
@@ -491,7 +465,7 @@ def _mine_batch(run: _Run, group: _Group, q0: int, q1: int) -> dict[str, Any]:
         positive_scores=sl(run.positive_scores), generator=None, seed=run.seed,
         positive_values=lambda _ids: pos_vals, **run.select_kwargs,
     )
-    sels = [sel] + [_selection_on(sel, d) for d in run.devices[1:]]
+    sels = [sel] + [sel.on(d) for d in run.devices[1:]]
     states = [SelectionState(s, b, d, noise_row_offset=q0) for s, d in zip(sels, run.devices, strict=True)]
     counters = [_FilterCounter(s, b, d) if run.filter_statistics else None
                 for s, d in zip(sels, run.devices, strict=True)]
@@ -499,10 +473,10 @@ def _mine_batch(run: _Run, group: _Group, q0: int, q1: int) -> dict[str, Any]:
     def work(slot: int) -> None:
         dev = run.devices[slot]
         qd = q.to(dev)
+        backend = backend_for(dev)
         for c0, c1 in run.shards[slot :: len(run.devices)]:
             c = run.src_c.rows(c0, c1).to(dev)
-            run_similarity_selection(qd, c, sels[slot], run.metric, run.block_size, state=states[slot],
-                                     col_offset=c0, on_block=counters[slot])
+            backend.select(qd, c, states[slot], run.metric, run.block_size, col_offset=c0, on_block=counters[slot])
 
     if len({d.type for d in run.devices}) == 1 and run.devices[0].type == "cpu":
         for slot in range(len(run.devices)):  # CPU "devices" share the same cores: no point in threads
@@ -529,7 +503,7 @@ def _mine_batch(run: _Run, group: _Group, q0: int, q1: int) -> dict[str, Any]:
 
     state = states[0]
     for other in states[1:]:
-        state.merge(_state_from(sel, b, primary, q0, [t.to(primary) for t in _state_tensors(other)]))
+        state.merge(SelectionState(sel, b, primary, q0).load([t.to(primary) for t in other.tensors()]))
     counts = None
     if run.filter_statistics:
         counts = sum(c.counts.to(primary) for c in counters)
@@ -541,10 +515,10 @@ def _finish_batch(run: _Run, group: _Group, local: dict[str, Any], q0: int) -> d
     state, sel, b = local["state"], local["sel"], local["b"]
     primary = run.devices[0]
     if group.world > 1:
-        gathered = [group.all_gather(t) for t in _state_tensors(state)]
-        merged = _state_from(sel, b, primary, q0, [g[0].to(primary) for g in gathered])
+        gathered = [group.all_gather(t) for t in state.tensors()]
+        merged = SelectionState(sel, b, primary, q0).load([g[0].to(primary) for g in gathered])
         for r in range(1, group.world):
-            merged.merge(_state_from(sel, b, primary, q0, [g[r].to(primary) for g in gathered]))
+            merged.merge(SelectionState(sel, b, primary, q0).load([g[r].to(primary) for g in gathered]))
         state = merged
     scores, indices = state.finalize()
     out = {"indices": indices.cpu().numpy(), "scores": scores.to(torch.float32).cpu().numpy()}
@@ -553,10 +527,8 @@ def _finish_batch(run: _Run, group: _Group, local: dict[str, Any], q0: int) -> d
     if run.positive_scores is not None:
         p = run.positive_scores[q0:q0 + b].to(torch.float64)
     elif local["pos_vals"] is not None:
-        vals, valid = local["pos_vals"].to(torch.float64), local["pos"] >= 0
-        p = torch.where(valid, vals, torch.full_like(vals, math.inf)).amin(dim=1)
-        undefined = (vals.isnan() & valid).any(dim=1) | ~valid.any(dim=1)
-        p = torch.where(undefined, torch.full_like(p, math.nan), p)
+        p, has_p = positive_score(local["pos_vals"], local["pos"] >= 0)
+        p = torch.where(has_p, p, torch.full_like(p, math.nan))
     else:
         p = torch.full((b,), math.nan, dtype=torch.float64)
     out["positive_scores"] = p.to(torch.float32).cpu().numpy()
@@ -654,7 +626,8 @@ def mine_hard_negatives(
         metric: "cosine" (default) or "dot".
         query_batch_size: queries per batch (and per checkpoint file); default 16384.
         corpus_shard_size: corpus rows read (and, on a GPU, copied) at a time; default 256 MiB of rows.
-        block_size: score elements per block (the score workspace is 4 * block_size bytes); default 2**24.
+        block_size: score elements per block (the score workspace is 4 * block_size bytes); default
+            ``hnsample.settings`` ``block_size`` (2**22).
         device: "cpu", "cuda", "cuda:1", a list of devices (corpus shards are spread over them and the
             per-device states merged exactly) or "auto" (all GPUs; the CPU without one).
         progress: show a tqdm bar (queries/s, ETA) when tqdm is installed.
@@ -807,14 +780,14 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
     k = check_int("num_negatives", num_negatives, 0)
     if not isinstance(metric, str) or metric not in METRICS:
         raise ValueError(f"metric must be 'dot' or 'cosine', got {metric!r}")
-    if not isinstance(sampling, str) or sampling not in SAMPLING_CODES:
-        raise ValueError(f"sampling must be one of {sorted(SAMPLING_CODES)}, got {sampling!r}")
+    if not isinstance(sampling, str) or sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {sorted(SAMPLINGS)}, got {sampling!r}")
     qb = 16384 if query_batch_size is None else check_int("query_batch_size", query_batch_size, 1)
     d = src_c.shape[1]
     itemsize = torch.empty((), dtype=src_c.torch_dtype).element_size()
     shard = (max(1, (256 << 20) // max(1, d * itemsize)) if corpus_shard_size is None
              else check_int("corpus_shard_size", corpus_shard_size, 1))
-    block = DEFAULT_BLOCK_SIZE if block_size is None else check_int("block_size", block_size, 1)
+    block = _settings.current().block_size if block_size is None else check_int("block_size", block_size, 1)
     flags = (("filter_statistics", filter_statistics), ("progress", progress), ("verbose", verbose))
     for name, flag in flags:
         if not isinstance(flag, bool):
@@ -855,13 +828,13 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
     run_seed = None
     if sampling != "top":
         if seed is not None:
-            run_seed = check_int("seed", seed) & ((1 << 63) - 1)
+            run_seed = draw_seed(seed, None)
         else:
             stored = CheckpointDir.stored_manifest(checkpoint_dir) if checkpoint_dir is not None else None
             if stored is not None and stored.get("sampling") == sampling and stored.get("seed") is not None:
                 run_seed = int(stored["seed"])
             else:
-                run_seed = int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
+                run_seed = draw_seed(None, generator)
 
     # Rank r takes an equal slice of the corpus, cut into shards.
     lo, hi = group.rank * n // group.world, (group.rank + 1) * n // group.world

@@ -42,7 +42,7 @@ def device(request) -> torch.device:
 def make_selection():
     """hnsample.ops.topk.build_selection with every filter off and sampling="top" unless overridden:
     make_selection(rows, n, k, device=cpu, **overrides) -> Selection."""
-    from hnsample.ops.topk import build_selection
+    from hnsample.engine import build_selection
 
     def make(rows: int, n: int, k: int, device: torch.device | None = None, **overrides):
         args = dict(

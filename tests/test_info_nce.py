@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import hnsample
 from hnsample import _reference as ref
-from hnsample.ops import info_nce as nce_ops
+from hnsample import settings
+from hnsample.engine import CpuBackend, CpuKernels, registry
 
 B, M, D = 7, 13, 6
 
@@ -99,36 +100,53 @@ OPTIONS = {
     ids=["default", "tiny_blocks", "row_blocks", "fused_row_blocks"],
 )
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_matches_reference(name, block_size, fused_min_rows, device, monkeypatch):
+def test_matches_reference(name, block_size, fused_min_rows, device):
     # "default" runs the fused path (one full-row block), "fused_row_blocks" the fused path over
     # 3-row blocks, the others the two-pass path.
-    monkeypatch.setattr(nce_ops, "FUSED_MIN_ROWS", fused_min_rows)
-    assert_close_to_reference(OPTIONS[name], device=device, block_size=block_size)
+    with settings.override(info_nce_fused_min_rows=fused_min_rows):
+        assert_close_to_reference(OPTIONS[name], device=device, block_size=block_size)
 
 
-def test_fused_path_is_taken_and_skipped(monkeypatch):
-    calls = []
-    real = nce_ops._info_nce_fused_op
-    monkeypatch.setattr(nce_ops, "_info_nce_fused_op", lambda *a: calls.append(1) or real(*a))
+class _RecordingKernels(CpuKernels):
+    """The CPU kernels, recording the direction (forward / backward) of every InfoNCE block."""
+
+    def __init__(self):
+        super().__init__()
+        self.directions: list[bool] = []
+
+    def info_nce_block(self, params, backward, *args):
+        self.directions.append(backward)
+        super().info_nce_block(params, backward, *args)
+
+
+def test_fused_path_is_taken_and_skipped():
+    # The fused path turns blocks into gradients during the forward call itself; the two-pass path
+    # runs only forward blocks until backward() is called.
+    def forward_makes_gradients(q, c, **kw) -> bool:
+        kernels = _RecordingKernels()
+        with registry.use("cpu", CpuBackend(kernels)):
+            hnsample.info_nce(q, c, **kw)
+        assert kernels.directions and not kernels.directions[0]
+        return any(kernels.directions)
+
     q, c = make()
-    hnsample.info_nce(q, c)
-    assert calls == [1]
-    hnsample.info_nce(q, c, reduction="none")
-    hnsample.info_nce(q, c, symmetric=True)
-    hnsample.info_nce(q.detach(), c.detach())
-    hnsample.info_nce(q, c, block_size=5)
+    assert forward_makes_gradients(q, c)
+    assert not forward_makes_gradients(q, c, reduction="none")
+    assert not forward_makes_gradients(q, c, symmetric=True)
+    assert not forward_makes_gradients(q.detach(), c.detach())
+    assert not forward_makes_gradients(q, c, block_size=5)
     with torch.no_grad():
-        hnsample.info_nce(q, c)
-    assert calls == [1]
+        assert not forward_makes_gradients(q, c)
 
 
 def test_fused_backward_with_other_upstream_gradients():
     # If the statistics' upstream gradient is not the assumed multiple, the fused op recomputes.
     q, c = make(4, 7, 3)
-    args = _stats_args(q, c, symmetric=False)
+    args, kw = _stats_args(q, c, symmetric=False)
     s_pos = torch.randn(4, 2, dtype=torch.float64)
-    fused = nce_ops._info_nce_fused_op(*args, s_pos, 0.0, 0.25)
-    plain = nce_ops._info_nce_stats_op(*args)
+    fused = torch.ops.hnsample.info_nce_stats_fused(*args, s_pos, tau_plus=0.0, row_weight=0.25,
+                                                   **_fused_kwargs(kw))
+    plain = torch.ops.hnsample.info_nce_stats(*args, **kw)
     for a, b in zip(fused[:3], plain[:3], strict=True):
         torch.testing.assert_close(a, b)
     w = torch.randn(4, dtype=torch.float64)
@@ -255,9 +273,10 @@ def test_gradcheck(name):
 
 
 def _stats_args(q, c, symmetric=True, guide=True):
+    """(positional tensors, keyword-only scalars) of hnsample::info_nce_stats."""
     b = q.shape[0]
     pos = torch.tensor([[0, 5], [1, -1], [-1, 2], [3, 6]])[:b]
-    return (
+    tensors = (
         q,
         c,
         torch.tensor(0.2, dtype=torch.float64, requires_grad=True),
@@ -270,23 +289,23 @@ def _stats_args(q, c, symmetric=True, guide=True):
         torch.randn(b, 2, dtype=q.dtype) if guide else None,
         torch.randn(c.shape[0], 2, dtype=q.dtype) if guide else None,
         torch.full((b,), 0.5, dtype=torch.float64) if guide else None,
-        0.5,
-        0.3,
-        0.1,
-        symmetric,
-        5,
     )
+    return tensors, dict(hardness_alpha=0.5, hcl_beta=0.3, positive_margin=0.1, symmetric=symmetric, block_size=5)
+
+
+def _fused_kwargs(kw: dict) -> dict:
+    return {k: v for k, v in kw.items() if k != "symmetric"}
 
 
 def test_opcheck():
     q, c = make(4, 7, 3)
     s_pos = torch.randn(4, 2, dtype=torch.float64)
-    torch.library.opcheck(nce_ops._info_nce_fused_op, _stats_args(q, c, symmetric=False) + (s_pos, 0.1, 0.25))
-    torch.library.opcheck(nce_ops._info_nce_stats_op, _stats_args(q, c))
-    torch.library.opcheck(
-        nce_ops._info_nce_stats_op,
-        _stats_args(q.float().detach(), c.float().detach(), symmetric=False, guide=False),
-    )
+    args, kw = _stats_args(q, c, symmetric=False)
+    torch.library.opcheck(torch.ops.hnsample.info_nce_stats_fused.default, args + (s_pos,),
+                          dict(_fused_kwargs(kw), tau_plus=0.1, row_weight=0.25))
+    torch.library.opcheck(torch.ops.hnsample.info_nce_stats.default, *_stats_args(q, c))
+    torch.library.opcheck(torch.ops.hnsample.info_nce_stats.default,
+                          *_stats_args(q.float().detach(), c.float().detach(), symmetric=False, guide=False))
 
 
 def test_torch_compile():

@@ -302,7 +302,7 @@ def test_empty_inputs():
 # checkpoints
 
 
-def test_checkpoint_resume_skips_finished_batches(tmp_path, monkeypatch):
+def test_checkpoint_resume_skips_finished_batches(tmp_path):
     q, c, pos = _data()
     kw = dict(num_negatives=4, sampling="softmax", temperature=0.1, query_batch_size=5, device="cpu",
               checkpoint_dir=tmp_path / "ck", **QUIET)
@@ -313,18 +313,21 @@ def test_checkpoint_resume_skips_finished_batches(tmp_path, monkeypatch):
     assert manifest["seed"] == first.params["seed"]
     files[2].unlink()
     (tmp_path / "ck" / ".batch_0000002.npz.junk.tmp").write_bytes(b"partial")  # a killed write
-    calls = []
-    import hnsample.mining as M
+    from hnsample.engine import CpuBackend, CpuKernels, registry
 
-    real = M._mine_batch
+    class RecordingKernels(CpuKernels):  # the first query row of every batch that is mined
+        def __init__(self):
+            super().__init__()
+            self.batches: set[int] = set()
 
-    def counting(run, group, q0, q1):
-        calls.append(q0)
-        return real(run, group, q0, q1)
+        def select_block(self, params, *args):
+            self.batches.add(params.noise_row_offset)
+            super().select_block(params, *args)
 
-    monkeypatch.setattr(M, "_mine_batch", counting)
-    again = mine_hard_negatives(q, c, pos, **kw)
-    assert calls == [10]
+    kernels = RecordingKernels()
+    with registry.use("cpu", CpuBackend(kernels)):
+        again = mine_hard_negatives(q, c, pos, **kw)
+    assert kernels.batches == {10}
     assert torch.equal(again.indices, first.indices)
     assert torch.equal(again.scores, first.scores)
     direct = hnsample.topk_similarity(q, c, 4, metric="cosine", positives=pos, sampling="softmax",

@@ -19,7 +19,7 @@ import torch
 
 import hnsample
 from hnsample import _C
-from hnsample.ops.topk import SelectionState
+from hnsample.engine import SelectionState
 
 OPENMP_OR_TORCH = re.compile(r"lib(gomp|iomp\d*|omp|torch\w*|c10\w*)(\.|-)")
 

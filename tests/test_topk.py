@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import hnsample
 from hnsample import _reference as R
-from hnsample.ops.topk import SelectionState, run_similarity_selection
+from hnsample.engine import SelectionState, run_selection
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
@@ -861,11 +861,11 @@ def test_merge_of_column_shards_equals_one_pass(sampling, window, shards, make_s
             b, n, 6, positive_values=lambda pos: torch.gather(R.similarity(q, c), 1, pos), **filters
         )
 
-    whole = run_similarity_selection(q, c, selection(), "dot", 1 << 20).finalize()
+    whole = run_selection(q, c, selection(), "dot", 1 << 20).finalize()
     cuts = np.linspace(0, n, shards + 1).astype(int)
     states = []
     for j0, j1 in zip(cuts[:-1], cuts[1:], strict=True):
-        states.append(run_similarity_selection(q, c[j0:j1], selection(), "dot", 11, col_offset=int(j0)))
+        states.append(run_selection(q, c[j0:j1], selection(), "dot", 11, col_offset=int(j0)))
     merged: SelectionState = states[0]
     for other in states[1:]:
         merged.merge(other)
@@ -914,9 +914,9 @@ def test_cuda_state_merge_and_half_values(make_selection):
     q, c = int_matrix(rng, 8, 3, -3, 3).cuda(), int_matrix(rng, 40, 3, -3, 3).cuda()
     for sampling, pool in (("top", None), ("uniform", 7), ("softmax", None)):
         sel = make_selection(8, 40, 5, q.device, skip_top=2, pool=pool, sampling=sampling, seed=3)
-        whole = run_similarity_selection(q, c, sel, "dot", 1 << 20).finalize()
-        first = run_similarity_selection(q, c[:17], sel, "dot", 64)
-        first.merge(run_similarity_selection(q, c[17:], sel, "dot", 64, col_offset=17))
+        whole = run_selection(q, c, sel, "dot", 1 << 20).finalize()
+        first = run_selection(q, c[:17], sel, "dot", 64)
+        first.merge(run_selection(q, c[17:], sel, "dot", 64, col_offset=17))
         merged = first.finalize()
         assert torch.equal(merged[1], whole[1]) and torch.equal(merged[0], whole[0])
         cpu = hnsample.topk_similarity(q.cpu(), c.cpu(), 5, skip_top=2, pool=pool, sampling=sampling, seed=3)

@@ -150,25 +150,30 @@ def _op_args(requires_grad: bool):
     return q, c, banned, ql, cl, upper
 
 
-@pytest.mark.parametrize("sampling", [0, 2], ids=["top", "softmax"])
+def _selection_kwargs(k, min_score, max_score, skip_top, pool, sampling, temperature, seed):
+    return dict(k=k, min_score=min_score, max_score=max_score, skip_top=skip_top, pool=pool, sampling=sampling,
+                temperature=temperature, seed=seed)
+
+
+@pytest.mark.parametrize("sampling", ["top", "softmax"])
 def test_opcheck_topk_similarity(sampling):
     q, c, banned, ql, cl, upper = _op_args(True)
-    args = (q, c, 5, "dot", banned, ql, cl, upper, -2.0, 2.5, 1, -1, sampling, 0.5, 17, 64)
-    torch.library.opcheck(torch.ops.hnsample.topk_similarity.default, args)
-    args = (q, c, 3, "cosine", None, None, None, None, -math.inf, math.inf, 0, 4, 0, 1.0, 0, 1 << 24)
-    torch.library.opcheck(torch.ops.hnsample.topk_similarity.default, args)
+    op = torch.ops.hnsample.topk_similarity.default
+    kw = dict(_selection_kwargs(5, -2.0, 2.5, 1, -1, sampling, 0.5, 17), metric="dot", block_size=64)
+    torch.library.opcheck(op, (q, c, banned, ql, cl, upper), kw)
+    kw = dict(_selection_kwargs(3, -math.inf, math.inf, 0, 4, "top", 1.0, 0), metric="cosine", block_size=1 << 24)
+    torch.library.opcheck(op, (q, c, None, None, None, None), kw)
 
 
-@pytest.mark.parametrize("sampling", [0, 1], ids=["top", "uniform"])
+@pytest.mark.parametrize("sampling", ["top", "uniform"])
 def test_opcheck_topk_from_scores(sampling):
     q, c, banned, ql, cl, upper = _op_args(False)
     s = (q @ c.T).requires_grad_()
-    args = (s, 5, banned, ql, cl, upper, -math.inf, math.inf, 2, 10, sampling, 1.0, 3)
-    torch.library.opcheck(torch.ops.hnsample.topk_from_scores.default, args)
-    torch.library.opcheck(
-        torch.ops.hnsample.topk_from_scores.default,
-        (s.detach().T, 0, None, None, None, None, 0.0, 1.0, 0, -1, 0, 1.0, 0),
-    )
+    op = torch.ops.hnsample.topk_from_scores.default
+    torch.library.opcheck(op, (s, banned, ql, cl, upper),
+                          _selection_kwargs(5, -math.inf, math.inf, 2, 10, sampling, 1.0, 3))
+    torch.library.opcheck(op, (s.detach().T, None, None, None, None),
+                          _selection_kwargs(0, 0.0, 1.0, 0, -1, "top", 1.0, 0))
 
 
 def _training_step(q, c, pos):

@@ -19,7 +19,7 @@ from scipy import stats
 
 import hnsample
 from hnsample import _reference as R
-from hnsample.ops.topk import SelectionState, run_similarity_selection
+from hnsample.engine import SelectionState, run_selection
 
 DRAWS = 12000  # rows per distribution test: expected counts >= ~60 per cell below
 P_MIN = 1e-4  # fixed seeds: a correct sampler passes with probability 1 - P_MIN per test
@@ -272,6 +272,6 @@ def test_row_shards_with_noise_row_offset_equal_the_whole(sampling, window, make
         )
         state = SelectionState(sel, r1 - r0, q.device, noise_row_offset=r0)
         for j0 in range(0, c.shape[0], 13):
-            run_similarity_selection(q[r0:r1], c[j0 : j0 + 13], sel, "dot", 50, state=state, col_offset=j0)
+            run_selection(q[r0:r1], c[j0 : j0 + 13], sel, "dot", 50, state=state, col_offset=j0)
         s, j = state.finalize()
         assert torch.equal(j, whole.indices[r0:r1]) and torch.equal(s.float(), whole.scores[r0:r1])

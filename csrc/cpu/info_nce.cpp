@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../info_nce.h"
+#include "../params_check.h"
 
 namespace hnsample {
 namespace {
@@ -420,28 +421,19 @@ void backward_block(const InfoNceParams& p, const PairBlock& b, int threads) {
 
 }  // namespace
 
-namespace {
-
-// The cheap invariants both passes re-check; returns the block's dtype.
-DType checked_block_dtype(const InfoNceParams& p, const PairBlock& block) {
-  HN_CHECK(block.row_offset >= 0 && block.row_offset + block.rows <= p.num_rows, "block rows out of range");
-  HN_CHECK(block.col_offset >= 0 && block.col_offset + block.cols <= p.num_cols, "block cols out of range");
-  const auto code = static_cast<DType>(block.dtype);
-  HN_CHECK(code == DType::Float32 || code == DType::Float64, "score blocks must be float32 or float64");
-  return code;
-}
-
-}  // namespace
-
 void info_nce_forward_block_cpu(const InfoNceParams& p, const PairBlock& block, int threads) {
+  check_params(p);
+  check_pair_block(p, block);
   if (block.rows == 0 || block.cols == 0) return;
-  if (checked_block_dtype(p, block) == DType::Float32) return forward_block<float>(p, block, threads);
+  if (static_cast<DType>(block.dtype) == DType::Float32) return forward_block<float>(p, block, threads);
   forward_block<double>(p, block, threads);
 }
 
 void info_nce_backward_block_cpu(const InfoNceParams& p, const PairBlock& block, int threads) {
+  check_params(p);
+  check_pair_block(p, block);
   if (block.rows == 0 || block.cols == 0) return;
-  if (checked_block_dtype(p, block) == DType::Float32) return backward_block<float>(p, block, threads);
+  if (static_cast<DType>(block.dtype) == DType::Float32) return backward_block<float>(p, block, threads);
   backward_block<double>(p, block, threads);
 }
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../params_check.h"
 #include "../topk_select.h"
 
 namespace hnsample {
@@ -60,7 +61,7 @@ struct RowScan {
     if (!(s >= lo && s <= hi)) return;
     const int64_t j = col_offset + c;
     if (id_banned(p, row, j) || !label_allowed(p, row, j)) return;
-    if (p.mode == kModeStream) {
+    if (p.mode == SelectMode::Stream) {
       // The GPU kernel filters against a stale StreamGate snapshot; here it is always fresh, so the
       // CPU results (tested against the reference) prove the gate never drops a candidate that matters.
       const double key = row_sample_key(p, row, static_cast<double>(s), j);
@@ -166,26 +167,33 @@ void select_block(const TopkParams& p, const ScoreBlock& b, int threads) {
 }  // namespace
 
 void topk_select_block_cpu(const TopkParams& p, const ScoreBlock& block, int threads) {
+  check_params(p);
+  check_block(p, block);
   if (block.rows == 0 || block.cols == 0 || p.k == 0) return;
-  HN_CHECK(block.row_offset >= 0 && block.row_offset + block.rows <= p.num_rows, "block rows out of range");
   HN_DISPATCH_FLOAT(block.dtype, T, [&] { select_block<T>(p, block, threads); });
 }
 
 void topk_finalize_cpu(const TopkParams& p, double* out_scores, int64_t* out_indices, int threads) {
+  check_params(p);
+  HN_CHECK_PARAM(p.num_rows == 0 || p.k == 0 || (out_scores != nullptr && out_indices != nullptr),
+                 "finalize outputs are null");
   parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) finalize_row(p, r, out_scores + r * p.k, out_indices + r * p.k);
   });
 }
 
 void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads) {
-  HN_CHECK(p.num_rows == other.num_rows && p.capacity == other.capacity && p.mode == other.mode,
-           "merged states differ in shape");
+  check_params(p);
+  check_params(other);
+  check_same_layout(p, other);
   parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) merge_row(p, other, r);
   });
 }
 
 void topk_row_bounds_cpu(const TopkParams& p, float* lo, float* hi, int threads) {
+  check_params(p);
+  HN_CHECK_PARAM(p.num_rows == 0 || (lo != nullptr && hi != nullptr), "row bound outputs are null");
   parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) row_float_bounds(p, r, lo[r], hi[r]);
   });
@@ -193,6 +201,8 @@ void topk_row_bounds_cpu(const TopkParams& p, float* lo, float* hi, int threads)
 
 void topk_offer_candidates_cpu(const TopkParams& p, const float* scores, const int32_t* cols,
                                const int32_t* counts, int64_t cap, int64_t col_offset, int threads) {
+  check_params(p);
+  check_candidate_lists(p, scores, cols, counts, cap);
   parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = counts[r] < cap ? counts[r] : cap;
@@ -202,7 +212,8 @@ void topk_offer_candidates_cpu(const TopkParams& p, const float* scores, const i
 }
 
 void topk_rescore_candidates_cpu(const FusedBlock& f, int threads) {
-  HN_CHECK(static_cast<DType>(f.dtype) == DType::Float32, "rescore: inputs must be float32");
+  check_fused(f);
+  HN_CHECK_PARAM(static_cast<DType>(f.dtype) == DType::Float32, "rescore: inputs must be float32");
   const auto* q = static_cast<const float*>(f.queries);
   const auto* c = static_cast<const float*>(f.candidates);
   parallel_rows(f.rows, threads, [&](int64_t r0, int64_t r1) {

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "../info_nce.h"
+#include "../params_check.h"
 #include "cuda_common.cuh"
 
 namespace hnsample {
@@ -103,18 +104,12 @@ __global__ void backward_kernel(InfoNceParams p, PairBlock b) {
   if (lane == 0) p.tau_acc[row] += acc;
 }
 
-void check_block(const InfoNceParams& p, const PairBlock& b) {
-  HN_CHECK(b.row_offset >= 0 && b.row_offset + b.rows <= p.num_rows, "block rows out of range");
-  HN_CHECK(b.col_offset >= 0 && b.col_offset + b.cols <= p.num_cols, "block cols out of range");
-  const auto code = static_cast<DType>(b.dtype);
-  HN_CHECK(code == DType::Float32 || code == DType::Float64, "score blocks must be float32 or float64");
-}
-
 }  // namespace
 
 void info_nce_forward_block_cuda(const InfoNceParams& p, const PairBlock& block, void* stream) {
+  check_params(p);
+  check_pair_block(p, block);
   if (block.rows == 0 || block.cols == 0) return;
-  check_block(p, block);
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned row_grid = static_cast<unsigned>(ceil_div(block.rows, kRowsPerBlock));
   const unsigned col_grid = static_cast<unsigned>(ceil_div(block.cols, kThreads));
@@ -129,8 +124,9 @@ void info_nce_forward_block_cuda(const InfoNceParams& p, const PairBlock& block,
 }
 
 void info_nce_backward_block_cuda(const InfoNceParams& p, const PairBlock& block, void* stream) {
+  check_params(p);
+  check_pair_block(p, block);
   if (block.rows == 0 || block.cols == 0) return;
-  check_block(p, block);
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(ceil_div(block.rows, kRowsPerBlock));
   if (static_cast<DType>(block.dtype) == DType::Float32) {

@@ -11,6 +11,7 @@
 // and candidate-list kernels around it.
 #include <cuda_runtime.h>
 
+#include "../params_check.h"
 #include "../topk_fused_sm90.h"
 #include "../topk_select.h"
 #include "cuda_common.cuh"
@@ -281,6 +282,7 @@ bool topk_fused_supported(int device) {
 }
 
 void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
+  check_fused(f);
   if (f.rows == 0 || f.cols == 0) return;
   const auto dt = static_cast<DType>(f.dtype);
   HN_CHECK(dt == DType::BFloat16 || dt == DType::Float16 || dt == DType::Float32,
@@ -291,12 +293,10 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
   HN_CHECK(!tf32 || (f.row_slack && f.col_slack), "fused: fp32 inputs need the tf32 error slack");
   HN_CHECK(!f.row_slack || f.col_slack, "fused: row_slack needs col_slack");
   HN_CHECK(ceil_div(f.rows, kBM) < (int64_t{1} << 31), "fused: too many rows");
-  HN_CHECK(f.kernel >= 0 && f.kernel <= 4,
-           "fused: kernel must be 0 (auto), 1 (mma.sync), 2 (wgmma), 3 (wgmma 256 x 128) or 4 (wgmma 128 x 256)");
-  // kernels 2 to 4 always go to wgmma (which throws when the device, the build or the inputs rule it
+  // The wgmma codes always go to wgmma (which throws when the device, the build or the inputs rule it
   // out); auto takes it whenever all three allow.
-  if (f.kernel >= 2) return topk_fused_scores_sm90(f, stream);
-  if (f.kernel == 0 && sm90::wgmma_inputs_suit(f)) {
+  if (f.kernel != FusedKernel::Auto && f.kernel != FusedKernel::Mma) return topk_fused_scores_sm90(f, stream);
+  if (f.kernel == FusedKernel::Auto && sm90::wgmma_inputs_suit(f)) {
     int device = 0;
     HN_CUDA_CHECK(cudaGetDevice(&device));
     if (topk_fused_wgmma_available(device)) return topk_fused_scores_sm90(f, stream);
@@ -323,6 +323,7 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
 }
 
 void topk_rescore_candidates_cuda(const FusedBlock& f, void* stream) {
+  check_fused(f);
   if (f.rows == 0 || f.dim == 0) return;
   HN_CHECK(static_cast<DType>(f.dtype) == DType::Float32, "rescore: inputs must be float32");
   HN_CHECK(f.cand_cap > 0, "rescore: bad candidate capacity");
@@ -333,7 +334,9 @@ void topk_rescore_candidates_cuda(const FusedBlock& f, void* stream) {
 }
 
 void topk_row_bounds_cuda(const TopkParams& p, float* lo, float* hi, void* stream) {
+  check_params(p);
   if (p.num_rows == 0) return;
+  HN_CHECK_PARAM(lo != nullptr && hi != nullptr, "row bound outputs are null");
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(ceil_div(p.num_rows, kRowThreads));
   HN_LAUNCH(grid, kRowThreads, 0, s, row_bounds_kernel)(p, lo, hi);
@@ -342,6 +345,8 @@ void topk_row_bounds_cuda(const TopkParams& p, float* lo, float* hi, void* strea
 
 void topk_offer_candidates_cuda(const TopkParams& p, const float* scores, const int32_t* cols,
                                 const int32_t* counts, int64_t cap, int64_t col_offset, void* stream) {
+  check_params(p);
+  check_candidate_lists(p, scores, cols, counts, cap);
   if (p.num_rows == 0 || p.k == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(ceil_div(p.num_rows, kRowThreads));

@@ -4,7 +4,7 @@
 // tensor copy engine (128-byte swizzle, edges zero-filled), two consumer warpgroups of 64 rows each run
 // wgmma m64n128k16 from shared memory into fp32 registers, then filter their accumulators through the
 // shared epilogue (fused_common.cuh). About 97 KiB of shared memory, so two CTAs share an SM and one's
-// epilogue overlaps the other's main loop. FusedBlock.kernel 3 and 4 select a 256 x 128 and a 128 x 256
+// epilogue overlaps the other's main loop. FusedKernel::Wgmma256x128 and Wgmma128x256 select a 256 x 128 and a 128 x 256
 // CTA (one per SM, 4 stages) to measure against it (../topk_fused_sm90.h says why each). CTAs are
 // persistent (as many as fit the device, each walking tiles in steps of the grid), and the producer runs
 // ahead into the next tile while the consumers filter the current one. Tiles go query tiles fastest (as
@@ -409,24 +409,26 @@ void topk_fused_scores_sm90(const FusedBlock& f, void* stream) {
            "fused wgmma: this device or build cannot run it (needs compute capability 9.0 and sm_90a code)");
   const bool bf16 = static_cast<DType>(f.dtype) == DType::BFloat16;
   auto s = static_cast<cudaStream_t>(stream);
-  if (f.kernel == 3) {
+  if (f.kernel == FusedKernel::Wgmma256x128) {
     launch<TileTall>(f, bf16, s);
-  } else if (f.kernel == 4) {
+  } else if (f.kernel == FusedKernel::Wgmma128x256) {
     launch<TileLong>(f, bf16, s);
   } else {
     launch<TileWide>(f, bf16, s);
   }
 }
 
-int topk_fused_wgmma_ctas_per_sm(int device, int kernel) {
+int topk_fused_wgmma_ctas_per_sm(int device, FusedKernel kernel) {
   using namespace sm90;
-  HN_CHECK(kernel >= 2 && kernel <= 4, "fused wgmma: kernel must be 2, 3 or 4");
+  HN_CHECK(kernel == FusedKernel::Wgmma || kernel == FusedKernel::Wgmma256x128 || kernel == FusedKernel::Wgmma128x256,
+           "fused wgmma: kernel must be one of the wgmma kernels");
   if (!topk_fused_wgmma_available(device)) return 0;
   int previous = 0;
   HN_CUDA_CHECK(cudaGetDevice(&previous));
   HN_CUDA_CHECK(cudaSetDevice(device));
-  const int n = kernel == 3 ? ctas_per_sm<true, TileTall>() : kernel == 4 ? ctas_per_sm<true, TileLong>()
-                                                                          : ctas_per_sm<true, TileWide>();
+  const int n = kernel == FusedKernel::Wgmma256x128   ? ctas_per_sm<true, TileTall>()
+                : kernel == FusedKernel::Wgmma128x256 ? ctas_per_sm<true, TileLong>()
+                                                      : ctas_per_sm<true, TileWide>();
   HN_CUDA_CHECK(cudaSetDevice(previous));
   return n;
 }

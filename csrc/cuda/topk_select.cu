@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../params_check.h"
 #include "../topk_select.h"
 #include "cuda_common.cuh"
 
@@ -232,9 +233,10 @@ __global__ void merge_kernel(TopkParams p, TopkParams other) {
 
 void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& block, int64_t segments,
                                      void* stream) {
+  check_params(p);
+  check_block(p, block);
+  HN_CHECK_PARAM(segments >= 1 && segments <= 65535, "segments must be in [1, 65535]");
   if (block.rows == 0 || block.cols == 0 || p.k == 0) return;
-  HN_CHECK(block.row_offset >= 0 && block.row_offset + block.rows <= p.num_rows, "block rows out of range");
-  HN_CHECK(segments >= 1 && segments <= 65535, "segments must be in [1, 65535]");
   HN_CHECK(ceil_div(block.rows, kSelectWarps) < (int64_t{1} << 31), "too many rows in one block");
   auto s = static_cast<cudaStream_t>(stream);
   HN_DISPATCH_FLOAT(block.dtype, T, [&] {
@@ -247,7 +249,7 @@ void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& bloc
       chunk.col_offset = block.col_offset + c0;
       const int64_t seg_cols = ceil_div(chunk.cols, segments);
       const dim3 grid(static_cast<unsigned>(ceil_div(block.rows, kSelectWarps)), static_cast<unsigned>(segments));
-      HN_BOOL_SWITCH(p.mode == kModeStream, kStream, [&] {
+      HN_BOOL_SWITCH(p.mode == SelectMode::Stream, kStream, [&] {
         HN_LAUNCH(grid, kSelectThreads, 0, s, select_block_kernel<T, kStream>)(p, chunk, seg_cols);
       });
       HN_CUDA_CHECK(cudaGetLastError());
@@ -260,7 +262,9 @@ void topk_select_block_cuda(const TopkParams& p, const ScoreBlock& block, void* 
 }
 
 void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_indices, void* stream) {
+  check_params(p);
   if (p.num_rows == 0 || p.k == 0) return;
+  HN_CHECK_PARAM(out_scores != nullptr && out_indices != nullptr, "finalize outputs are null");
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(ceil_div(p.num_rows, kThreads));
   HN_LAUNCH(grid, kThreads, 0, s, finalize_kernel)(p, out_scores, out_indices);
@@ -268,9 +272,10 @@ void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_in
 }
 
 void topk_merge_cuda(const TopkParams& p, const TopkParams& other, void* stream) {
+  check_params(p);
+  check_params(other);
+  check_same_layout(p, other);
   if (p.num_rows == 0) return;
-  HN_CHECK(p.num_rows == other.num_rows && p.capacity == other.capacity && p.mode == other.mode,
-           "merged states differ in shape");
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(ceil_div(p.num_rows, kThreads));
   HN_LAUNCH(grid, kThreads, 0, s, merge_kernel)(p, other);

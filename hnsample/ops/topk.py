@@ -1,37 +1,32 @@
 """Fused top-k similarity with hard-negative filters and sampling.
 
-Registered as ``hnsample::topk_similarity`` and ``hnsample::topk_from_scores`` (torch.library custom
-ops with fake and autograd implementations), exposed as :func:`topk_similarity` and
-:func:`topk_from_scores`.
+The ops ``hnsample::topk_similarity`` and ``hnsample::topk_from_scores`` (torch.library: one kernel per
+backend, a fake for tracing, autograd through the selected scores) and their public functions
+:func:`topk_similarity` and :func:`topk_from_scores`. The selection itself is the engine's
+(:mod:`hnsample.engine`): arguments are validated into a Selection, score blocks are offered to a
+SelectionState by the backend of the inputs' device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from .. import _C
-from .._ext import (
-    as_tensor,
-    check_finite,
-    check_float_matrix,
-    check_ids,
-    check_int,
-    check_labels,
-    dtype_code,
-    num_threads,
-    ptr,
-    stream_of,
+from .. import settings as _settings
+from .._ext import as_tensor, check_float_matrix, check_int, device_guard
+from ..engine import (
+    METRICS,
+    Selection,
+    SelectionState,
+    build_selection,
+    compute_dtype,
+    pair_similarities,
+    registry,
 )
 
-SAMPLING_CODES = {"top": 0, "uniform": 1, "softmax": 2}
-METRICS = ("dot", "cosine")
-MODE_WINDOW, MODE_STREAM = 0, 1
-DEFAULT_BLOCK_SIZE = 1 << 22  # score elements per block: 16 MB of float32 workspace (stays in cache)
+SEED_SIGN = 1 << 63
 
 
 class TopK(NamedTuple):
@@ -42,201 +37,100 @@ class TopK(NamedTuple):
     indices: Any
 
 
-@dataclass
-class Selection:
-    """Validated selection arguments, in the form the kernels take."""
-
-    k: int
-    banned: torch.Tensor | None  # (B, E) int64, sorted ascending per row
-    query_labels: torch.Tensor | None
-    candidate_labels: torch.Tensor | None
-    upper: torch.Tensor | None  # (B,) float64
-    min_score: float
-    max_score: float
-    skip_top: int
-    pool: int  # -1: unbounded
-    sampling: int
-    temperature: float
-    seed: int
-
-
 # ----------------------------------------------------------------------------------------------------
-# Kernel driver: state allocation, blocks, finalize. Shared by both ops and by the mining pipeline.
+# Ops. Tensors are positional (autograd registration needs them so); every other argument is keyword-
+# only. The seed travels as a signed int64 (the schema's int) and is read back as its 64 bits.
+
+_FILTERS = "Tensor? banned, Tensor? query_labels, Tensor? candidate_labels, Tensor? upper"
+_SELECTION = ("int k, float min_score, float max_score, int skip_top, int pool, str sampling, float temperature, "
+              "int seed")
+torch.library.define(
+    "hnsample::topk_similarity",
+    f"(Tensor queries, Tensor candidates, {_FILTERS}, *, {_SELECTION}, str metric, int block_size) "
+    "-> (Tensor, Tensor)")
+torch.library.define(
+    "hnsample::topk_from_scores", f"(Tensor scores, {_FILTERS}, *, {_SELECTION}) -> (Tensor, Tensor)")
 
 
-def state_layout(k: int, skip_top: int, pool: int, sampling: int) -> tuple[int, int]:
-    """(mode, capacity) of the per-row selection state."""
-    if sampling == SAMPLING_CODES["top"]:
-        window = k if pool < 0 else min(k, pool)
-        return MODE_WINDOW, skip_top + window
-    if pool < 0:
-        return MODE_STREAM, skip_top + k
-    return MODE_WINDOW, skip_top + pool
-
-
-class SelectionState:
-    """Running per-row top-k state on one device; ``offer`` score blocks, then ``finalize``.
-
-    Memory: (B, capacity) float64 scores and int64 ids (plus float64 keys when sampling), where
-    capacity = skip_top + k, or skip_top + pool for sampling from a bounded pool.
-    """
-
-    def __init__(self, sel: Selection, rows: int, device: torch.device, noise_row_offset: int = 0):
-        self.sel = sel
-        self.device = device
-        mode, capacity = state_layout(sel.k, sel.skip_top, sel.pool, sel.sampling)
-        self.st_score = torch.empty((rows, capacity), dtype=torch.float64, device=device)
-        self.st_index = torch.empty((rows, capacity), dtype=torch.int64, device=device)
-        self.st_key = torch.empty(
-            (rows, capacity) if sel.sampling != 0 else (0,), dtype=torch.float64, device=device
-        )
-        self.st_count = torch.zeros((rows, 2), dtype=torch.int64, device=device)
-        p = _C.TopkParams()
-        p.num_rows, p.k, p.skip, p.pool, p.capacity, p.mode = rows, sel.k, sel.skip_top, sel.pool, capacity, mode
-        p.sampling, p.inv_temperature, p.seed = sel.sampling, 1.0 / sel.temperature, sel.seed
-        p.noise_row_offset = noise_row_offset
-        p.min_score, p.max_score = sel.min_score, sel.max_score
-        p.upper = ptr(sel.upper)
-        if sel.banned is not None and sel.banned.shape[1] > 0:
-            p.banned, p.banned_stride, p.banned_cols = ptr(sel.banned), sel.banned.stride(0), sel.banned.shape[1]
-        if sel.query_labels is not None and sel.candidate_labels is not None:
-            p.query_labels, p.candidate_labels = ptr(sel.query_labels), ptr(sel.candidate_labels)
-        p.st_score, p.st_index, p.st_key, p.st_count = (
-            ptr(self.st_score), ptr(self.st_index), ptr(self.st_key), ptr(self.st_count))
-        self.params = p
-        self.cuda = device.type == "cuda"
-
-    def offer(self, block: torch.Tensor, row_offset: int, col_offset: int) -> None:
-        """Merges a (rows, cols) block of scores for state rows [row_offset, ...) and global candidate
-        ids [col_offset, ...) into the state. Any float dtype and strides."""
-        if block.numel() == 0:
-            return
-        _C.topk_select_block(
-            self.params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1],
-            block.stride(0), block.stride(1), row_offset, col_offset, self.cuda, stream_of(block),
-            num_threads(),
-        )
-
-    def merge(self, other: SelectionState) -> None:
-        """Folds another state built over a disjoint set of candidates into this one (exact)."""
-        _C.topk_merge(self.params, other.params, self.cuda, stream_of(self.st_count), num_threads())
-
-    def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores float64 (B, k), indices int64 (B, k)); consumes the state."""
-        rows = self.st_count.shape[0]
-        out_s = torch.empty((rows, self.sel.k), dtype=torch.float64, device=self.device)
-        out_j = torch.empty((rows, self.sel.k), dtype=torch.int64, device=self.device)
-        if rows and self.sel.k:
-            _C.topk_finalize(self.params, ptr(out_s), ptr(out_j), self.cuda, stream_of(out_s), num_threads())
-        return out_s, out_j
-
-
-def block_shape(rows: int, cols: int, block_size: int) -> tuple[int, int]:
-    """Row and column extent of a score block holding at most block_size elements."""
-    br = max(1, min(rows, 1024, block_size))
-    bc = max(1, min(cols, block_size // br))
-    return br, bc
-
-
-def prepare_rows(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """Rows in the compute dtype (float32, float64 for float64 input), unit-normalized for cosine."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(ct)
-    if metric == "cosine":
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        x = x / torch.where(norm > 0, norm, torch.ones_like(norm))
-    return x
-
-
-def run_similarity_selection(
-    queries: torch.Tensor,
-    candidates: torch.Tensor,
-    sel: Selection,
-    metric: str,
-    block_size: int,
-    state: SelectionState | None = None,
-    col_offset: int = 0,
-    on_block: Callable[[torch.Tensor, int, int], None] | None = None,
-) -> SelectionState:
-    """Streams candidates in column blocks (outer loop, so each candidate block is read and converted
-    once) and query row blocks (inner), offering each score block to the state. Extra memory: one
-    score block and one converted candidate block.
-
-    on_block(block, row_offset, global_col_offset), when given, sees every score block right after it
-    is offered (the mining pipeline counts per-filter statistics there without a second matmul); CUDA
-    inputs then take this generic block loop instead of the tuned CUDA driver."""
-    if queries.device.type == "cuda" and on_block is None:
-        from .topk_cuda import run_cuda_selection  # imports this module: resolved at call time
-
-        return run_cuda_selection(queries, candidates, sel, metric, block_size, state, col_offset)
-    b, n = queries.shape[0], candidates.shape[0]
-    if state is None:
-        state = SelectionState(sel, b, queries.device)
-    if b == 0 or n == 0 or sel.k == 0:
-        return state
-    q = prepare_rows(queries, metric)
-    br, bc = block_shape(b, n, block_size)
-    buf = torch.empty((br, bc), dtype=q.dtype, device=q.device)
-    for j0 in range(0, n, bc):
-        j1 = min(n, j0 + bc)
-        c = prepare_rows(candidates[j0:j1], metric)
-        for i0 in range(0, b, br):
-            i1 = min(b, i0 + br)
-            out = buf[: i1 - i0, : j1 - j0]
-            torch.matmul(q[i0:i1], c.T, out=out)
-            state.offer(out, i0, col_offset + j0)
-            if on_block is not None:
-                on_block(out, i0, col_offset + j0)
-    return state
-
-
-# ----------------------------------------------------------------------------------------------------
-# Custom ops
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _selection(k, banned, query_labels, candidate_labels, upper, min_score, max_score, skip_top, pool,
+def _selection(banned, query_labels, candidate_labels, upper, *, k, min_score, max_score, skip_top, pool,
                sampling, temperature, seed) -> Selection:
     return Selection(k, banned, query_labels, candidate_labels, upper, min_score, max_score, skip_top, pool,
-                     sampling, temperature, seed)
+                     sampling, temperature, seed % (1 << 64))
 
 
-@torch.library.custom_op("hnsample::topk_similarity", mutates_args=())
-def _topk_similarity_op(
-    queries: torch.Tensor, candidates: torch.Tensor, k: int, metric: str,
-    banned: torch.Tensor | None, query_labels: torch.Tensor | None, candidate_labels: torch.Tensor | None,
-    upper: torch.Tensor | None, min_score: float, max_score: float, skip_top: int, pool: int,
-    sampling: int, temperature: float, seed: int, block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    sel = _selection(k, banned, query_labels, candidate_labels, upper, min_score, max_score, skip_top, pool,
-                     sampling, temperature, seed)
-    with torch.no_grad(), _device_guard(queries):
-        state = run_similarity_selection(queries, candidates, sel, metric, block_size)
-        scores, indices = state.finalize()
-    return scores.to(_out_dtype(queries.dtype)), indices
+def _op_seed(seed: int) -> int:
+    """The 64-bit seed as the schema's signed int64."""
+    return seed - (1 << 64) if seed >= SEED_SIGN else seed
 
 
-@_topk_similarity_op.register_fake
-def _(queries, candidates, k, metric, banned, query_labels, candidate_labels, upper, min_score, max_score,
-      skip_top, pool, sampling, temperature, seed, block_size):
+def _similarity_kernel(device_type: str):
+    def kernel(queries, candidates, banned, query_labels, candidate_labels, upper, *, metric, block_size, **sel):
+        backend = registry.get(device_type)
+        selection = _selection(banned, query_labels, candidate_labels, upper, **sel)
+        with torch.no_grad(), device_guard(queries):
+            state = SelectionState(selection, queries.shape[0], queries.device, kernels=backend.kernels)
+            backend.select(queries, candidates, state, metric, block_size)
+            scores, indices = state.finalize()
+        return scores.to(compute_dtype(queries.dtype)), indices
+    return kernel
+
+
+def _from_scores_kernel(device_type: str):
+    def kernel(scores, banned, query_labels, candidate_labels, upper, **sel):
+        backend = registry.get(device_type)
+        selection = _selection(banned, query_labels, candidate_labels, upper, **sel)
+        with torch.no_grad(), device_guard(scores):
+            state = SelectionState(selection, scores.shape[0], scores.device, kernels=backend.kernels)
+            for r0, r1 in _interruptible_rows(scores, backend.kernels):
+                state.offer(scores[r0:r1], r0, 0)
+            out_s, out_j = state.finalize()
+        return out_s.to(compute_dtype(scores.dtype)), out_j
+    return kernel
+
+
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_kernel("hnsample::topk_similarity", _device_type, _similarity_kernel(_device_type))
+    torch.library.register_kernel("hnsample::topk_from_scores", _device_type, _from_scores_kernel(_device_type))
+
+
+def _interruptible_rows(scores: torch.Tensor, kernels: Any) -> list[tuple[int, int]]:
+    """Row ranges of a score matrix, each one kernel call of about settings.interrupt_seconds of work at
+    a conservative 2e7 scores per second per thread (sampling over an unbounded pool offers every
+    eligible score to a heap: the slowest mode), so that Ctrl-C, which Python acts on between calls,
+    stops a large call within about that long. One range on the GPU, where launches are asynchronous.
+    Rows are independent, so the result does not depend on the split."""
+    b, n = scores.shape
+    if kernels.cuda or b == 0:
+        return [(0, b)]
+    threads = kernels.threads()
+    per_call = max(threads, int(_settings.current().interrupt_seconds * 2e7 * threads) // max(1, n))
+    return [(r0, min(b, r0 + per_call)) for r0 in range(0, b, per_call)]
+
+
+@torch.library.register_fake("hnsample::topk_similarity")
+def _(queries, candidates, banned, query_labels, candidate_labels, upper, *, k, **_):
     b = queries.shape[0]
-    return (queries.new_empty((b, k), dtype=_out_dtype(queries.dtype)),
+    return (queries.new_empty((b, k), dtype=compute_dtype(queries.dtype)),
             queries.new_empty((b, k), dtype=torch.int64))
 
 
-def _similarity_setup(ctx, inputs, output):
-    queries, candidates, _k, metric = inputs[:4]
-    ctx.metric = metric
+@torch.library.register_fake("hnsample::topk_from_scores")
+def _(scores, banned, query_labels, candidate_labels, upper, *, k, **_):
+    b = scores.shape[0]
+    return (scores.new_empty((b, k), dtype=compute_dtype(scores.dtype)),
+            scores.new_empty((b, k), dtype=torch.int64))
+
+
+def _similarity_setup(ctx, inputs, keyword_only_inputs, output):
+    queries, candidates = inputs[:2]
+    ctx.metric = keyword_only_inputs["metric"]
     ctx.save_for_backward(queries, candidates, output[1])
 
 
 def _similarity_backward(ctx, grad_scores, _grad_indices):
     queries, candidates, indices = ctx.saved_tensors
     gq, gc = similarity_grads(queries, candidates, indices, grad_scores, ctx.metric)
-    return (gq, gc) + (None,) * 14
+    return gq, gc, None, None, None, None
 
 
 def similarity_grads(queries: torch.Tensor, candidates: torch.Tensor, indices: torch.Tensor,
@@ -247,7 +141,7 @@ def similarity_grads(queries: torch.Tensor, candidates: torch.Tensor, indices: t
     cosine: ds/dq = (c^ - s q^) / |q|,  ds/dc = (q^ - s c^) / |c|   (zero for a zero vector).
     Padded entries (index -1) contribute nothing. Memory: (B, k, d), never (B, N).
     """
-    ct = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(queries.dtype)
     valid = indices >= 0
     g = torch.where(valid, grad_scores.to(ct), torch.zeros((), dtype=ct, device=grad_scores.device))
     idx = indices.clamp_min(0)
@@ -271,33 +165,7 @@ def similarity_grads(queries: torch.Tensor, candidates: torch.Tensor, indices: t
     return gq.to(queries.dtype), gc.to(candidates.dtype)
 
 
-_topk_similarity_op.register_autograd(_similarity_backward, setup_context=_similarity_setup)
-
-
-@torch.library.custom_op("hnsample::topk_from_scores", mutates_args=())
-def _topk_from_scores_op(
-    scores: torch.Tensor, k: int, banned: torch.Tensor | None, query_labels: torch.Tensor | None,
-    candidate_labels: torch.Tensor | None, upper: torch.Tensor | None, min_score: float, max_score: float,
-    skip_top: int, pool: int, sampling: int, temperature: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    sel = _selection(k, banned, query_labels, candidate_labels, upper, min_score, max_score, skip_top, pool,
-                     sampling, temperature, seed)
-    with torch.no_grad(), _device_guard(scores):
-        state = SelectionState(sel, scores.shape[0], scores.device)
-        if k > 0:
-            state.offer(scores, 0, 0)
-        out_s, out_j = state.finalize()
-    return out_s.to(_out_dtype(scores.dtype)), out_j
-
-
-@_topk_from_scores_op.register_fake
-def _(scores, k, banned, query_labels, candidate_labels, upper, min_score, max_score, skip_top, pool,
-      sampling, temperature, seed):
-    b = scores.shape[0]
-    return scores.new_empty((b, k), dtype=_out_dtype(scores.dtype)), scores.new_empty((b, k), dtype=torch.int64)
-
-
-def _from_scores_setup(ctx, inputs, output):
+def _from_scores_setup(ctx, inputs, keyword_only_inputs, output):
     ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
     ctx.save_for_backward(output[1])
 
@@ -307,134 +175,19 @@ def _from_scores_backward(ctx, grad_scores, _grad_indices):
     g = torch.where(indices >= 0, grad_scores, torch.zeros((), dtype=grad_scores.dtype, device=grad_scores.device))
     grad = torch.zeros(ctx.shape, dtype=grad_scores.dtype, device=grad_scores.device)
     grad.scatter_add_(1, indices.clamp_min(0), g)
-    return (grad.to(ctx.dtype),) + (None,) * 12
+    return grad.to(ctx.dtype), None, None, None, None
 
 
-_topk_from_scores_op.register_autograd(_from_scores_backward, setup_context=_from_scores_setup)
+torch.library.register_autograd("hnsample::topk_similarity", _similarity_backward, setup_context=_similarity_setup)
+torch.library.register_autograd("hnsample::topk_from_scores", _from_scores_backward, setup_context=_from_scores_setup)
 
 
-class _device_guard:
-    """Runs CUDA work under the tensor's device (a no-op on the CPU)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.ctx = torch.cuda.device_of(t) if t.device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation shared by both public functions
-
-
-def _seed_from(generator: torch.Generator | None, seed: int | None) -> int:
-    if seed is not None:
-        return check_int("seed", seed) & ((1 << 63) - 1)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=device).item())
-
-
-def build_selection(
-    rows: int, n: int, device: torch.device, k: Any, *, positives, exclude, query_labels, candidate_labels,
-    positive_scores, absolute_margin, relative_margin, min_score, max_score, skip_top, pool, sampling,
-    temperature, generator, seed, positive_values,
-) -> Selection:
-    """Validates every filter/sampling argument and builds the kernel's Selection.
-
-    positive_values(pos) -> (B, P) float scores s_{i, pos[i, p]} for the given (B, P) ids (clamped to
-    valid ids); it is called only when a margin filter needs p_i and positive_scores is not given.
-    """
-    compiling = torch.compiler.is_compiling()
-    k = check_int("k", k, 0)
-    skip_top = check_int("skip_top", skip_top, 0)
-    pool = -1 if pool is None else check_int("pool", pool, 1)
-    if not isinstance(sampling, str) or sampling not in SAMPLING_CODES:
-        raise ValueError(f"sampling must be one of {sorted(SAMPLING_CODES)}, got {sampling!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    # The kernels scale by 1 / temperature: a subnormal temperature makes that inf and 0 * inf = NaN keys.
-    if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(1.0 / temperature)):
-        raise ValueError(
-            f"temperature must be finite and > 0 (and 1 / temperature finite), got {temperature}")
-    absolute_margin = check_finite("absolute_margin", absolute_margin)
-    relative_margin = check_finite("relative_margin", relative_margin)
-    lo = check_finite("min_score", min_score)
-    hi = check_finite("max_score", max_score)
-
-    def ids(name, x):
-        if x is None:
-            return None
-        if compiling:
-            return as_tensor(name, x).reshape(rows, -1).to(torch.int64)
-        return check_ids(name, x, rows, device, n)
-
-    positives = ids("positives", positives)
-    exclude = ids("exclude", exclude)
-    if (query_labels is None) != (candidate_labels is None):
-        raise ValueError("query_labels and candidate_labels must be given together")
-    if query_labels is not None:
-        query_labels = check_labels("query_labels", query_labels, rows, device)
-        candidate_labels = check_labels("candidate_labels", candidate_labels, n, device)
-
-    banned_parts = [t for t in (positives, exclude) if t is not None and t.shape[1] > 0]
-    banned = torch.sort(torch.cat(banned_parts, dim=1), dim=1).values.contiguous() if banned_parts else None
-
-    upper = None
-    if absolute_margin is not None or relative_margin is not None:
-        if positive_scores is not None:
-            ps = as_tensor("positive_scores", positive_scores)
-            if ps.ndim != 1 or ps.shape[0] != rows:
-                raise ValueError(f"positive_scores must have shape ({rows},), got {tuple(ps.shape)}")
-            if not ps.is_floating_point():
-                raise TypeError(f"positive_scores must be a float tensor, got {ps.dtype}")
-            if ps.device != device:
-                raise ValueError(f"positive_scores must be on {device}, got {ps.device}")
-            p = ps.to(torch.float64)
-            has_p = torch.ones(rows, dtype=torch.bool, device=device)
-        elif positives is not None and positives.shape[1] > 0 and n > 0:
-            # With n == 0 every id is padding and there is no score to gather.
-            valid = positives >= 0
-            vals = positive_values(positives.clamp_min(0)).to(torch.float64)
-            p = torch.where(valid, vals, torch.full_like(vals, math.inf)).amin(dim=1)
-            # NaN among a row's valid positive scores makes p_i NaN (nothing passes the margin test).
-            p = torch.where((vals.isnan() & valid).any(dim=1), torch.full_like(p, math.nan), p)
-            has_p = valid.any(dim=1)
-        else:
-            p = torch.zeros(rows, dtype=torch.float64, device=device)
-            has_p = torch.zeros(rows, dtype=torch.bool, device=device)
-        upper = torch.full_like(p, math.inf)
-        if absolute_margin is not None:
-            upper = torch.minimum(upper, p - absolute_margin)
-        if relative_margin is not None:
-            upper = torch.minimum(upper, p - p.abs() * relative_margin)
-        upper = torch.where(has_p, upper, torch.full_like(upper, math.inf)).contiguous()
-    elif positive_scores is not None:
-        as_tensor("positive_scores", positive_scores)  # type check only: no margin uses it
-
-    code = SAMPLING_CODES[sampling]
-    seed_value = 0 if code == 0 else _seed_from(generator, seed)
-    lo = -math.inf if lo is None else lo
-    hi = math.inf if hi is None else hi
-    # The state holds skip_top + k slots per row (skip_top + pool when sampling from a bounded pool), so
-    # it must not be sized by what n candidates can never fill. A window reaching past the last of n
-    # candidates selects exactly what the unbounded window does, and with skip_top >= n nothing is
-    # ever selected, which an empty score interval expresses with a state of k slots.
-    if pool >= 0 and skip_top + pool >= n:
-        pool = -1
-    if skip_top >= n:
-        skip_top, lo, hi = 0, math.inf, -math.inf
-    return Selection(
-        k, banned, query_labels, candidate_labels, upper, lo, hi,
-        skip_top, pool, code, float(temperature), seed_value,
-    )
+def _op_args(sel: Selection) -> tuple[tuple, dict[str, Any]]:
+    """(positional tensors, keyword-only arguments) of a Selection for the ops."""
+    tensors = (sel.banned, sel.query_labels, sel.candidate_labels, sel.upper)
+    kw = dict(k=sel.k, min_score=sel.min_score, max_score=sel.max_score, skip_top=sel.skip_top, pool=sel.pool,
+              sampling=sel.sampling, temperature=sel.temperature, seed=_op_seed(sel.seed))
+    return tensors, kw
 
 
 def _to_output(scores: torch.Tensor, indices: torch.Tensor, numpy_in: bool) -> TopK:
@@ -518,15 +271,11 @@ def topk_similarity(
         raise ValueError(f"queries and candidates must be on the same device, got {queries.device} and {candidates.device}")
     if not isinstance(metric, str) or metric not in METRICS:
         raise ValueError(f"metric must be 'dot' or 'cosine', got {metric!r}")
-    block = DEFAULT_BLOCK_SIZE if block_size is None else check_int("block_size", block_size, 1)
+    block = _settings.current().block_size if block_size is None else check_int("block_size", block_size, 1)
     b, n = queries.shape[0], candidates.shape[0]
 
     def positive_values(pos: torch.Tensor) -> torch.Tensor:
-        q = prepare_rows(queries.detach(), metric)
-        # An explicit d: with B = 0 or d = 0 the gathered rows are empty and -1 would be ambiguous.
-        d = candidates.shape[1]
-        c = prepare_rows(candidates.detach()[pos.reshape(-1)], metric).reshape(pos.shape[0], pos.shape[1], d)
-        return torch.einsum("bd,bpd->bp", q, c)
+        return pair_similarities(queries.detach(), candidates.detach().__getitem__, pos, metric)
 
     sel = build_selection(
         b, n, queries.device, k, positives=positives, exclude=exclude, query_labels=query_labels,
@@ -535,10 +284,9 @@ def topk_similarity(
         sampling=sampling, temperature=temperature, generator=generator, seed=seed,
         positive_values=positive_values,
     )
-    scores, indices = _topk_similarity_op(
-        queries, candidates, sel.k, metric, sel.banned, sel.query_labels, sel.candidate_labels, sel.upper,
-        sel.min_score, sel.max_score, sel.skip_top, sel.pool, sel.sampling, sel.temperature, sel.seed, block,
-    )
+    tensors, kw = _op_args(sel)
+    scores, indices = torch.ops.hnsample.topk_similarity(queries, candidates, *tensors, metric=metric,
+                                                         block_size=block, **kw)
     return _to_output(scores, indices, numpy_in)
 
 
@@ -569,10 +317,8 @@ def topk_from_scores(
         sampling=sampling, temperature=temperature, generator=generator, seed=seed,
         positive_values=positive_values,
     )
-    out_s, out_j = _topk_from_scores_op(
-        scores, sel.k, sel.banned, sel.query_labels, sel.candidate_labels, sel.upper, sel.min_score,
-        sel.max_score, sel.skip_top, sel.pool, sel.sampling, sel.temperature, sel.seed,
-    )
+    tensors, kw = _op_args(sel)
+    out_s, out_j = torch.ops.hnsample.topk_from_scores(scores, *tensors, **kw)
     return _to_output(out_s, out_j, numpy_in)
 
 

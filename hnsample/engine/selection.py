@@ -1,0 +1,389 @@
+"""What a selection is and the running state it is computed in.
+
+:func:`build_selection` turns the public filter and sampling arguments (``topk_similarity``,
+``topk_from_scores``, mining, the miners) into a validated :class:`Selection`; :class:`SelectionState`
+holds the per-row state the kernels merge score blocks into, on one device, through that device's
+kernels (:class:`CpuKernels`, :class:`CudaKernels`). The state's layout (mode, slots per row) is derived
+in C++ (``_C.TopkParams.configure``) and every launcher checks the parameters it gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import torch
+
+from .. import _C
+from .. import settings as _settings
+from .._ext import as_tensor, check_finite, check_ids, check_int, check_labels, dtype_code, ptr
+from . import registry
+
+METRICS = ("dot", "cosine")
+SAMPLINGS = tuple(_C.Sampling.__members__)  # ("top", "uniform", "softmax")
+SEED_LIMIT = 1 << 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels of one device type. The CUDA ones take a module with the compiled launchers (hnsample._C, or
+# the test emulator's module) and know the device's facts; a test injects its own by passing them.
+
+
+class CpuKernels:
+    """The CPU launchers of ``hnsample._C`` (threads: settings.cpu_threads or torch's count)."""
+
+    cuda = False
+
+    def __init__(self, module: Any = _C):
+        self.module = module
+
+    def threads(self) -> int:
+        return _settings.current().cpu_threads or max(1, torch.get_num_threads())
+
+    def stream(self, t: torch.Tensor) -> int:
+        return 0
+
+    def select_block(self, params: Any, block: torch.Tensor, row_offset: int, col_offset: int) -> None:
+        """Merges a (rows, cols) score block (any float dtype and strides) into the state: rows are state
+        rows [row_offset, ...), columns candidate ids [col_offset, ...)."""
+        self.module.topk_select_block(
+            params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
+            block.stride(1), row_offset, col_offset, self.cuda, self.stream(block), self.threads())
+
+    def finalize(self, params: Any, out_scores: torch.Tensor, out_indices: torch.Tensor) -> None:
+        self.module.topk_finalize(params, ptr(out_scores), ptr(out_indices), self.cuda, self.stream(out_scores),
+                                  self.threads())
+
+    def merge(self, params: Any, other: Any, like: torch.Tensor) -> None:
+        self.module.topk_merge(params, other, self.cuda, self.stream(like), self.threads())
+
+    def row_bounds(self, params: Any, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.module.topk_row_bounds(params, ptr(lo), ptr(hi), self.cuda, self.stream(lo), self.threads())
+
+    def offer_candidates(self, params: Any, scores: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
+                         col_offset: int) -> None:
+        """Offers per-row candidate lists ((B, cap) float32 scores and int32 columns, (B,) int32 counts)."""
+        self.module.topk_offer_candidates(params, ptr(scores), ptr(cols), ptr(counts), scores.shape[1], col_offset,
+                                          self.cuda, self.stream(scores), self.threads())
+
+    def rescore_candidates(self, block: Any, like: torch.Tensor) -> None:
+        self.module.topk_rescore_candidates(block, self.cuda, self.stream(like), self.threads())
+
+    def info_nce_block(self, params: Any, backward: bool, out: torch.Tensor, guide: torch.Tensor | None,
+                       row_offset: int, col_offset: int) -> None:
+        """Forward: folds a score block into the InfoNCE statistics. Backward: turns it into dL/ds."""
+        self.module.info_nce_block(
+            params, backward, out.data_ptr(), ptr(guide), dtype_code(out), out.shape[0], out.shape[1],
+            out.stride(0), out.stride(1), guide.stride(0) if guide is not None else 0,
+            guide.stride(1) if guide is not None else 0, row_offset, col_offset, self.cuda, self.stream(out),
+            self.threads())
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceFacts:
+    """What the CUDA driver plans with: multiprocessors and L2 bytes of a device."""
+
+    multiprocessors: int
+    l2_bytes: int
+
+
+class CudaKernels(CpuKernels):
+    """The CUDA launchers (of ``hnsample._C`` unless another module is given), on the current stream of
+    the tensors' device."""
+
+    cuda = True
+
+    def threads(self) -> int:
+        return 1
+
+    def stream(self, t: torch.Tensor) -> int:
+        return torch.cuda.current_stream(t.device).cuda_stream
+
+    def select_block(self, params: Any, block: torch.Tensor, row_offset: int, col_offset: int,
+                     segments: int = 1) -> None:
+        """As on the CPU; with segments > 1 the columns are split into that many ranges, range s feeding
+        the state copy s * B rows past params' state (a [segments, B, capacity] state)."""
+        if block.numel() == 0:
+            return
+        self.module.topk_select_block_segments(
+            params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
+            block.stride(1), row_offset, col_offset, segments, self.stream(block))
+
+    def fused_scores(self, block: Any, like: torch.Tensor) -> None:
+        self.module.topk_fused_scores(block, self.stream(like))
+
+    def fused_supported(self, device: torch.device) -> bool:
+        return bool(self.module.topk_fused_supported(device.index or 0))
+
+    def device_facts(self, device: torch.device) -> DeviceFacts:
+        return _device_facts(device.index or 0)
+
+    def mm_out_dtype_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return _mm_out_dtype_supported(device.index or 0, dtype)
+
+
+@cache
+def _device_facts(index: int) -> DeviceFacts:
+    props = torch.cuda.get_device_properties(index)
+    l2 = int(getattr(props, "L2_cache_size", 0) or 0) or (40 << 20)
+    return DeviceFacts(int(props.multi_processor_count), l2)
+
+
+@cache
+def _mm_out_dtype_supported(index: int, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(x, y, out_dtype=float32, out=...) runs for this 16-bit dtype on this device
+    (torch >= 2.8)."""
+    try:
+        a = torch.ones((2, 16), dtype=dtype, device=torch.device("cuda", index))
+        out = torch.empty((2, 2), dtype=torch.float32, device=a.device)
+        torch.mm(a, a.T, out_dtype=torch.float32, out=out)
+        return bool(torch.all(out == 16.0))
+    except (RuntimeError, TypeError):
+        return False
+
+
+CPU_KERNELS = CpuKernels()
+CUDA_KERNELS = CudaKernels()
+
+
+def kernels_for(device: torch.device) -> CpuKernels:
+    """The kernels of the backend serving this device type (see hnsample.engine.registry)."""
+    return registry.get(device.type).kernels
+
+
+# ----------------------------------------------------------------------------------------------------
+# The selection
+
+
+@dataclasses.dataclass
+class Selection:
+    """Validated selection arguments, in the form the kernels take (see :func:`build_selection`)."""
+
+    k: int
+    banned: torch.Tensor | None  # (B, E) int64, sorted ascending per row (positives and exclude)
+    query_labels: torch.Tensor | None  # (B,) int64
+    candidate_labels: torch.Tensor | None  # (N,) int64
+    upper: torch.Tensor | None  # (B,) float64: eligible iff s <= upper (the margins)
+    min_score: float
+    max_score: float
+    skip_top: int
+    pool: int  # -1: unbounded
+    sampling: str
+    temperature: float
+    seed: int
+
+    def on(self, device: torch.device) -> Selection:
+        """This selection with its tensors on `device`."""
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(self, banned=move(self.banned), query_labels=move(self.query_labels),
+                                   candidate_labels=move(self.candidate_labels), upper=move(self.upper))
+
+
+def draw_seed(seed: Any, generator: torch.Generator | None) -> int:
+    """The 64-bit key of the sampling noise. ``seed`` if given: an int in [0, 2**64) is the key itself;
+    any other int (negative, or 2**64 and beyond) is mapped to one by the first 8 bytes of the SHA-256 of
+    its decimal digits, so distinct seeds give distinct samples (up to 2**-64 odds of a collision). Without
+    a seed, one is drawn from ``generator`` (torch's default generator when None) in [0, 2**62)."""
+    if seed is not None:
+        s = check_int("seed", seed)
+        if 0 <= s < SEED_LIMIT:
+            return s
+        return int.from_bytes(hashlib.sha256(str(s).encode()).digest()[:8], "little")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=device).item())
+
+
+def positive_score(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, has_p): p_i = the minimum of values[i] over the row's valid positives in float64 (NaN if one
+    of them is NaN, +inf for a row without any), has_p_i = the row has a valid positive."""
+    vals = values.to(torch.float64)
+    p = torch.where(valid, vals, torch.full_like(vals, math.inf)).amin(dim=1)
+    p = torch.where((vals.isnan() & valid).any(dim=1), torch.full_like(p, math.nan), p)
+    return p, valid.any(dim=1)
+
+
+def margin_bound(p: torch.Tensor, has_p: torch.Tensor, absolute_margin: float | None,
+                 relative_margin: float | None) -> torch.Tensor:
+    """The per-row score bound of the margin filters: min(p - absolute_margin, p - |p| relative_margin)
+    over the margins given, +inf for rows without a positive score (float64, (B,))."""
+    upper = torch.full_like(p, math.inf)
+    if absolute_margin is not None:
+        upper = torch.minimum(upper, p - absolute_margin)
+    if relative_margin is not None:
+        upper = torch.minimum(upper, p - p.abs() * relative_margin)
+    return torch.where(has_p, upper, torch.full_like(upper, math.inf)).contiguous()
+
+
+def build_selection(
+    rows: int, n: int, device: torch.device, k: Any, *, positives: Any = None, exclude: Any = None,
+    query_labels: Any = None, candidate_labels: Any = None, positive_scores: Any = None,
+    absolute_margin: Any = None, relative_margin: Any = None, min_score: Any = None, max_score: Any = None,
+    skip_top: Any = 0, pool: Any = None, sampling: Any = "top", temperature: Any = 1.0,
+    generator: torch.Generator | None = None, seed: Any = None,
+    positive_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Selection:
+    """Validates every filter and sampling argument (ValueError / TypeError naming it) and builds the
+    kernels' Selection for `rows` queries over `n` candidates on `device`.
+
+    positive_values(pos) -> (B, P) float scores s_{i, pos[i, p]} for the given (B, P) ids (clamped to
+    valid ids); it is called only when a margin filter needs p_i and positive_scores is not given.
+    """
+    compiling = torch.compiler.is_compiling()
+    k = check_int("k", k, 0)
+    skip_top = check_int("skip_top", skip_top, 0)
+    pool = -1 if pool is None else check_int("pool", pool, 1)
+    if not isinstance(sampling, str) or sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {sorted(SAMPLINGS)}, got {sampling!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    # The kernels scale by 1 / temperature: a subnormal temperature makes that inf and 0 * inf = NaN keys.
+    if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(1.0 / temperature)):
+        raise ValueError(
+            f"temperature must be finite and > 0 (and 1 / temperature finite), got {temperature}")
+    absolute_margin = check_finite("absolute_margin", absolute_margin)
+    relative_margin = check_finite("relative_margin", relative_margin)
+    lo = check_finite("min_score", min_score)
+    hi = check_finite("max_score", max_score)
+
+    def ids(name, x):
+        if x is None:
+            return None
+        if compiling:
+            return as_tensor(name, x).reshape(rows, -1).to(torch.int64)
+        return check_ids(name, x, rows, device, n)
+
+    positives = ids("positives", positives)
+    exclude = ids("exclude", exclude)
+    if (query_labels is None) != (candidate_labels is None):
+        raise ValueError("query_labels and candidate_labels must be given together")
+    if query_labels is not None:
+        query_labels = check_labels("query_labels", query_labels, rows, device)
+        candidate_labels = check_labels("candidate_labels", candidate_labels, n, device)
+
+    banned_parts = [t for t in (positives, exclude) if t is not None and t.shape[1] > 0]
+    banned = torch.sort(torch.cat(banned_parts, dim=1), dim=1).values.contiguous() if banned_parts else None
+
+    upper = None
+    if absolute_margin is not None or relative_margin is not None:
+        if positive_scores is not None:
+            ps = as_tensor("positive_scores", positive_scores)
+            if ps.ndim != 1 or ps.shape[0] != rows:
+                raise ValueError(f"positive_scores must have shape ({rows},), got {tuple(ps.shape)}")
+            if not ps.is_floating_point():
+                raise TypeError(f"positive_scores must be a float tensor, got {ps.dtype}")
+            if ps.device != device:
+                raise ValueError(f"positive_scores must be on {device}, got {ps.device}")
+            p, has_p = ps.to(torch.float64), torch.ones(rows, dtype=torch.bool, device=device)
+        elif positives is not None and positives.shape[1] > 0 and n > 0:
+            # With n == 0 every id is padding and there is no score to gather.
+            p, has_p = positive_score(positive_values(positives.clamp_min(0)), positives >= 0)
+        else:
+            p = torch.zeros(rows, dtype=torch.float64, device=device)
+            has_p = torch.zeros(rows, dtype=torch.bool, device=device)
+        upper = margin_bound(p, has_p, absolute_margin, relative_margin)
+    elif positive_scores is not None:
+        as_tensor("positive_scores", positive_scores)  # type check only: no margin uses it
+
+    seed_value = 0 if sampling == "top" else draw_seed(seed, generator)
+    lo = -math.inf if lo is None else lo
+    hi = math.inf if hi is None else hi
+    # The state holds skip_top + k slots per row (skip_top + pool when sampling from a bounded pool), so
+    # it must not be sized by what n candidates can never fill. A window reaching past the last of n
+    # candidates selects exactly what the unbounded window does, and with skip_top >= n nothing is
+    # ever selected, which an empty score interval expresses with a state of k slots.
+    if pool >= 0 and skip_top + pool >= n:
+        pool = -1
+    if skip_top >= n:
+        skip_top, lo, hi = 0, math.inf, -math.inf
+    return Selection(k, banned, query_labels, candidate_labels, upper, lo, hi, skip_top, pool, sampling,
+                     float(temperature), seed_value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The running state
+
+
+class SelectionState:
+    """Running per-row top-k state on one device: ``offer`` score blocks, ``merge`` states over other
+    candidates, then ``finalize``.
+
+    Memory: (B, capacity) float64 scores and int64 ids (plus float64 keys when sampling), where capacity
+    = skip_top + k, or skip_top + pool for sampling from a bounded pool (``_C.state_layout``).
+    noise_row_offset: the global query id of state row 0 (the sampling noise is keyed by it).
+    """
+
+    def __init__(self, sel: Selection, rows: int, device: torch.device, noise_row_offset: int = 0,
+                 kernels: CpuKernels | None = None, copies: int = 1):
+        self.sel, self.device, self.rows = sel, torch.device(device), rows
+        self.kernels = kernels if kernels is not None else kernels_for(self.device)
+        p = _C.TopkParams()
+        p.configure(rows, sel.k, sel.skip_top, sel.pool, _C.Sampling.__members__[sel.sampling])
+        p.inv_temperature, p.seed, p.noise_row_offset = 1.0 / sel.temperature, sel.seed, noise_row_offset
+        p.min_score, p.max_score = sel.min_score, sel.max_score
+        p.upper = ptr(sel.upper)
+        if sel.banned is not None and sel.banned.shape[1] > 0:
+            p.banned, p.banned_stride, p.banned_cols = ptr(sel.banned), sel.banned.stride(0), sel.banned.shape[1]
+        if sel.query_labels is not None and sel.candidate_labels is not None:
+            p.query_labels, p.candidate_labels = ptr(sel.query_labels), ptr(sel.candidate_labels)
+        # `copies` stacked states of `rows` rows each (the CUDA driver's column segments); params points
+        # at the first, state_copy(s) at the others.
+        shape = (copies * rows, p.capacity)
+        self.st_score = torch.empty(shape, dtype=torch.float64, device=self.device)
+        self.st_index = torch.empty(shape, dtype=torch.int64, device=self.device)
+        keyed = sel.sampling != "top"
+        self.st_key = torch.empty(shape if keyed else (0,), dtype=torch.float64, device=self.device)
+        self.st_count = torch.zeros((copies * rows, 2), dtype=torch.int64, device=self.device)
+        self.params = self._params_at(p, 0)
+
+    def _params_at(self, p: Any, row0: int) -> Any:
+        """p with its state pointers at row `row0` of the stacked state tensors."""
+        out = p.copy()
+        at = slice(row0, row0 + self.rows)
+        out.st_score, out.st_index = ptr(self.st_score[at]), ptr(self.st_index[at])
+        out.st_key, out.st_count = ptr(self.st_key[at]), ptr(self.st_count[at])
+        return out
+
+    def copy_params(self, copy: int) -> Any:
+        """The params of stacked state copy `copy` (0 is ``params``)."""
+        return self._params_at(self.params, copy * self.rows)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.params.capacity)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state's tensors (scores, ids, keys, counts), e.g. to send them to another device or rank."""
+        return [self.st_score, self.st_index, self.st_key, self.st_count]
+
+    def load(self, tensors: list[torch.Tensor]) -> SelectionState:
+        """Overwrites this state with another's tensors (same selection and rows); returns self."""
+        for dst, src in zip(self.tensors(), tensors, strict=True):
+            dst.copy_(src)
+        return self
+
+    def offer(self, block: torch.Tensor, row_offset: int, col_offset: int) -> None:
+        """Merges a (rows, cols) block of scores for state rows [row_offset, ...) and global candidate
+        ids [col_offset, ...) into the state. Any float dtype and strides."""
+        if block.numel() == 0:
+            return
+        self.kernels.select_block(self.params, block, row_offset, col_offset)
+
+    def merge(self, other: SelectionState) -> None:
+        """Folds another state built over a disjoint set of candidates into this one (exact)."""
+        self.kernels.merge(self.params, other.params, self.st_count)
+
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores float64 (B, k), indices int64 (B, k)), best first; consumes the state."""
+        out_s = torch.empty((self.rows, self.sel.k), dtype=torch.float64, device=self.device)
+        out_j = torch.empty((self.rows, self.sel.k), dtype=torch.int64, device=self.device)
+        if self.rows and self.sel.k:
+            self.kernels.finalize(self.params, out_s, out_j)
+        return out_s, out_j

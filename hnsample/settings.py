@@ -1,0 +1,163 @@
+"""The tunables of hnsample in one place.
+
+``hnsample.settings.current()`` is the process-wide :class:`Settings`; every field has a default and an
+environment variable (``HNSAMPLE_<FIELD>``, upper case) read once, at import. Change them for the whole
+process with :func:`configure`, or for a block of code with :func:`override` (overrides nest)::
+
+    with hnsample.settings.override(cuda_path="two_pass", block_size=1 << 20):
+        hnsample.topk_similarity(q, c, 8)
+
+Nothing here changes a result: the settings choose block shapes, kernels and paths whose outputs are
+identical (or, for the unverified CUDA fused kernels, opt-in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+CUDA_PATHS = ("auto", "two_pass", "fused")
+FUSED_KERNELS = ("auto", "mma", "wgmma", "wgmma_256x128", "wgmma_128x256")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Tunables. Block sizes are counts of score elements (4 bytes each in fp32)."""
+
+    # --- selection (topk_similarity, mining, miners) ---
+    block_size: int = 1 << 22
+    """Default score elements per block of the selection: 16 MB of fp32, small enough to be scanned from
+    cache right after the GEMM wrote it."""
+    cpu_threads: int = 0
+    """Threads of the CPU kernels; 0: torch.get_num_threads() (the kernels and torch's GEMMs run one
+    after the other, so sharing the budget never oversubscribes)."""
+    interrupt_seconds: float = 0.25
+    """A kernel call on a given score matrix (topk_from_scores) is split into row chunks of about this
+    much work, so Ctrl-C is seen between chunks."""
+
+    # --- InfoNCE ---
+    info_nce_block_size_cpu: int = 1 << 24
+    """Score elements per InfoNCE block on the CPU (64 MB of fp32: full rows of up to 65,536 docs for
+    256-row GEMMs in the fused path)."""
+    info_nce_block_size_cuda: int = 1 << 26
+    info_nce_fused_min_rows: int = 256
+    """A full-row block must hold at least this many rows for InfoNCE's fused forward+gradient path:
+    thinner GEMMs lose more than the saved fourth GEMM-equivalent (measured on the CPU)."""
+
+    # --- CUDA selection (see docs/cuda.md) ---
+    cuda_path: str = "auto"
+    """"auto": the fused path where it applies and ``cuda_fused_auto`` is on, else two-pass;
+    "two_pass" / "fused" force a path (fused falls back to two-pass for inputs it does not support)."""
+    cuda_fused_auto: bool = False
+    """Whether "auto" takes the fused path: off until a device run has shown it correct and faster."""
+    cuda_fused_kernel: str = "mma"
+    """The fused kernel: "mma" (mma.sync, sm_80+), "wgmma" (sm_90a, 128 x 128 tiles), "wgmma_256x128",
+    "wgmma_128x256", or "auto" (wgmma where device, build and inputs allow it, else mma.sync)."""
+    cuda_fused_stages: int = 0
+    """mma.sync pipeline depth: 0 by the device's shared memory, else 2 or 4."""
+    cuda_fused_seed_cols: int = 8192
+    """Columns scored by the two-pass path first, to give every row a threshold; the fused path then
+    takes chunks of doubling width."""
+    cuda_fused_max_capacity: int = 2048
+    cuda_fused_max_list_bytes: int = 1 << 30
+    cuda_l2_share: float = 0.5
+    """Share of the L2 cache one score block may fill; the GEMM's operand tiles use the rest."""
+    cuda_min_segment_cols: int = 2048
+    """A column segment narrower than this spends more on its share of the state than on scanning."""
+    cuda_max_segment_state_bytes: int = 1 << 30
+    """Bytes the extra state copies of a segmented block may take."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
+                                                             "str": str}[f.type]
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                continue
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise TypeError(f"settings.{f.name} must be a {want.__name__}, got {type(value).__name__}")
+        positive = ("block_size", "info_nce_block_size_cpu", "info_nce_block_size_cuda", "cuda_fused_seed_cols",
+                    "cuda_fused_max_capacity", "cuda_fused_max_list_bytes", "cuda_min_segment_cols",
+                    "cuda_max_segment_state_bytes", "info_nce_fused_min_rows")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"settings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"settings.cpu_threads must be >= 0, got {self.cpu_threads}")
+        if not self.interrupt_seconds > 0:
+            raise ValueError(f"settings.interrupt_seconds must be > 0, got {self.interrupt_seconds}")
+        if self.cuda_path not in CUDA_PATHS:
+            raise ValueError(f"settings.cuda_path must be one of {CUDA_PATHS}, got {self.cuda_path!r}")
+        if self.cuda_fused_kernel not in FUSED_KERNELS:
+            raise ValueError(f"settings.cuda_fused_kernel must be one of {FUSED_KERNELS}, "
+                             f"got {self.cuda_fused_kernel!r}")
+        if self.cuda_fused_stages not in (0, 2, 4):
+            raise ValueError(f"settings.cuda_fused_stages must be 0, 2 or 4, got {self.cuda_fused_stages}")
+        if not 0 < self.cuda_l2_share <= 1:
+            raise ValueError(f"settings.cuda_l2_share must be in (0, 1], got {self.cuda_l2_share}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """The defaults with every ``HNSAMPLE_<FIELD>`` environment variable applied."""
+        env = os.environ if environ is None else environ
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = "HNSAMPLE_" + f.name.upper()
+            if key in env:
+                changes[f.name] = _parse(key, env[key], f.default)
+        return cls(**changes)
+
+
+def _parse(key: str, text: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if text.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(text, 0)
+        if isinstance(default, float):
+            return float(text)
+        return text.strip()
+    except ValueError:
+        raise ValueError(f"environment variable {key}={text!r} is not a valid {type(default).__name__}") from None
+
+
+_base = Settings.from_env()
+_lock = threading.Lock()
+
+
+def current() -> Settings:
+    """The settings in effect now."""
+    return _base
+
+
+def configure(**changes: Any) -> Settings:
+    """Changes the process-wide settings; returns the new ones."""
+    global _base
+    with _lock:
+        _base = dataclasses.replace(_base, **changes)
+        return _base
+
+
+@contextlib.contextmanager
+def override(**changes: Any) -> Iterator[Settings]:
+    """The settings with ``changes`` applied, process-wide, for the duration of the block; the previous
+    settings come back when it ends (also on an exception)."""
+    global _base
+    with _lock:
+        previous = _base
+        _base = dataclasses.replace(previous, **changes)
+        new = _base
+    try:
+        yield new
+    finally:
+        with _lock:
+            _base = previous
