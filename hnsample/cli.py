@@ -12,7 +12,6 @@ COMMANDS = [
     ("demo", "hnsample.demo", "mine hard negatives on a synthetic corpus and show what each filter did"),
     ("bench", "hnsample.bench", "time hnsample against plain torch on this machine"),
     ("mine", "hnsample.mining_cli", "mine hard negatives for .npy embeddings (resumable)"),
-    ("report", "hnsample.report", "peer benchmark report: hnsample vs torch, faiss, metric-learning miners"),
 ]
 
 

@@ -17,19 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._ext import as_tensor, check_int, has_cuda
-from .mining_io import (
-    CheckpointDir,
-    MatrixSource,
-    PathLike,
-    load_result,
-    positives_tensor,
-    read_ids,
-    read_qrels,
-    save_result,
-    tensor_digest,
-)
 from . import settings as _settings
+from ._ext import as_tensor, check_int, has_cuda
 from .engine import (
     METRICS,
     SAMPLINGS,
@@ -40,6 +29,17 @@ from .engine import (
     draw_seed,
     pair_similarities,
     positive_score,
+)
+from .mining_io import (
+    CheckpointDir,
+    MatrixSource,
+    PathLike,
+    load_result,
+    positives_tensor,
+    read_ids,
+    read_qrels,
+    save_result,
+    tensor_digest,
 )
 
 # Per-row counters of the filter statistics, in attribution order (a candidate is counted under the

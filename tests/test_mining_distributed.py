@@ -55,14 +55,18 @@ WORKER = textwrap.dedent("""
         print("finished", flush=True)
         os._exit(0)
     elif mode == "fail-mid":
-        real, calls = M._mine_batch, []
-        def flaky(run, group, q0, q1):
-            calls.append(q0)
-            if rank == 1 and len(calls) == 2:
-                raise OSError("disk read failed (injected)")
-            return real(run, group, q0, q1)
-        M._mine_batch = flaky
-        M.mine_hard_negatives(q, c, pos, **configs["top"], **common)
+        from hnsample.engine import CpuBackend, CpuKernels, registry
+
+        class Flaky(CpuKernels):  # rank 1 fails in its second query batch
+            batches = set()
+            def select_block(self, params, *args):
+                self.batches.add(params.noise_row_offset)
+                if rank == 1 and len(self.batches) == 2:
+                    raise OSError("disk read failed (injected)")
+                super().select_block(params, *args)
+
+        with registry.use("cpu", CpuBackend(Flaky())):
+            M.mine_hard_negatives(q, c, pos, **configs["top"], **common)
     elif mode == "fail-validation":
         kw = dict(configs["softmax"], seed=None)  # rank 0 would wait in the seed broadcast
         M.mine_hard_negatives(q, c, pos[:-1] if rank == 1 else pos, **kw, **common)
@@ -78,8 +82,11 @@ WORKER = textwrap.dedent("""
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     g = np.random.default_rng(3)
-    np.save(d / "q.npy", g.standard_normal((80, 16), dtype=np.float32))
-    np.save(d / "c.npy", g.standard_normal((301, 16), dtype=np.float32))
+    # Entries +-1 in d = 16: every row has norm 4, so the cosine scores are sums of exact products of
+    # +-0.25, the same bits whatever blocks, shards or threads the GEMM is cut into (ranks cut the corpus
+    # differently from one process), with plenty of exact ties for the id rule.
+    np.save(d / "q.npy", g.choice(np.array([-1.0, 1.0], dtype=np.float32), (80, 16)))
+    np.save(d / "c.npy", g.choice(np.array([-1.0, 1.0], dtype=np.float32), (301, 16)))
     np.save(d / "pos.npy", g.integers(-1, 301, (80, 3)))
     np.save(d / "ql.npy", g.integers(0, 5, 80))
     np.save(d / "cl.npy", g.integers(0, 5, 301))

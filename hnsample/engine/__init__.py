@@ -47,8 +47,9 @@ def backend_for(device) -> object:
 
 
 __all__ = [
-    "METRICS", "SAMPLINGS", "Block", "CpuBackend", "CpuKernels", "CudaBackend", "CudaKernels", "DeviceFacts", "MatmulProduct",
-    "MixedPrecisionProduct", "Operand", "Selection", "SelectionState", "backend_for", "backends", "block_shape",
-    "build_selection", "compute_dtype", "draw_seed", "kernels_for", "margin_bound", "pair_similarities",
-    "positive_score", "prepare_rows", "product_for", "registry", "run_selection", "score_blocks", "select_blocks",
+    "METRICS", "SAMPLINGS", "Block", "CpuBackend", "CpuKernels", "CudaBackend", "CudaKernels", "DeviceFacts",
+    "MatmulProduct", "MixedPrecisionProduct", "Operand", "Selection", "SelectionState", "backend_for", "backends",
+    "block_shape", "build_selection", "compute_dtype", "draw_seed", "kernels_for", "margin_bound",
+    "pair_similarities", "positive_score", "prepare_rows", "product_for", "registry", "run_selection",
+    "score_blocks", "select_blocks",
 ]

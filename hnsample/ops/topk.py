@@ -9,7 +9,6 @@ SelectionState by the backend of the inputs' device.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
