@@ -155,6 +155,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("params"), py::arg("other"), py::arg("cuda"), py::arg("stream"), py::arg("threads"),
       py::call_guard<py::gil_scoped_release>(), "Folds another state over disjoint candidates into this one.");
 
+  m.def(
+      "topk_filter_counts",
+      [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, uintptr_t counts, bool cuda, uintptr_t stream,
+         int threads) {
+        const ScoreBlock b = make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset);
+        if (!cuda) return topk_filter_counts_cpu(p, b, as_ptr<int64_t>(counts), threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_filter_counts_cuda(p, b, as_ptr<int64_t>(counts), as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("counts"), py::arg("cuda"),
+      py::arg("stream"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Adds to int64 counts [B, 5] the candidates of a score block each score filter removes "
+      "(labels, NaN, min_score, max_score, margin; a candidate counted under the first it fails).");
   m.def("uniform_noise", &uniform_noise, py::arg("seed"), py::arg("row"), py::arg("col"),
         "The sampling noise u(seed, row, candidate) in (0, 1), as every backend computes it.");
   m.def("cpu_isa", &cpu_isa_name, "The SIMD path the CPU kernels picked at run time.");

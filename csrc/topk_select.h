@@ -150,6 +150,35 @@ HN_HD double row_upper(const TopkParams& p, int64_t row) {
   return hi;
 }
 
+// The eligibility rule, one filter at a time, in the order the filter statistics attribute a candidate
+// (to the first filter it fails): a banned id (positives and exclude, told apart by the caller from
+// the id lists), the query's label, a NaN score, min_score, max_score, the margin bound. A candidate is
+// eligible iff it fails none. The scans apply the same rule in bulk (the score interval
+// [min_score, row_upper] first, then the ids); the statistics use this form.
+enum class Filter : int { None = -1, Banned = 0, Labels = 1, Nan = 2, MinScore = 3, MaxScore = 4, Margin = 5 };
+constexpr int kScoreFilters = 5;  // Labels .. Margin: the ones a score block can be counted for
+
+HN_HD Filter first_failed_filter(const TopkParams& p, int64_t row, int64_t col, double s) {
+  if (id_banned(p, row, col)) return Filter::Banned;
+  if (!label_allowed(p, row, col)) return Filter::Labels;
+  if (s != s) return Filter::Nan;
+  if (!(s >= p.min_score)) return Filter::MinScore;
+  if (!(s <= p.max_score)) return Filter::MaxScore;
+  if (p.upper != nullptr && !(s <= p.upper[row])) return Filter::Margin;
+  return Filter::None;
+}
+
+// Adds, for each row of a score block, the candidates each score filter removes to counts[row, f - 1]
+// (f = Labels .. Margin, int64 [num_rows, kScoreFilters]); banned ids are skipped (counted from the ids).
+template <typename T>
+HN_HD void count_filters_row(const TopkParams& p, const T* data, int64_t cols, int64_t col_stride, int64_t row,
+                             int64_t col_offset, int64_t* counts) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const int f = static_cast<int>(first_failed_filter(p, row, col_offset + c, to_float(data[c * col_stride])));
+    if (f > 0) ++counts[f - 1];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Binary heaps on parallel arrays with the *worst* element at the root, so the root is the running
 // threshold. Score order: higher score is better, ties go to the lower candidate id.
@@ -523,6 +552,8 @@ void topk_finalize_cpu(const TopkParams& p, double* out_scores,  // [B, k]
                        int threads);
 void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads);
 void topk_row_bounds_cpu(const TopkParams& p, float* lo, float* hi, int threads);  // [B], [B]
+// counts: int64 [num_rows, kScoreFilters], added to (see count_filters_row).
+void topk_filter_counts_cpu(const TopkParams& p, const ScoreBlock& block, int64_t* counts, int threads);
 // Replaces every listed candidate's score in f.cand_score by its exact rescoring (rescore_dot) from
 // f's fp32 queries and candidates and scales.
 void topk_rescore_candidates_cpu(const FusedBlock& f, int threads);
@@ -540,6 +571,7 @@ void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& bloc
 void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_indices, void* stream);
 void topk_merge_cuda(const TopkParams& p, const TopkParams& other, void* stream);
 void topk_row_bounds_cuda(const TopkParams& p, float* lo, float* hi, void* stream);
+void topk_filter_counts_cuda(const TopkParams& p, const ScoreBlock& block, int64_t* counts, void* stream);
 void topk_offer_candidates_cuda(const TopkParams& p, const float* scores, const int32_t* cols,
                                 const int32_t* counts, int64_t cap, int64_t col_offset, void* stream);
 // False when the device cannot run the fused kernel (compute capability < 8.0).

@@ -22,7 +22,6 @@ from ._ext import as_tensor, check_int, has_cuda
 from .engine import (
     METRICS,
     SAMPLINGS,
-    Selection,
     SelectionState,
     backend_for,
     build_selection,
@@ -386,37 +385,16 @@ def _distinct_valid(ids: torch.Tensor) -> torch.Tensor:
 
 
 class _FilterCounter:
-    """Counts, per state row, the candidates each score-dependent filter removes, attributing a
-    candidate to the first filter it fails (labels, NaN, min_score, max_score, margin); banned ids are
-    skipped here since they are counted from the id lists. Comparisons in float64, as the kernel's."""
+    """Counts, per state row, the candidates each score-dependent filter removes (labels, NaN, min_score,
+    max_score, margin; a candidate under the first it fails), from the same score blocks the selection
+    sees, by the kernels' own eligibility rule. Banned ids are skipped: they are counted from the ids."""
 
-    def __init__(self, sel: Selection, rows: int, device: torch.device):
-        self.sel = sel
+    def __init__(self, state: SelectionState, rows: int, device: torch.device):
+        self.state = state
         self.counts = torch.zeros((rows, len(_SCAN_FILTERS)), dtype=torch.int64, device=device)
 
     def __call__(self, block: torch.Tensor, i0: int, c0: int) -> None:
-        sel = self.sel
-        br, bc = block.shape
-        s = block.to(torch.float64)
-        alive = torch.ones((br, bc), dtype=torch.bool, device=s.device)
-        if sel.banned is not None:
-            ban = sel.banned[i0:i0 + br]
-            hit = (ban >= c0) & (ban < c0 + bc)
-            r = torch.arange(br, device=s.device)[:, None].expand_as(ban)[hit]
-            alive[r, ban[hit] - c0] = False
-        cnt = self.counts[i0:i0 + br]
-        tests = []
-        if sel.query_labels is not None and sel.candidate_labels is not None:
-            tests.append((0, sel.query_labels[i0:i0 + br, None] == sel.candidate_labels[None, c0:c0 + bc]))
-        tests.append((1, s.isnan()))
-        tests.append((2, ~(s >= sel.min_score)))
-        tests.append((3, ~(s <= sel.max_score)))
-        if sel.upper is not None:
-            tests.append((4, ~(s <= sel.upper[i0:i0 + br, None])))
-        for col, fail in tests:
-            removed = alive & fail
-            cnt[:, col] += removed.sum(dim=1)
-            alive &= ~fail
+        self.state.count_filters(block, i0, c0, self.counts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -467,8 +445,8 @@ def _mine_batch(run: _Run, group: _Group, q0: int, q1: int) -> dict[str, Any]:
     )
     sels = [sel] + [sel.on(d) for d in run.devices[1:]]
     states = [SelectionState(s, b, d, noise_row_offset=q0) for s, d in zip(sels, run.devices, strict=True)]
-    counters = [_FilterCounter(s, b, d) if run.filter_statistics else None
-                for s, d in zip(sels, run.devices, strict=True)]
+    counters = [_FilterCounter(st, b, d) if run.filter_statistics else None
+                for st, d in zip(states, run.devices, strict=True)]
 
     def work(slot: int) -> None:
         dev = run.devices[slot]

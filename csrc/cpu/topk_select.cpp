@@ -191,6 +191,22 @@ void topk_merge_cpu(const TopkParams& p, const TopkParams& other, int threads) {
   });
 }
 
+void topk_filter_counts_cpu(const TopkParams& p, const ScoreBlock& block, int64_t* counts, int threads) {
+  check_params(p);
+  check_block(p, block);
+  HN_CHECK_PARAM(block.rows == 0 || counts != nullptr, "filter counts are null");
+  HN_DISPATCH_FLOAT(block.dtype, T, [&] {
+    const T* base = static_cast<const T*>(block.data);
+    parallel_rows(block.rows, threads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t row = block.row_offset + r;
+        count_filters_row(p, base + r * block.row_stride, block.cols, block.col_stride, row, block.col_offset,
+                          counts + row * kScoreFilters);
+      }
+    });
+  });
+}
+
 void topk_row_bounds_cpu(const TopkParams& p, float* lo, float* hi, int threads) {
   check_params(p);
   HN_CHECK_PARAM(p.num_rows == 0 || (lo != nullptr && hi != nullptr), "row bound outputs are null");

@@ -217,6 +217,16 @@ __global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2 
   if (count > 0) flush();
 }
 
+// One thread per row: the statistics are a diagnostic, read once per score block.
+template <typename T>
+__global__ void filter_counts_kernel(TopkParams p, ScoreBlock b, int64_t* counts) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= b.rows) return;
+  const int64_t row = b.row_offset + r;
+  count_filters_row(p, static_cast<const T*>(b.data) + r * b.row_stride, b.cols, b.col_stride, row, b.col_offset,
+                    counts + row * kScoreFilters);
+}
+
 __global__ void finalize_kernel(TopkParams p, double* out_scores, int64_t* out_indices) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (row >= p.num_rows) return;
@@ -259,6 +269,19 @@ void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& bloc
 
 void topk_select_block_cuda(const TopkParams& p, const ScoreBlock& block, void* stream) {
   topk_select_block_segments_cuda(p, block, 1, stream);
+}
+
+void topk_filter_counts_cuda(const TopkParams& p, const ScoreBlock& block, int64_t* counts, void* stream) {
+  check_params(p);
+  check_block(p, block);
+  if (block.rows == 0 || block.cols == 0) return;
+  HN_CHECK_PARAM(counts != nullptr, "filter counts are null");
+  auto s = static_cast<cudaStream_t>(stream);
+  const unsigned grid = static_cast<unsigned>(ceil_div(block.rows, kThreads));
+  HN_DISPATCH_FLOAT(block.dtype, T, [&] {
+    HN_LAUNCH(grid, kThreads, 0, s, filter_counts_kernel<T>)(p, block, counts);
+    HN_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 void topk_finalize_cuda(const TopkParams& p, double* out_scores, int64_t* out_indices, void* stream) {

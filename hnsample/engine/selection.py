@@ -54,6 +54,13 @@ class CpuKernels:
             params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
             block.stride(1), row_offset, col_offset, self.cuda, self.stream(block), self.threads())
 
+    def filter_counts(self, params: Any, block: torch.Tensor, row_offset: int, col_offset: int,
+                      counts: torch.Tensor) -> None:
+        """Adds to counts (int64 (B, 5)) the candidates of a score block each score filter removes."""
+        self.module.topk_filter_counts(
+            params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
+            block.stride(1), row_offset, col_offset, ptr(counts), self.cuda, self.stream(block), self.threads())
+
     def finalize(self, params: Any, out_scores: torch.Tensor, out_indices: torch.Tensor) -> None:
         self.module.topk_finalize(params, ptr(out_scores), ptr(out_indices), self.cuda, self.stream(out_scores),
                                   self.threads())
@@ -375,6 +382,13 @@ class SelectionState:
         if block.numel() == 0:
             return
         self.kernels.select_block(self.params, block, row_offset, col_offset)
+
+    def count_filters(self, block: torch.Tensor, row_offset: int, col_offset: int, counts: torch.Tensor) -> None:
+        """Adds to counts (int64 (B, 5)) what each score filter of this selection removes from a block:
+        labels, NaN, min_score, max_score, margin, each candidate under the first it fails (banned ids are
+        skipped: the caller counts them from the id lists). The kernels' own eligibility rule."""
+        if block.numel():
+            self.kernels.filter_counts(self.params, block, row_offset, col_offset, counts)
 
     def merge(self, other: SelectionState) -> None:
         """Folds another state built over a disjoint set of candidates into this one (exact)."""

@@ -99,6 +99,19 @@ PYBIND11_MODULE(_cuda_emu, m) {
       py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
       py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("segments"), py::arg("stream"));
   m.def(
+      "topk_filter_counts",
+      [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, uintptr_t counts, bool cuda, uintptr_t stream,
+         int threads) {
+        need_cuda(cuda);
+        py::gil_scoped_release release;
+        topk_filter_counts_cuda(p, make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset),
+                                as_ptr<int64_t>(counts), as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("counts"), py::arg("cuda"),
+      py::arg("stream"), py::arg("threads"));
+  m.def(
       "topk_finalize",
       [](const TopkParams& p, uintptr_t out_scores, uintptr_t out_indices, bool cuda, uintptr_t stream, int threads) {
         need_cuda(cuda);
