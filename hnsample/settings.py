@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 CUDA_PATHS = ("auto", "two_pass", "fused")
-FUSED_KERNELS = ("auto", "mma", "wgmma", "wgmma_256x128", "wgmma_128x256")
+FUSED_KERNEL_NAMES = ("auto", "mma", "wgmma", "wgmma_256x128", "wgmma_128x256")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +93,8 @@ class Settings:
             raise ValueError(f"settings.interrupt_seconds must be > 0, got {self.interrupt_seconds}")
         if self.cuda_path not in CUDA_PATHS:
             raise ValueError(f"settings.cuda_path must be one of {CUDA_PATHS}, got {self.cuda_path!r}")
-        if self.cuda_fused_kernel not in FUSED_KERNELS:
-            raise ValueError(f"settings.cuda_fused_kernel must be one of {FUSED_KERNELS}, "
+        if self.cuda_fused_kernel not in FUSED_KERNEL_NAMES:
+            raise ValueError(f"settings.cuda_fused_kernel must be one of {FUSED_KERNEL_NAMES}, "
                              f"got {self.cuda_fused_kernel!r}")
         if self.cuda_fused_stages not in (0, 2, 4):
             raise ValueError(f"settings.cuda_fused_stages must be 0, 2 or 4, got {self.cuda_fused_stages}")

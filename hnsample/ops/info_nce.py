@@ -67,7 +67,6 @@ def _check_temperature(temperature: Any, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(temperature), dtype=torch.float64, device=device)
 
 
-
 def info_nce(
     queries: torch.Tensor,
     docs: torch.Tensor,

@@ -37,7 +37,6 @@ def gather_docs(docs, positive_ids, doc_ids, doc_labels, guide_docs):
     return all_docs, positive_ids, plain(doc_ids), plain(doc_labels), plain(guide_docs)
 
 
-
 class ColumnLogSumExpAcrossRanks(torch.autograd.Function):
     """C = log sum_r exp(C_r) over the ranks of the process group, elementwise (the per-column
     statistics of every rank's queries merged into those of all queries). Backward: the upstream

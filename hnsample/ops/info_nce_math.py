@@ -25,14 +25,12 @@ def lse_value(m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.where(z == 0, -math.inf, m + torch.log(torch.where(z == 0, 1.0, z)))
 
 
-
 def upstream_scale(grad: torch.Tensor, assumed: torch.Tensor) -> torch.Tensor | None:
     """c with grad == c * assumed (to float64 rounding), or None when grad is not such a multiple."""
     denom = (assumed * assumed).sum()
     c = (grad * assumed).sum() / denom if bool(denom > 0) else grad.new_zeros(())
     err = (grad - c * assumed).abs().max() if grad.numel() else grad.new_zeros(())
     return c if bool(err <= 1e-9 * grad.abs().max() + 1e-300) else None
-
 
 
 def upstream_pairs(grad_s1, g1, grad_s0, g0, grad_spos, gpos, hcl_beta: float):
@@ -43,12 +41,10 @@ def upstream_pairs(grad_s1, g1, grad_s0, g0, grad_spos, gpos, hcl_beta: float):
     return torch.cat(grads).to(torch.float64), torch.cat(assumed)
 
 
-
 def min_positive(values: torch.Tensor, valid: torch.Tensor, margin: float) -> torch.Tensor:
     """min over a row's valid positives of values, minus margin; +inf for a row without positives."""
     v = torch.where(valid, values.to(torch.float64), math.inf).amin(dim=1)
     return torch.where(valid.any(dim=1), v - margin, math.inf)
-
 
 
 def closed_form_grads(
@@ -100,7 +96,6 @@ def closed_form_grads(
     keep = torch.where(valid, 1.0 - sigma, 0.0).sum(dim=1, keepdim=True)
     g_l = torch.where(valid, (pi * keep + sigma * slope_l - 1.0) / n_valid.unsqueeze(1), 0.0)
     return g_s1, g_l
-
 
 
 def row_losses(
@@ -180,7 +175,6 @@ def add_positive_grads(
         if grad_d is not None:
             contrib = g.unsqueeze(2) * queries[i0 : i0 + step].to(ct).unsqueeze(1)
             grad_d.index_add_(0, sl.reshape(-1), contrib.reshape(-1, dim))
-
 
 
 class PositiveScores(torch.autograd.Function):

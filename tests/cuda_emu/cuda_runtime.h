@@ -16,7 +16,7 @@
 //     what the hardware allows and catch a missing barrier or wait.
 //   * PTX instructions are written from the PTX ISA (emu_runtime.cpp): ldmatrix and mma.sync gather
 //     the warp's fragments, form the matrices of the ISA's fragment tables and scatter the results.
-//   * An sm_90 device (configure_sm90; docs/cuda_emu_sm90.md): mbarrier, bulk tensor copies through
+//   * An sm_90 device (configure_sm90; docs/cuda.md, the sm_90 emulator section): mbarrier, bulk tensor copies through
 //     emulated tensor maps, wgmma from shared-memory descriptors, warpgroup collectives (all 128
 //     threads of a warpgroup), dynamic shared memory in an emulated shared window, and a global timer
 //     that advances while threads poll barriers, so a deadlock shows as a kernel's bounded-wait path.
