@@ -14,6 +14,7 @@ import torch
 
 _SPEC = importlib.util.spec_from_file_location("report", Path(__file__).resolve().parents[1] / "benchmarks" / "report.py")
 report = importlib.util.module_from_spec(_SPEC)
+sys.modules["report"] = report  # dataclasses look their module up while the file runs
 _SPEC.loader.exec_module(report)
 
 
