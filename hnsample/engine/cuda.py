@@ -135,14 +135,14 @@ def fused_block(
     and pipeline depth of the settings."""
     cfg = _settings.current()
     f = _C.FusedBlock()
-    f.queries, f.q_stride = q.dataptr(), q.stride(0)
-    f.candidates, f.c_stride = c[c0].dataptr(), c.stride(0)
+    f.queries, f.q_stride = q.data_ptr(), q.stride(0)
+    f.candidates, f.c_stride = c[c0].data_ptr(), c.stride(0)
     f.dtype, f.rows, f.cols, f.dim = dtype_code(q), q.shape[0], c1 - c0, q.shape[1]
-    f.row_lo, f.row_hi = lo.dataptr(), hi.dataptr()
+    f.row_lo, f.row_hi = lo.data_ptr(), hi.data_ptr()
     f.row_scale, f.row_slack = ptr(ops.row_scale), ptr(ops.row_slack)
     f.col_scale = ptr(None if ops.col_scale is None else ops.col_scale[c0:])
     f.col_slack = ptr(None if ops.col_slack is None else ops.col_slack[c0:])
-    f.cand_score, f.cand_col, f.cand_count = (x.dataptr() for x in lists)
+    f.cand_score, f.cand_col, f.cand_count = (x.data_ptr() for x in lists)
     f.cand_cap = lists[0].shape[1]
     f.kernel = _C.FusedKernel.__members__[cfg.cuda_fused_kernel]
     f.stages = cfg.cuda_fused_stages
