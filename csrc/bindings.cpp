@@ -166,7 +166,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_usable", [] { return false; });
 #endif
 
-  // ---- CUDA top-k selection: the segmented select launcher used by hnsample/ops/topk_cuda.py ----
+  // ---- CUDA top-k selection: the segmented select launcher used by hnsample/engine/cuda.py ----
   m.def(
       "topk_select_block_segments",
       [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
