@@ -2,9 +2,9 @@
 
     python benchmarks/bench_wgmma.py [--b 8192 --n 1000000 --d 768] [--out DIR]
 
-Launches FusedBlock directly (no driver, no selection state) with kernel 1 (mma.sync, 128 x 128),
-2 (wgmma, 128 x 128, two CTAs per SM), 3 (wgmma, 256 x 128) and 4 (wgmma, 128 x 256; one CTA per SM
-each; csrc/topk_fused_sm90.h says why each) on random bf16 inputs,
+Launches FusedBlock directly (no driver, no selection state) with FusedBlock.kernel = mma (mma.sync,
+128 x 128), wgmma (128 x 128, two CTAs per SM), wgmma_256x128 and wgmma_128x256 (one CTA per SM each;
+csrc/topk_fused_sm90.h says why each; the values of _C.FusedKernel) on random bf16 inputs,
 under two filters: "none" (lo = +inf: nothing survives, so the time is the GEMM plus the epilogue's
 compare) and "seeded" (lo = each row's 64th best score over the first 65536 candidates, about
 64 N / 65536 survivors per row, the list appends the driver's chunks see). Correctness first: on a
@@ -31,8 +31,11 @@ from hnsample import _C
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import events_time  # noqa: E402  (CUDA events, median after a warm-up)
 
-KERNELS = {1: "mma.sync 128x128", 2: "wgmma 128x128", 3: "wgmma 256x128", 4: "wgmma 128x256"}
-BF16 = 3  # csrc/common.h DType
+FusedKernel = _C.FusedKernel
+KERNELS = {FusedKernel.mma: "mma.sync 128x128", FusedKernel.wgmma: "wgmma 128x128",
+           FusedKernel.wgmma_256x128: "wgmma 256x128", FusedKernel.wgmma_128x256: "wgmma 128x256"}
+WGMMA = [FusedKernel.wgmma, FusedKernel.wgmma_256x128, FusedKernel.wgmma_128x256]
+BF16 = int(_C.DType.bfloat16)  # FusedBlock.dtype
 
 
 class Lists:
@@ -45,7 +48,8 @@ class Lists:
         self.count = torch.zeros(rows, dtype=torch.int32, device=device)
 
 
-def block(q: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lists: Lists, kernel: int):
+def block(q: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lists: Lists,
+          kernel: FusedKernel) -> _C.FusedBlock:
     f = _C.FusedBlock()
     f.queries, f.q_stride, f.candidates, f.c_stride = q.data_ptr(), q.stride(0), c.data_ptr(), c.stride(0)
     f.dtype, f.rows, f.cols, f.dim = BF16, q.shape[0], c.shape[0], q.shape[1]
@@ -61,9 +65,9 @@ def launch(f: _C.FusedBlock, lists: Lists) -> None:
     _C.topk_fused_scores(f, torch.cuda.current_stream().cuda_stream)
 
 
-def check(kernel: int) -> bool:
+def check(kernel: FusedKernel) -> bool:
     """The kernel's lists equal torch.mm's scores on integer inputs (exact in fp32 in any order)."""
-    gen = torch.Generator().manual_seed(kernel)
+    gen = torch.Generator().manual_seed(int(kernel))
     rows, cols, d = 300, 1000, 224  # d: a multiple of 32 (mma.sync) with a partial 64-wide K step
     q = torch.randint(-8, 8, (rows, d), generator=gen).to(torch.bfloat16).cuda()
     c = torch.randint(-8, 8, (cols, d), generator=gen).to(torch.bfloat16).cuda()
@@ -98,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_wgmma: needs a CUDA device and a CUDA build")
         return 1
     dev = torch.cuda.current_device()
-    kernels = [1] + ([2, 3, 4] if _C.topk_fused_wgmma_available(dev) else [])
+    kernels = [FusedKernel.mma] + (WGMMA if _C.topk_fused_wgmma_available(dev) else [])
     b, n, d = args.b, args.n, args.d
-    per_sm = {k: _C.topk_fused_wgmma_ctas_per_sm(dev, k) for k in kernels if k > 1}
+    per_sm = {k.name: _C.topk_fused_wgmma_ctas_per_sm(dev, k) for k in kernels if k in WGMMA}
     print(f"device {torch.cuda.get_device_name(dev)}; wgmma available: {len(kernels) > 1}; CTAs per SM: {per_sm}")
     print(f"B={b} N={n} d={d} bf16, median of {args.reps}")
     print(ROW.format("kernel", "filter", "ms", "TFLOP/s", "x matmul", "survivors"), flush=True)
@@ -133,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     filters = {"none": (torch.full((b,), math.inf, device="cuda"), 16),
                "seeded": (lo_seeded, 4 * max(64, 64 * n // 65536))}
     for kernel in kernels:
-        report["correct"][kernel] = check(kernel)  # correctness first, each kernel right before its timing
+        report["correct"][kernel.name] = check(kernel)  # correctness first, each kernel right before its timing
         for fname, (lo, cap) in filters.items():
             lists = Lists(b, cap, q.device)
             f = block(q, c, lo, hi, lists, kernel)
             ms = events_time(lambda f=f, lists=lists: launch(f, lists), args.reps)
-            record({"name": KERNELS[kernel], "kernel": kernel, "filter": fname, "ms": ms,
+            record({"name": KERNELS[kernel], "kernel": kernel.name, "filter": fname, "ms": ms,
                     "survivors": int(lists.count.sum()), "overflowed_rows": int((lists.count > cap).sum())})
     report["stalled"] = bool(_C.topk_fused_wgmma_stalled(dev))
     (out / "bench_wgmma.json").write_text(json.dumps(report, indent=1))

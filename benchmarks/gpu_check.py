@@ -16,21 +16,22 @@ and prints TFLOP/s (2 B N d / time), the ratios, and the floors: 2 B N d / peak 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 import hnsample
-from hnsample import _C
-from hnsample.ops import topk_cuda
-from hnsample.ops.topk import SAMPLING_CODES
+from hnsample import _C, settings
+from hnsample.engine import backend_for, build_selection, kernels_for, product_for, score_blocks
+from hnsample.engine.cuda import plan_blocks
 
 # (name, B, N, d, dtype, k, extra keywords)
 SHAPES = [
@@ -50,9 +51,8 @@ SMOKE_SHAPES = [("smoke", 70, 5000, 32, torch.float32, 8, {}),
                 ("smoke_softmax", 30, 3000, 16, torch.float32, 8, {"sampling": "softmax", "seed": 1}),
                 ("smoke_cosine", 40, 3000, 16, torch.float32, 8, {"metric": "cosine"})]
 DEVICE = "cuda"
-# Driver knobs swept on the main shape: (label, L2_SHARE, OVERLAP)
-KNOBS = [("l2x0.25", 0.25, False), ("l2x0.5", 0.5, False), ("l2x1.0", 1.0, False),
-         ("l2x0.5+overlap", 0.5, True)]
+# Driver knobs swept on the main shape: (label, settings.cuda_l2_share)
+KNOBS = [("l2x0.25", 0.25), ("l2x0.5", 0.5), ("l2x1.0", 1.0)]
 
 
 def events_time(fn, reps: int, warmup: int = 1) -> float:
@@ -90,12 +90,18 @@ def device_ceilings() -> dict:
     copy_ms = events_time(lambda: y.copy_(x), reps=10, warmup=2)
     return {"bf16_tflops": 2 * 8192**3 / ms / 1e9, "copy_gbps": 2 * x.numel() * 4 / copy_ms / 1e6,
             "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-            "l2_mb": topk_cuda._device_facts(0)[1] / 2**20, "name": torch.cuda.get_device_name(0)}
+            "l2_mb": device_facts().l2_bytes / 2**20, "name": torch.cuda.get_device_name(0)}
+
+
+def device_facts():
+    """What the CUDA driver plans with on device 0 (multiprocessors, L2 bytes)."""
+    device = torch.device("cuda", 0)
+    return kernels_for(device).device_facts(device)
 
 
 def fused_kernels() -> list[str]:
-    """The fused kernels this build and device can run: values of topk_cuda.FUSED_KERNEL, and
-    "mma_2stage" (mma.sync with FUSED_STAGES = 2, next to the default depth)."""
+    """The fused kernels this build and device can run: values of settings.cuda_fused_kernel, and
+    "mma_2stage" (mma.sync with cuda_fused_stages = 2, next to the default depth)."""
     kernels = ["mma", "mma_2stage"]
     available = getattr(_C, "topk_fused_wgmma_available", None)
     if DEVICE == "cuda" and available is not None and available(0):
@@ -103,10 +109,23 @@ def fused_kernels() -> list[str]:
     return kernels
 
 
-def use_fused_kernel(name: str) -> None:
-    """Sets topk_cuda's FUSED_KERNEL and FUSED_STAGES for one of fused_kernels()."""
-    topk_cuda.FUSED_KERNEL = "mma" if name.startswith("mma") else name
-    topk_cuda.FUSED_STAGES = 2 if name == "mma_2stage" else 0
+@contextlib.contextmanager
+def fused_path(name: str) -> Iterator[None]:
+    """CUDA inputs take the fused path with one of fused_kernels() for the duration of the block
+    (settings.cuda_path, cuda_fused_kernel and cuda_fused_stages)."""
+    kernel = "mma" if name.startswith("mma") else name
+    with settings.override(cuda_path="fused", cuda_fused_kernel=kernel,
+                           cuda_fused_stages=2 if name == "mma_2stage" else 0):
+        yield
+
+
+def fused_applies(q: torch.Tensor, c: torch.Tensor, k: int, kw: dict) -> bool:
+    """Whether the fused path of the driver serving q's device takes these inputs (else it falls back to
+    two-pass)."""
+    sel = build_selection(q.shape[0], c.shape[0], q.device, k, skip_top=kw.get("skip_top", 0), pool=kw.get("pool"),
+                          sampling=kw.get("sampling", "top"), seed=kw.get("seed"))
+    capacity = _C.state_layout(sel.k, sel.skip_top, sel.pool, _C.Sampling.__members__[sel.sampling])[1]
+    return backend_for(q.device).driver.fused_supported(q, c, kw.get("metric", "dot"), sel, capacity)
 
 
 def upcast(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -153,17 +172,13 @@ def check_rows(q, c, got: hnsample.TopK, k: int, kw: dict, rows: int = 128) -> d
 
 
 def blocked_gemm(q, c, block_size: int) -> None:
-    """The two-pass path's GEMM calls alone, into one reused L2-sized block (the floor of two-pass)."""
-    sms, l2 = topk_cuda._device_facts(0) if DEVICE == "cuda" else (1, 1 << 20)
-    plan = topk_cuda.plan_blocks(q.shape[0], c.shape[0], block_size, sms, l2, 64 * 16 + 16)
-    gemm = topk_cuda.ScoreGemm(q, "dot")
-    flat = torch.empty(plan.block_rows * plan.block_cols, dtype=gemm.out_dtype, device=q.device)
-    for j0 in range(0, c.shape[0], plan.block_cols):
-        j1 = min(c.shape[0], j0 + plan.block_cols)
-        cb, cs = gemm.operand(c[j0:j1])
-        for i0 in range(0, q.shape[0], plan.block_rows):
-            i1 = min(q.shape[0], i0 + plan.block_rows)
-            gemm.scores(i0, i1, cb, cs, flat[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
+    """The two-pass path's GEMM calls alone (its product and block plan), into one reused L2-sized block:
+    the floor of two-pass."""
+    sms, l2 = (device_facts().multiprocessors, device_facts().l2_bytes) if DEVICE == "cuda" else (1, 1 << 20)
+    product = product_for(q, "dot")
+    plan = plan_blocks(q.shape[0], c.shape[0], block_size, sms, l2, 64 * 16 + 16, product.out_dtype.itemsize)
+    for _ in score_blocks(q, c, product, plan.block_rows, plan.block_cols, packed=True):
+        pass
 
 
 def naive(q, c, k: int, kw: dict):
@@ -191,30 +206,20 @@ def run_paths(name, b, n, d, dtype, k, extra, reps, ceil, results, knobs=()):
         row["check"] = {"ok": bool(torch.equal(got.indices, again.indices)), "deterministic": True}
     del got
     row["two_pass_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
-    for label, share, overlap in knobs:
-        old = (topk_cuda.L2_SHARE, topk_cuda.OVERLAP)
-        topk_cuda.L2_SHARE, topk_cuda.OVERLAP = share, overlap
-        try:
+    for label, share in knobs:
+        with settings.override(cuda_l2_share=share):
             row[f"two_pass_{label}_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
-        finally:
-            topk_cuda.L2_SHARE, topk_cuda.OVERLAP = old
-    sel = SimpleNamespace(k=k, skip_top=kw.get("skip_top", 0), pool=kw.get("pool") or -1,
-                          sampling=SAMPLING_CODES[kw.get("sampling", "top")])
-    if DEVICE == "cuda" and topk_cuda.fused_supported(q, c, kw.get("metric", "dot"), sel):
-        old = (topk_cuda.PATH, topk_cuda.FUSED_KERNEL, topk_cuda.FUSED_STAGES)
-        topk_cuda.PATH = "fused"
+    if DEVICE == "cuda" and fused_applies(q, c, k, kw):
         for kernel in fused_kernels():
-            use_fused_kernel(kernel)
             try:
-                got = hnsample.topk_similarity(q, c, k, **kw)
-                row[f"fused_{kernel}_check"] = (check_rows(q, c, got, k, kw) if "sampling" not in extra
-                                                else {"ok": True})
-                del got
-                row[f"fused_{kernel}_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
-            except RuntimeError as e:  # a kernel failing on the device: report it, go on with the rest
+                with fused_path(kernel):
+                    got = hnsample.topk_similarity(q, c, k, **kw)
+                    row[f"fused_{kernel}_check"] = (check_rows(q, c, got, k, kw) if "sampling" not in extra
+                                                    else {"ok": True})
+                    del got
+                    row[f"fused_{kernel}_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
+            except (RuntimeError, ValueError) as e:  # a kernel failing or refusing: report it, go on with the rest
                 row[f"fused_{kernel}_check"] = {"ok": False, "error": str(e)[:300]}
-            finally:
-                topk_cuda.PATH, topk_cuda.FUSED_KERNEL, topk_cuda.FUSED_STAGES = old
     row["matmul_ms"] = events_time(lambda: q @ c.T, reps)
     row["blocked_gemm_ms"] = events_time(lambda: blocked_gemm(q, c, 1 << 24), reps)
     free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 30
@@ -244,25 +249,23 @@ def memcheck_case() -> int:
         hnsample.topk_from_scores(s.T, 9, sampling="uniform", seed=2)
         hnsample.topk_from_scores(s[:, ::2], 700)
     # the fused kernel, its bounds and candidate-list kernels, and an overflowing chunk
-    topk_cuda.PATH = "fused"
     q = torch.randn(70, 64, device="cuda", generator=gen).to(torch.bfloat16)
     c = torch.randn(20_000, 64, device="cuda", generator=gen).to(torch.bfloat16)
-    hnsample.topk_similarity(q, c, 9, exclude=torch.randint(0, 20_000, (70, 3), device="cuda", generator=gen))
     steps = (torch.arange(20_000, device="cuda") // 64).float()
     rising = steps[:, None].expand(20_000, 64).to(torch.bfloat16).contiguous()
-    hnsample.topk_similarity(torch.ones_like(q), rising, 9)
-    # fp32 on tf32 with rescoring, cosine scales, ragged shapes; then every other fused kernel
     q32 = torch.randn(70, 48, device="cuda", generator=gen)
     c32 = torch.randn(20_000, 48, device="cuda", generator=gen)
     pos32 = torch.randint(0, 20_000, (70, 1), device="cuda", generator=gen)
-    hnsample.topk_similarity(q32, c32, 9, metric="cosine", positives=pos32, relative_margin=0.05)
-    hnsample.topk_similarity(q32[1:], c32[:19_999], 9)
-    for kernel in fused_kernels()[1:]:
-        use_fused_kernel(kernel)
-        hnsample.topk_similarity(q, c, 9, metric="cosine")
-        hnsample.topk_similarity(q[:67], c[:19_990], 9)
-    use_fused_kernel("mma")
-    topk_cuda.PATH = "auto"
+    with fused_path("mma"):
+        hnsample.topk_similarity(q, c, 9, exclude=torch.randint(0, 20_000, (70, 3), device="cuda", generator=gen))
+        hnsample.topk_similarity(torch.ones_like(q), rising, 9)
+        # fp32 on tf32 with rescoring, cosine scales, ragged shapes
+        hnsample.topk_similarity(q32, c32, 9, metric="cosine", positives=pos32, relative_margin=0.05)
+        hnsample.topk_similarity(q32[1:], c32[:19_999], 9)
+    for kernel in fused_kernels()[1:]:  # then every other fused kernel
+        with fused_path(kernel):
+            hnsample.topk_similarity(q, c, 9, metric="cosine")
+            hnsample.topk_similarity(q[:67], c[:19_990], 9)
     torch.cuda.synchronize()
     print("memcheck case done")
     return 0

@@ -1,12 +1,19 @@
-"""What the CUDA fused path computes, for tests that compare it with a selection over exact scores
-(tests/test_topk_cuda.py on the GPU and with emulated launches, tests/test_cuda_emulated.py on the
-kernels' own source)."""
+"""The CUDA driver on the CPU, for tests: what the fused path computes (compared with a selection over
+exact scores in tests/test_topk_cuda.py on the GPU and with emulated launches, and in
+tests/test_cuda_emulated*.py on the kernels' own source), the exact product both paths are given, and
+the kernels object that runs a launcher module (the emulator's ``_cuda_emu`` or a Python emulation of
+``hnsample._C``'s CUDA launchers) on CPU tensors.
+"""
 
 from __future__ import annotations
 
+import collections
+from typing import Any
+
 import torch
 
-from hnsample.ops import topk_cuda
+from hnsample.engine import CudaKernels, DeviceFacts, Operand
+from hnsample.engine.blocks import cosine_scale
 
 
 def exact_fused_scores(q: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
@@ -16,21 +23,64 @@ def exact_fused_scores(q: torch.Tensor, c: torch.Tensor, metric: str) -> torch.T
     s = q.double() @ c.double().T
     if metric != "cosine":
         return s.float()
-    rs, cs = topk_cuda.cosine_scale(q), topk_cuda.cosine_scale(c)
+    rs, cs = cosine_scale(q), cosine_scale(c)
     if q.dtype == torch.float32:
         return (s * rs.double()[:, None] * cs.double()[None, :]).float()
     return s.float() * rs[:, None] * cs[None, :]
 
 
-class ExactGemm(topk_cuda.ScoreGemm):
-    """The two-pass path's score blocks with exact_fused_scores' values, so the fused path's seed and
-    its fused chunks agree bit for bit with the expected matrix (on either device)."""
+class ExactGemm:
+    """A product (hnsample.engine.blocks) whose score blocks are exact_fused_scores' values, so the fused
+    path's seed and its fused chunks agree bit for bit with the expected matrix (on either device).
+    The class is the driver's product factory: ``CudaDriver(product=ExactGemm)``."""
 
-    def __init__(self, queries, metric):  # no device probe: the CPU build of torch has no CUDA
-        self.metric, self.raw, self.out_dtype = metric, queries, torch.float32
+    out_dtype = torch.float32
 
-    def operand(self, x):
-        return x, None
+    def __init__(self, queries: torch.Tensor, metric: str):
+        self.metric = metric
 
-    def scores(self, i0, i1, c, c_scale, out):
-        out.copy_(exact_fused_scores(self.raw[i0:i1], c, self.metric))
+    def operand(self, x: torch.Tensor) -> Operand:
+        return Operand(x)
+
+    def scores(self, q: Operand, c: Operand, out: torch.Tensor) -> None:
+        out.copy_(exact_fused_scores(q.rows, c.rows, self.metric))
+
+
+class CountingModule:
+    """A launcher module that counts, by name, every call made through it to `module`'s functions."""
+
+    def __init__(self, module: Any, calls: collections.Counter | None = None):
+        self.module = module
+        self.calls = calls if calls is not None else collections.Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.module, name)
+        if not callable(fn) or isinstance(fn, type):
+            return fn
+
+        def call(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+
+HOST_DEVICE = DeviceFacts(multiprocessors=4, l2_bytes=1 << 20)
+
+
+class HostKernels(CudaKernels):
+    """The CUDA kernels of `module` (launchers with hnsample._C's signatures) run on CPU tensors: stream 0,
+    a device of `facts` (multiprocessors, L2 bytes), and torch.mm(out_dtype=...) as `mm_out_dtype` says."""
+
+    def __init__(self, module: Any, facts: DeviceFacts = HOST_DEVICE, mm_out_dtype: bool = False):
+        super().__init__(module)
+        self.facts, self.mm_out_dtype = facts, mm_out_dtype
+
+    def stream(self, t: torch.Tensor) -> int:
+        return 0
+
+    def device_facts(self, device: torch.device) -> DeviceFacts:
+        return self.facts
+
+    def mm_out_dtype_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return self.mm_out_dtype

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fused_support import ExactGemm, exact_fused_scores
+from fused_support import CountingModule, ExactGemm, HostKernels, exact_fused_scores
 
 import hnsample
-from hnsample import _C
-from hnsample.ops import topk_cuda
-from hnsample.ops.topk import SelectionState, build_selection
+from hnsample import _C, settings
+from hnsample.engine import CpuBackend, DeviceFacts, SelectionState, build_selection, registry
+from hnsample.engine.cuda import CudaDriver, FusedOperands
 
 _BUILD = Path(__file__).resolve().parent / "cuda_emu" / "build.py"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -73,7 +73,7 @@ def finalize(state: SelectionState, emu=None) -> tuple[torch.Tensor, torch.Tenso
     """The state's results from the emulated finalize kernel (emu given) or the CPU one."""
     if emu is None:
         return state.finalize()
-    rows = state.st_count.shape[0]
+    rows = state.rows
     out_s = torch.full((rows, state.sel.k), 7.0, dtype=torch.float64)
     out_j = torch.full((rows, state.sel.k), 7, dtype=torch.int64)
     emu.topk_finalize(state.params, out_s.data_ptr(), out_j.data_ptr(), True, 0, 1)
@@ -208,18 +208,11 @@ def test_segments_and_merge_kernel(emu, sname, skw, n, segments):
     want = SelectionState(sel, b, scores.device)
     offer(want, scores, 0, 0)
     state = SelectionState(sel, b, scores.device)
-    cap = state.st_score.shape[1]
-    copies = (
-        torch.empty((segments * b, cap), dtype=torch.float64),
-        torch.empty((segments * b, cap), dtype=torch.int64),
-        torch.empty((segments * b, cap) if sel.sampling != 0 else (0,), dtype=torch.float64),
-        torch.zeros((segments * b, 2), dtype=torch.int64),
-    )
-    target = topk_cuda.copy_params(state.params, 0, copies)
+    copies = SelectionState(sel, b, scores.device, copies=segments)
     args = (scores.data_ptr(), 0, b, n, scores.stride(0), 1, 0, 0)
-    emu.topk_select_block_segments(target, *args, segments, 0)
+    emu.topk_select_block_segments(copies.params, *args, segments, 0)
     for s in range(segments):
-        emu.topk_merge(state.params, topk_cuda.copy_params(state.params, s * b, copies), True, 0, 1)
+        emu.topk_merge(state.params, copies.copy_params(s), True, 0, 1)
     assert_same(finalize(state, emu), finalize(want))
 
 
@@ -250,7 +243,7 @@ def test_select_block_single_segment_launcher(emu):
 def test_select_launcher_checks(emu):
     scores = torch.zeros(4, 10)
     state = SelectionState(selection(scores, 3, {}), 4, scores.device)
-    with pytest.raises(RuntimeError, match="segments"):
+    with pytest.raises(_C.ParamError, match="segments must be in"):
         emu.topk_select_block_segments(state.params, scores.data_ptr(), 0, 4, 10, 10, 1, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="cuda"):
         emu.topk_finalize(state.params, 0, 0, False, 0, 1)
@@ -294,6 +287,11 @@ def fused_launch(emu, q, c, lo, hi, cap, *, row_scale=None, col_scale=None, row_
         assert len(row) == m  # no candidate listed twice
         kept.append(row)
     return kept, counts, f, (scores, cols, counts)
+
+
+def fused_operands(q: torch.Tensor, c: torch.Tensor, metric: str) -> FusedOperands:
+    """The fused driver's epilogue inputs for q x c (scales and the tf32 slack of its error factor)."""
+    return FusedOperands.build(q, c, metric, CudaDriver().error_factor(q.shape[1]))
 
 
 def row_bounds_between(s: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,7 +361,7 @@ def test_fused_kernel_under_other_schedules(emu, schedule, dtype, stages):
     lo, hi = row_bounds_between(s, gen)
     slack, w = {}, torch.zeros(b, n)
     if dtype == torch.float32:  # small integers are exact in tf32 too; the epilogue widens by w in fp32
-        ops = topk_cuda.FusedOperands.build(q, c, "dot")
+        ops = fused_operands(q, c, "dot")
         slack = {"row_slack": ops.row_slack, "col_slack": ops.col_slack}
         w = ops.row_slack[:, None] * ops.col_slack[None, :]
     kept, _, _, _ = fused_launch(emu, q, c, lo, hi, n, stages=stages, **slack)
@@ -443,7 +441,7 @@ def test_fused_tf32_keeps_every_candidate_in_bounds(emu, mma_truncate, case, d):
         c = torch.randn(n, d, generator=gen)
     else:  # candidates close to one vector: exact scores closer together than the tf32 errors
         c = torch.randn(d, generator=gen) + 1e-3 * torch.randn(n, d, generator=gen)
-    ops = topk_cuda.FusedOperands.build(q, c, "dot")
+    ops = fused_operands(q, c, "dot")
     exact = q.double() @ c.double().T
     w = ops.row_slack.double()[:, None] * ops.col_slack.double()[None, :]
     lo, hi = row_bounds_between(exact.float(), gen)
@@ -472,7 +470,7 @@ def test_fused_tf32_rounds_inputs_to_nearest_ties_away(emu, d):
     q = torch.full((b, d), 1 + 2.0**-11)
     q[1::2] = 1 + 3 * 2.0**-12
     c = torch.full((n, d), -(1 + 2.0**-11))
-    ops = topk_cuda.FusedOperands.build(q, c, "dot")
+    ops = fused_operands(q, c, "dot")
     inf = torch.full((b,), math.inf)
     kept, counts, _, _ = fused_launch(emu, q, c, -inf, inf, n, row_slack=ops.row_slack, col_slack=ops.col_slack)
     want = -d * (1 + 2.0**-10) ** 2
@@ -485,7 +483,7 @@ def test_fused_rescore_equals_cpu(emu):
     gen = torch.Generator().manual_seed(6)
     b, n, d, cap = 40, 200, 80, 24
     q, c = torch.randn(b, d, generator=gen), torch.randn(n, d, generator=gen)
-    ops = topk_cuda.FusedOperands.build(q, c, "cosine")
+    ops = fused_operands(q, c, "cosine")
     exact = q.double() @ c.double().T
     lo, hi = row_bounds_between(exact.float(), gen)
     lo[3::4] = -math.inf  # these rows overflow
@@ -561,11 +559,9 @@ NCE = [
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name,spec", NCE, ids=[x[0] for x in NCE])
-def test_info_nce_blocks_equal_cpu(emu, monkeypatch, name, spec, dtype):
+def test_info_nce_blocks_equal_cpu(emu, name, spec, dtype):
     # Forward (row and column statistics) and backward block kernels through the op: loss and
     # gradients equal the CPU kernels' up to summation order (float64 statistics either way).
-    from hnsample.ops import info_nce as nce_ops
-
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     b, m, d = 37, 45, 16
     q = torch.randn(b, d, generator=gen, dtype=torch.float64).to(dtype)
@@ -592,11 +588,12 @@ def test_info_nce_blocks_equal_cpu(emu, monkeypatch, name, spec, dtype):
         leaves.append(kw["temperature"])
     loss = hnsample.info_nce(q, docs, **kw)
     want = torch.autograd.grad(loss, leaves)
-    calls = collections.Counter()
-    monkeypatch.setattr(nce_ops, "_C", _EmulatedC(emu, calls, route_cpu=True))
-    got_loss = hnsample.info_nce(q, docs, **kw)
-    got = torch.autograd.grad(got_loss, leaves)
-    assert calls["info_nce_block"] >= 2  # a forward and a backward pass at least
+    # the CPU backend's kernels are the emulated CUDA ones for the forward and the backward call
+    launchers = CountingModule(emu)
+    with registry.use("cpu", CpuBackend(HostKernels(launchers))):
+        got_loss = hnsample.info_nce(q, docs, **kw)
+        got = torch.autograd.grad(got_loss, leaves)
+    assert launchers.calls["info_nce_block"] >= 2  # a forward and a backward pass at least
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got_loss, loss, rtol=tol, atol=tol)
     for g, w in zip(got, want, strict=True):
@@ -604,48 +601,15 @@ def test_info_nce_blocks_equal_cpu(emu, monkeypatch, name, spec, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The CUDA driver (hnsample/ops/topk_cuda.py) end to end on emulated kernels
+# The CUDA driver (hnsample/engine/cuda.py) end to end on emulated kernels
 
 
-class _EmulatedC:
-    """hnsample._C with the CUDA launchers replaced by the emulated ones; everything else is _C.
-    route_cpu: calls made with cuda=False (CPU tensors outside the CUDA driver) go to the emulator too."""
-
-    def __init__(self, emu, calls: collections.Counter, route_cpu: bool = False):
-        self._emu, self._calls, self._route_cpu = emu, calls, route_cpu
-
-    def __getattr__(self, name):
-        real = getattr(_C, name)
-        fn = getattr(self._emu, name, None)
-        if fn is None or not callable(real) or isinstance(real, type):
-            return real
-
-        def call(*args, **kwargs):
-            self._calls[name] += 1
-            if self._route_cpu and "cuda" in kwargs:
-                kwargs["cuda"] = True
-            elif self._route_cpu:
-                args = _with_cuda(name, args)
-            return fn(*args, **kwargs)
-
-        return call
-
-
-def _with_cuda(name: str, args: tuple) -> tuple:
-    """args with the positional `cuda` flag set (info_nce_block's is 14th)."""
-    pos = {"info_nce_block": 13}[name]
-    return args[:pos] + (True,) + args[pos + 1:]
-
-
-class _HostStream:
-    cuda_stream = 0
-
-
-def _patch_driver(monkeypatch, emu, calls):
-    monkeypatch.setattr(topk_cuda, "_C", _EmulatedC(emu, calls))
-    monkeypatch.setattr(topk_cuda, "_device_facts", lambda index: (4, 1 << 18))
-    monkeypatch.setattr(topk_cuda, "_mm_out_dtype_supported", lambda index, dtype: False)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _HostStream())
+def emulated_driver(emu, **driver_kwargs) -> tuple[CudaDriver, collections.Counter]:
+    """A CudaDriver whose kernels are the emulator's launchers on CPU tensors (a device of 4 SMs and
+    256 KiB of L2, no torch.mm out_dtype), and the count of its launcher calls by name."""
+    launchers = CountingModule(emu)
+    kernels = HostKernels(launchers, DeviceFacts(4, 1 << 18), mm_out_dtype=False)
+    return CudaDriver(kernels=kernels, **driver_kwargs), launchers.calls
 
 
 DRIVER = [
@@ -667,19 +631,17 @@ def _driver_kwargs(spec: dict, b: int, n: int, gen: torch.Generator) -> dict:
 
 @pytest.mark.parametrize("name,spec", DRIVER, ids=[x[0] for x in DRIVER])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_two_pass_driver_on_emulated_kernels(monkeypatch, emu, name, spec, dtype):
+def test_two_pass_driver_on_emulated_kernels(emu, name, spec, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{dtype}".encode()))
     b, n, d, k = 70, 5000, 32, 12
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
     kw = _driver_kwargs(spec, b, n, gen)
     want = hnsample.topk_similarity(q, c, k, **kw)
-    calls = collections.Counter()
-    _patch_driver(monkeypatch, emu, calls)
-    monkeypatch.setattr(topk_cuda, "PATH", "two_pass")
+    driver, calls = emulated_driver(emu)
     sel = selection(q.float() @ c.float().T, k, kw)
-    state = topk_cuda.run_cuda_selection(q, c, sel, "dot", 1 << 16)
+    with settings.override(cuda_path="two_pass"):
+        state = driver.select(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), "dot", 1 << 16)
     got_s, got_j = finalize(state, emu)
-    monkeypatch.undo()
     assert calls["topk_select_block_segments"] > 1
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
@@ -691,42 +653,36 @@ FUSED = [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine"
 
 @pytest.mark.parametrize("name,spec", DRIVER[:3], ids=[x[0] for x in DRIVER[:3]])
 @pytest.mark.parametrize("fname,dtype,metric", FUSED, ids=[x[0] for x in FUSED])
-def test_fused_driver_on_emulated_kernels(monkeypatch, emu, name, spec, fname, dtype, metric):
+def test_fused_driver_on_emulated_kernels(emu, name, spec, fname, dtype, metric):
     # Seed through the emulated select kernel, then doubling chunks through the emulated fused kernel
     # (+ rescoring for fp32), bounds and offers. Small integers: every path's scores are exact, so the
     # result equals the CPU op's over the same score matrix bit for bit (cosine: the scaled scores of
     # ExactGemm, which the fused epilogue and the rescoring reproduce).
-    calls = run_fused_driver(monkeypatch, emu, f"{name}/{fname}", spec, dtype, metric, 64)
+    calls = run_fused_driver(emu, f"{name}/{fname}", spec, dtype, metric, 64)
     assert calls["topk_rescore_candidates"] == (4 if dtype == torch.float32 else 0)
 
 
-def run_fused_driver(monkeypatch, emu, seed: str, spec: dict, dtype, metric: str, d: int,
-                     **settings) -> collections.Counter:
-    """topk_cuda._run_fused over 40 queries x 2600 small-integer candidates (seed of 300 columns,
-    then 4 chunks) on the emulated kernels, with topk_cuda's `settings` patched in; asserts the result
-    equals the CPU op's over the exact scores and returns the launcher calls."""
+def run_fused_driver(emu, seed: str, spec: dict, dtype, metric: str, d: int, **overrides) -> collections.Counter:
+    """CudaDriver.run_fused over 40 queries x 2600 small-integer candidates (seed of 300 columns, then 4
+    chunks) on the emulated kernels with ExactGemm's score blocks, under settings.override(**overrides);
+    asserts the result equals the CPU op's over the exact scores and returns the launcher calls."""
     gen = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
     b, n, k = 40, 2600, 10
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
     kw = _driver_kwargs(spec, b, n, gen)
     want = hnsample.topk_from_scores(exact_fused_scores(q, c, metric), k, **kw)
-    calls = collections.Counter()
-    _patch_driver(monkeypatch, emu, calls)
-    monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
-    monkeypatch.setattr(topk_cuda, "ScoreGemm", ExactGemm)
-    for name, value in settings.items():
-        monkeypatch.setattr(topk_cuda, name, value)
+    driver, calls = emulated_driver(emu, product=ExactGemm)
     sel = selection(exact_fused_scores(q, c, metric), k, kw)
-    state = topk_cuda._run_fused(q, c, sel, metric, 1 << 16, SelectionState(sel, b, q.device), 0)
+    with settings.override(cuda_fused_seed_cols=300, **overrides):
+        state = driver.run_fused(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), metric, 1 << 16, 0)
     got_s, got_j = finalize(state, emu)
-    monkeypatch.undo()
     assert calls["topk_fused_scores"] == 4  # chunks of 300, 600, 1200 and 200 after the seed of 300
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
     return calls
 
 
-def test_fused_driver_redoes_overflowing_chunks(monkeypatch, emu):
+def test_fused_driver_redoes_overflowing_chunks(emu):
     # Candidates get better chunk after chunk, so every row's list overflows and each chunk is redone
     # on the two-pass path (emulated select kernel); the result is still exact.
     gen = torch.Generator().manual_seed(21)
@@ -734,13 +690,11 @@ def test_fused_driver_redoes_overflowing_chunks(monkeypatch, emu):
     q = int_matrix(b, d, gen, 0, 4).to(torch.bfloat16)
     c = (int_matrix(n, d, gen, 0, 4) * (1 + torch.arange(n) // 300)[:, None]).to(torch.bfloat16)
     want = hnsample.topk_from_scores(exact_fused_scores(q, c, "dot"), k)
-    calls = collections.Counter()
-    _patch_driver(monkeypatch, emu, calls)
-    monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 300)
+    driver, calls = emulated_driver(emu)
     sel = selection(exact_fused_scores(q, c, "dot"), k, {})
-    state = topk_cuda._run_fused(q, c, sel, "dot", 1 << 16, SelectionState(sel, b, q.device), 0)
+    with settings.override(cuda_fused_seed_cols=300):
+        state = driver.run_fused(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), "dot", 1 << 16, 0)
     got_s, got_j = finalize(state, emu)
-    monkeypatch.undo()
     assert calls["topk_fused_scores"] == 4 and calls["topk_offer_candidates"] < 4
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)

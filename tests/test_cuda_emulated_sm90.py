@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hnsample import _C
+
 
 def _sibling(name: str):
     """A test module of this directory (the suite imports by path: --import-mode=importlib)."""
@@ -39,7 +41,8 @@ emu = _base.emu  # the fixture: the _cuda_emu module, built once per source tree
 CODES, DRIVER, int_matrix, row_bounds_between = _base.CODES, _base.DRIVER, _base.int_matrix, _base.row_bounds_between
 
 SMS = 2  # emulated SMs: few, so the persistent CTAs walk several tiles each
-KERNELS = [(2, "128x128"), (3, "256x128"), (4, "128x256")]
+WGMMA = [_C.FusedKernel.wgmma, _C.FusedKernel.wgmma_256x128, _C.FusedKernel.wgmma_128x256]
+KERNELS = list(zip(WGMMA, ["128x128", "256x128", "128x256"], strict=True))
 
 
 @pytest.fixture
@@ -70,14 +73,15 @@ def assert_kept_exactly(kept, counts, s, lo, hi):
 def test_sm90_device_and_occupancy(emu):
     emu.configure()
     assert emu.current_device() == 0 and not emu.topk_fused_wgmma_available(0)
-    assert emu.topk_fused_wgmma_ctas_per_sm(0, 2) == 0
+    assert emu.topk_fused_wgmma_ctas_per_sm(0, _C.FusedKernel.wgmma) == 0
     emu.configure(sm90=True, sm90_sms=SMS)
     try:
         assert emu.current_device() == 1 and emu.topk_fused_wgmma_available(1)
         # 97 KiB CTAs: two per SM of 228 KiB; the 256-row and 256-column shapes: one
-        assert [emu.topk_fused_wgmma_ctas_per_sm(1, k) for k in (2, 3, 4)] == [2, 1, 1]
-        with pytest.raises(RuntimeError, match="kernel must be 2, 3 or 4"):
-            emu.topk_fused_wgmma_ctas_per_sm(1, 5)
+        assert [emu.topk_fused_wgmma_ctas_per_sm(1, k) for k in WGMMA] == [2, 1, 1]
+        for kernel in (_C.FusedKernel(5), _C.FusedKernel.mma, _C.FusedKernel.auto):
+            with pytest.raises(RuntimeError, match="kernel must be one of the wgmma kernels"):
+                emu.topk_fused_wgmma_ctas_per_sm(1, kernel)
     finally:
         emu.configure()
 
@@ -114,7 +118,7 @@ def check_lists(emu, q, c, kernel, gen) -> torch.Tensor:
 @pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
 def test_wgmma_keeps_exactly_the_scores_in_bounds(sm90, dtype, shape, kernel, kname):
     b, n, d = shape
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}/{kernel}/{dtype}".encode()))
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}/{int(kernel)}/{dtype}".encode()))
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
     counts = check_lists(sm90, q, c, kernel, gen)
     assert int(counts[0]) == n and int(counts[1]) == 0 and int(counts[2]) == 0
@@ -124,7 +128,7 @@ def test_wgmma_keeps_exactly_the_scores_in_bounds(sm90, dtype, shape, kernel, kn
 @pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
 def test_wgmma_scales_and_cosine(sm90, kernel, kname):
     # acc * row scale, then * column scale, in fp32: what the epilogue computes with scales.
-    gen = torch.Generator().manual_seed(31 + kernel)
+    gen = torch.Generator().manual_seed(31 + int(kernel))
     b, n, d = 140, 300, 72
     q, c = int_matrix(b, d, gen).to(torch.float16), int_matrix(n, d, gen).to(torch.float16)
     rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
@@ -145,7 +149,7 @@ def test_wgmma_under_schedule_extremes(emu, schedule, immediate, kernel, kname):
     # The producer warp running ahead of the consumers (or behind them), copies landing when issued
     # or as late as a waiter could tell: a missing or wrong-parity wait, or a stage released before
     # its wgmma has read it, changes the lists under one of these.
-    gen = torch.Generator().manual_seed(40 + kernel)
+    gen = torch.Generator().manual_seed(40 + int(kernel))
     b, n, d = 150, 290, 136
     q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
     emu.configure(schedule, immediate, sm90=True, sm90_sms=SMS)
@@ -165,7 +169,7 @@ def test_wgmma_long_k_many_phases(emu, immediate):
     q, c = int_matrix(b, d, gen, -2, 3).to(torch.bfloat16), int_matrix(n, d, gen, -2, 3).to(torch.bfloat16)
     emu.configure("warps_descending", immediate, sm90=True, sm90_sms=SMS)
     try:
-        check_lists(emu, q, c, 2, gen)
+        check_lists(emu, q, c, _C.FusedKernel.wgmma, gen)
     finally:
         emu.configure()
 
@@ -176,7 +180,7 @@ def test_wgmma_strided_rows(sm90, d, pad):
     gen = torch.Generator().manual_seed(5 + d)
     b, n = 70, 200
     qw, cw = int_matrix(b, d + pad, gen).to(torch.bfloat16), int_matrix(n, d + pad + 8, gen).to(torch.bfloat16)
-    check_lists(sm90, qw[:, :d], cw[:, 8:8 + d], 2, gen)
+    check_lists(sm90, qw[:, :d], cw[:, 8:8 + d], _C.FusedKernel.wgmma, gen)
 
 
 @pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
@@ -190,19 +194,19 @@ def test_wgmma_kernel_field_errors(emu):
     lo, hi = torch.zeros(8), torch.zeros(8)
     emu.configure()  # the compute capability 8.0 device: no wgmma
     with pytest.raises(RuntimeError, match="cannot run it"):
-        wgmma_launch(emu, q, q, lo, hi, 4, 2)
+        wgmma_launch(emu, q, q, lo, hi, 4, _C.FusedKernel.wgmma)
     with pytest.raises(RuntimeError, match="multiple of 32"):  # auto takes mma.sync there
-        wgmma_launch(emu, q, q, lo, hi, 4, 0)
+        wgmma_launch(emu, q, q, lo, hi, 4, _C.FusedKernel.auto)
     emu.configure(sm90=True, sm90_sms=SMS)
     try:
-        with pytest.raises(RuntimeError, match="kernel must be 0"):
-            wgmma_launch(emu, q, q, lo, hi, 4, 5)
+        with pytest.raises(_C.ParamError, match="fused kernel code 5 is unknown"):
+            wgmma_launch(emu, q, q, lo, hi, 4, _C.FusedKernel(5))
         with pytest.raises(RuntimeError, match="needs bf16/fp16 inputs"):  # base 2 bytes past 16
             shifted = int_matrix(8, 48, gen).to(torch.bfloat16)
-            wgmma_launch(emu, shifted[:, 1:41], q, lo, hi, 4, 3)
+            wgmma_launch(emu, shifted[:, 1:41], q, lo, hi, 4, _C.FusedKernel.wgmma_256x128)
         with pytest.raises(RuntimeError, match="needs bf16/fp16 inputs"):  # rows 2 bytes apart from 16
             wide = int_matrix(8, 41, gen).to(torch.bfloat16)
-            wgmma_launch(emu, wide[:, :40], q, lo, hi, 4, 4)
+            wgmma_launch(emu, wide[:, :40], q, lo, hi, 4, _C.FusedKernel.wgmma_128x256)
     finally:
         emu.configure()
 
@@ -211,7 +215,8 @@ def test_auto_dispatch_takes_wgmma_on_sm90(sm90):
     # d = 40 is no multiple of 32, which only the mma.sync kernel needs: auto runs it through wgmma.
     gen = torch.Generator().manual_seed(4)
     b, n, d = 90, 150, 40
-    check_lists(sm90, int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16), 0, gen)
+    check_lists(sm90, int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16),
+                _C.FusedKernel.auto, gen)
 
 
 def test_wgmma_lost_copies_take_the_stall_path(emu):
@@ -225,15 +230,15 @@ def test_wgmma_lost_copies_take_the_stall_path(emu):
     emu.configure(sm90=True, sm90_sms=SMS, lose_bulk_copies=True)
     try:
         emu.topk_fused_wgmma_clear_stall(1)
-        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, 2, lists=False)
+        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, _C.FusedKernel.wgmma, lists=False)
         assert torch.all(counts == cap + 1)
         assert emu.topk_fused_wgmma_stalled(1)
         emu.configure(sm90=True, sm90_sms=SMS)
-        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, 2, lists=False)
+        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, _C.FusedKernel.wgmma, lists=False)
         assert torch.all(counts == cap + 1)
         emu.topk_fused_wgmma_clear_stall(1)
         assert not emu.topk_fused_wgmma_stalled(1)
-        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, 2, lists=False)
+        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, _C.FusedKernel.wgmma, lists=False)
         assert torch.all(counts == n)
     finally:
         emu.topk_fused_wgmma_clear_stall(1)
@@ -256,7 +261,7 @@ def test_wgmma_copy_landing_as_a_wait_times_out(emu, d):
     def stalls(delay_us: float) -> bool:
         emu.configure(sm90=True, sm90_sms=1, bulk_delay_us=delay_us)
         emu.topk_fused_wgmma_clear_stall(1)
-        _, counts, _, (scores, cols, _) = _base.fused_launch(emu, q, c, lo, hi, n, kernel=2, lists=False)
+        _, counts, _, (scores, cols, _) = _base.fused_launch(emu, q, c, lo, hi, n, kernel=_C.FusedKernel.wgmma, lists=False)
         for i in range(b):
             if int(counts[i]) == n + 1:
                 continue
@@ -284,25 +289,56 @@ def test_wgmma_copy_landing_as_a_wait_times_out(emu, d):
 @pytest.mark.parametrize("fkernel", ["wgmma", "wgmma_128x256"])
 @pytest.mark.parametrize("fname,dtype,metric", [("bf16", torch.bfloat16, "dot"), ("f16_cosine", torch.float16, "cosine")],
                          ids=["bf16", "f16_cosine"])
-def test_fused_driver_on_emulated_wgmma(monkeypatch, sm90, name, spec, fkernel, fname, dtype, metric):
-    # topk_cuda._run_fused end to end on the emulated sm_90 device: seed through the select kernel,
+def test_fused_driver_on_emulated_wgmma(sm90, name, spec, fkernel, fname, dtype, metric):
+    # CudaDriver.run_fused end to end on the emulated sm_90 device: seed through the select kernel,
     # then chunks of doubling width through the wgmma kernel (d = 40: the mma.sync kernel could not
     # take it), bounds and offers; equals the CPU op.
-    _base.run_fused_driver(monkeypatch, sm90, f"{name}/{fname}/{fkernel}", spec, dtype, metric, 40,
-                           FUSED_KERNEL=fkernel)
+    _base.run_fused_driver(sm90, f"{name}/{fname}/{fkernel}", spec, dtype, metric, 40, cuda_fused_kernel=fkernel)
     assert not sm90.topk_fused_wgmma_stalled(1)
 
 
-def test_fused_driver_survives_a_wgmma_stall(monkeypatch, emu):
+def test_fused_driver_survives_a_wgmma_stall(emu):
     # The containment end to end: the copy engine loses every copy, the first wgmma launch stalls and
     # overflows every row, later ones overflow at once (the stall flag), and the driver redoes every
     # chunk on the two-pass path: the result is still the CPU op's, exactly.
     emu.configure(sm90=True, sm90_sms=SMS, lose_bulk_copies=True)
     try:
         emu.topk_fused_wgmma_clear_stall(1)
-        calls = _base.run_fused_driver(monkeypatch, emu, "stall", {}, torch.bfloat16, "dot", 40, FUSED_KERNEL="wgmma")
+        calls = _base.run_fused_driver(emu, "stall", {}, torch.bfloat16, "dot", 40, cuda_fused_kernel="wgmma")
         assert emu.topk_fused_wgmma_stalled(1)
         assert calls["topk_offer_candidates"] == 0  # no chunk's lists were taken
     finally:
         emu.topk_fused_wgmma_clear_stall(1)
         emu.configure()
+
+
+def _bench_wgmma():
+    """benchmarks/bench_wgmma.py as a module (it puts benchmarks/ on sys.path to import gpu_check: undone)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_wgmma.py"
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_wgmma", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+@pytest.mark.parametrize("kernel", [_C.FusedKernel.mma, *WGMMA], ids=["mma", *(k[1] for k in KERNELS)])
+def test_bench_wgmma_blocks_run_on_the_emulator(sm90, kernel):
+    # The device benchmark's own FusedBlock and lists (benchmarks/bench_wgmma.py), launched on the
+    # emulated sm_90 device: with nothing filtered, every row lists every candidate with its exact score.
+    bench = _bench_wgmma()
+    assert set(bench.KERNELS) == {_C.FusedKernel.mma, *WGMMA}
+    gen = torch.Generator().manual_seed(int(kernel))
+    b, n, d = 130, 300, 64
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
+    lists = bench.Lists(b, n, q.device)
+    sm90.topk_fused_scores(bench.block(q, c, lo, hi, lists, kernel), 0)
+    assert torch.equal(lists.count, torch.full((b,), n, dtype=torch.int32))
+    order = lists.col.argsort(dim=1)
+    assert torch.equal(lists.col.gather(1, order).long(), torch.arange(n).expand(b, n))
+    assert torch.equal(lists.score.gather(1, order), (q.double() @ c.double().T).float())
+    assert not sm90.topk_fused_wgmma_stalled(1)

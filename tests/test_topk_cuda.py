@@ -9,19 +9,21 @@ shared selection code, segmented states merged exactly, and the block/segment pl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import zlib
+from collections.abc import Iterator
 
 import pytest
 import torch
-from fused_support import ExactGemm, exact_fused_scores
+from fused_support import ExactGemm, HostKernels, exact_fused_scores
 
 import hnsample
-from hnsample import _C
+from hnsample import _C, settings
 from hnsample import _reference as ref
-from hnsample.ops import topk_cuda
-from hnsample.ops.topk import SelectionState, build_selection
+from hnsample.engine import CudaBackend, DeviceFacts, SelectionState, build_selection, registry
+from hnsample.engine.cuda import KERNEL_TILE, WARPS_PER_SM, CudaDriver, list_capacity, plan_blocks
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
@@ -116,64 +118,82 @@ def test_segment_copies_merge_exactly(name, kw):
     scores = torch.randn(b, n, generator=gen)
     kw = dict(kw, exclude=torch.randint(-1, n, (b, 4), generator=gen))
     state = _cpu_state(scores, k, kw)
-    cap = state.st_score.shape[1]
-    copies = (
-        torch.empty((segments * b, cap), dtype=torch.float64),
-        torch.empty((segments * b, cap), dtype=torch.int64),
-        torch.empty((segments * b, cap) if kw.get("sampling", "top") != "top" else (0,), dtype=torch.float64),
-        torch.zeros((segments * b, 2), dtype=torch.int64),
-    )
+    copies = SelectionState(state.sel, b, scores.device, copies=segments)
     width = math.ceil(n / segments)
     for s in range(segments):
-        p = topk_cuda.copy_params(state.params, s * b, copies)
+        p = copies.copy_params(s)
         block = scores[:, s * width: (s + 1) * width]
         _C.topk_select_block(p, block.data_ptr(), 0, block.shape[0], block.shape[1], block.stride(0),
                              block.stride(1), 0, s * width, False, 0, 1)
     for s in range(segments):
-        _C.topk_merge(state.params, topk_cuda.copy_params(state.params, s * b, copies), False, 0, 1)
+        _C.topk_merge(state.params, copies.copy_params(s), False, 0, 1)
     got_s, got_j = state.finalize()
     want_s, want_j = ref.select_from_scores(scores, k, **kw)
     assert torch.equal(got_j, want_j)
     assert torch.equal(got_s, want_s)
 
 
+def _distinct_field_values(p) -> dict:
+    """A distinct, non-default value for every field of a TopkParams (pointers as 4096-byte multiples)."""
+    values = {}
+    for i, name in enumerate(sorted(n for n, v in vars(type(p)).items() if isinstance(v, property)), start=1):
+        current = getattr(p, name)
+        if isinstance(current, float):
+            values[name] = i + 0.25
+        elif isinstance(current, int):
+            values[name] = i << 12
+        else:  # a bound enum: another member than the default
+            values[name] = next(m for m in type(current).__members__.values() if m != current)
+    return values
+
+
 def test_copy_params_copies_every_selection_field():
     p = _C.TopkParams()
-    values = {"num_rows": 3, "k": 4, "skip": 1, "pool": 9, "capacity": 10, "mode": 1, "sampling": 2,
-              "inv_temperature": 0.25, "seed": 99, "noise_row_offset": 17, "min_score": -2.0,
-              "max_score": 5.0, "banned_stride": 6, "banned_cols": 5, "upper": 4096, "banned": 8192,
-              "query_labels": 12288, "candidate_labels": 16384}
+    values = _distinct_field_values(p)
+    assert {"k", "skip", "pool", "mode", "sampling", "seed", "upper", "banned", "st_score", "st_count"} <= set(values)
     for name, v in values.items():
         setattr(p, name, v)
-    state = (torch.zeros(8, 10, dtype=torch.float64), torch.zeros(8, 10, dtype=torch.int64),
-             torch.zeros(8, 10, dtype=torch.float64), torch.zeros(8, 2, dtype=torch.int64))
-    q = topk_cuda.copy_params(p, 3, state)
+    q = p.copy()
     for name, v in values.items():
         assert getattr(q, name) == v, name
-    assert q.st_score == state[0][3].data_ptr() and q.st_count == state[3][3].data_ptr()
-    assert q.st_index == state[1][3].data_ptr() and q.st_key == state[2][3].data_ptr()
+    q.k, q.st_score = 1, 0  # a copy, not a view of p
+    assert p.k == values["k"] and p.st_score == values["st_score"]
+    # a stacked state's copy s: every selection field of params, the state pointers at row s * B
+    sel = _cpu_state(torch.zeros(3, 40), 4, {"sampling": "softmax", "seed": 99, "skip_top": 1}).sel
+    state = SelectionState(sel, 3, torch.device("cpu"), noise_row_offset=17, copies=4)
+    state.params.min_score, state.params.max_score = -2.0, 5.0
+    state.params.upper, state.params.banned, state.params.banned_cols = 4096, 8192, 5
+    state_fields = ("st_score", "st_index", "st_key", "st_count")
+    for s in range(4):
+        c = state.copy_params(s)
+        for name in values:
+            if name not in state_fields:
+                assert getattr(c, name) == getattr(state.params, name), name
+        assert c.st_score == state.st_score[3 * s].data_ptr() and c.st_count == state.st_count[3 * s].data_ptr()
+        assert c.st_index == state.st_index[3 * s].data_ptr() and c.st_key == state.st_key[3 * s].data_ptr()
+    assert state.copy_params(0).st_score == state.params.st_score
 
 
 @pytest.mark.parametrize("rows,cols,block", [(8192, 1_000_000, 1 << 24), (16, 1_000_000, 1 << 24),
                                              (3, 100, 1 << 24), (100_000, 50, 1 << 20), (5, 7, 1)])
 def test_plan_blocks_respects_budget_and_fills_the_gpu(rows, cols, block):
     l2, sms = 60 << 20, 132
-    plan = topk_cuda.plan_blocks(rows, cols, block, sms, l2, state_row_bytes=64 * 16 + 16)
+    plan = plan_blocks(rows, cols, block, sms, l2, state_row_bytes=64 * 16 + 16)
     assert 1 <= plan.block_rows <= rows and 1 <= plan.block_cols <= cols
     assert plan.block_rows * plan.block_cols <= block
     assert plan.block_rows * plan.block_cols * 4 <= l2 // 2
     assert 1 <= plan.segments <= 65535
     if plan.segments > 1:
         # segments exist only to fill the GPU, each a whole number of kernel tiles wide
-        assert plan.block_rows * (plan.segments - 1) < sms * topk_cuda.WARPS_PER_SM
-        assert plan.block_cols % (topk_cuda.KERNEL_TILE * plan.segments) == 0
-        assert plan.block_cols // plan.segments >= topk_cuda.MIN_SEGMENT_COLS
-    if rows >= sms * topk_cuda.WARPS_PER_SM and plan.block_rows >= sms * topk_cuda.WARPS_PER_SM:
+        assert plan.block_rows * (plan.segments - 1) < sms * WARPS_PER_SM
+        assert plan.block_cols % (KERNEL_TILE * plan.segments) == 0
+        assert plan.block_cols // plan.segments >= settings.current().cuda_min_segment_cols
+    if rows >= sms * WARPS_PER_SM and plan.block_rows >= sms * WARPS_PER_SM:
         assert plan.segments == 1
 
 
 def test_plan_blocks_splits_few_rows_into_segments():
-    plan = topk_cuda.plan_blocks(16, 1_000_000, 1 << 24, 132, 60 << 20, state_row_bytes=1040)
+    plan = plan_blocks(16, 1_000_000, 1 << 24, 132, 60 << 20, state_row_bytes=1040)
     assert plan.segments > 1
     assert plan.block_rows == 16
 
@@ -198,7 +218,7 @@ def _offer_lists(state: SelectionState, block: torch.Tensor, col_offset: int, ge
     lo, hi = torch.empty(b), torch.empty(b)
     _C.topk_row_bounds(state.params, lo.data_ptr(), hi.data_ptr(), False, 0, 1)
     keep = (block >= lo[:, None]) & (block <= hi[:, None])
-    cap = topk_cuda._list_cap(state.st_score.shape[1])
+    cap = list_capacity(state.capacity)
     counts = keep.sum(1).to(torch.int32)
     if int(counts.max()) > cap:
         return False
@@ -247,14 +267,14 @@ def test_candidate_lists_merge_exactly(name, kw):
     assert torch.equal(got_s, want_s)
 
 
-class _EmulatedKernels:
-    """Stands in for the CUDA launchers of _C with the CPU kernel, doing what
-    topk_select_block_segments_cuda does: column range s of the block feeds state copy s, which
-    starts s * num_rows rows past the params' state pointers."""
+class _HostLaunchers:
+    """hnsample._C's CUDA launchers emulated with its CPU kernels (the launcher module of HostKernels).
+    topk_select_block_segments does what topk_select_block_segments_cuda does: column range s of the
+    block feeds state copy s, which starts s * num_rows rows past the params' state pointers. The fused
+    score kernel is `fused` (a Python emulation), when given."""
 
-    TopkParams = _C.TopkParams
-
-    def __init__(self):
+    def __init__(self, fused=None):
+        self.fused = fused
         self.calls: list[tuple[int, int, int]] = []
 
     def topk_select_block_segments(self, p, data, dtype, rows, cols, row_stride, col_stride, row_offset,
@@ -266,9 +286,7 @@ class _EmulatedKernels:
             c0, c1 = s * width, min(cols, (s + 1) * width)
             if c0 >= c1:
                 continue
-            q = _C.TopkParams()
-            for name in topk_cuda._STATE_FIELDS:
-                setattr(q, name, getattr(p, name))
+            q = p.copy()
             shift = s * p.num_rows * p.capacity * 8
             q.st_score, q.st_index = p.st_score + shift, p.st_index + shift
             q.st_key = p.st_key + shift if p.st_key else 0
@@ -280,33 +298,51 @@ class _EmulatedKernels:
     def topk_merge(p, other, cuda, stream, threads):
         _C.topk_merge(p, other, False, 0, 1)
 
+    @staticmethod
+    def topk_finalize(p, out_scores, out_indices, cuda, stream, threads):
+        _C.topk_finalize(p, out_scores, out_indices, False, 0, 1)
 
-class _HostStream:
-    cuda_stream = 0
+    @staticmethod
+    def topk_row_bounds(p, lo, hi, cuda, stream, threads):
+        _C.topk_row_bounds(p, lo, hi, False, 0, 1)
+
+    @staticmethod
+    def topk_offer_candidates(p, scores, cols, counts, cap, col_offset, cuda, stream, threads):
+        _C.topk_offer_candidates(p, scores, cols, counts, cap, col_offset, False, 0, 1)
+
+    @staticmethod
+    def topk_rescore_candidates(block, cuda, stream, threads):
+        _C.topk_rescore_candidates(block, False, 0, 1)
+
+    def topk_fused_scores(self, block, stream):
+        if self.fused is None:
+            raise AssertionError("no fused kernel was expected here")
+        self.fused(block)
+
+    @staticmethod
+    def topk_fused_supported(device):
+        return True
 
 
 @pytest.mark.parametrize("rows,l2", [(300, 1 << 16), (5, 1 << 20)], ids=["row_blocks", "segments"])
 @pytest.mark.parametrize("name,kw", SAMPLING, ids=[s[0] for s in SAMPLING])
-def test_cuda_driver_loop_on_emulated_kernels(monkeypatch, rows, l2, name, kw):
-    # The driver's blocking, views, segment copies and merges, run on the CPU: only the launcher is
-    # emulated, so a bookkeeping error in run_cuda_selection shows up against the reference here.
-    emulated = _EmulatedKernels()
-    monkeypatch.setattr(topk_cuda, "_C", emulated)
-    monkeypatch.setattr(topk_cuda, "_device_facts", lambda index: (4, l2))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _HostStream())
+def test_cuda_driver_loop_on_emulated_kernels(rows, l2, name, kw):
+    # The driver's blocking, views, segment copies and merges, run on the CPU: only the launchers are
+    # emulated, so a bookkeeping error in CudaDriver.select shows up against the reference here.
+    emulated = _HostLaunchers()
+    driver = CudaDriver(kernels=HostKernels(emulated, DeviceFacts(4, l2)))
     gen = torch.Generator().manual_seed(rows)
     n = 20_000
     q, c = int_matrix(rows, 12, gen), int_matrix(n, 12, gen)
     kw = dict(kw, exclude=torch.randint(-1, n, (rows, 3), generator=gen))
     sel = _cpu_state(torch.zeros(rows, n), 21, kw).sel
-    state = topk_cuda.run_cuda_selection(q, c, sel, "dot", 1 << 24)
+    state = driver.select(q, c, SelectionState(sel, rows, q.device, kernels=driver.kernels), "dot", 1 << 24)
     got_s, got_j = state.finalize()
-    monkeypatch.undo()
     # the CPU op (itself tested against the reference) over the same exact integer scores
     want = hnsample.topk_similarity(q, c, 21, **kw)
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
-    plan = topk_cuda.plan_blocks(rows, n, 1 << 24, 4, l2, 1)
+    plan = plan_blocks(rows, n, 1 << 24, 4, l2, 1)
     assert len(emulated.calls) == math.ceil(rows / plan.block_rows) * math.ceil(n / plan.block_cols)
     assert max(s for _, _, s in emulated.calls) == plan.segments
     assert (plan.segments > 1) == (rows == 5)
@@ -380,6 +416,8 @@ def test_rescore_candidates_cpu_is_the_exact_score():
     f.queries, f.q_stride, f.candidates, f.c_stride = q.data_ptr(), d, c.data_ptr(), d
     f.dtype, f.rows, f.cols, f.dim = 0, b, n, d
     f.row_scale, f.col_scale = rs.data_ptr(), cs.data_ptr()
+    lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)  # the launch's bounds (rescoring ignores them)
+    f.row_lo, f.row_hi = lo.data_ptr(), hi.data_ptr()
     f.cand_score, f.cand_col, f.cand_count, f.cand_cap = scores.data_ptr(), cols.data_ptr(), counts.data_ptr(), cap
     _C.topk_rescore_candidates(f, False, 0, 1)
     exact = ((q.double() @ c.double().T) * rs.double()[:, None] * cs.double()[None, :]).float()
@@ -388,7 +426,7 @@ def test_rescore_candidates_cpu_is_the_exact_score():
         assert torch.equal(scores[i, :m], exact[i, cols[i, :m].long()])
         assert torch.all(torch.isnan(scores[i, m:]))
     f.dtype = 3  # bf16: rescoring reads fp32 only
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(ValueError, match="float32"):
         _C.topk_rescore_candidates(f, False, 0, 1)
 
 
@@ -409,7 +447,7 @@ class _EmulatedFused:
     def __init__(self, gen: torch.Generator, push: float):
         self.gen, self.push, self.launches = gen, push, 0
 
-    def __call__(self, f, stream) -> None:
+    def __call__(self, f) -> None:
         self.launches += 1
         dtype = {0: torch.float32, 2: torch.float16, 3: torch.bfloat16}[f.dtype]
         q = _cpu_view(f.queries, dtype, f.rows, f.dim, f.q_stride).float()
@@ -444,39 +482,35 @@ class _EmulatedFused:
             counts[i] = int(keep[i].sum())
 
 
-class _EmulatedFusedC(_EmulatedKernels):
-    """_C for the fused driver on the CPU: the two-pass launcher emulated, bounds, offers and merges
-    run by the CPU kernels, the tf32 error factor scaled by `slack` (0 shows what the slack is for)."""
+class _CountingDriver(CudaDriver):
+    """The CUDA driver, recording the width of every two-pass call (the fused path's seed and the chunks
+    it redoes)."""
 
-    FusedBlock = _C.FusedBlock
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dense_calls: list[int] = []
 
-    def __init__(self, slack: float = 1.0):
-        super().__init__()
+    def run_two_pass(self, queries, candidates, *args):
+        self.dense_calls.append(candidates.shape[0])
+        return super().run_two_pass(queries, candidates, *args)
+
+
+class _EmulatedFusedDriver(_CountingDriver):
+    """The fused driver on the CPU: launchers emulated (the fused kernel by _EmulatedFused), bounds,
+    offers, merges and rescoring run by the CPU kernels, score blocks from ExactGemm, the tf32 error
+    factor scaled by `slack` (0 shows what the slack is for)."""
+
+    def __init__(self, fused: _EmulatedFused, slack: float = 1.0):
+        super().__init__(kernels=HostKernels(_HostLaunchers(fused)), product=ExactGemm)
         self.slack = slack
 
-    def tf32_dot_error_factor(self, d):
-        return self.slack * _C.tf32_dot_error_factor(d)
-
-    @staticmethod
-    def topk_row_bounds(p, lo, hi, cuda, stream, threads):
-        _C.topk_row_bounds(p, lo, hi, False, 0, 1)
-
-    @staticmethod
-    def topk_offer_candidates(p, scores, cols, counts, cap, col_offset, cuda, stream, threads):
-        _C.topk_offer_candidates(p, scores, cols, counts, cap, col_offset, False, 0, 1)
+    def error_factor(self, dim: int) -> float:
+        return self.slack * super().error_factor(dim)
 
 
-def _run_emulated_fused(monkeypatch, q, c, metric, k, kw, slack=1.0, push=0.9, seed=0):
-    emulated = _EmulatedFusedC(slack)
+def _run_emulated_fused(q, c, metric, k, kw, slack=1.0, push=0.9, seed=0):
     launch = _EmulatedFused(torch.Generator().manual_seed(seed), push)
-    monkeypatch.setattr(topk_cuda, "_C", emulated)
-    monkeypatch.setattr(topk_cuda, "_device_facts", lambda index: (4, 1 << 20))
-    monkeypatch.setattr(topk_cuda, "ScoreGemm", ExactGemm)
-    monkeypatch.setattr(topk_cuda, "launch_fused", launch)
-    monkeypatch.setattr(topk_cuda, "rescore_fused", lambda f, stream: _C.topk_rescore_candidates(f, False, 0, 1))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _HostStream())
-    monkeypatch.setattr(topk_cuda, "FUSED_SEED_COLS", 1000)
-    dense_calls = _count_dense_calls(monkeypatch)
+    driver = _EmulatedFusedDriver(launch, slack)
     exact = exact_fused_scores(q, c, metric)
     b, n = exact.shape
     sel = build_selection(
@@ -487,10 +521,10 @@ def _run_emulated_fused(monkeypatch, q, c, metric, k, kw, slack=1.0, push=0.9, s
         temperature=1.0, generator=None, seed=kw.get("seed"),
         positive_values=lambda pos: torch.gather(exact, 1, pos),
     )
-    state = topk_cuda._run_fused(q, c, sel, metric, 1 << 20, SelectionState(sel, b, q.device), 0)
+    with settings.override(cuda_fused_seed_cols=1000):
+        state = driver.run_fused(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), metric, 1 << 20, 0)
     got = state.finalize()
-    monkeypatch.undo()
-    return got, hnsample.topk_from_scores(exact, k, **kw), (launch.launches, dense_calls)
+    return got, hnsample.topk_from_scores(exact, k, **kw), (launch.launches, driver.dense_calls)
 
 
 FUSED_EMULATED = [
@@ -503,7 +537,7 @@ FUSED_EMULATED = [
 
 @pytest.mark.parametrize("name,dtype,metric", FUSED_EMULATED, ids=[x[0] for x in FUSED_EMULATED])
 @pytest.mark.parametrize("fname", ["plain", "margin", "window"])
-def test_fused_driver_on_emulated_kernels(monkeypatch, name, dtype, metric, fname):
+def test_fused_driver_on_emulated_kernels(name, dtype, metric, fname):
     # The fused driver end to end on the CPU: seed, doubling chunks, bounds, the emulated kernel with
     # tf32 errors near the bound, exact rescoring, offers. The result must equal the selection over
     # the exact scores, bit for bit.
@@ -519,14 +553,14 @@ def test_fused_driver_on_emulated_kernels(monkeypatch, name, dtype, metric, fnam
               "exclude": torch.randint(-1, n, (b, 4), generator=gen)}
     elif fname == "window":
         kw = {"skip_top": 2, "pool": 15, "sampling": "uniform", "seed": 9}
-    (got_s, got_j), want, (launches, dense_calls) = _run_emulated_fused(monkeypatch, q, c, metric, k, kw)
+    (got_s, got_j), want, (launches, dense_calls) = _run_emulated_fused(q, c, metric, k, kw)
     assert launches == 4  # after the seed of 1000 columns: chunks of 1000, 2000, 4000 and 1000
     assert dense_calls == [1000]  # the seed only: no chunk overflowed
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
 
 
-def test_fused_driver_needs_the_tf32_slack(monkeypatch):
+def test_fused_driver_needs_the_tf32_slack():
     # Without the slack (factor 0) the same emulated errors lose candidates near each row's threshold:
     # the comparison above can fail, and the slack is what makes it pass.
     # Candidates that differ by a little noise around one vector: their exact scores lie closer
@@ -535,10 +569,42 @@ def test_fused_driver_needs_the_tf32_slack(monkeypatch):
     b, n, d, k = 64, 9000, 32, 10
     q = torch.randn(b, d, generator=gen)
     c = torch.randn(d, generator=gen) + 0.01 * torch.randn(n, d, generator=gen)
-    (_, got_j), want, _ = _run_emulated_fused(monkeypatch, q, c, "dot", k, {}, slack=0.0)
+    (_, got_j), want, _ = _run_emulated_fused(q, c, "dot", k, {}, slack=0.0)
     assert not torch.equal(got_j, want.indices)
-    (_, got_j), want, _ = _run_emulated_fused(monkeypatch, q, c, "dot", k, {}, slack=1.0)
+    (_, got_j), want, _ = _run_emulated_fused(q, c, "dot", k, {}, slack=1.0)
     assert torch.equal(got_j, want.indices)
+
+
+PATH_CASES = [  # (case, path under cuda_path="fused"): the first takes the fused kernels, the rest never do
+    ("bf16", "fused"), ("fp64", "two_pass"), ("stream", "two_pass"), ("odd_dim", "two_pass"),
+    ("odd_dim_fp32", "two_pass"), ("no_fused_kernels", "two_pass"),
+]
+
+
+@pytest.mark.parametrize("case,fused", PATH_CASES, ids=[x[0] for x in PATH_CASES])
+def test_path_choice_follows_settings(case, fused):
+    # CudaDriver.choose_path on the emulated launchers: settings.cuda_path forces a path only where the
+    # fused kernels take the inputs; "auto" takes them with cuda_fused_auto on and N >= 4 seed widths.
+    dtype = {"fp64": torch.float64, "odd_dim_fp32": torch.float32}.get(case, torch.bfloat16)
+    d = 40 if case.startswith("odd_dim") else 32
+    q, c = torch.randn(50, d).to(dtype), torch.randn(40_000, d).to(dtype)
+    sel_kw = {"sampling": "uniform", "seed": 1} if case == "stream" else {}
+    sel = _cpu_state(torch.zeros(50, 40_000), 8, sel_kw).sel
+    launchers = _HostLaunchers()
+    if case == "no_fused_kernels":  # a device (or build) without the fused kernels
+        launchers.topk_fused_supported = lambda device: False
+    driver = CudaDriver(kernels=HostKernels(launchers))
+    state = SelectionState(sel, 50, q.device, kernels=driver.kernels)
+    auto = fused if fused == "fused" else "two_pass"
+    for overrides, want in [
+        ({"cuda_path": "fused"}, fused),
+        ({"cuda_path": "two_pass"}, "two_pass"),
+        ({"cuda_path": "auto", "cuda_fused_auto": False}, "two_pass"),
+        ({"cuda_path": "auto", "cuda_fused_auto": True, "cuda_fused_seed_cols": 10_000}, auto),
+        ({"cuda_path": "auto", "cuda_fused_auto": True, "cuda_fused_seed_cols": 10_001}, "two_pass"),
+    ]:
+        with settings.override(**overrides):
+            assert driver.choose_path(q, c, "dot", state) == want, overrides
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -678,19 +744,27 @@ def test_similarity_cuda_under_torch_compile():
 def test_cuda_kernel_opcheck():
     q, c = torch.randn(6, 8, device="cuda"), torch.randn(50, 8, device="cuda")
     torch.library.opcheck(
-        torch.ops.hnsample.topk_similarity.default,
-        (q, c, 4, "dot", None, None, None, None, -math.inf, math.inf, 0, -1, 0, 1.0, 0, 1 << 24),
+        torch.ops.hnsample.topk_similarity.default, (q, c, None, None, None, None),
+        {"k": 4, "min_score": -math.inf, "max_score": math.inf, "skip_top": 0, "pool": -1, "sampling": "top",
+         "temperature": 1.0, "seed": 0, "metric": "dot", "block_size": 1 << 24},
     )
+
+
+@contextlib.contextmanager
+def _fused_path(**driver_kwargs) -> Iterator[_CountingDriver]:
+    """CUDA inputs go to a _CountingDriver(**driver_kwargs) on the fused path (settings.cuda_path) for
+    the duration of the block."""
+    driver = _CountingDriver(**driver_kwargs)
+    with settings.override(cuda_path="fused"), registry.use("cuda", CudaBackend(driver)):
+        yield driver
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("fname", ["plain", "all", "window", "bounds"])
 @pytest.mark.parametrize("sname,skw", [SAMPLING[0], SAMPLING[3]], ids=["top", "uniform_pool"])
-def test_fused_path_equals_cpu(monkeypatch, dtype, fname, sname, skw):
-    monkeypatch.setattr(topk_cuda, "PATH", "fused")
+def test_fused_path_equals_cpu(dtype, fname, sname, skw):
     gen = torch.Generator().manual_seed(zlib.crc32(f"fused/{fname}/{sname}".encode()))
-    dense_calls = _count_dense_calls(monkeypatch)
     b, n = 300, 50_000  # seed 8192 columns, then fused chunks of 8192, 16384 and the rest
     # integers in [-50, 50): exact in bf16/fp16, dot products exact in fp32, few ties at the thresholds
     q, c = int_matrix(b, 64, gen, -50, 50).to(dtype), int_matrix(n, 64, gen, -50, 50).to(dtype)
@@ -699,65 +773,50 @@ def test_fused_path_equals_cpu(monkeypatch, dtype, fname, sname, skw):
         kw["min_score"], kw["max_score"] = -2000.0, 9000.0
     qd, cd = q.cuda(), c.cuda()
     sel_kw = {key: kw[key] for key in ("sampling", "pool", "skip_top", "seed") if key in kw}
-    assert topk_cuda.choose_path(qd, cd, "dot", _cpu_state(torch.zeros(b, n), 40, sel_kw).sel) == "fused"
     cpu = hnsample.topk_similarity(q, c, 40, **kw)
-    assert_same(cpu, hnsample.topk_similarity(qd, cd, 40, **to_device(kw, "cuda")))
-    assert dense_calls[0] == 8192
+    with _fused_path() as driver:
+        state = SelectionState(_cpu_state(torch.zeros(b, n), 40, sel_kw).sel, b, qd.device, kernels=driver.kernels)
+        assert driver.choose_path(qd, cd, "dot", state) == "fused"
+        assert_same(cpu, hnsample.topk_similarity(qd, cd, 40, **to_device(kw, "cuda")))
+    assert driver.dense_calls[0] == 8192
     if fname != "all":
         # the seed only: every fused chunk's lists fit (with "all", a row whose positive score is far
         # below the rest can keep a non-full state and send a chunk back to the two-pass path)
-        assert dense_calls == [8192]
-
-
-def _count_dense_calls(monkeypatch) -> list[int]:
-    """Records the width of every two-pass call the fused path makes (seed and redone chunks)."""
-    calls: list[int] = []
-    dense = topk_cuda._run_two_pass
-
-    def counting(queries, candidates, *args):
-        calls.append(candidates.shape[0])
-        return dense(queries, candidates, *args)
-
-    monkeypatch.setattr(topk_cuda, "_run_two_pass", counting)
-    return calls
+        assert driver.dense_calls == [8192]
 
 
 @pytest.mark.gpu
-def test_fused_path_redoes_overflowing_chunks(monkeypatch):
+def test_fused_path_redoes_overflowing_chunks():
     # Scores that grow with the candidate id: every chunk beats every threshold, all lists overflow,
     # and each chunk is redone on the two-pass path; the result must still be exact.
-    monkeypatch.setattr(topk_cuda, "PATH", "fused")
-    dense_calls = _count_dense_calls(monkeypatch)
     b, n = 130, 40_000
     q = torch.ones(b, 32, dtype=torch.bfloat16)
     c = (torch.arange(n) // 64).float()[:, None].expand(n, 32).to(torch.bfloat16).contiguous()
     cpu = hnsample.topk_similarity(q, c, 16)
-    assert_same(cpu, hnsample.topk_similarity(q.cuda(), c.cuda(), 16))
-    assert dense_calls == [8192, 8192, 16384, 40_000 - 32768]  # the seed, then every chunk redone
+    with _fused_path() as driver:
+        assert_same(cpu, hnsample.topk_similarity(q.cuda(), c.cuda(), 16))
+    assert driver.dense_calls == [8192, 8192, 16384, 40_000 - 32768]  # the seed, then every chunk redone
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["fp64", "stream", "odd_dim", "odd_dim_fp32"])
-def test_fused_path_never_runs_on_unsupported_inputs(monkeypatch, case):
-    monkeypatch.setattr(topk_cuda, "PATH", "fused")
+def test_fused_path_never_runs_on_unsupported_inputs(case):
     dtype = {"fp64": torch.float64, "odd_dim_fp32": torch.float32}.get(case, torch.bfloat16)
     d = 40 if case.startswith("odd_dim") else 32
     q, c = torch.randn(50, d, device="cuda").to(dtype), torch.randn(40_000, d, device="cuda").to(dtype)
     sel_kw = {"sampling": "uniform", "seed": 1} if case == "stream" else {}
     sel = _cpu_state(torch.zeros(50, 40_000), 8, sel_kw).sel
-    assert topk_cuda.choose_path(q, c, "dot", sel) == "two_pass"
+    with _fused_path() as driver:
+        assert driver.choose_path(q, c, "dot", SelectionState(sel, 50, q.device, kernels=driver.kernels)) == "two_pass"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("metric", ["dot", "cosine"])
 @pytest.mark.parametrize("fname", ["plain", "labels", "bounds", "window"])
-def test_fused_tf32_path_equals_selection_over_exact_scores(monkeypatch, metric, fname):
+def test_fused_tf32_path_equals_selection_over_exact_scores(metric, fname):
     # fp32 inputs on the tf32 kernel: survivors are rescored exactly (and the seed goes through the
     # same exact GEMM), so the result is the selection over the exact scores rounded once; a
     # candidate lost to a tf32 error outside the slack would show here.
-    monkeypatch.setattr(topk_cuda, "PATH", "fused")
-    monkeypatch.setattr(topk_cuda, "ScoreGemm", ExactGemm)
-    dense_calls = _count_dense_calls(monkeypatch)
     gen = torch.Generator().manual_seed(zlib.crc32(f"tf32/{metric}/{fname}".encode()))
     b, n, d = 300, 50_000, 64
     q, c = torch.randn(b, d, generator=gen).cuda(), torch.randn(n, d, generator=gen).cuda()
@@ -765,24 +824,24 @@ def test_fused_tf32_path_equals_selection_over_exact_scores(monkeypatch, metric,
     if fname == "bounds" and metric == "cosine":
         kw["min_score"], kw["max_score"] = -0.2, 0.3
     want = hnsample.topk_from_scores(exact_fused_scores(q, c, metric).cpu(), 40, **kw)
-    got = hnsample.topk_similarity(q, c, 40, metric=metric, **to_device(kw, "cuda"))
+    with _fused_path(product=ExactGemm) as driver:
+        got = hnsample.topk_similarity(q, c, 40, metric=metric, **to_device(kw, "cuda"))
     assert_same(want, got)
-    assert dense_calls[0] == 8192
+    assert driver.dense_calls[0] == 8192
     if fname != "bounds":  # a max_score cuts where scores are dense: a chunk may overflow, legitimately
-        assert dense_calls == [8192]
+        assert driver.dense_calls == [8192]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_fused_cosine_16bit_equals_two_pass(monkeypatch, dtype):
+def test_fused_cosine_16bit_equals_two_pass(dtype):
     # Both paths scale the same exact fp32 sums of small integers by the same 1 / |x| in fp32.
     gen = torch.Generator().manual_seed(31)
     b, n = 200, 40_000
     q = int_matrix(b, 64, gen, -50, 50).to(dtype).cuda()
     c = int_matrix(n, 64, gen, -50, 50).to(dtype).cuda()
-    monkeypatch.setattr(topk_cuda, "PATH", "two_pass")
-    want = hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1)
-    monkeypatch.setattr(topk_cuda, "PATH", "fused")
-    dense_calls = _count_dense_calls(monkeypatch)
-    assert_same(want, hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1))
-    assert dense_calls == [8192]
+    with settings.override(cuda_path="two_pass"):
+        want = hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1)
+    with _fused_path() as driver:
+        assert_same(want, hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1))
+    assert driver.dense_calls == [8192]

@@ -17,13 +17,16 @@ import pytest
 import torch
 
 import hnsample
-from hnsample import _C
-from hnsample.ops import topk_cuda
+from hnsample import _C, settings
+from hnsample.engine import CudaBackend, registry
+from hnsample.engine.cuda import CudaDriver
 
 sm90 = _C.sm90
+FusedKernel = _C.FusedKernel
 
-BF16, F16, F32 = 3, 2, 0  # csrc/common.h DType codes
-WGMMA_KERNELS = [2, 3, 4]  # FusedBlock.kernel: 128 x 128, 256 x 128, 128 x 256 tiles
+BF16, F16, F32 = (int(_C.DType.__members__[name]) for name in ("bfloat16", "float16", "float32"))  # FusedBlock.dtype
+# FusedBlock.kernel of the wgmma kernels: 128 x 128, 256 x 128 and 128 x 256 tiles
+WGMMA_KERNELS = [FusedKernel.wgmma, FusedKernel.wgmma_256x128, FusedKernel.wgmma_128x256]
 WGMMA_IDS = ["128x128", "256x128", "128x256"]
 
 
@@ -120,7 +123,8 @@ def test_accumulator_fragment_covers_the_warpgroup_tile_once(n):
         assert sm90.acc_coord(0, lane, 4 * 9 + 3) == (g + 8, 72 + 2 * t + 1)
 
 
-@pytest.mark.parametrize("kernel,shape,ctas", [(2, (128, 128), 2), (3, (256, 128), 1), (4, (128, 256), 1)])
+@pytest.mark.parametrize("kernel,shape,ctas", list(zip(WGMMA_KERNELS, [(128, 128), (256, 128), (128, 256)], [2, 1, 1],
+                                                           strict=True)), ids=WGMMA_IDS)
 def test_shared_memory_budget_fits_the_planned_ctas_per_sm(kernel, shape, ctas):
     # Hopper: 228 KiB of shared memory per SM, at most 227 KiB per CTA, 1 KiB reserved per CTA.
     tile = sm90.TILES[kernel]
@@ -134,7 +138,7 @@ def test_shared_memory_budget_fits_the_planned_ctas_per_sm(kernel, shape, ctas):
 
 
 def _block(dtype=BF16, rows=100, cols=1000, dim=96, q_stride=None, c_stride=None, q=1 << 20, c=1 << 24,
-           kernel=0, cap=64) -> _C.FusedBlock:
+           kernel=FusedKernel.auto, cap=64) -> _C.FusedBlock:
     """A FusedBlock with fake (never dereferenced) pointers, for host-side checks."""
     f = _C.FusedBlock()
     f.queries, f.candidates = q, c
@@ -186,9 +190,9 @@ def test_wgmma_unavailable_without_a_device():
 @pytest.mark.skipif(not _C.built_with_cuda, reason="the CUDA launcher's host-side checks")
 def test_launcher_checks_the_kernel_field():
     # These checks run on the host before any CUDA call, so they hold with or without a device.
-    for kernel in (-1, 5):
-        with pytest.raises(RuntimeError, match=r"kernel must be 0 \(auto\), 1 \(mma.sync\), 2 \(wgmma\), 3"):
-            _C.topk_fused_scores(_block(kernel=kernel), 0)
+    for code in (-1, 5):
+        with pytest.raises(_C.ParamError, match=f"fused kernel code {code} is unknown"):
+            _C.topk_fused_scores(_block(kernel=FusedKernel(code)), 0)
     for kernel in WGMMA_KERNELS:
         with pytest.raises(RuntimeError, match="needs bf16/fp16 inputs"):
             _C.topk_fused_scores(_block(kernel=kernel, dim=36), 0)
@@ -218,7 +222,7 @@ def _needs_wgmma():
         pytest.skip("the device or this build has no sm_90a wgmma kernel")
 
 
-def _launch(q: torch.Tensor, c: torch.Tensor, kernel: int, lo: torch.Tensor, hi: torch.Tensor, cap: int,
+def _launch(q: torch.Tensor, c: torch.Tensor, kernel: FusedKernel, lo: torch.Tensor, hi: torch.Tensor, cap: int,
             row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
     """One fused launch over all of q x c; returns (counts [rows], scores [rows, cap], cols [rows, cap])."""
     rows, cols = q.shape[0], c.shape[0]
@@ -325,11 +329,11 @@ def test_auto_and_forced_kernels_agree_with_mma_sync():
     rows, cols, d = 150, 700, 64
     q, c = _int_operands(rows, cols, d, torch.bfloat16, gen)
     inf = torch.full((rows,), math.inf, device="cuda")
-    lists = {k: _lists(*_launch(q, c, k, -inf, inf, cols)) for k in (0, 1)}
-    assert lists[0] == lists[1]
+    lists = {k: _lists(*_launch(q, c, k, -inf, inf, cols)) for k in (FusedKernel.auto, FusedKernel.mma)}
+    assert lists[FusedKernel.auto] == lists[FusedKernel.mma]
     if _C.topk_fused_wgmma_available(_device_index()):
         for kernel in WGMMA_KERNELS:
-            assert _lists(*_launch(q, c, kernel, -inf, inf, cols)) == lists[1]
+            assert _lists(*_launch(q, c, kernel, -inf, inf, cols)) == lists[FusedKernel.mma]
 
 
 @pytest.mark.gpu
@@ -339,7 +343,7 @@ def test_wgmma_availability_follows_the_device():
     dev = _device_index()
     assert _C.topk_fused_wgmma_available(dev) is _is_sm90()
     assert _C.topk_fused_wgmma_available(torch.cuda.device_count()) is False
-    want = {2: 2, 3: 1, 4: 1} if _is_sm90() else {2: 0, 3: 0, 4: 0}
+    want = dict(zip(WGMMA_KERNELS, [2, 1, 1] if _is_sm90() else [0, 0, 0], strict=True))
     assert {k: _C.topk_fused_wgmma_ctas_per_sm(dev, k) for k in WGMMA_KERNELS} == want
 
 
@@ -354,23 +358,25 @@ def test_forced_wgmma_raises_where_unavailable():
             _launch(q, q, kernel, -inf, inf, 8)
 
 
+class _KernelRecordingDriver(CudaDriver):
+    """The CUDA driver, recording the FusedBlock.kernel of every fused launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels_launched: list[FusedKernel] = []
+
+    def launch_fused(self, f, like):
+        self.kernels_launched.append(f.kernel)
+        super().launch_fused(f, like)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("b,d", [(1, 32), (130, 96), (300, 1024)])
 @pytest.mark.parametrize("kw", [{}, {"exclude": True, "skip_top": 2}, {"sampling": "uniform", "seed": 4, "pool": 30}],
                          ids=["top", "exclude_skip", "uniform_pool"])
-def test_topk_similarity_on_wgmma_equals_cpu(monkeypatch, dtype, b, d, kw):
+def test_topk_similarity_on_wgmma_equals_cpu(dtype, b, d, kw):
     _needs_wgmma()
-    monkeypatch.setattr(topk_cuda, "PATH", "fused")
-    monkeypatch.setattr(topk_cuda, "FUSED_KERNEL", "wgmma")
-    kernels = []
-    launch = _C.topk_fused_scores
-
-    def recording(*args, **kwargs):
-        kernels.append((args[0] if args else kwargs["block"]).kernel)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(_C, "topk_fused_scores", recording)
     gen = torch.Generator().manual_seed(zlib.crc32(f"sim/{b}/{d}/{kw}".encode()))
     n = 40_003  # a seed block, then fused chunks; the last one ragged
     hi = 50 if d <= 96 else 12  # integer scores exact in fp32 for every d here
@@ -380,9 +386,11 @@ def test_topk_similarity_on_wgmma_equals_cpu(monkeypatch, dtype, b, d, kw):
     if kw.pop("exclude", False):
         kw["exclude"] = torch.randint(-1, n, (b, 6), generator=gen)
     cpu = hnsample.topk_similarity(q, c, 40, **kw)
-    gpu = hnsample.topk_similarity(q.cuda(), c.cuda(), 40, **{k: v.cuda() if isinstance(v, torch.Tensor) else v
-                                                              for k, v in kw.items()})
+    driver = _KernelRecordingDriver()
+    with settings.override(cuda_path="fused", cuda_fused_kernel="wgmma"), registry.use("cuda", CudaBackend(driver)):
+        gpu = hnsample.topk_similarity(q.cuda(), c.cuda(), 40, **{k: v.cuda() if isinstance(v, torch.Tensor) else v
+                                                                  for k, v in kw.items()})
     assert torch.equal(cpu.indices, gpu.indices.cpu())
     assert torch.equal(cpu.scores, gpu.scores.cpu())
-    assert kernels and set(kernels) == {2}
+    assert driver.kernels_launched and set(driver.kernels_launched) == {FusedKernel.wgmma}
     assert not _C.topk_fused_wgmma_stalled(_device_index())
