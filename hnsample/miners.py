@@ -171,9 +171,10 @@ def triplet_margin_loss(embeddings: torch.Tensor, triplets: Triplets | tuple, ma
     ``AvgNonZeroReducer``; a NaN l_t counts as nonzero), "sum", "none" ((T,) losses).
 
     The loss reads only the rows the triplets use: NaN or inf in any other row of ``embeddings`` changes
-    neither the loss nor its gradient (rows no triplet uses get a zero gradient), while a non-finite row
-    that a triplet uses makes the loss NaN. No triplets (or, for "mean_nonzero", none with l_t > 0 or
-    NaN) gives a zero still connected to ``embeddings`` for autograd, whose gradient is all zeros.
+    neither the loss nor its gradient (rows no triplet uses get a zero gradient), while a row that a
+    triplet uses enters the formula as it is (a NaN row makes the loss NaN). No triplets (or, for
+    "mean_nonzero", none with l_t > 0 or NaN) gives a zero still connected to ``embeddings`` for
+    autograd, whose gradient is all zeros.
     """
     e = as_tensor("embeddings", embeddings)
     if e.ndim != 2 or not e.is_floating_point():
