@@ -106,6 +106,27 @@ def check_finite(name: str, v: Any) -> float | None:
     return float(v)
 
 
+def to_int64(name: str, t: torch.Tensor) -> torch.Tensor:
+    """An integer tensor as int64, refusing values that int64 cannot hold: a uint64 value >= 2**63 would
+    otherwise wrap to a negative number (2**64 - 1 to the padding id -1)."""
+    if t.dtype == torch.uint64 and t.numel() and bool((t.view(torch.int64) < 0).any()):
+        raise ValueError(f"{name} holds values >= 2**63, which do not fit int64 (ids, labels and "
+                         "padding are int64)")
+    return t.to(torch.int64)
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of a 2-D float tensor holding a NaN or an inf (CPU int64)."""
+    return torch.nonzero(~x.isfinite().all(dim=1)).reshape(-1).cpu()
+
+
+def rows_text(rows: torch.Tensor, total: int) -> str:
+    """"rows [3, 7] (2 of 10)", listing at most the first 10."""
+    shown = rows[:10].tolist()
+    more = ", ..." if rows.numel() > 10 else ""
+    return f"rows {str(shown)[:-1]}{more}] ({rows.numel()} of {total})"
+
+
 def check_ids(name: str, ids: Any, rows: int, device: torch.device, bound: int) -> torch.Tensor:
     """(rows, P) int64 ids in [-1, bound); a 1-D (rows,) tensor is read as (rows, 1)."""
     ids = as_tensor(name, ids)
@@ -117,7 +138,7 @@ def check_ids(name: str, ids: Any, rows: int, device: torch.device, bound: int) 
         raise ValueError(f"{name} must have shape ({rows}, P), got {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"{name} must be on {device}, got {ids.device}")
-    ids = ids.to(torch.int64)
+    ids = to_int64(name, ids)
     if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= bound):
         raise ValueError(f"{name} must hold candidate ids in [0, {bound}) or -1 for padding")
     return ids
@@ -131,4 +152,4 @@ def check_labels(name: str, labels: Any, n: int, device: torch.device) -> torch.
         raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"{name} must be on {device}, got {labels.device}")
-    return labels.to(torch.int64).contiguous()
+    return to_int64(name, labels).contiguous()

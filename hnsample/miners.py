@@ -3,6 +3,8 @@
 Both miners score the batch against itself once, s_ab = similarity(e_a, e_b), and make every choice
 with the fused selection :func:`hnsample.topk_from_scores` (label masks, exclusions, score windows), so
 ties and NaN follow one rule everywhere: ties go to the lower index and NaN scores are never chosen.
+A row of the batch holding NaN or inf takes part in no triplet (its scores are treated as NaN, whatever
+the metric would make of them), and :func:`triplet_margin_loss` reads only the rows its triplets use.
 
 Metrics: "cosine" s = e_a . e_b / (|e_a| |e_b|), "dot" s = e_a . e_b, "euclidean" s = -|e_a - e_b|.
 Distances are d = -s, so "hard" means high similarity for negatives and low similarity for positives.
@@ -18,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._ext import as_tensor, check_finite
+from ._ext import as_tensor, check_finite, to_int64
 from .ops.topk import topk_from_scores
 
 __all__ = ["Triplets", "batch_hard", "pairwise_similarity", "semi_hard", "triplet_margin_loss"]
@@ -49,7 +51,7 @@ def _check_batch(embeddings: Any, labels: Any, metric: str) -> tuple[torch.Tenso
         raise ValueError(f"labels must be on {e.device}, got {lab.device}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return e, lab.to(torch.int64)
+    return e, to_int64("labels", lab)
 
 
 def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
@@ -79,13 +81,22 @@ def _paired_similarity(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.T
     return (a * b).sum(dim=1)
 
 
+def _batch_scores(e: torch.Tensor, metric: str) -> torch.Tensor:
+    """(B, B) detached similarities, NaN wherever either row holds a NaN or inf (with "dot" or
+    "euclidean" such a row would otherwise score +-inf and be the hardest choice)."""
+    e = e.detach()
+    s = pairwise_similarity(e, e, metric)
+    finite = e.isfinite().all(dim=1)
+    return torch.where(finite[:, None] & finite[None, :], s, torch.full_like(s, math.nan))
+
+
 def batch_hard(embeddings: Any, labels: Any, *, metric: str = "cosine") -> Triplets:
     """Batch-hard mining: for every anchor a, its hardest positive and its hardest negative.
 
     p(a) = argmin_{b != a, y_b = y_a} s_ab  (the least similar positive),
     n(a) = argmax_{b: y_b != y_a} s_ab      (the most similar negative),
-    ties to the lower index, NaN scores never chosen; anchors with no positive or no negative are
-    dropped. One triplet per remaining anchor, in anchor order.
+    ties to the lower index, NaN scores (and rows holding NaN or inf) never chosen; anchors with no
+    positive or no negative are dropped. One triplet per remaining anchor, in anchor order.
 
     This is pytorch-metric-learning's ``BatchHardMiner`` (pos_strategy = neg_strategy = "hard"):
     with its default distance (L2 of normalized embeddings) it picks the same triplets as
@@ -94,7 +105,7 @@ def batch_hard(embeddings: Any, labels: Any, *, metric: str = "cosine") -> Tripl
     e, lab = _check_batch(embeddings, labels, metric)
     b = e.shape[0]
     with torch.no_grad():
-        s = pairwise_similarity(e.detach(), e.detach(), metric)
+        s = _batch_scores(e, metric)
         same = lab.unsqueeze(0) == lab.unsqueeze(1)
         nan = torch.full((), math.nan, dtype=s.dtype, device=s.device)
         self_id = torch.arange(b, device=e.device)
@@ -115,7 +126,7 @@ def semi_hard(embeddings: Any, labels: Any, margin: float, *, metric: str = "cos
     keeping the ``negatives_per_pair`` hardest of them (highest s_an; ties to the lower index), or all of
     them for ``negatives_per_pair=None``. Pairs are enumerated anchor-major (a ascending, then p), and a
     pair's triplets are in descending s_an. With ``negatives_per_pair=1`` this is FaceNet's choice of the
-    hardest semi-hard negative (a pair without one is dropped).
+    hardest semi-hard negative (a pair without one is dropped). Rows holding NaN or inf are in no triplet.
 
     With ``negatives_per_pair=None`` the set of triplets is exactly pytorch-metric-learning's
     ``TripletMarginMiner(margin, type_of_triplets="semihard")`` (which keeps every triplet with
@@ -133,7 +144,7 @@ def semi_hard(embeddings: Any, labels: Any, margin: float, *, metric: str = "cos
         raise ValueError(f"negatives_per_pair must be an int >= 1 or None, got {negatives_per_pair!r}")
     empty = torch.empty(0, dtype=torch.int64, device=e.device)
     with torch.no_grad():
-        s = pairwise_similarity(e.detach(), e.detach(), metric).to(torch.float64)
+        s = _batch_scores(e, metric).to(torch.float64)
         same = lab.unsqueeze(0) == lab.unsqueeze(1)
         same.fill_diagonal_(False)
         a, p = same.nonzero(as_tuple=True)
@@ -157,8 +168,13 @@ def triplet_margin_loss(embeddings: torch.Tensor, triplets: Triplets | tuple, ma
 
     with d = -s for "cosine"/"dot" and d = |e_a - e_b| for "euclidean". Reductions: "mean" (over all
     triplets), "mean_nonzero" (over triplets with l_t > 0, pytorch-metric-learning's default
-    ``AvgNonZeroReducer``), "sum", "none" ((T,) losses). No triplets (or, for "mean_nonzero", none with
-    l_t > 0) gives a zero that is still connected to ``embeddings`` for autograd.
+    ``AvgNonZeroReducer``; a NaN l_t counts as nonzero), "sum", "none" ((T,) losses).
+
+    The loss reads only the rows the triplets use: NaN or inf in any other row of ``embeddings`` changes
+    neither the loss nor its gradient (rows no triplet uses get a zero gradient), while a row that a
+    triplet uses enters the formula as it is (a NaN row makes the loss NaN). No triplets (or, for
+    "mean_nonzero", none with l_t > 0 or NaN) gives a zero still connected to ``embeddings`` for
+    autograd, whose gradient is all zeros.
     """
     e = as_tensor("embeddings", embeddings)
     if e.ndim != 2 or not e.is_floating_point():
@@ -175,11 +191,12 @@ def triplet_margin_loss(embeddings: torch.Tensor, triplets: Triplets | tuple, ma
     idx = []
     for name, t in zip(("anchors", "positives", "negatives"), triplets, strict=True):
         if (not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype.is_floating_point
-                or t.dtype == torch.bool):
+                or t.dtype == torch.bool or t.is_complex()):
             raise TypeError(f"triplets.{name} must be a 1-D integer tensor")
+        t = to_int64(f"triplets.{name}", t)
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= e.shape[0]):
             raise ValueError(f"triplets.{name} must hold indices in [0, {e.shape[0]})")
-        idx.append(t.to(e.device, torch.int64))
+        idx.append(t.to(e.device))
     if not idx[0].shape == idx[1].shape == idx[2].shape:
         raise ValueError("triplets must hold three index tensors of the same length")
     a, p, n = idx
@@ -188,11 +205,13 @@ def triplet_margin_loss(embeddings: torch.Tensor, triplets: Triplets | tuple, ma
     losses = torch.relu(s_an - s_ap + margin)
     if reduction == "none":
         return losses
-    zero = e.sum() * 0
+    # The sum over an empty slice: a zero that reads no value of `embeddings` (so a NaN or inf in a row
+    # no triplet uses cannot reach it) and still backpropagates, as zeros, to all of them.
+    zero = e[:0].sum().to(losses.dtype)
     if reduction == "sum":
-        return losses.sum() + zero
+        return losses.sum() if losses.numel() else zero
     if reduction == "mean_nonzero":
-        positive = losses > 0
-        count = int(positive.sum())
-        return losses.sum() / count + zero if count else zero.to(losses.dtype)
-    return losses.mean() + zero if losses.numel() else zero.to(losses.dtype)
+        # A NaN loss counts as nonzero, so that a non-finite row a triplet uses shows in the result.
+        count = int(((losses > 0) | losses.isnan()).sum())
+        return losses.sum() / count if count else zero
+    return losses.mean() if losses.numel() else zero

@@ -19,6 +19,7 @@ import torch
 
 from . import settings as _settings
 from ._ext import as_tensor, check_int, has_cuda
+from .checkpoint import CheckpointDir
 from .engine import (
     METRICS,
     SAMPLINGS,
@@ -30,16 +31,14 @@ from .engine import (
     positive_score,
 )
 from .mining_io import (
-    CheckpointDir,
     MatrixSource,
     PathLike,
-    load_result,
     positives_tensor,
     read_ids,
     read_qrels,
-    save_result,
     tensor_digest,
 )
+from .result_files import load_result, save_result
 
 # Per-row counters of the filter statistics, in attribution order (a candidate is counted under the
 # first filter it fails).
@@ -149,7 +148,8 @@ class MinedNegatives:
 
     def save(self, path: PathLike) -> None:
         """Writes the result by extension: ``.parquet`` (needs pyarrow), ``.jsonl`` or ``.npz``
-        (atomically). :meth:`load` reads any of them back."""
+        (atomically), with the number of queries and negatives in its metadata so that :meth:`load` can
+        check the rows it reads back."""
         arrays = {
             "indices": self.indices.cpu().numpy(),
             "scores": self.scores.cpu().numpy(),
@@ -159,12 +159,18 @@ class MinedNegatives:
         if self.eligible is not None:
             arrays["eligible"] = self.eligible.cpu().numpy()
         meta = {"params": self.params, "filter_counts": self.filter_counts,
-                "num_negatives": self.num_negatives}
+                "num_negatives": self.num_negatives, "num_queries": int(self.indices.shape[0])}
         save_result(path, arrays, meta)
 
     @classmethod
     def load(cls, path: PathLike) -> MinedNegatives:
-        """Reads a file written by :meth:`save` (per-row eligible counts survive only in .npz)."""
+        """Reads a file written by :meth:`save` (per-row eligible counts survive only in .npz).
+
+        Rows are placed by their ``query`` field (.jsonl, .parquet), never by their order in the file.
+        ValueError naming the file for anything that does not make a consistent result: a query id
+        missing, repeated, not an int or outside [0, B) (B from the file's metadata), arrays whose shapes
+        disagree or with the wrong kind of values, corpus ids outside [-1, num_corpus), a row longer than
+        num_negatives, an unreadable or malformed file."""
         arrays, meta = load_result(path)
         eligible = arrays.get("eligible")
         return cls(
@@ -288,7 +294,8 @@ def _dist():
 
 def resolve_devices(device: Any) -> list[torch.device]:
     """"cpu", "cuda", "cuda:1", a torch.device, a list of those, or "auto" (every visible GPU, or under
-    torch.distributed the rank's LOCAL_RANK GPU; the CPU when there is none)."""
+    torch.distributed the rank's LOCAL_RANK GPU; the CPU when there is none). "cpu:0" is read as "cpu";
+    any other CPU index raises ValueError."""
     if isinstance(device, str) and device == "auto":
         if has_cuda():
             if _dist() is not None:
@@ -308,6 +315,12 @@ def resolve_devices(device: Any) -> list[torch.device]:
             raise ValueError(f"device {d!r} is not a valid device string") from None
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or a CUDA device, got {d!r}")
+        if dev.type == "cpu":
+            # torch keeps every CPU tensor on the index-less "cpu": "cpu:0" means it, any other index
+            # names nothing and would fail later as a device mismatch.
+            if dev.index not in (None, 0):
+                raise ValueError(f"device {str(dev)!r}: the CPU takes no device index; use 'cpu'")
+            dev = torch.device("cpu")
         if dev.type == "cuda":
             if not has_cuda():
                 raise ValueError(f"device {d!r} needs a CUDA device and hnsample built with CUDA")
@@ -659,24 +672,27 @@ def mine_hard_negatives(
         ckpt = _open_checkpoint(run, checkpoint_dir, query_batch, group.rank)
     except Exception as e:
         err = e
-    group.check(err, "opening checkpoint_dir")
-    b_total, n = run.src_q.shape[0], run.src_c.shape[0]
-    k = run.k
-
-    finished = group.broadcast(sorted(ckpt.finished()) if ckpt is not None and group.rank == 0 else [])
-    indices = np.full((b_total, k), -1, dtype=np.int64)
-    scores = np.full((b_total, k), -np.inf, dtype=np.float32)
-    pos_scores = np.full((b_total,), np.nan, dtype=np.float32)
-    counts = np.zeros((b_total, len(FILTERS)), dtype=np.int64) if run.filter_statistics else None
-    bar = _progress(b_total, progress and group.rank == 0)
-    batches = [(i, q0, min(b_total, q0 + query_batch)) for i, q0 in enumerate(range(0, b_total, query_batch))]
-    pending: BaseException | None = None
+    bar = None
     try:
+        group.check(err, "opening checkpoint_dir")
+        b_total, n = run.src_q.shape[0], run.src_c.shape[0]
+        k = run.k
+
+        finished = group.broadcast(sorted(ckpt.finished()) if ckpt is not None and group.rank == 0 else [])
+        indices = np.full((b_total, k), -1, dtype=np.int64)
+        scores = np.full((b_total, k), -np.inf, dtype=np.float32)
+        pos_scores = np.full((b_total,), np.nan, dtype=np.float32)
+        n_filters = len(FILTERS) if run.filter_statistics else None
+        counts = np.zeros((b_total, len(FILTERS)), dtype=np.int64) if run.filter_statistics else None
+        bar = _progress(b_total, progress and group.rank == 0)
+        batches = [(i, q0, min(b_total, q0 + query_batch)) for i, q0 in enumerate(range(0, b_total, query_batch))]
+        pending: BaseException | None = None
         for bi, q0, q1 in batches:
             out = None
             if bi in finished:
                 try:
-                    out = ckpt.read(bi) if group.rank == 0 else None
+                    if group.rank == 0:  # every file is validated before use (ValueError naming it)
+                        out = ckpt.read(bi, rows=q1 - q0, k=k, num_corpus=n, filter_columns=n_filters)
                 except Exception as e:
                     pending = e
                 group.check(pending, f"reading checkpoint batch {bi}")
@@ -707,6 +723,8 @@ def mine_hard_negatives(
     finally:
         if bar is not None:
             bar.close()
+        if ckpt is not None:
+            ckpt.close()  # releases the directory lock
 
     result = MinedNegatives(
         indices=torch.from_numpy(indices), scores=torch.from_numpy(scores),
@@ -830,7 +848,7 @@ def _open_checkpoint(run: _Run, checkpoint_dir: PathLike | None, query_batch: in
     if checkpoint_dir is None:
         return None
     manifest = {
-        "format": 1, "queries": run.src_q.fingerprint(), "corpus": run.src_c.fingerprint(),
+        "format": 2, "queries": run.src_q.fingerprint(), "corpus": run.src_c.fingerprint(),
         **_params(run, run.src_c.shape[0]), "query_batch_size": query_batch,
         "positives": tensor_digest(run.positives), "exclude": tensor_digest(run.exclude),
         "query_labels": tensor_digest(run.query_labels),

@@ -75,14 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    """Mines and writes the result. Every error about the inputs (ValueError, TypeError, or an OSError
+    reading or writing a file) is printed as one ``hnsample mine: error: ...`` line with exit status 2,
+    as argparse reports a bad flag; anything else is a bug and keeps its traceback."""
     from .mining import mine_hard_negatives
+    from .mining_io import load_npy
+    from .result_files import check_result_path
 
-    positives = args.positives
-    if positives is not None and Path(positives).suffix == ".npy":
-        positives = np.load(positives)
     try:
+        check_result_path(args.out)  # before mining, not after hours of it
+        positives = args.positives
+        if positives is not None and Path(positives).suffix == ".npy":
+            positives = load_npy("positives", positives)
         result = mine_hard_negatives(
             args.queries, args.corpus, positives, num_negatives=args.num_negatives, metric=args.metric,
             absolute_margin=args.absolute_margin, relative_margin=args.relative_margin,
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             query_ids=args.query_ids, corpus_ids=args.corpus_ids,
         )
         result.save(args.out)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"hnsample mine: error: {e}", file=sys.stderr)
         return 2
     if not args.quiet:

@@ -3,11 +3,12 @@ combinations of a query's hardest negatives, and of the query with them."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
 
-from ._ext import as_tensor, check_int
+from ._ext import as_tensor, check_int, nonfinite_rows, rows_text
 from .ops.topk import topk_from_scores, topk_similarity
 
 __all__ = ["MoCHi", "MixedNegatives", "mix_hard_negatives"]
@@ -64,6 +65,10 @@ def mix_hard_negatives(
     default generator when both are None) in this order: i (B, n_mix), the offset of j from i,
     alpha, j (B, n_query_mix), beta; so results are reproducible across devices. The output carries no
     gradient (MoCHi treats synthetic negatives as constants).
+
+    Non-finite values: a negative holding NaN or inf is never one of H (with "dot" it would score
+    +-inf and mix into a NaN vector); a query row holding NaN or inf, or one left with fewer than
+    ``n_hard`` usable negatives, raises ValueError naming the rows.
     """
     q = as_tensor("query", query)
     neg = as_tensor("negatives", negatives)
@@ -86,19 +91,28 @@ def mix_hard_negatives(
     if n_hard > k:
         raise ValueError(f"n_hard must be <= the number of negatives ({k}), got {n_hard}")
     gen = _generator(generator, seed)
+    bad = nonfinite_rows(q.detach())
+    if bad.numel():
+        raise ValueError(f"query must be finite: {rows_text(bad, b)} hold NaN or inf")
 
     with torch.no_grad():
         q, neg = q.detach(), neg.detach()
+        usable = neg.isfinite().all(dim=-1)  # (K,) or (B, K)
         if neg.ndim == 2:
-            hard = topk_similarity(q, neg.to(q.dtype), n_hard, metric=metric).indices
+            # NaN rows score NaN under either metric, and NaN is never selected.
+            ranked = torch.where(usable[:, None], neg, torch.full_like(neg, math.nan))
+            hard = topk_similarity(q, ranked.to(q.dtype), n_hard, metric=metric).indices
         else:
             ct = torch.float64 if q.dtype == torch.float64 else torch.float32
             qs, ns = q.to(ct), neg.to(ct)
             if metric == "cosine":
                 qs, ns = _unit(qs), _unit(ns)
-            hard = topk_from_scores(torch.einsum("bd,bkd->bk", qs, ns), n_hard).indices
-        if bool((hard < 0).any()):
-            raise ValueError(f"negatives must give every query at least n_hard={n_hard} non-NaN scores")
+            s = torch.einsum("bd,bkd->bk", qs, ns)
+            hard = topk_from_scores(torch.where(usable, s, torch.full_like(s, math.nan)), n_hard).indices
+        short = torch.nonzero((hard < 0).any(dim=1)).reshape(-1).cpu()
+        if short.numel():
+            raise ValueError(f"negatives must give every query at least n_hard={n_hard} finite negatives "
+                             f"with a non-NaN score; query {rows_text(short, b)} have fewer")
         i = torch.randint(0, n_hard, (b, n_mix), generator=gen)
         offset = torch.randint(1, n_hard, (b, n_mix), generator=gen) if n_hard > 1 else torch.zeros_like(i)
         alpha = torch.rand((b, n_mix), generator=gen)

@@ -3,11 +3,12 @@ from it with the filters of :func:`hnsample.topk_similarity`."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
 
-from ._ext import as_tensor, check_ids, check_int
+from ._ext import as_tensor, check_ids, check_int, nonfinite_rows, to_int64
 from .ops.topk import topk_similarity
 
 __all__ = ["NegativeQueue", "QueueNegatives"]
@@ -132,7 +133,7 @@ class NegativeQueue(torch.nn.Module):
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
         if t.ndim != 1 or t.shape[0] != n:
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
-        return t.to(self.queue.device, torch.int64)
+        return to_int64(name, t).to(self.queue.device)
 
     def slots_of(self, query_ids: torch.Tensor) -> torch.Tensor:
         """(B, P*M) queue slots holding any of each row's ids ((B, P) int64, -1 = padding), -1 padded,
@@ -161,6 +162,9 @@ class NegativeQueue(torch.nn.Module):
         ``query_labels[i]`` (queue made ``with_labels``). Further keyword filters (``absolute_margin`` with
         ``positive_scores``, ``min_score``, ``sampling``, ``exclude`` as queue slots, ...) are passed to
         ``topk_similarity`` over the filled slots. Scores keep their gradient with respect to queries.
+
+        Entries holding NaN or inf are never returned (with "dot" they would score +-inf), and a query
+        row holding NaN or inf gets only padding.
         """
         q = as_tensor("queries", queries)
         if q.ndim != 2 or q.shape[1] != self.queue.shape[1]:
@@ -180,7 +184,7 @@ class NegativeQueue(torch.nn.Module):
             qi = as_tensor("query_ids", query_ids)
             if qi.dtype.is_floating_point or qi.is_complex() or qi.dtype == torch.bool:
                 raise TypeError(f"query_ids must be an integer tensor, got {qi.dtype}")
-            qi = qi.to(q.device, torch.int64)
+            qi = to_int64("query_ids", qi).to(q.device)
             qi = qi.unsqueeze(1) if qi.ndim == 1 else qi
             if qi.ndim != 2 or qi.shape[0] != b:
                 raise ValueError(f"query_ids must have shape ({b},) or ({b}, P), got {tuple(qi.shape)}")
@@ -191,7 +195,14 @@ class NegativeQueue(torch.nn.Module):
             if not self.with_labels:
                 raise ValueError("query_labels needs a queue created with_labels=True")
             cand_labels = stored_labels
-        top = topk_similarity(q, cand.to(q.dtype), k, metric=metric, exclude=exclude,
+        # Non-finite entries are excluded by slot (no copy of the queue); a non-finite query row is
+        # made all-NaN, whose scores are never selected.
+        bad = nonfinite_rows(cand)
+        if bad.numel():
+            bad = bad.to(q.device).expand(b, -1)
+            exclude = bad if exclude is None else torch.cat([exclude, bad], dim=1)
+        q_ranked = torch.where(q.isfinite().all(dim=1, keepdim=True), q, torch.full_like(q, math.nan))
+        top = topk_similarity(q_ranked, cand.to(q.dtype), k, metric=metric, exclude=exclude,
                               query_labels=query_labels, candidate_labels=cand_labels, **filters)
         valid = top.indices >= 0
         pad = torch.full_like(top.indices, -1)

@@ -15,6 +15,7 @@ deterministic (the batches of an epoch are a pure function of ``seed``, the epoc
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ._ext import as_tensor, check_int
+from ._ext import as_tensor, check_int, nonfinite_rows, rows_text, to_int64
 from .ops.topk import topk_similarity
 
 __all__ = [
@@ -66,6 +67,7 @@ def _item_keys(name: str, keys: Any, n: int | None = None) -> list[tuple[int, ..
         t = as_tensor(name, keys)
         if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer keys, got {t.dtype}")
+        t = to_int64(name, t)
         if t.ndim == 1:
             rows = [(k,) for k in t.tolist()]
         elif t.ndim == 2:
@@ -249,7 +251,7 @@ class MPerClassBatchSampler(_DistributedBatchSampler):
             raise TypeError(f"labels must be an integer tensor, got {lab.dtype}")
         if lab.ndim != 1:
             raise ValueError(f"labels must have shape (N,), got {tuple(lab.shape)}")
-        lab = lab.to("cpu", torch.int64)
+        lab = to_int64("labels", lab.cpu())
         order = torch.argsort(lab, stable=True)
         values, counts = torch.unique_consecutive(lab[order], return_counts=True)
         members = torch.split(order, counts.tolist())
@@ -282,6 +284,14 @@ def _as_embeddings(name: str, x: Any) -> torch.Tensor:
     return t.detach()
 
 
+def _pow2_scale(*ts: torch.Tensor) -> float:
+    """A power of two that brings the largest |value| of the tensors below 1 when it exceeds 2**20, else
+    1. Scaling by it changes no ranking and no rounding (outside the subnormal range), and keeps |c|^2,
+    norms and cluster sums from overflowing float32 for large embeddings."""
+    peak = max((float(t.abs().max()) for t in ts if t.numel()), default=0.0)
+    return 2.0 ** -math.frexp(peak)[1] if peak > 2.0**20 else 1.0
+
+
 def kmeans(
     embeddings: torch.Tensor, centroids: torch.Tensor, iterations: int, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,19 +301,31 @@ def kmeans(
     argmin_c |x - c|^2 = argmax_c (x . c - |c|^2 / 2) ("euclidean"), computed exactly with
     ``topk_similarity(k=1)`` on [x, 1] and [c, -|c|^2 / 2]; ties go to the lower cluster index.
     Update: c = mean of its members (normalized for "cosine"); an empty cluster keeps its centroid.
-    Stops early when the assignment no longer changes. Arithmetic in float32 (float64 for float64).
+    Stops early when the assignment no longer changes. Arithmetic in float32 (float64 for float64), on
+    inputs divided by a power of two when they exceed 2**20 in magnitude (no overflow of |c|^2).
+
+    Raises ValueError naming the rows when ``embeddings`` holds a NaN or inf: such a point has no
+    nearest centroid, and one of them would make every centroid it joins NaN.
     """
+    bad = nonfinite_rows(embeddings)
+    if bad.numel():
+        raise ValueError(f"embeddings must be finite to be clustered: {rows_text(bad, embeddings.shape[0])} "
+                         "hold NaN or inf")
     ct = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x = embeddings.to(ct)
     c = centroids.to(device=x.device, dtype=ct).clone()
+    scale = 1.0
     if metric == "cosine":
+        x = x * _pow2_scale(x)  # only directions matter; the scale keeps |x| from overflowing
         x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(ct).tiny)
     else:
+        scale = _pow2_scale(x, c)
+        x, c = x * scale, c * scale
         x_aug = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
     assign = None
     for _ in range(max(1, iterations)):
         if metric == "cosine":
-            new = topk_similarity(x, c, 1, metric="cosine").indices[:, 0]
+            new = topk_similarity(x, c * _pow2_scale(c), 1, metric="cosine").indices[:, 0]
         else:
             c_aug = torch.cat([c, -0.5 * (c * c).sum(1, keepdim=True)], dim=1)
             new = topk_similarity(x_aug, c_aug, 1).indices[:, 0]
@@ -319,7 +341,7 @@ def kmeans(
             filled &= norm[:, 0] > 0
             mean = mean / norm.clamp_min(torch.finfo(ct).tiny)
         c = torch.where(filled.unsqueeze(1), mean, c)
-    return c, assign
+    return c / scale, assign
 
 
 class ClusterBatchSampler(_DistributedBatchSampler):
@@ -337,6 +359,10 @@ class ClusterBatchSampler(_DistributedBatchSampler):
     centroid, found with ``topk_similarity``) and cut into batches, so a batch mixes only neighbouring
     clusters. Balanced: a large cluster yields several single-cluster batches, a small one shares a batch
     with its neighbours, and at most one batch per epoch is partial. The batch order is shuffled.
+
+    Embeddings holding NaN or inf (in the constructor or :meth:`recluster`) raise ValueError naming the
+    argument and the rows: a non-finite point has no nearest centroid, and clustering around it would
+    make every batch it touches arbitrary. The sampler is left unchanged when :meth:`recluster` raises.
     """
 
     def __init__(self, embeddings: Any, batch_size: int, *, n_clusters: int | None = None,
@@ -382,7 +408,7 @@ class ClusterBatchSampler(_DistributedBatchSampler):
         if width > 0:
             self_id = torch.arange(k, device=self.centroids.device).unsqueeze(1)
             metric = "cosine" if self.metric == "cosine" else "dot"
-            c = self.centroids
+            c = self.centroids * _pow2_scale(self.centroids)
             if self.metric == "euclidean":
                 c_q = torch.cat([c, torch.ones_like(c[:, :1])], dim=1)
                 c_c = torch.cat([c, -0.5 * (c * c).sum(1, keepdim=True)], dim=1)
@@ -434,7 +460,8 @@ class NeighbourBatchSampler(_DistributedBatchSampler):
 
     ``neighbours`` is (N, L) item indices (-1 = padding), e.g. from the previous epoch's embeddings;
     :meth:`from_embeddings` / :meth:`remine` mine them with ``topk_similarity`` (self excluded, and
-    neighbours sharing the item's key excluded when keys are one int per item).
+    neighbours sharing the item's key excluded when keys are one int per item). An item whose embedding
+    holds NaN or inf gets no neighbours and is no item's neighbour; it is still batched once per epoch.
     """
 
     def __init__(self, neighbours: Any, batch_size: int, *, keys: Any = None,
@@ -455,6 +482,7 @@ class NeighbourBatchSampler(_DistributedBatchSampler):
         nb = as_tensor("neighbours", neighbours)
         if nb.dtype.is_floating_point or nb.is_complex() or nb.dtype == torch.bool:
             raise TypeError(f"neighbours must be an integer tensor, got {nb.dtype}")
+        nb = to_int64("neighbours", nb)
         if nb.ndim != 2:
             raise ValueError(f"neighbours must have shape (N, L), got {tuple(nb.shape)}")
         n = nb.shape[0]
@@ -473,8 +501,10 @@ class NeighbourBatchSampler(_DistributedBatchSampler):
     def mine_neighbours(embeddings: Any, n_neighbours: int, keys: Any = None,
                         metric: str = "cosine") -> torch.Tensor:
         """(N, n_neighbours) nearest items of each item (-1 padded), self excluded; when ``keys`` is an
-        int tensor/array (N,), items sharing the item's key are excluded too."""
+        int tensor/array (N,), items sharing the item's key are excluded too. A row holding NaN or inf
+        gets only padding and is in no row's list (with "dot" it would otherwise score +-inf)."""
         x = _as_embeddings("embeddings", embeddings)
+        x = torch.where(x.isfinite().all(dim=1, keepdim=True), x, torch.full_like(x, math.nan))
         n_neighbours = check_int("n_neighbours", n_neighbours, 0)
         self_id = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
         labels = None

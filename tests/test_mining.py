@@ -15,8 +15,9 @@ import torch
 import hnsample
 from hnsample import _reference as R
 from hnsample import mining_cli
+from hnsample.checkpoint import CheckpointDir
 from hnsample.mining import FILTERS, MinedNegatives, mine_hard_negatives
-from hnsample.mining_io import CheckpointDir, MatrixSource
+from hnsample.mining_io import MatrixSource
 
 QUIET = dict(progress=False, verbose=False)
 

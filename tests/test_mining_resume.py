@@ -71,10 +71,11 @@ def _kill_after(d, proc, more: int, extra_delay: float) -> int:
 
 
 def _check_files(ck) -> set[int]:
-    """Every batch file is complete and loadable; temporary files are the only other entries."""
+    """Every batch file is complete and loadable; the directory lock and temporary files are the only
+    other entries."""
     done = set()
     for p in ck.iterdir():
-        if p.name == "manifest.json" or p.name.endswith(".tmp"):
+        if p.name in ("manifest.json", ".lock") or p.name.endswith(".tmp"):
             continue
         assert p.name.startswith("batch_") and p.suffix == ".npz", p.name
         with np.load(p) as z:
