@@ -318,9 +318,9 @@ ADVERSARIAL = textwrap.dedent(
             raised += 1
     assert raised == 3, raised
     if not _C.built_with_cuda or not torch.cuda.is_available():
-        try:
+        try:  # no CUDA build (RuntimeError) or the launcher's check of the null outputs (ValueError)
             _C.topk_finalize(state.params, 0, 0, True, 0, 1)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             raised += 1
         assert raised == 4
     print("survived", len(calls))
