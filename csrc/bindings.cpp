@@ -7,6 +7,7 @@
 #include "topk_select.h"
 #include "info_nce.h"
 #include "topk_fused_sm90.h"
+#include "topk_screen.h"
 #include "launch_args.h"
 #include "params_check.h"
 
@@ -31,6 +32,25 @@ void pointer_field(py::class_<S>& cls, const char* name, P* S::*field) {
 }
 
 [[noreturn]] void no_cuda() { throw Error("hnsample was built without CUDA kernels"); }
+
+// A candidate-list block from the launch's plain integers (topk_from_candidates).
+CandidateBlock make_candidate_block(uintptr_t scores, int dtype, int64_t rows, int64_t cols, int64_t score_row_stride,
+                                    int64_t score_col_stride, uintptr_t ids, int64_t id_row_stride,
+                                    int64_t id_col_stride, int64_t row_offset, int64_t num_ids) {
+  CandidateBlock b;
+  b.scores = as_ptr<const void>(scores);
+  b.dtype = dtype;
+  b.rows = rows;
+  b.cols = cols;
+  b.score_row_stride = score_row_stride;
+  b.score_col_stride = score_col_stride;
+  b.ids = as_ptr<const int64_t>(ids);
+  b.id_row_stride = id_row_stride;
+  b.id_col_stride = id_col_stride;
+  b.row_offset = row_offset;
+  b.num_ids = num_ids;
+  return b;
+}
 
 }  // namespace
 
@@ -174,6 +194,75 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
       "Adds to int64 counts [B, 5] the candidates of a score block each score filter removes "
       "(labels, NaN, min_score, max_score, margin; a candidate counted under the first it fails).");
+  // ---- certified screening and canonical scores (csrc/topk_screen.h, csrc/canonical.h) ----
+  py::class_<ScreenBlock> screen(m, "ScreenBlock");
+  screen.def(py::init<>())
+      .def(
+          "set_approx",
+          [](ScreenBlock& s, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+             int64_t col_stride, int64_t row_offset, int64_t col_offset) {
+            s.approx = make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset);
+          },
+          py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+          py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"),
+          "The block of approximate scores (float32 or bfloat16).")
+      .def_readwrite("rel", &ScreenBlock::rel)
+      .def_readwrite("q_stride", &ScreenBlock::q_stride)
+      .def_readwrite("c_stride", &ScreenBlock::c_stride)
+      .def_readwrite("dtype", &ScreenBlock::dtype)
+      .def_readwrite("dim", &ScreenBlock::dim);
+  pointer_field(screen, "row_a", &ScreenBlock::row_a);
+  pointer_field(screen, "row_e", &ScreenBlock::row_e);
+  pointer_field(screen, "row_g", &ScreenBlock::row_g);
+  pointer_field(screen, "col_b", &ScreenBlock::col_b);
+  pointer_field(screen, "col_f", &ScreenBlock::col_f);
+  pointer_field(screen, "col_h", &ScreenBlock::col_h);
+  pointer_field(screen, "queries", &ScreenBlock::queries);
+  pointer_field(screen, "candidates", &ScreenBlock::candidates);
+  pointer_field(screen, "q_norms", &ScreenBlock::q_norms);
+  pointer_field(screen, "c_norms", &ScreenBlock::c_norms);
+  pointer_field(screen, "rescored", &ScreenBlock::rescored);
+  m.def(
+      "topk_screen_block",
+      [](const TopkParams& p, const ScreenBlock& s, bool cuda, uintptr_t stream, int threads) {
+        if (!cuda) return topk_screen_block_cpu(p, s, threads);
+        (void)stream;
+        throw Error("hnsample: certified screening runs on the CPU only in this build");
+      },
+      py::arg("params"), py::arg("screen"), py::arg("cuda"), py::arg("stream"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Merges a block of approximate scores into the state: candidates the error bound cannot rule out are "
+      "rescored canonically and offered exactly.");
+  m.def(
+      "topk_screen_filter_counts",
+      [](const TopkParams& p, const ScreenBlock& s, uintptr_t counts, int threads) {
+        topk_screen_filter_counts_cpu(p, s, as_ptr<int64_t>(counts), threads);
+      },
+      py::arg("params"), py::arg("screen"), py::arg("counts"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Adds the per-filter counts of a screened block by the canonical scores (see topk_filter_counts).");
+  m.def(
+      "canonical_norms",
+      [](uintptr_t x, int dtype, int64_t rows, int64_t dim, int64_t stride, uintptr_t out, int threads) {
+        canonical_norms_cpu(as_ptr<const void>(x), dtype, rows, dim, stride, as_ptr<double>(out), threads);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"), py::arg("stride"), py::arg("out"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Canonical norms sqrt(D(x, x)) of rows with unit column stride (float64 out).");
+  m.def(
+      "canonical_pairs",
+      [](uintptr_t q, int64_t q_stride, uintptr_t c, int64_t c_stride, int dtype, int64_t dim, uintptr_t ids,
+         int64_t rows, int64_t cols, uintptr_t q_norms, uintptr_t c_norms, uintptr_t out, int threads) {
+        canonical_pairs_cpu(as_ptr<const void>(q), q_stride, as_ptr<const void>(c), c_stride, dtype, dim,
+                            as_ptr<const int64_t>(ids), rows, cols, as_ptr<const double>(q_norms),
+                            as_ptr<const double>(c_norms), as_ptr<float>(out), threads);
+      },
+      py::arg("q"), py::arg("q_stride"), py::arg("c"), py::arg("c_stride"), py::arg("dtype"), py::arg("dim"),
+      py::arg("ids"), py::arg("rows"), py::arg("cols"), py::arg("q_norms"), py::arg("c_norms"), py::arg("out"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Canonical scores of query i with candidate ids[i, p] (float32 [rows, cols]; -1 gives NaN).");
+  m.def("canonical_rounding_factor", &canonical_rounding_factor, py::arg("dim"),
+        "Bound on the canonical score's distance to the exact real score, relative to |q| |c|.");
   m.def("uniform_noise", &uniform_noise, py::arg("seed"), py::arg("row"), py::arg("col"),
         "The sampling noise u(seed, row, candidate) in (0, 1), as every backend computes it.");
   m.def("cpu_isa", &cpu_isa_name, "The SIMD path the CPU kernels picked at run time.");
@@ -398,4 +487,49 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
       "Forward: folds a score block into the InfoNCE statistics. Backward: turns the recomputed block "
       "into dL/ds in place and accumulates the temperature gradient terms.");
+
+  // ---- topk_from_candidates: per-row candidate lists (csrc/cpu/topk_candidates.cpp) ----
+  m.attr("CANDIDATE_FILTERS") = kCandidateFilters;
+  m.def(
+      "topk_candidates_select",
+      [](const TopkParams& p, uintptr_t scores, int dtype, int64_t rows, int64_t cols, int64_t score_row_stride,
+         int64_t score_col_stride, uintptr_t ids, int64_t id_row_stride, int64_t id_col_stride, int64_t row_offset,
+         int64_t num_ids, bool cuda, uintptr_t stream, int threads) {
+        const CandidateBlock b = make_candidate_block(scores, dtype, rows, cols, score_row_stride, score_col_stride,
+                                                      ids, id_row_stride, id_col_stride, row_offset, num_ids);
+        if (!cuda) return topk_candidates_select_cpu(p, b, threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_candidates_select_cuda(p, b, as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("scores"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+      py::arg("score_row_stride"), py::arg("score_col_stride"), py::arg("ids"), py::arg("id_row_stride"),
+      py::arg("id_col_stride"), py::arg("row_offset"), py::arg("num_ids"), py::arg("cuda"), py::arg("stream"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Offers per-row candidate lists ([rows, cols] scores of any float dtype and int64 ids, -1 = padding) "
+      "to the state rows [row_offset, row_offset + rows).");
+  m.def(
+      "topk_candidates_filter_counts",
+      [](const TopkParams& p, uintptr_t scores, int dtype, int64_t rows, int64_t cols, int64_t score_row_stride,
+         int64_t score_col_stride, uintptr_t ids, int64_t id_row_stride, int64_t id_col_stride, int64_t row_offset,
+         int64_t num_ids, uintptr_t counts, bool cuda, uintptr_t stream, int threads) {
+        const CandidateBlock b = make_candidate_block(scores, dtype, rows, cols, score_row_stride, score_col_stride,
+                                                      ids, id_row_stride, id_col_stride, row_offset, num_ids);
+        if (!cuda) return topk_candidates_filter_counts_cpu(p, b, as_ptr<int64_t>(counts), threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_candidates_filter_counts_cuda(p, b, as_ptr<int64_t>(counts), as_ptr<void>(stream));
+#else
+        (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("params"), py::arg("scores"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+      py::arg("score_row_stride"), py::arg("score_col_stride"), py::arg("ids"), py::arg("id_row_stride"),
+      py::arg("id_col_stride"), py::arg("row_offset"), py::arg("num_ids"), py::arg("counts"), py::arg("cuda"),
+      py::arg("stream"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Adds to int64 counts [B, 6] the listed candidates each filter removes (banned ids, labels, NaN, "
+      "min_score, max_score, margin; each under the first it fails).");
 }

@@ -1,13 +1,14 @@
 // Shared plumbing for every op: host/device qualifiers, the dtype enum that Python passes as an int,
-// the error macro that throws (never aborts), the dtype dispatch macro and a row-parallel loop that
-// uses plain std::thread so it can never fight torch's OpenMP pool.
+// the error macro that throws (never aborts), the dtype dispatch macro, alignment-safe element access
+// for the CPU kernels and their row-parallel loop (a persistent pool of plain std::threads, so it can
+// never fight torch's OpenMP pool; csrc/cpu/thread_pool.cpp).
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
-#include <thread>
-#include <vector>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define HN_HD __host__ __device__ __forceinline__
@@ -116,41 +117,62 @@ HN_HD float to_float(half_bits v) {
     }                                   \
   }()
 
+// Element i of an array of T that may start at any byte address: numpy views of a byte buffer and
+// torch.frombuffer(..., offset=1) hand the CPU kernels pointers that are not aligned for T, and reading
+// them through a T* is undefined behaviour. memcpy is defined for any address and compiles to the
+// same single (unaligned-tolerant) load, also inside vectorized loops. Device arrays come from the
+// CUDA allocator, always aligned, so device code loads them directly.
+template <typename T>
+HN_HD T load_at(const void* base, int64_t i) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<const T*>(base)[i];
+#else
+  static_assert(std::is_trivially_copyable_v<T>, "load_at needs a trivially copyable type");
+  T v;
+  std::memcpy(&v, static_cast<const unsigned char*>(base) + i * static_cast<int64_t>(sizeof(T)), sizeof(T));
+  return v;
+#endif
+}
+
 #if !defined(__CUDACC__)
-// Runs fn(begin, end) over [0, n) split into contiguous chunks on `threads` std::threads (the caller's
-// thread takes the first chunk). Exceptions from workers are rethrown on the caller.
+template <typename T>
+inline void store_at(void* base, int64_t i, T v) {
+  static_assert(std::is_trivially_copyable_v<T>, "store_at needs a trivially copyable type");
+  std::memcpy(static_cast<unsigned char*>(base) + i * static_cast<int64_t>(sizeof(T)), &v, sizeof(T));
+}
+
+// A read-only view of T elements at any byte address: v[i] is load_at<T>(bytes, i).
+template <typename T>
+struct UnalignedSpan {
+  const void* bytes;
+  T operator[](int64_t i) const { return load_at<T>(bytes, i); }
+};
+
+namespace detail {
+using ChunkBody = void (*)(void* ctx, int64_t begin, int64_t end);
+// Runs body(ctx, begin, end) over [0, n) split into ceil(n / chunk) contiguous chunks of
+// chunk = ceil(n / min(threads, n)) rows, on the calling thread and the shared worker pool
+// (csrc/cpu/thread_pool.cpp). Returns when every chunk has finished; rethrows the exception of the
+// lowest failing chunk. Throws hnsample::Error, before any chunk runs, when the pool cannot start the
+// threads it needs.
+void run_chunks(int64_t n, int threads, ChunkBody body, void* ctx);
+}  // namespace detail
+
+// Runs fn(begin, end) over [0, n) split into contiguous chunks of ceil(n / threads) rows, at most
+// `threads` of them running at once (the caller's thread takes part). The chunk boundaries depend
+// only on n and threads, never on which thread runs a chunk, so per-chunk partial results may be
+// indexed by begin / chunk. Exceptions from chunks are rethrown on the caller.
 template <typename Fn>
 void parallel_rows(int64_t n, int threads, Fn&& fn) {
   if (n <= 0) return;
-  if (threads < 1) threads = 1;
-  if (threads > n) threads = static_cast<int>(n);
-  if (threads == 1) {
+  if (threads <= 1 || n == 1) {
     fn(int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> pool;
-  std::vector<std::exception_ptr> errors(threads);
-  pool.reserve(threads - 1);
-  const int64_t chunk = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t b = t * chunk, e = (b + chunk < n) ? b + chunk : n;
-    if (b >= e) break;
-    pool.emplace_back([&, t, b, e] {
-      try {
-        fn(b, e);
-      } catch (...) {
-        errors[t] = std::current_exception();
-      }
-    });
-  }
-  try {
-    fn(int64_t{0}, chunk < n ? chunk : n);
-  } catch (...) {
-    errors[0] = std::current_exception();
-  }
-  for (auto& th : pool) th.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  using F = std::remove_reference_t<Fn>;
+  detail::run_chunks(
+      n, threads, [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); },
+      const_cast<void*>(static_cast<const void*>(&fn)));
 }
 #endif
 

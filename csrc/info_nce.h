@@ -56,16 +56,18 @@ struct PairBlock {
 // it shares a doc id with one of the row's positives, shares the query's label, scores above the
 // row's false-negative bound, or its guide score is above the row's guide bound.
 HN_HD int pair_kind(const InfoNceParams& p, int64_t row, int64_t col, double s, double g) {
+  // Id and label arrays are the caller's tensors, possibly at unaligned addresses: read via load_at.
   const int64_t* pos = p.positive_ids + row * p.positive_stride;
   for (int64_t t = 0; t < p.positive_cols; ++t)
-    if (pos[t] == col) return kPositive;
+    if (load_at<int64_t>(pos, t) == col) return kPositive;
   if (p.doc_ids != nullptr && p.positive_doc_ids != nullptr) {
-    const int64_t id = p.doc_ids[col];
+    const int64_t id = load_at<int64_t>(p.doc_ids, col);
     const int64_t* pid = p.positive_doc_ids + row * p.positive_stride;
     for (int64_t t = 0; t < p.positive_cols; ++t)
-      if (pos[t] >= 0 && pid[t] == id) return kMasked;
+      if (load_at<int64_t>(pos, t) >= 0 && load_at<int64_t>(pid, t) == id) return kMasked;
   }
-  if (p.query_labels != nullptr && p.doc_labels != nullptr && p.query_labels[row] == p.doc_labels[col])
+  if (p.query_labels != nullptr && p.doc_labels != nullptr &&
+      load_at<int64_t>(p.query_labels, row) == load_at<int64_t>(p.doc_labels, col))
     return kMasked;
   if (p.upper != nullptr && s > p.upper[row]) return kMasked;
   if (p.guide_upper != nullptr && g > p.guide_upper[row]) return kMasked;

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "info_nce.h"
+#include "topk_screen.h"
 #include "topk_select.h"
 
 namespace hnsample {
@@ -118,6 +119,44 @@ inline void check_pair_block(const InfoNceParams& p, const PairBlock& b) {
                      b.col_offset + b.cols <= p.num_cols,
                  "pair block lies outside the [num_rows, num_cols] grid");
   HN_CHECK_PARAM((b.guide != nullptr) == (p.guide_upper != nullptr), "a guide block goes with guide_upper");
+}
+
+inline void check_screen(const TopkParams& p, const ScreenBlock& s) {
+  check_block(p, s.approx);
+  const auto approx = static_cast<DType>(s.approx.dtype);
+  HN_CHECK_PARAM(approx == DType::Float32 || approx == DType::BFloat16,
+                 "approximate scores must be float32 or bfloat16");
+  const auto raw = static_cast<DType>(s.dtype);
+  HN_CHECK_PARAM(raw == DType::Float32 || raw == DType::Float16 || raw == DType::BFloat16,
+                 "rescored rows must be float32, float16 or bfloat16");
+  const bool work = s.approx.rows > 0 && s.approx.cols > 0;
+  HN_CHECK_PARAM(!work || (s.row_a != nullptr && s.col_b != nullptr), "error factors row_a and col_b are null");
+  HN_CHECK_PARAM((s.row_e == nullptr) == (s.col_f == nullptr), "error factors row_e and col_f go together");
+  HN_CHECK_PARAM(std::isfinite(s.rel) && s.rel >= 0 && s.rel < 1, "rel must be in [0, 1)");
+  HN_CHECK_PARAM(s.dim >= 0 && (!work || s.dim == 0 || (s.queries != nullptr && s.candidates != nullptr)),
+                 "raw rows are null");
+  HN_CHECK_PARAM(s.approx.rows <= 1 || s.q_stride >= s.dim, "q_stride must be >= dim");
+  HN_CHECK_PARAM(s.approx.cols <= 1 || s.c_stride >= s.dim, "c_stride must be >= dim");
+  HN_CHECK_PARAM((s.q_norms == nullptr) == (s.c_norms == nullptr), "cosine needs both q_norms and c_norms");
+  const uintptr_t item = raw == DType::Float32 ? 4 : 2;
+  HN_CHECK_PARAM(!work || (aligned_to(s.queries, item) && aligned_to(s.candidates, item)),
+                 "raw rows must be aligned to their element size");
+}
+
+// A block of candidate lists: scores and ids of the same [rows, cols] extent, both present when the
+// block holds anything, ids 8-byte aligned, rows inside the state, a known float dtype, N >= 0.
+inline void check_candidate_block(const TopkParams& p, const CandidateBlock& b) {
+  HN_CHECK_PARAM(valid_float_dtype(b.dtype),
+                 "candidate score dtype code " + std::to_string(b.dtype) + " is not a float");
+  HN_CHECK_PARAM(b.rows >= 0 && b.cols >= 0, "candidate block extents must be >= 0");
+  HN_CHECK_PARAM(b.num_ids >= 0, "candidate block num_ids must be >= 0");
+  HN_CHECK_PARAM(b.rows == 0 || b.cols == 0 || (b.scores != nullptr && b.ids != nullptr),
+                 "candidate block scores or ids are null");
+  HN_CHECK_PARAM(b.ids == nullptr || aligned_to(b.ids, 8), "candidate ids must be an int64 buffer");
+  HN_CHECK_PARAM(b.row_offset >= 0 && b.row_offset + b.rows <= p.num_rows,
+                 "candidate block rows [" + std::to_string(b.row_offset) + ", " +
+                     std::to_string(b.row_offset + b.rows) + ") are outside the state's " +
+                     std::to_string(p.num_rows) + " rows");
 }
 
 }  // namespace hnsample

@@ -137,7 +137,7 @@ HN_HD bool id_banned(const TopkParams& p, int64_t row, int64_t col) {
 
 HN_HD bool label_allowed(const TopkParams& p, int64_t row, int64_t col) {
   return p.query_labels == nullptr || p.candidate_labels == nullptr ||
-         p.query_labels[row] != p.candidate_labels[col];
+         load_at<int64_t>(p.query_labels, row) != load_at<int64_t>(p.candidate_labels, col);
 }
 
 // The per-row closed score interval [lo, hi] that eligible scores must lie in.
@@ -174,7 +174,8 @@ template <typename T>
 HN_HD void count_filters_row(const TopkParams& p, const T* data, int64_t cols, int64_t col_stride, int64_t row,
                              int64_t col_offset, int64_t* counts) {
   for (int64_t c = 0; c < cols; ++c) {
-    const int f = static_cast<int>(first_failed_filter(p, row, col_offset + c, to_float(data[c * col_stride])));
+    const double s = to_float(load_at<T>(data, c * col_stride));  // a block may start at any byte address
+    const int f = static_cast<int>(first_failed_filter(p, row, col_offset + c, s));
     if (f > 0) ++counts[f - 1];
   }
 }
@@ -578,6 +579,73 @@ void topk_offer_candidates_cuda(const TopkParams& p, const float* scores, const 
 bool topk_fused_supported(int device);
 void topk_fused_scores_cuda(const FusedBlock& f, void* stream);
 void topk_rescore_candidates_cuda(const FusedBlock& f, void* stream);
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Candidate lists (topk_from_candidates): per row, C (candidate id, score) pairs from an earlier
+// retrieval (a reranker's scores of a bi-encoder's top C, say). Ids replace column positions: the
+// masks, labels and sampling noise see the listed id, so a list holding every id 0..N-1 selects exactly
+// what the (B, N) score matrix does.
+struct CandidateBlock {
+  const void* scores = nullptr;  // [rows, cols] float32/float64/float16/bfloat16
+  int dtype = 0;
+  int64_t rows = 0, cols = 0;
+  int64_t score_row_stride = 0, score_col_stride = 1;
+  const int64_t* ids = nullptr;  // [rows, cols] candidate ids, -1 = padding
+  int64_t id_row_stride = 0, id_col_stride = 1;
+  int64_t row_offset = 0;        // block row r is state row row_offset + r
+  int64_t num_ids = 0;           // N: an id outside [0, N) is padding (never read past candidate_labels)
+};
+
+// The listed id at (r, c), or -1 for padding and for ids outside [0, num_ids).
+HN_HD int64_t listed_id(const CandidateBlock& b, int64_t r, int64_t c) {
+  const int64_t j = b.ids[r * b.id_row_stride + c * b.id_col_stride];
+  return (j >= 0 && j < b.num_ids) ? j : -1;
+}
+
+// Offers block row r's listed candidates to its state row: the score interval [min_score, row_upper]
+// compared in float64, then the id and label masks, then the heap (offer_candidate). Order-free: the
+// state keeps the best items under the total order (score desc, id asc).
+template <typename T>
+HN_HD void offer_listed_row(const TopkParams& p, const CandidateBlock& b, int64_t r) {
+  const int64_t row = b.row_offset + r;
+  const RowState st = row_state(p, row);
+  const T* s_row = static_cast<const T*>(b.scores) + r * b.score_row_stride;
+  const double hi = row_upper(p, row);
+  for (int64_t c = 0; c < b.cols; ++c) {
+    const int64_t j = listed_id(b, r, c);
+    if (j < 0) continue;
+    const double s = static_cast<double>(to_float(s_row[c * b.score_col_stride]));
+    if (!(s >= p.min_score && s <= hi)) continue;  // NaN fails both
+    if (id_banned(p, row, j) || !label_allowed(p, row, j)) continue;
+    offer_candidate(p, st, row, s, j);
+  }
+}
+
+// Filter statistics of a row's list: counts[f] += 1 for the first filter f (Banned .. Margin) each listed
+// candidate fails (int64 [kCandidateFilters]); padding is not counted.
+constexpr int kCandidateFilters = 6;  // Banned, Labels, Nan, MinScore, MaxScore, Margin
+
+template <typename T>
+HN_HD void count_listed_filters_row(const TopkParams& p, const CandidateBlock& b, int64_t r, int64_t* counts) {
+  const int64_t row = b.row_offset + r;
+  const T* s_row = static_cast<const T*>(b.scores) + r * b.score_row_stride;
+  for (int64_t c = 0; c < b.cols; ++c) {
+    const int64_t j = listed_id(b, r, c);
+    if (j < 0) continue;
+    const int f = static_cast<int>(first_failed_filter(p, row, j, to_float(s_row[c * b.score_col_stride])));
+    if (f >= 0) ++counts[f];
+  }
+}
+
+void topk_candidates_select_cpu(const TopkParams& p, const CandidateBlock& block, int threads);
+// counts: int64 [num_rows, kCandidateFilters], added to (see count_listed_filters_row).
+void topk_candidates_filter_counts_cpu(const TopkParams& p, const CandidateBlock& block, int64_t* counts,
+                                       int threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+void topk_candidates_select_cuda(const TopkParams& p, const CandidateBlock& block, void* stream);
+void topk_candidates_filter_counts_cuda(const TopkParams& p, const CandidateBlock& block, int64_t* counts,
+                                        void* stream);
 #endif
 
 }  // namespace hnsample

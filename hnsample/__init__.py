@@ -6,6 +6,7 @@ from .losses import InfoNCELoss, SentenceTransformerInfoNCELoss
 from .miners import Triplets, batch_hard, semi_hard, triplet_margin_loss
 from .mining import MinedNegatives, mine_hard_negatives
 from .mixing import MixedNegatives, MoCHi, mix_hard_negatives
+from .ops.candidates import topk_from_candidates
 from .ops.info_nce import info_nce
 from .ops.topk import TopK, topk_from_scores, topk_similarity
 from .queue import NegativeQueue, QueueNegatives
@@ -18,5 +19,5 @@ __all__ = [
     "MinedNegatives", "MixedNegatives", "MoCHi", "NegativeQueue", "NeighbourBatchSampler",
     "NoDuplicatesBatchSampler", "QueueNegatives", "SentenceTransformerInfoNCELoss", "TopK", "Triplets",
     "__version__", "batch_hard", "has_cuda", "info_nce", "mine_hard_negatives", "mix_hard_negatives", "semi_hard",
-    "topk_from_scores", "topk_similarity", "triplet_margin_loss",
+    "topk_from_candidates", "topk_from_scores", "topk_similarity", "triplet_margin_loss",
 ]

@@ -73,8 +73,50 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(x), x / torch.where(zero, torch.ones_like(norm), norm))
 
 
+def canonical_dots(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """D_ij of the canonical score (float64): products of the inputs in float64 (exact for float32 and
+    16-bit inputs), summed into eight lanes P_r over t = r, r + 8, r + 16, ... in that order, then
+    D = ((P_0 + P_4) + (P_2 + P_6)) + ((P_1 + P_5) + (P_3 + P_7))."""
+    q, c = queries.double(), candidates.double()
+    lanes = torch.zeros((q.shape[0], c.shape[0], 8), dtype=torch.float64)
+    for t in range(q.shape[1]):
+        lanes[:, :, t % 8] += q[:, None, t] * c[None, :, t]
+    p = lanes.unbind(-1)
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
+
+
+def canonical_norms(x: torch.Tensor) -> torch.Tensor:
+    """N_i = sqrt(D(x_i, x_i)) (float64)."""
+    q = x.double()
+    lanes = torch.zeros((q.shape[0], 8), dtype=torch.float64)
+    for t in range(q.shape[1]):
+        lanes[:, t % 8] += q[:, t] * q[:, t]
+    p = lanes.unbind(-1)
+    return torch.sqrt(((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7])))
+
+
 def similarity(queries: torch.Tensor, candidates: torch.Tensor, metric: str = "dot") -> torch.Tensor:
-    """s_ij = q_i . c_j ("dot") or q_i . c_j / (|q_i| |c_j|) ("cosine", 0 for a zero vector)."""
+    """The scores a selection ranks. float32 / float16 / bfloat16 inputs: the canonical scores,
+    float32(D_ij) ("dot") or float32(D_ij / (N_i N_j)) ("cosine", 0 for a zero vector), every step an
+    IEEE float64 operation in the fixed order of canonical_dots: the same bits on every machine.
+    float64 inputs: q_i . c_j of the float64 rows (normalized for cosine)."""
+    if queries.dtype != torch.float64:
+        dots = canonical_dots(queries, candidates)
+        if metric != "cosine":
+            return dots.float()
+        nq, nc = canonical_norms(queries), canonical_norms(candidates)
+        den = nq[:, None] * nc[None, :]
+        zero = (nq[:, None] == 0) | (nc[None, :] == 0)
+        return torch.where(zero, torch.zeros_like(dots), dots / torch.where(zero, torch.ones_like(den), den)).float()
+    q, c = queries, candidates
+    if metric == "cosine":
+        q, c = normalize_rows(q), normalize_rows(c)
+    return q @ c.T
+
+
+def differentiable_similarity(queries: torch.Tensor, candidates: torch.Tensor, metric: str = "dot") -> torch.Tensor:
+    """The real-valued score formula in the compute dtype, through autograd: the canonical scores are its
+    values rounded, so their gradients are this formula's."""
     ct = compute_dtype(queries.dtype)
     q, c = queries.to(ct), candidates.to(ct)
     if metric == "cosine":
@@ -171,18 +213,55 @@ def select_from_scores(
             if not s <= float(upper[i]):
                 continue
             eligible.append((s, j))
-        eligible.sort(key=lambda t: (-t[0], t[1]))
-        window = eligible[skip_top:] if pool is None else eligible[skip_top : skip_top + pool]
-        if sampling == "top":
-            chosen = window[:k]
-        else:
-            keyed = [(sample_key(sampling, s, temperature, seed, row_offset + i, j), s, j) for s, j in window]
-            keyed.sort(key=lambda t: (-t[0], t[2]))
-            chosen = sorted(((s, j) for _, s, j in keyed[:k]), key=lambda t: (-t[0], t[1]))
+        chosen = choose(eligible, k, skip_top=skip_top, pool=pool, sampling=sampling, temperature=temperature,
+                        seed=seed, row=row_offset + i)
         for t, (s, j) in enumerate(chosen):
             out_s[i, t] = s
             out_j[i, t] = j
     return out_s, out_j
+
+
+def choose(eligible: list[tuple[float, int]], k: int, *, skip_top: int, pool: int | None, sampling: str,
+           temperature: float, seed: int, row: int) -> list[tuple[float, int]]:
+    """The window and the sampling over one row's eligible (score, id) pairs: rank by (score desc, id
+    asc), drop skip_top, keep the next pool (all if None); "top" takes the first k, "uniform"/"softmax"
+    the k largest sampling keys (noise row `row`). Returned sorted by (score desc, id asc)."""
+    eligible = sorted(eligible, key=lambda t: (-t[0], t[1]))
+    window = eligible[skip_top:] if pool is None else eligible[skip_top : skip_top + pool]
+    if sampling == "top":
+        return window[:k]
+    keyed = [(sample_key(sampling, s, temperature, seed, row, j), s, j) for s, j in window]
+    keyed.sort(key=lambda t: (-t[0], t[2]))
+    return sorted(((s, j) for _, s, j in keyed[:k]), key=lambda t: (-t[0], t[1]))
+
+
+def select_from_candidates(candidate_ids: torch.Tensor, scores: torch.Tensor, k: int, *,
+                           num_candidates: int | None = None, **filters) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_from_candidates, literally: row i lists (candidate_ids[i, c], scores[i, c]) pairs (id -1 =
+    padding), which is the (B, N) score matrix whose unlisted entries are NaN (never eligible), so the
+    selection is :func:`select_from_scores` on that matrix, ids as columns. The one difference: p_i
+    (without positive_scores) is the minimum *listed* score of the row's positives, and a positive that
+    is not listed has no score (KeyError when a margin needs it). N: num_candidates, else the length of
+    candidate_labels, else one more than the largest id given."""
+    ids = [t for t in (candidate_ids, filters.get("positives"), filters.get("exclude")) if t is not None]
+    n = num_candidates
+    if n is None:
+        labels = filters.get("candidate_labels")
+        n = labels.shape[0] if labels is not None else max((int(t.max()) + 1 for t in ids if t.numel()), default=0)
+    b = scores.shape[0]
+    dense = torch.full((b, n), math.nan, dtype=torch.float64)
+    for i in range(b):
+        for j, s in zip(candidate_ids[i].tolist(), scores[i].to(torch.float64).tolist(), strict=True):
+            if j >= 0:
+                dense[i, j] = s
+    positives = filters.get("positives")
+    margins = filters.get("absolute_margin") is not None or filters.get("relative_margin") is not None
+    if margins and positives is not None and filters.get("positive_scores") is None:
+        for i in range(b):
+            for j in positives[i].tolist():
+                if j >= 0 and j not in candidate_ids[i].tolist():
+                    raise KeyError(f"row {i}: positive {j} is not listed, so it has no score")
+    return select_from_scores(dense, k, **filters)
 
 
 def topk_similarity(queries: torch.Tensor, candidates: torch.Tensor, k: int, *, metric: str = "dot",

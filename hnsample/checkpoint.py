@@ -33,16 +33,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read from /proc where it can be, so that no other thread
+    ever sees a changed umask; else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Calls write(file_object) on a temporary file ``.<name>.<random>.tmp`` in path's directory, fsyncs
     it, renames it over path and fsyncs the directory: a reader sees either the old file or the complete
-    new one, never a partial file, and a process killed mid-write leaves only the temporary file."""
+    new one, never a partial file, and a process killed mid-write leaves only the temporary file. The
+    file gets the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not the 0o600
+    of a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -176,26 +194,32 @@ class CheckpointDir:
     def batch_path(self, index: int) -> Path:
         return self.path / f"batch_{index:07d}.npz"
 
-    def finished(self) -> set[int]:
+    def finished(self, filter_columns: int | None = None) -> set[int]:
         """Indices of the batch files present (named exactly as :meth:`batch_path` names them). Atomic
-        renames make a present file a complete one; :meth:`read` still validates it."""
+        renames make a present file a complete one; :meth:`read` still validates it. With
+        ``filter_columns`` (a run that wants filter statistics), a file written without them does not
+        count as finished: the batch is mined again and its file replaced."""
         if not self.path.is_dir():
             return set()
-        return {int(m.group(1)) for p in self.path.iterdir() if (m := _BATCH_NAME.fullmatch(p.name))}
+        done = {int(m.group(1)) for p in self.path.iterdir() if (m := _BATCH_NAME.fullmatch(p.name))}
+        if filter_columns is None:
+            return done
+        return {i for i in done if _holds_array(self.batch_path(i), "filter_counts")}
 
     def write(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         stamped = dict(arrays, checkpoint_manifest_sha256=np.array(self.digest),
                        checkpoint_batch=np.array(index, dtype=np.int64))
         atomic_write(self.batch_path(index), lambda f: np.savez(f, **stamped))
 
-    def read(self, index: int, *, rows: int, k: int, num_corpus: int,
-             filter_columns: int | None) -> dict[str, np.ndarray]:
+    def read(self, index: int, *, rows: int, k: int, num_corpus: int, filter_columns: int | None,
+             positive_columns: int = 0) -> dict[str, np.ndarray]:
         """Batch ``index``'s arrays after checking the whole file: exactly the arrays a batch of ``rows``
         queries holds (indices (rows, k) int64 in [-1, num_corpus), no id twice in a row; scores
         (rows, k) float32, -inf exactly at padding and never NaN elsewhere; positive_scores (rows,)
-        float32; filter_counts (rows, filter_columns) int64 in [0, num_corpus] per row when given), this
-        directory's manifest digest and this batch number. Anything else raises ValueError naming the
-        file."""
+        float32; positive_pair_scores (rows, positive_columns) float32; filter_counts (rows,
+        filter_columns) int64 in [0, num_corpus] per row when filter_columns is given, and ignored when a
+        file holds them but filter_columns is None), this directory's manifest digest and this batch
+        number. Anything else raises ValueError naming the file."""
         path = self.batch_path(index)
         try:
             z = np.load(path, allow_pickle=False)
@@ -205,7 +229,9 @@ class CheckpointDir:
                 arrays = {name: z[name] for name in z.files}
         except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
             raise self._bad(path, f"cannot be read ({type(e).__name__}: {e})") from None
-        problem = _batch_problem(arrays, index, self.digest, rows, k, num_corpus, filter_columns)
+        if filter_columns is None:
+            arrays.pop("filter_counts", None)
+        problem = _batch_problem(arrays, index, self.digest, rows, k, num_corpus, filter_columns, positive_columns)
         if problem is not None:
             raise self._bad(path, problem)
         return {name: a for name, a in arrays.items() if not name.startswith("checkpoint_")}
@@ -217,12 +243,22 @@ class CheckpointDir:
                           "to recompute that batch")
 
 
+def _holds_array(path: Path, name: str) -> bool:
+    """Whether the .npz at path lists an array `name` (False for an unreadable file: read() reports it)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return f"{name}.npy" in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return True
+
+
 def _batch_problem(arrays: dict[str, np.ndarray], index: int, digest: str, rows: int, k: int, n: int,
-                   filter_columns: int | None) -> str | None:
+                   filter_columns: int | None, positive_columns: int = 0) -> str | None:
     """What is wrong with a checkpoint batch's arrays, or None (see :meth:`CheckpointDir.read`)."""
     expected: dict[str, tuple[tuple[int, ...], np.dtype]] = {
         "indices": ((rows, k), np.dtype(np.int64)), "scores": ((rows, k), np.dtype(np.float32)),
         "positive_scores": ((rows,), np.dtype(np.float32)), "checkpoint_batch": ((), np.dtype(np.int64)),
+        "positive_pair_scores": ((rows, positive_columns), np.dtype(np.float32)),
     }
     if filter_columns is not None:
         expected["filter_counts"] = ((rows, filter_columns), np.dtype(np.int64))

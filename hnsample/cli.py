@@ -11,7 +11,8 @@ import sys
 COMMANDS = [
     ("demo", "hnsample.demo", "mine hard negatives on a synthetic corpus and show what each filter did"),
     ("bench", "hnsample.bench", "time hnsample against plain torch on this machine"),
-    ("mine", "hnsample.mining_cli", "mine hard negatives for .npy embeddings (resumable)"),
+    ("mine", "hnsample.mining_cli", "mine hard negatives for .npy embeddings or from a reranker's candidate scores "
+                                    "(resumable; writes sentence-transformers datasets from texts)"),
 ]
 
 

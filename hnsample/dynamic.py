@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ._ext import as_tensor, check_int, check_labels
-from .engine import SelectionState, backend_for, build_selection, pair_similarities, prepare_rows
+from .engine import SelectionState, backend_for, build_selection, selection_pair_scores
 
 __all__ = ["DynamicNegativeMiner", "DynamicNegatives"]
 
@@ -51,7 +51,8 @@ class DynamicNegativeMiner:
     Args:
         documents: (N, d) float embeddings: a torch tensor (any device), a numpy array, or the path of a
             ``.npy`` file, which is memory-mapped (read-only) and streamed in chunks of ``chunk_rows``.
-        metric: "dot" or "cosine", as in :func:`hnsample.topk_similarity`.
+        metric: "dot" (the default, as in :func:`hnsample.topk_similarity`) or "cosine". Note:
+            ``mine_hard_negatives``, the miners and the samplers default to "cosine".
         device: where scores are computed (default: the tensor's device, else the CPU). Documents that
             are not already there are copied a chunk at a time, so a memory-mapped index larger than
             device memory works.
@@ -148,8 +149,7 @@ class DynamicNegativeMiner:
             raise TypeError("generator must be a CPU torch.Generator or None")
         opts = {**_FILTER_DEFAULTS, **filters}
         ct = torch.float64 if q_in.dtype == torch.float64 else torch.float32
-        q_raw = q_in.detach().to(self.device)
-        q = prepare_rows(q_raw, self.metric).to(ct)
+        q = q_in.detach().to(self.device, ct)  # exact for 16-bit inputs: the scores are the same
         b = q.shape[0]
         if query_labels is not None:
             if self.labels is None:
@@ -159,7 +159,7 @@ class DynamicNegativeMiner:
         exclude = None if exclude is None else as_tensor("exclude", exclude).to(self.device)
 
         def positive_values(pos: torch.Tensor) -> torch.Tensor:
-            return pair_similarities(q_raw, self._rows, pos, self.metric, out_dtype=ct)
+            return selection_pair_scores(q, self._rows, pos, self.metric)
 
         sel = build_selection(
             b, self.num_documents, self.device, k, positives=positives, exclude=exclude,
@@ -181,8 +181,8 @@ class DynamicNegativeMiner:
         if bool(valid.any()):
             emb[valid] = self._rows(ids[valid]).to(q_in.dtype)
         rand_valid = valid[:, hard_ids.shape[1]:]
-        rand_emb = prepare_rows(emb[:, hard_ids.shape[1]:].reshape(-1, self.dim), self.metric).to(ct)
-        rand_scores = torch.einsum("bd,brd->br", q, rand_emb.reshape(b, r, self.dim))
+        rand_ids_dev = rand_ids.to(self.device)
+        rand_scores = selection_pair_scores(q, self._rows, rand_ids_dev.clamp_min(0), self.metric).to(ct)
         rand_scores = torch.where(rand_valid, rand_scores, torch.full_like(rand_scores, -math.inf))
         scores = torch.cat([hard_scores.to(ct), rand_scores], dim=1)
         out = q_in.device

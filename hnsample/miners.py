@@ -7,6 +7,8 @@ A row of the batch holding NaN or inf takes part in no triplet (its scores are t
 the metric would make of them), and :func:`triplet_margin_loss` reads only the rows its triplets use.
 
 Metrics: "cosine" s = e_a . e_b / (|e_a| |e_b|), "dot" s = e_a . e_b, "euclidean" s = -|e_a - e_b|.
+The default here is "cosine", as in ``mine_hard_negatives`` and the samplers; the ops
+(``topk_similarity``, ``DynamicNegativeMiner``, ``NegativeQueue.mine``) default to "dot".
 Distances are d = -s, so "hard" means high similarity for negatives and low similarity for positives.
 pytorch-metric-learning's default distance (L2 on normalized embeddings, d = sqrt(2 - 2 cos)) ranks
 pairs exactly like "cosine"; its margins are distances, so equal margins only match with "euclidean" on

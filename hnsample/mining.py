@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from . import settings as _settings
-from ._ext import as_tensor, check_int, has_cuda
+from ._ext import as_tensor, check_int, has_cuda, rows_text
 from .checkpoint import CheckpointDir
 from .engine import (
     METRICS,
@@ -27,12 +28,13 @@ from .engine import (
     backend_for,
     build_selection,
     draw_seed,
-    pair_similarities,
     positive_score,
+    selection_pair_scores,
 )
 from .mining_io import (
     MatrixSource,
     PathLike,
+    check_id_list,
     positives_tensor,
     read_ids,
     read_qrels,
@@ -45,6 +47,42 @@ from .result_files import load_result, save_result
 FILTERS = ("positives", "exclude", "labels", "nan", "min_score", "max_score", "margin")
 _SCAN_FILTERS = FILTERS[2:]  # counted while scanning score blocks (the id filters are counted from ids)
 ST_FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
+# The softmax temperature when none is given: suits cosine scores in [-1, 1], whose hard negatives lie
+# within a few hundredths of each other (at T = 1 the softmax over them would be nearly uniform).
+DEFAULT_TEMPERATURE = 0.05
+
+
+def resolve_temperature(sampling: str, temperature: float | None, metric: str) -> float:
+    """The softmax temperature to use: ``temperature`` if given, else :data:`DEFAULT_TEMPERATURE` (with a
+    warning for ``metric="dot"``, whose scores have no fixed scale). Irrelevant to the other samplings
+    (1.0 is returned for them)."""
+    if temperature is not None:
+        return temperature
+    if sampling != "softmax":
+        return 1.0
+    if metric == "dot":
+        warnings.warn(f"softmax sampling without a temperature: using {DEFAULT_TEMPERATURE}, which suits cosine "
+                      "scores in [-1, 1]; dot products have no fixed scale, so pass temperature= explicitly",
+                      UserWarning, stacklevel=3)
+    return DEFAULT_TEMPERATURE
+
+
+def check_margin_rows(absolute_margin: float | None, relative_margin: float | None, positives: torch.Tensor | None,
+                      positive_scores: torch.Tensor | None) -> None:
+    """A margin measures from each query's positive score: ValueError when no query has one (no
+    positives, no positive_scores), and a warning naming the queries without a positive, which the
+    margin cannot filter."""
+    if (absolute_margin is None and relative_margin is None) or positive_scores is not None:
+        return
+    given = " and ".join(n for n, v in (("absolute_margin", absolute_margin), ("relative_margin", relative_margin))
+                         if v is not None)
+    if positives is None or positives.shape[1] == 0:
+        raise ValueError(f"{given} needs a positive score to measure from: give positives (whose lowest score is "
+                         "p_i) or positive_scores")
+    lacking = torch.nonzero(~(positives >= 0).any(dim=1)).reshape(-1)
+    if lacking.numel():
+        warnings.warn(f"{given}: {rows_text(lacking, positives.shape[0]).replace('rows', 'queries', 1)} have no "
+                      "positive, so no margin can filter their candidates", UserWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,6 +101,12 @@ class MinedNegatives:
             similarity over the row's positives (the score the margins are measured from); NaN for a row
             without positives.
         positives: (B, P) int64 positive corpus ids (-1 = padding), as used for masking.
+        positive_pair_scores: (B, P) float32, the score of each (query, positive) pair (NaN at padding):
+            what a MarginMSE-style distillation needs as the teacher's positive score, per pair. None
+            when unknown (a result read from a file written without it).
+        query_ids, corpus_ids: the string id of each query row / corpus row when the run had them
+            (``query_ids=`` / ``corpus_ids=``): result files then name queries and documents by these
+            ids instead of row numbers.
         filter_counts: when mined with ``filter_statistics=True``, the total over all rows of the
             candidates each filter removed, keyed by :data:`FILTERS` (each candidate counted once, under
             the first filter it fails in that order), plus ``"eligible"`` (candidates passing all
@@ -78,6 +122,9 @@ class MinedNegatives:
     filter_counts: dict[str, int] | None = None
     eligible: torch.Tensor | None = None
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    positive_pair_scores: torch.Tensor | None = None
+    query_ids: list[str] | None = None
+    corpus_ids: list[str] | None = None
 
     @property
     def num_negatives(self) -> int:
@@ -122,13 +169,17 @@ class MinedNegatives:
         n = self.params.get("num_corpus")
         if self.filter_counts is not None and n:
             total = b * n
+            fc = self.filter_counts
             lines.append("")
-            lines.append(f"{'Filter':<12}{'removed':>16}{'share':>10}   (of {total:,} query-candidate pairs)")
-            for name in (*FILTERS, "skip_top"):
-                c = self.filter_counts.get(name, 0)
-                lines.append(f"{name:<12}{c:>16,}{c / max(total, 1):>10.2%}")
-            lines.append(f"{'eligible':<12}{self.filter_counts['eligible']:>16,}"
-                         f"{self.filter_counts['eligible'] / max(total, 1):>10.2%}")
+            lines.append(f"{'Candidates':<22}{'count':>16}{'share':>10}   (of {total:,} query-candidate pairs)")
+            # Every pair is counted on exactly one line: removed by its first failing filter, skipped by
+            # skip_top (eligible, ranked above the window), or eligible after skip_top. The shares add up.
+            rows = [(f"removed: {name}", fc.get(name, 0)) for name in FILTERS]
+            rows.append(("skipped: skip_top", fc.get("skip_top", 0)))
+            rows.append(("eligible after skip", fc["eligible"] - fc.get("skip_top", 0)))
+            for name, c in rows:
+                lines.append(f"{name:<22}{c:>16,}{c / max(total, 1):>10.2%}")
+            lines.append(f"{'total':<22}{sum(c for _, c in rows):>16,}{1:>10.2%}")
         elif self.filter_counts is None:
             lines.append("")
             lines.append("Per-filter counts not computed (mine with filter_statistics=True).")
@@ -158,9 +209,11 @@ class MinedNegatives:
         }
         if self.eligible is not None:
             arrays["eligible"] = self.eligible.cpu().numpy()
+        if self.positive_pair_scores is not None:
+            arrays["positive_pair_scores"] = self.positive_pair_scores.cpu().numpy().astype(np.float32)
         meta = {"params": self.params, "filter_counts": self.filter_counts,
                 "num_negatives": self.num_negatives, "num_queries": int(self.indices.shape[0])}
-        save_result(path, arrays, meta)
+        save_result(path, arrays, meta, query_ids=self.query_ids, corpus_ids=self.corpus_ids)
 
     @classmethod
     def load(cls, path: PathLike) -> MinedNegatives:
@@ -173,6 +226,7 @@ class MinedNegatives:
         num_negatives, an unreadable or malformed file."""
         arrays, meta = load_result(path)
         eligible = arrays.get("eligible")
+        pair = arrays.get("positive_pair_scores")
         return cls(
             indices=torch.from_numpy(arrays["indices"].astype(np.int64)),
             scores=torch.from_numpy(arrays["scores"].astype(np.float32)),
@@ -181,6 +235,8 @@ class MinedNegatives:
             filter_counts=meta.get("filter_counts"),
             eligible=None if eligible is None else torch.from_numpy(eligible.astype(np.int64)),
             params=meta.get("params", {}),
+            positive_pair_scores=None if pair is None else torch.from_numpy(pair.astype(np.float32)),
+            query_ids=meta.get("query_ids"), corpus_ids=meta.get("corpus_ids"),
         )
 
     # -- sentence-transformers export ---------------------------------------------------------------
@@ -201,8 +257,11 @@ class MinedNegatives:
           and labels [1, 0, ...]; one row per (query, positive) with at least one negative.
           ``output_scores`` replaces ``labels`` by ``scores``.
 
-        The positive score of every positive of a query is p_i (the row's margin reference). Returns a
-        ``datasets.Dataset`` when the ``datasets`` package is installed, else a dict of column lists.
+        The score of each positive is its own (query, positive) score (:attr:`positive_pair_scores`), so
+        a query with several positives gets one true score per pair (p_i, the row's margin reference,
+        where the pair scores are unknown). Rows come query by query, a query's positives in their
+        order. Returns a ``datasets.Dataset`` when the ``datasets`` package is installed, else a dict of
+        column lists.
         """
         if format not in ST_FORMATS:
             raise ValueError(f"format must be one of {list(ST_FORMATS)}, got {format!r}")
@@ -216,7 +275,11 @@ class MinedNegatives:
         idx = self.indices.tolist()
         sc = self.scores.tolist()
         ps = self.positive_scores.tolist()
-        pos = [[j for j in r if j >= 0] for r in self.positives.tolist()]
+        pair = (self.positive_pair_scores.tolist() if self.positive_pair_scores is not None
+                else [[p] * self.positives.shape[1] for p in ps])
+        # (corpus id, pair score) of each valid positive, in order
+        pos = [[(j, v) for j, v in zip(r, pr, strict=True) if j >= 0]
+               for r, pr in zip(self.positives.tolist(), pair, strict=True)]
         a_col, p_col = anchor_column, positive_column
         data: dict[str, list] = {a_col: [], p_col: []}
         if format == "triplet":
@@ -224,7 +287,7 @@ class MinedNegatives:
             if output_scores:
                 data["scores"] = []
             for i in range(b):
-                for p in pos[i]:
+                for p, pv in pos[i]:
                     for j, s in zip(idx[i], sc[i], strict=True):
                         if j < 0:
                             continue
@@ -232,7 +295,7 @@ class MinedNegatives:
                         data[p_col].append(corpus_text[p])
                         data["negative"].append(corpus_text[j])
                         if output_scores:
-                            data["scores"].append([ps[i], s])
+                            data["scores"].append([pv, s])
         elif format == "n-tuple":
             for t in range(1, k + 1):
                 data[f"negative_{t}"] = []
@@ -241,21 +304,21 @@ class MinedNegatives:
             for i in range(b):
                 if any(j < 0 for j in idx[i]):
                     continue
-                for p in pos[i]:
+                for p, pv in pos[i]:
                     data[a_col].append(queries_text[i])
                     data[p_col].append(corpus_text[p])
                     for t, j in enumerate(idx[i], 1):
                         data[f"negative_{t}"].append(corpus_text[j])
                     if output_scores:
-                        data["scores"].append([ps[i], *sc[i]])
+                        data["scores"].append([pv, *sc[i]])
         elif format == "labeled-pair":
             label_col = "score" if output_scores else "label"
             data[label_col] = []
             for i in range(b):
-                for p in pos[i]:
+                for p, pv in pos[i]:
                     data[a_col].append(queries_text[i])
                     data[p_col].append(corpus_text[p])
-                    data[label_col].append(ps[i] if output_scores else 1)
+                    data[label_col].append(pv if output_scores else 1)
                 for j, s in zip(idx[i], sc[i], strict=True):
                     if j < 0:
                         continue
@@ -269,10 +332,10 @@ class MinedNegatives:
                 negs = [(j, s) for j, s in zip(idx[i], sc[i], strict=True) if j >= 0]
                 if not negs:
                     continue
-                for p in pos[i]:
+                for p, pv in pos[i]:
                     data[a_col].append(queries_text[i])
                     data[p_col].append([corpus_text[p]] + [corpus_text[j] for j, _ in negs])
-                    data[label_col].append([ps[i]] + [s for _, s in negs] if output_scores
+                    data[label_col].append([pv] + [s for _, s in negs] if output_scores
                                            else [1] + [0] * len(negs))
         try:
             from datasets import Dataset
@@ -406,8 +469,8 @@ class _FilterCounter:
         self.state = state
         self.counts = torch.zeros((rows, len(_SCAN_FILTERS)), dtype=torch.int64, device=device)
 
-    def __call__(self, block: torch.Tensor, i0: int, c0: int) -> None:
-        self.state.count_filters(block, i0, c0, self.counts)
+    def __call__(self, block, col_offset: int) -> None:
+        self.state.count_filters(block, col_offset, self.counts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,11 +494,13 @@ class _Run:
     shards: list[tuple[int, int]]  # this rank's corpus shards
     block_size: int
     filter_statistics: bool
+    query_ids: list[str] | None = None
+    corpus_ids: list[str] | None = None
 
 
 def _positive_matrix(run: _Run, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """(b, P) similarity of each query with its (clamped) positive ids, in the kernels' compute dtype."""
-    return pair_similarities(q, lambda ids: run.src_c.take(ids.cpu()), pos.clamp_min(0), run.metric)
+    return selection_pair_scores(q, lambda ids: run.src_c.take(ids.cpu()), pos.clamp_min(0), run.metric)
 
 
 def _mine_batch(run: _Run, group: _Group, q0: int, q1: int) -> dict[str, Any]:
@@ -523,6 +588,11 @@ def _finish_batch(run: _Run, group: _Group, local: dict[str, Any], q0: int) -> d
     else:
         p = torch.full((b,), math.nan, dtype=torch.float64)
     out["positive_scores"] = p.to(torch.float32).cpu().numpy()
+    width = 0 if local["pos"] is None else local["pos"].shape[1]
+    pair = torch.full((b, width), math.nan, dtype=torch.float32)
+    if local["pos_vals"] is not None:
+        pair = torch.where(local["pos"].cpu() >= 0, local["pos_vals"].cpu().to(torch.float32), pair)
+    out["positive_pair_scores"] = pair.numpy()
     if run.filter_statistics:
         scan = group.all_reduce_sum(local["counts"]).cpu()
         zeros = torch.zeros(b, dtype=torch.int64)
@@ -579,7 +649,7 @@ def mine_hard_negatives(
     skip_top: int = 0,
     pool: int | None = None,
     sampling: str = "top",
-    temperature: float = 1.0,
+    temperature: float | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     metric: str = "cosine",
@@ -610,11 +680,17 @@ def mine_hard_negatives(
         exclude, query_labels, candidate_labels, positive_scores, absolute_margin, relative_margin,
         min_score, max_score, skip_top, pool, sampling, temperature, seed, generator: the filters and
             sampling of :func:`hnsample.topk_similarity`, with the same meaning (``exclude`` may also be a
-            list of lists). The sampling noise is u(seed, global query row, global corpus id), so the
+            list of lists). A margin needs a positive score: a margin with neither positives nor
+            ``positive_scores`` is a ValueError, and queries without a positive (which the margin cannot
+            filter) get a warning naming them. ``temperature`` (softmax only) defaults to
+            :data:`DEFAULT_TEMPERATURE` = 0.05, a temperature for cosine scores in [-1, 1]; with
+            ``metric="dot"`` and no temperature a warning says so, since dot products have no fixed
+            scale. The sampling noise is u(seed, global query row, global corpus id), so the
             result does not depend on batch sizes, shards, devices or ranks. With sampling and
             ``seed=None`` the seed is drawn once per run (from ``generator``), reused from the
             checkpoint manifest when resuming, and broadcast from rank 0 under torch.distributed.
-        metric: "cosine" (default) or "dot".
+        metric: "cosine" (the default here, in the miners and the samplers) or "dot" (the default of
+            :func:`hnsample.topk_similarity` and the other ops, which take the scores as they are).
         query_batch_size: queries per batch (and per checkpoint file); default 16384.
         corpus_shard_size: corpus rows read (and, on a GPU, copied) at a time; default 256 MiB of rows.
         block_size: score elements per block (the score workspace is 4 * block_size bytes); default
@@ -678,11 +754,16 @@ def mine_hard_negatives(
         b_total, n = run.src_q.shape[0], run.src_c.shape[0]
         k = run.k
 
-        finished = group.broadcast(sorted(ckpt.finished()) if ckpt is not None and group.rank == 0 else [])
+        n_filters = len(FILTERS) if run.filter_statistics else None
+        # A finished batch is reused unless this run wants filter statistics its file does not hold
+        # (written by a run without them): that batch is mined again, the same negatives plus counts.
+        finished = group.broadcast(sorted(ckpt.finished(filter_columns=n_filters))
+                                   if ckpt is not None and group.rank == 0 else [])
         indices = np.full((b_total, k), -1, dtype=np.int64)
         scores = np.full((b_total, k), -np.inf, dtype=np.float32)
         pos_scores = np.full((b_total,), np.nan, dtype=np.float32)
-        n_filters = len(FILTERS) if run.filter_statistics else None
+        width = 0 if run.positives is None else run.positives.shape[1]
+        pair_scores = np.full((b_total, width), np.nan, dtype=np.float32)
         counts = np.zeros((b_total, len(FILTERS)), dtype=np.int64) if run.filter_statistics else None
         bar = _progress(b_total, progress and group.rank == 0)
         batches = [(i, q0, min(b_total, q0 + query_batch)) for i, q0 in enumerate(range(0, b_total, query_batch))]
@@ -692,7 +773,8 @@ def mine_hard_negatives(
             if bi in finished:
                 try:
                     if group.rank == 0:  # every file is validated before use (ValueError naming it)
-                        out = ckpt.read(bi, rows=q1 - q0, k=k, num_corpus=n, filter_columns=n_filters)
+                        out = ckpt.read(bi, rows=q1 - q0, k=k, num_corpus=n, filter_columns=n_filters,
+                                        positive_columns=width)
                 except Exception as e:
                     pending = e
                 group.check(pending, f"reading checkpoint batch {bi}")
@@ -715,6 +797,7 @@ def mine_hard_negatives(
             indices[q0:q1] = out["indices"]
             scores[q0:q1] = out["scores"]
             pos_scores[q0:q1] = out["positive_scores"]
+            pair_scores[q0:q1] = out["positive_pair_scores"]
             if counts is not None:
                 counts[q0:q1] = out["filter_counts"]
             if bar is not None:
@@ -731,7 +814,9 @@ def mine_hard_negatives(
         positive_scores=torch.from_numpy(pos_scores),
         positives=(run.positives if run.positives is not None
                    else torch.empty((b_total, 0), dtype=torch.int64)),
-        params=dict(_params(run, n), query_batch_size=query_batch),
+        params=dict(_params(run, n), query_batch_size=query_batch, filter_statistics=run.filter_statistics),
+        positive_pair_scores=torch.from_numpy(pair_scores),
+        query_ids=run.query_ids, corpus_ids=run.corpus_ids,
     )
     if counts is not None:
         removed = counts.sum(axis=1)
@@ -754,7 +839,6 @@ def _params(run: _Run, n: int) -> dict[str, Any]:
         "min_score": kw["min_score"], "max_score": kw["max_score"], "skip_top": kw["skip_top"],
         "pool": kw["pool"], "sampling": kw["sampling"],
         "temperature": kw["temperature"] if kw["sampling"] == "softmax" else None, "seed": run.seed,
-        "filter_statistics": run.filter_statistics,
     }
 
 
@@ -790,9 +874,9 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     devices = resolve_devices(device)
 
+    qids = None if query_ids is None else check_id_list("query_ids", read_ids("query_ids", query_ids), b)
+    cids = None if corpus_ids is None else check_id_list("corpus_ids", read_ids("corpus_ids", corpus_ids), n)
     if isinstance(positives, (str, os.PathLike)):
-        qids = None if query_ids is None else read_ids("query_ids", query_ids)
-        cids = None if corpus_ids is None else read_ids("corpus_ids", corpus_ids)
         positives = read_qrels(positives, b, n, qids, cids)
     pos = positives_tensor("positives", positives, b, n)
     exc = positives_tensor("exclude", exclude, b, n)
@@ -807,6 +891,8 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
             raise TypeError(f"positive_scores must be a float tensor, got {ps.dtype}")
         if ps.ndim != 1 or ps.shape[0] != b:
             raise ValueError(f"positive_scores must have shape ({b},), got {tuple(ps.shape)}")
+    temperature = resolve_temperature(sampling, temperature, metric)
+    check_margin_rows(absolute_margin, relative_margin, pos, ps)
     select_kwargs = dict(
         absolute_margin=absolute_margin, relative_margin=relative_margin, min_score=min_score,
         max_score=max_score, skip_top=skip_top, pool=pool, sampling=sampling, temperature=temperature,
@@ -836,7 +922,7 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
     lo, hi = group.rank * n // group.world, (group.rank + 1) * n // group.world
     shards = [(c0, min(hi, c0 + shard)) for c0 in range(lo, hi, shard)]
     run = _Run(src_q, src_c, pos, exc, ql, cl, ps, select_kwargs, k, metric, run_seed, devices, shards, block,
-               filter_statistics)
+               filter_statistics, qids, cids)
 
     return run, qb
 
@@ -848,7 +934,7 @@ def _open_checkpoint(run: _Run, checkpoint_dir: PathLike | None, query_batch: in
     if checkpoint_dir is None:
         return None
     manifest = {
-        "format": 2, "queries": run.src_q.fingerprint(), "corpus": run.src_c.fingerprint(),
+        "format": 3, "queries": run.src_q.fingerprint(), "corpus": run.src_c.fingerprint(),
         **_params(run, run.src_c.shape[0]), "query_batch_size": query_batch,
         "positives": tensor_digest(run.positives), "exclude": tensor_digest(run.exclude),
         "query_labels": tensor_digest(run.query_labels),

@@ -5,6 +5,7 @@ directory lives in :mod:`hnsample.checkpoint`, the result files in :mod:`hnsampl
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import warnings
@@ -167,11 +168,18 @@ def _id_map(name: str, ids: list[str] | None, n: int) -> dict[str, int]:
     return out
 
 
+def check_id_list(name: str, ids: list[str], n: int) -> list[str]:
+    """ids, after checking that there is one per row and none twice (ValueError naming ``name``)."""
+    _id_map(name, ids, n)
+    return ids
+
+
 def read_qrels(path: PathLike, num_queries: int, num_corpus: int, query_ids: list[str] | None = None,
                corpus_ids: list[str] | None = None) -> list[list[int]]:
     """Positives from a qrels TSV file, as a list (one per query row) of corpus row ids.
 
-    Accepted line layouts (tab-separated): ``query_id doc_id``; ``query_id doc_id score`` (BEIR; rows
+    Accepted line layouts (tab-separated, or separated by spaces on a line without a tab, as TREC
+    qrels often are): ``query_id doc_id``; ``query_id doc_id score`` (BEIR; rows
     with score <= 0 are not positives); ``query_id iteration doc_id relevance`` (TREC; relevance <= 0
     skipped). The file is UTF-8 (a byte-order mark is dropped); blank lines are skipped. The first line
     is a header (and skipped) when, by its content, it is no data line: its score column is a word
@@ -190,7 +198,8 @@ def read_qrels(path: PathLike, num_queries: int, num_corpus: int, query_ids: lis
     for lineno, line in enumerate(read_text("positives", p).splitlines(), 1):
         if not line.strip():
             continue
-        cols = line.split("\t")
+        # Tab-separated; a line without a tab is split at runs of spaces (TREC's "qid 0 docid rel").
+        cols = line.split("\t") if "\t" in line else line.split()
         if len(cols) == 2:
             qid, did, rel = cols[0], cols[1], None
         elif len(cols) == 3:
@@ -198,7 +207,7 @@ def read_qrels(path: PathLike, num_queries: int, num_corpus: int, query_ids: lis
         elif len(cols) == 4:
             qid, _, did, rel = cols
         else:
-            raise ValueError(f"{where} line {lineno}: expected 2-4 tab-separated columns, got {len(cols)}")
+            raise ValueError(f"{where} line {lineno}: expected 2-4 tab- or space-separated columns, got {len(cols)}")
         if rel is not None:
             try:
                 relevance = float(rel)
@@ -275,3 +284,88 @@ def tensor_digest(t: torch.Tensor | None) -> str | None:
     h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def read_candidate_scores(path: PathLike, num_queries: int, num_corpus: int, query_ids: list[str] | None = None,
+                          corpus_ids: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query candidate lists with a reranker's scores, as (candidate_ids (B, C) int64 padded with -1,
+    scores (B, C) float32), C the longest list. Accepted files:
+
+    * ``.npz`` with ``candidate_ids`` (B, C) integers (-1 = padding) and ``scores`` (B, C) floats;
+    * ``.jsonl``: one object per query, ``{"query": id, "candidates": [ids], "scores": [floats]}``;
+    * any other name is read as text lines, tab- or space-separated: ``query_id doc_id score``, or a
+      TREC run ``query_id Q0 doc_id rank score tag``.
+
+    Ids are mapped to rows through ``query_ids`` / ``corpus_ids`` (default: the row number). ValueError
+    naming the file and the line for an unknown id, a candidate listed twice for a query, a score that
+    is not a finite number, or a wrong number of columns."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"candidate scores file does not exist: {str(path)!r}")
+    where = f"candidate scores file {str(path)!r}"
+    qmap = _id_map("query_ids", query_ids, num_queries)
+    cmap = _id_map("corpus_ids", corpus_ids, num_corpus)
+    if p.suffix.lower() == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                ids, scores = np.asarray(z["candidate_ids"]), np.asarray(z["scores"])
+        except (ValueError, OSError, EOFError, KeyError) as e:
+            raise ValueError(f"{where} is not an .npz with candidate_ids and scores ({type(e).__name__}: {e})") from None
+        if ids.dtype.kind not in "iu" or scores.dtype.kind != "f" or ids.shape != scores.shape or ids.ndim != 2:
+            raise ValueError(f"{where}: candidate_ids must be (B, C) integers and scores (B, C) floats, got "
+                             f"{ids.dtype} {ids.shape} and {scores.dtype} {scores.shape}")
+        if ids.shape[0] != num_queries:
+            raise ValueError(f"{where} holds {ids.shape[0]} rows, but there are {num_queries} queries")
+        if ids.size and (ids.min() < -1 or ids.max() >= num_corpus):
+            raise ValueError(f"{where}: candidate_ids must lie in [0, {num_corpus}) or be -1")
+        return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores.astype(np.float32))
+    lists: list[dict[int, float]] = [{} for _ in range(num_queries)]
+
+    def add(q: Any, d: Any, score: Any, line: int) -> None:
+        q, d = str(q), str(d)
+        if q not in qmap:
+            raise ValueError(f"{where} line {line}: unknown query id {q!r}")
+        if d not in cmap:
+            raise ValueError(f"{where} line {line}: unknown corpus id {d!r}")
+        try:
+            value = float(score)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} line {line}: score {score!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{where} line {line}: score {score!r} is not a finite number")
+        row = lists[qmap[q]]
+        if cmap[d] in row:
+            raise ValueError(f"{where} line {line}: corpus id {d!r} is listed twice for query {q!r}")
+        row[cmap[d]] = value
+
+    for lineno, line in enumerate(read_text("candidate scores", p).splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix.lower() == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{where} line {lineno} is not valid JSON ({e})") from None
+            if (not isinstance(obj, dict) or "query" not in obj or not isinstance(obj.get("candidates"), list)
+                    or not isinstance(obj.get("scores"), list) or len(obj["candidates"]) != len(obj["scores"])):
+                raise ValueError(f"{where} line {lineno}: expected {{\"query\", \"candidates\": [...], "
+                                 "\"scores\": [...]}} with as many scores as candidates")
+            for d, sc in zip(obj["candidates"], obj["scores"], strict=True):
+                add(obj["query"], d, sc, lineno)
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if len(cols) == 3:
+            add(cols[0], cols[1], cols[2], lineno)
+        elif len(cols) == 6:
+            add(cols[0], cols[2], cols[4], lineno)
+        else:
+            raise ValueError(f"{where} line {lineno}: expected 'query_id doc_id score' or a TREC run line "
+                             f"(6 columns), got {len(cols)} columns")
+    width = max((len(r) for r in lists), default=0)
+    ids_t = torch.full((num_queries, width), -1, dtype=torch.int64)
+    scores_t = torch.full((num_queries, width), math.nan, dtype=torch.float32)
+    for i, row in enumerate(lists):
+        if row:
+            ids_t[i, :len(row)] = torch.tensor(list(row), dtype=torch.int64)
+            scores_t[i, :len(row)] = torch.tensor(list(row.values()), dtype=torch.float32)
+    return ids_t, scores_t

@@ -162,6 +162,8 @@ class NegativeQueue(torch.nn.Module):
         ``query_labels[i]`` (queue made ``with_labels``). Further keyword filters (``absolute_margin`` with
         ``positive_scores``, ``min_score``, ``sampling``, ``exclude`` as queue slots, ...) are passed to
         ``topk_similarity`` over the filled slots. Scores keep their gradient with respect to queries.
+        ``metric`` defaults to "dot", as in ``topk_similarity`` (``mine_hard_negatives``, the miners and
+        the samplers default to "cosine").
 
         Entries holding NaN or inf are never returned (with "dot" they would score +-inf), and a query
         row holding NaN or inf gets only padding.

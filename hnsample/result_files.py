@@ -1,5 +1,12 @@
 """Result files of :class:`hnsample.MinedNegatives`: .npz, .jsonl (one object per query) and .parquet,
-written atomically and read back with every row placed by its query id and checked."""
+written atomically and read back with every row placed by its query id and checked.
+
+The .jsonl and .parquet files are plain tables that ``datasets.load_dataset("json" | "parquet")`` and
+pandas read as they are: one record per query, ``query`` (its string id, or its row number when the run
+had no ids), ``negatives`` (the found negatives' ids, best first, no padding), ``scores``,
+``positive_score`` (p_i, the margins' reference), ``positives`` and ``positive_pair_scores`` (each
+positive's own score). The metadata (parameters, filter counts, the id lists that map ids back to rows)
+lives in the parquet schema's metadata, or for .jsonl in a sidecar ``<file>.meta.json``."""
 
 from __future__ import annotations
 
@@ -37,46 +44,115 @@ def check_result_path(path: PathLike) -> None:
         raise ValueError(f"path {str(path)!r} is a directory")
 
 
-def save_result(path: PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Writes the result arrays (indices (B, k), scores (B, k), positive_scores (B,), positives (B, P))
-    by extension: .npz (all arrays plus meta as JSON), .jsonl (one object per query:
-    ``{"query", "negatives", "scores", "positive_score", "positives"}``, non-finite scores as null;
-    meta in a first ``{"meta": ...}`` line) or .parquet (pyarrow; one row per query, meta in the schema
-    metadata). Written atomically."""
+def meta_path(path: PathLike) -> Path:
+    """The metadata sidecar of a .jsonl result file: ``<file>.meta.json``."""
+    p = Path(path)
+    return p.with_name(p.name + ".meta.json")
+
+
+def _records(arrays: dict[str, np.ndarray], query_ids: list[str] | None,
+             corpus_ids: list[str] | None) -> dict[str, list]:
+    """The per-query columns of a .jsonl / .parquet file (found negatives and valid positives only)."""
+    idx, sc, pos = arrays["indices"], arrays["scores"], arrays["positives"]
+    pair = arrays.get("positive_pair_scores")
+    b = idx.shape[0]
+
+    def cid(j: int) -> Any:
+        return corpus_ids[j] if corpus_ids is not None else j
+
+    cols: dict[str, list] = {"query": [], "negatives": [], "scores": [], "positive_score": [], "positives": [],
+                             "positive_pair_scores": []}
+    for i in range(b):
+        found = idx[i] >= 0
+        valid = pos[i] >= 0
+        cols["query"].append(query_ids[i] if query_ids is not None else i)
+        cols["negatives"].append([cid(j) for j in idx[i][found].tolist()])
+        cols["scores"].append([_json_float(v) for v in sc[i][found].tolist()])
+        cols["positive_score"].append(_json_float(float(arrays["positive_scores"][i])))
+        cols["positives"].append([cid(j) for j in pos[i][valid].tolist()])
+        cols["positive_pair_scores"].append(
+            [None] * int(valid.sum()) if pair is None else [_json_float(v) for v in pair[i][valid].tolist()])
+    return cols
+
+
+def save_result(path: PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any],
+                query_ids: list[str] | None = None, corpus_ids: list[str] | None = None) -> None:
+    """Writes the result arrays (indices (B, k), scores (B, k), positive_scores (B,), positives (B, P),
+    optionally positive_pair_scores (B, P) and eligible (B,)) by extension, atomically:
+
+    * .npz: every array, meta as JSON, the id lists as string arrays;
+    * .jsonl: one object per query (see the module docstring; non-finite scores as null), nothing else,
+      so it loads as a table; meta and the id lists in the sidecar :func:`meta_path`;
+    * .parquet (pyarrow): the same columns, meta and id lists in the schema metadata.
+
+    With ``query_ids`` / ``corpus_ids`` the records name queries and documents by them."""
     check_result_path(path)
     p = Path(path)
     ext = p.suffix.lower()
-    meta_json = json.dumps(meta)
+    full_meta = dict(meta, query_ids=query_ids, corpus_ids=corpus_ids)
     if ext == ".npz":
-        atomic_write(p, lambda f: np.savez(f, meta=np.array(meta_json), **arrays))
-    elif ext == ".jsonl":
+        ids = {name: np.array(v, dtype=str) for name, v in (("query_ids", query_ids), ("corpus_ids", corpus_ids))
+               if v is not None}
+        atomic_write(p, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays, **ids))
+        return
+    cols = _records(arrays, query_ids, corpus_ids)
+    if ext == ".jsonl":
         def write(f):
-            f.write((json.dumps({"meta": meta}) + "\n").encode())
-            for i in range(arrays["indices"].shape[0]):
-                rec = {
-                    "query": i,
-                    "negatives": arrays["indices"][i].tolist(),
-                    "scores": [_json_float(v) for v in arrays["scores"][i].tolist()],
-                    "positive_score": _json_float(float(arrays["positive_scores"][i])),
-                    "positives": arrays["positives"][i].tolist(),
-                }
-                f.write((json.dumps(rec) + "\n").encode())
+            keys = list(cols)
+            for row in zip(*(cols[key] for key in keys), strict=True):
+                f.write((json.dumps(dict(zip(keys, row, strict=True))) + "\n").encode())
+        data = json.dumps(full_meta).encode()
+        atomic_write(meta_path(p), lambda f: f.write(data))
         atomic_write(p, write)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        table = pa.table({
-            "query": pa.array(np.arange(arrays["indices"].shape[0], dtype=np.int64)),
-            "negatives": pa.array(list(arrays["indices"]), type=pa.list_(pa.int64())),
-            "scores": pa.array(list(arrays["scores"]), type=pa.list_(pa.float32())),
-            "positive_score": pa.array(arrays["positive_scores"], type=pa.float32()),
-            "positives": pa.array(list(arrays["positives"]), type=pa.list_(pa.int64())),
-        }).replace_schema_metadata({"hnsample": meta_json})
-        atomic_write(p, lambda f: pq.write_table(table, f))
+    id_type = pa.string() if corpus_ids is not None else pa.int64()
+    table = pa.table({
+        "query": pa.array(cols["query"], type=pa.string() if query_ids is not None else pa.int64()),
+        "negatives": pa.array(cols["negatives"], type=pa.list_(id_type)),
+        "scores": pa.array(cols["scores"], type=pa.list_(pa.float32())),
+        "positive_score": pa.array(cols["positive_score"], type=pa.float32()),
+        "positives": pa.array(cols["positives"], type=pa.list_(id_type)),
+        "positive_pair_scores": pa.array(cols["positive_pair_scores"], type=pa.list_(pa.float32())),
+    }).replace_schema_metadata({"hnsample": json.dumps(full_meta)})
+    atomic_write(p, lambda f: pq.write_table(table, f))
 
 
 _RECORD_KEYS = ("query", "negatives", "scores", "positive_score", "positives")
+
+
+def _id_lookup(meta: dict[str, Any], key: str) -> dict[str, int] | None:
+    ids = meta.get(key)
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or any(not isinstance(x, str) for x in ids):
+        raise ValueError(f"metadata {key} must be a list of strings")
+    return {x: i for i, x in enumerate(ids)}
+
+
+def _rows_from_ids(records: list[dict[str, Any]], where: list[str], meta: dict[str, Any]) -> None:
+    """Replaces, in place, string ids by rows through the metadata's id lists (ValueError naming the
+    record for an unknown id, or for string ids without the lists)."""
+    qmap, cmap = _id_lookup(meta, "query_ids"), _id_lookup(meta, "corpus_ids")
+
+    def to_row(value: Any, lookup: dict[str, int] | None, what: str, w: str) -> Any:
+        if not isinstance(value, str):
+            return value
+        if lookup is None:
+            raise ValueError(f"{w}: {what} {value!r} is a string id but the metadata holds no id list to map it "
+                             "to a row (for .jsonl: the .meta.json file beside it)")
+        if value not in lookup:
+            raise ValueError(f"{w}: {what} {value!r} is not a known id")
+        return lookup[value]
+
+    for rec, w in zip(records, where, strict=True):
+        if "query" in rec:
+            rec["query"] = to_row(rec["query"], qmap, "query", w)
+        for key in ("negatives", "positives"):
+            if isinstance(rec.get(key), list):
+                rec[key] = [to_row(v, cmap, "corpus id", w) for v in rec[key]]
 
 
 def _row(vals: Any, width: int, kind: str, what: str) -> np.ndarray:
@@ -128,6 +204,9 @@ def _from_records(records: list[dict[str, Any]], where: list[str], num_queries: 
     arrays = {"indices": np.full((b, k), -1, dtype=np.int64), "scores": np.full((b, k), -np.inf, np.float32),
               "positive_scores": np.full((b,), np.nan, np.float32),
               "positives": np.full((b, width_p), -1, dtype=np.int64)}
+    with_pairs = bool(records) and all(isinstance(r.get("positive_pair_scores"), list) for r in records)
+    if with_pairs:
+        arrays["positive_pair_scores"] = np.full((b, width_p), np.nan, np.float32)
     for q, i in enumerate(at):
         rec, w = records[i], where[i]
         arrays["indices"][q] = _row(rec["negatives"], k, "ids", f"{w}: negatives")
@@ -135,6 +214,11 @@ def _from_records(records: list[dict[str, Any]], where: list[str], num_queries: 
             raise ValueError(f"{w}: scores must be a list as long as negatives")
         arrays["scores"][q] = _row(rec["scores"], k, "scores", f"{w}: scores")
         arrays["positives"][q] = _row(rec["positives"], width_p, "ids", f"{w}: positives")
+        if with_pairs:
+            if len(rec["positive_pair_scores"]) != len(rec["positives"]):
+                raise ValueError(f"{w}: positive_pair_scores must be a list as long as positives")
+            pair = _row(rec["positive_pair_scores"], width_p, "scores", f"{w}: positive_pair_scores")
+            arrays["positive_pair_scores"][q] = np.where(np.isneginf(pair), np.nan, pair)
         ps = rec["positive_score"]
         if ps is not None and (isinstance(ps, bool) or not isinstance(ps, (int, float))):
             raise ValueError(f"{w}: positive_score {ps!r} is not a number")
@@ -166,6 +250,10 @@ def _check_result(arrays: dict[str, np.ndarray], meta: dict[str, Any], num_queri
                          f"{pos.shape}")
     if "eligible" in arrays and (arrays["eligible"].shape != (b,) or arrays["eligible"].dtype.kind not in "iu"):
         raise ValueError(f"eligible must be an integer array of shape ({b},)")
+    pair = arrays.get("positive_pair_scores")
+    if pair is not None and (pair.shape != pos.shape or pair.dtype.kind != "f"):
+        raise ValueError(f"positive_pair_scores must be a float array of the shape of positives {pos.shape}, got "
+                         f"{pair.dtype} of shape {pair.shape}")
     params = meta.get("params")
     n = params.get("num_corpus") if isinstance(params, dict) else None
     bound = n if isinstance(n, int) and not isinstance(n, bool) else 1 << 63
@@ -211,8 +299,12 @@ def _read_result(p: Path, ext: str) -> tuple[dict[str, np.ndarray], dict[str, An
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise ValueError("not an .npz archive")
             with z:
-                arrays = {k: z[k] for k in z.files if k != "meta"}
+                arrays = {k: z[k] for k in z.files if k not in ("meta", "query_ids", "corpus_ids")}
                 meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+                if isinstance(meta, dict):
+                    for key in ("query_ids", "corpus_ids"):
+                        if key in z.files:
+                            meta[key] = [str(x) for x in z[key].tolist()]
         except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
             raise ValueError(f"cannot be read ({type(e).__name__}: {e})") from None
         if not isinstance(meta, dict):
@@ -221,6 +313,14 @@ def _read_result(p: Path, ext: str) -> tuple[dict[str, np.ndarray], dict[str, An
         return arrays, meta
     if ext == ".jsonl":
         meta: dict[str, Any] = {}
+        side = meta_path(p)
+        if side.is_file():
+            try:
+                meta = json.loads(side.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"its metadata file {str(side)!r} is not valid JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"its metadata file {str(side)!r} is not a JSON object")
         records, where = [], []
         try:
             text = p.read_text(encoding="utf-8-sig")
@@ -235,7 +335,7 @@ def _read_result(p: Path, ext: str) -> tuple[dict[str, np.ndarray], dict[str, An
                 raise ValueError(f"line {lineno} is not valid JSON ({e})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"line {lineno} is not a JSON object")
-            if "meta" in obj and "query" not in obj:
+            if "meta" in obj and "query" not in obj:  # files of earlier versions: meta in the first line
                 if not isinstance(obj["meta"], dict):
                     raise ValueError(f"line {lineno}: meta is not a JSON object")
                 meta = obj["meta"]
@@ -259,9 +359,11 @@ def _read_result(p: Path, ext: str) -> tuple[dict[str, np.ndarray], dict[str, An
         absent = [key for key in _RECORD_KEYS if key not in cols]
         if absent:
             raise ValueError(f"has no column {absent[0]!r}")
-        records = [{key: cols[key][i] for key in _RECORD_KEYS} for i in range(table.num_rows)]
+        keys = [key for key in (*_RECORD_KEYS, "positive_pair_scores") if key in cols]
+        records = [{key: cols[key][i] for key in keys} for i in range(table.num_rows)]
         where = [f"row {i}" for i in range(table.num_rows)]
     num_queries, k = _meta_count(meta, "num_queries"), _meta_count(meta, "num_negatives")
+    _rows_from_ids(records, where, meta)
     arrays = _from_records(records, where, num_queries, k)
     _check_result(arrays, meta, num_queries, k)
     return arrays, meta

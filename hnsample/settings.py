@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 CUDA_PATHS = ("auto", "two_pass", "fused")
+SCREEN_PRODUCTS = ("auto", "fp32", "bf16")
 FUSED_KERNEL_NAMES = ("auto", "mma", "wgmma", "wgmma_256x128", "wgmma_128x256")
 
 
@@ -35,6 +36,9 @@ class Settings:
     cpu_threads: int = 0
     """Threads of the CPU kernels; 0: torch.get_num_threads() (the kernels and torch's GEMMs run one
     after the other, so sharing the budget never oversubscribes)."""
+    screen_product: str = "auto"
+    """The GEMM that screens float32 / 16-bit inputs before the canonical rescoring (docs/certified.md):
+    "fp32", "bf16" (fast on CPUs with AMX), or "auto": the fastest by a one-time probe."""
     interrupt_seconds: float = 0.25
     """A kernel call on a given score matrix (topk_from_scores) is split into row chunks of about this
     much work, so Ctrl-C is seen between chunks."""
@@ -91,6 +95,8 @@ class Settings:
             raise ValueError(f"settings.cpu_threads must be >= 0, got {self.cpu_threads}")
         if not self.interrupt_seconds > 0:
             raise ValueError(f"settings.interrupt_seconds must be > 0, got {self.interrupt_seconds}")
+        if self.screen_product not in SCREEN_PRODUCTS:
+            raise ValueError(f"settings.screen_product must be one of {SCREEN_PRODUCTS}, got {self.screen_product!r}")
         if self.cuda_path not in CUDA_PATHS:
             raise ValueError(f"settings.cuda_path must be one of {CUDA_PATHS}, got {self.cuda_path!r}")
         if self.cuda_fused_kernel not in FUSED_KERNEL_NAMES:

@@ -39,7 +39,7 @@ class ExactGemm:
     def __init__(self, queries: torch.Tensor, metric: str):
         self.metric = metric
 
-    def operand(self, x: torch.Tensor) -> Operand:
+    def operand(self, x: torch.Tensor, query_side: bool = False) -> Operand:
         return Operand(x)
 
     def scores(self, q: Operand, c: Operand, out: torch.Tensor) -> None:

@@ -325,6 +325,10 @@ def test_checkpoint_resume_skips_finished_batches(tmp_path):
             self.batches.add(params.noise_row_offset)
             super().select_block(params, *args)
 
+        def screen_block(self, params, *args):  # float32 inputs: screened blocks
+            self.batches.add(params.noise_row_offset)
+            super().screen_block(params, *args)
+
     kernels = RecordingKernels()
     with registry.use("cpu", CpuBackend(kernels)):
         again = mine_hard_negatives(q, c, pos, **kw)

@@ -59,11 +59,16 @@ WORKER = textwrap.dedent("""
 
         class Flaky(CpuKernels):  # rank 1 fails in its second query batch
             batches = set()
-            def select_block(self, params, *args):
+            def check(self, params):
                 self.batches.add(params.noise_row_offset)
                 if rank == 1 and len(self.batches) == 2:
                     raise OSError("disk read failed (injected)")
+            def select_block(self, params, *args):
+                self.check(params)
                 super().select_block(params, *args)
+            def screen_block(self, params, *args):
+                self.check(params)
+                super().screen_block(params, *args)
 
         with registry.use("cpu", CpuBackend(Flaky())):
             M.mine_hard_negatives(q, c, pos, **configs["top"], **common)

@@ -84,8 +84,18 @@ def _check_files(ck) -> set[int]:
     return done
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The workers mine with one torch thread; torch's CPU matmul rounds differently with other thread
+    counts, so the in-process runs compared with them use one thread too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_killed_runs_resume_to_the_uninterrupted_result(inputs):
+def test_killed_runs_resume_to_the_uninterrupted_result(inputs, one_torch_thread):
     d = inputs
     ck = d / "ck"
     total = B // BATCH

@@ -229,8 +229,15 @@ def _result():
 
 
 def _jsonl_lines(r, tmp_path):
+    """The records of r saved as .jsonl (one per line, nothing else: the metadata is in the sidecar)."""
     r.save(tmp_path / "r.jsonl")
     return (tmp_path / "r.jsonl").read_text().splitlines()
+
+
+def _write_jsonl(tmp_path, name: str, lines: list[str]) -> None:
+    """Writes lines as tmp_path/name with a copy of r.jsonl's metadata sidecar beside it."""
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+    (tmp_path / f"{name}.meta.json").write_bytes((tmp_path / "r.jsonl.meta.json").read_bytes())
 
 
 def _equal(a: MinedNegatives, b: MinedNegatives) -> None:
@@ -256,40 +263,48 @@ def test_parquet_rows_are_placed_by_their_query_column(tmp_path):
 
 def test_jsonl_rows_are_placed_by_query_and_gaps_or_repeats_are_refused(tmp_path):
     r = _result()
-    meta, *records = _jsonl_lines(r, tmp_path)
-    (tmp_path / "rev.jsonl").write_text("\n".join([meta, *records[::-1]]) + "\n")
+    records = _jsonl_lines(r, tmp_path)
+    _write_jsonl(tmp_path, "rev.jsonl", records[::-1])
     _equal(MinedNegatives.load(tmp_path / "rev.jsonl"), r)
-    (tmp_path / "gap.jsonl").write_text("\n".join([meta, *records[:3], *records[4:]]) + "\n")
+    _write_jsonl(tmp_path, "gap.jsonl", [*records[:3], *records[4:]])
     with pytest.raises(ValueError, match=r"gap.jsonl': no record for queries \[3\] \(1 of 22\)"):
         MinedNegatives.load(tmp_path / "gap.jsonl")
-    (tmp_path / "last.jsonl").write_text("\n".join([meta, *records[:-1]]) + "\n")
+    _write_jsonl(tmp_path, "last.jsonl", records[:-1])
     with pytest.raises(ValueError, match=r"no record for queries \[21\]"):
         MinedNegatives.load(tmp_path / "last.jsonl")
-    (tmp_path / "dup.jsonl").write_text("\n".join([meta, *records[:4], records[3], *records[4:]]) + "\n")
-    with pytest.raises(ValueError, match=r"dup.jsonl': line 6: query 3 appears twice \(also line 5\)"):
+    _write_jsonl(tmp_path, "dup.jsonl", [*records[:4], records[3], *records[4:]])
+    with pytest.raises(ValueError, match=r"dup.jsonl': line 5: query 3 appears twice \(also line 4\)"):
         MinedNegatives.load(tmp_path / "dup.jsonl")
 
 
+def test_jsonl_of_earlier_versions_with_a_meta_line_still_loads(tmp_path):
+    r = _result()
+    records = _jsonl_lines(r, tmp_path)
+    meta = (tmp_path / "r.jsonl.meta.json").read_text()
+    (tmp_path / "old.jsonl").write_text("\n".join([json.dumps({"meta": json.loads(meta)}), *records]) + "\n")
+    _equal(MinedNegatives.load(tmp_path / "old.jsonl"), r)
+
+
 @pytest.mark.parametrize("edit, problem", [
-    (lambda rec: dict(rec, query=22), r"line 2: query 22 is outside \[0, 22\)"),
-    (lambda rec: dict(rec, query="0"), r"line 2: query '0' is not an integer"),
-    (lambda rec: dict(rec, negatives=rec["negatives"] + [1]), r"line 2: negatives has 7 entries, more than"),
-    (lambda rec: dict(rec, negatives=[1.5] * 6), r"line 2: negatives holds a value that is not an integer"),
-    (lambda rec: dict(rec, scores=rec["scores"][:2]), r"line 2: scores must be a list as long as negatives"),
-    (lambda rec: dict(rec, negatives=[10**9] * 6), r"indices hold ids outside \[-1, 97\)"),
-    (lambda rec: {k: v for k, v in rec.items() if k != "positives"}, r"line 2 has no field 'positives'"),
+    (lambda rec: dict(rec, query=22), r"line 1: query 22 is outside \[0, 22\)"),
+    (lambda rec: dict(rec, query="0"), r"line 1: query '0' is a string id but the metadata holds no id list"),
+    (lambda rec: dict(rec, negatives=list(range(7)), scores=[0.0] * 7), r"line 1: negatives has 7 entries, more than"),
+    (lambda rec: dict(rec, negatives=[1.5] * 6), r"line 1: negatives holds a value that is not an integer"),
+    (lambda rec: dict(rec, negatives=[1, 2, 3], scores=[0.5]), r"line 1: scores must be a list as long as negatives"),
+    (lambda rec: dict(rec, negatives=[10**9] * 6, scores=[0.0] * 6), r"indices hold ids outside \[-1, 97\)"),
+    (lambda rec: {k: v for k, v in rec.items() if k != "positives"}, r"line 1 has no field 'positives'"),
 ])
 def test_jsonl_record_problems_name_the_file_and_line(tmp_path, edit, problem):
-    meta, first, *rest = _jsonl_lines(_result(), tmp_path)
-    (tmp_path / "bad.jsonl").write_text("\n".join([meta, json.dumps(edit(json.loads(first))), *rest]) + "\n")
+    first, *rest = _jsonl_lines(_result(), tmp_path)
+    _write_jsonl(tmp_path, "bad.jsonl", [json.dumps(edit(json.loads(first))), *rest])
     with pytest.raises(ValueError, match=rf"result file '.*bad.jsonl': {problem}"):
         MinedNegatives.load(tmp_path / "bad.jsonl")
 
 
 def test_malformed_result_files_name_the_file(tmp_path):
-    meta, *records = _jsonl_lines(_result(), tmp_path)
-    (tmp_path / "cut.jsonl").write_text("\n".join([meta, *records[:5], records[5][:20]]) + "\n")
-    with pytest.raises(ValueError, match=r"cut.jsonl': line 7 is not valid JSON"):
+    records = _jsonl_lines(_result(), tmp_path)
+    _write_jsonl(tmp_path, "cut.jsonl", [*records[:5], records[5][:20]])
+    with pytest.raises(ValueError, match=r"cut.jsonl': line 6 is not valid JSON"):
         MinedNegatives.load(tmp_path / "cut.jsonl")
     (tmp_path / "bad.npz").write_bytes(b"garbage" * 10)
     with pytest.raises(ValueError, match=r"bad.npz': cannot be read"):

@@ -1,12 +1,15 @@
-"""Threading: the compiled kernels use plain std::threads and no OpenMP runtime of their own, so they
-coexist with torch's OpenMP/MKL GEMMs in one process, release the GIL, and give results that do not
-depend on thread counts or on other work running at the same time."""
+"""Threading: the compiled kernels use a persistent pool of plain std::threads and no OpenMP runtime of
+their own, so they coexist with torch's OpenMP/MKL GEMMs in one process, release the GIL, survive fork
+and refused thread starts, and give results that do not depend on thread counts or on other work
+running at the same time."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -179,18 +182,201 @@ def test_kernels_release_the_gil(restore_threads, make_selection):
     assert during > 1000, during
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_getaffinity")
-def test_kernels_start_no_persistent_threads():
-    """std::threads are joined at the end of every call: the thread count of the process is unchanged."""
+def _run_script(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd="/",
+        env=dict(os.environ, **env), timeout=600,
+    )
 
-    def task_count() -> int:
-        return len(os.listdir("/proc/self/task"))
 
-    hnsample.topk_similarity(torch.randn(32, 8), torch.randn(100, 8), 2)  # warm up torch's pools
-    before = task_count()
-    for _ in range(3):
-        hnsample.topk_from_scores(torch.randn(64, 300), 5, sampling="softmax", seed=1)
-    assert task_count() <= before
+SANITIZED = any(name in os.environ.get("LD_PRELOAD", "") for name in ("libasan", "libtsan"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_worker_pool_starts_once_grows_lazily_and_sleeps_when_idle():
+    """The kernels' workers (named hnsample-cpu) start on the first call that needs them, are reused by
+    every later call, grow only when a call wants more, use no CPU while idle (no spinning) and leave
+    asynchronous signals to the other threads."""
+    proc = _run_script(
+        """
+        import json, os, time, torch, hnsample
+
+        def workers():
+            ticks = {}
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    with open(f"/proc/self/task/{tid}/comm") as f:
+                        if f.read().strip() != "hnsample-cpu":
+                            continue
+                    with open(f"/proc/self/task/{tid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    ticks[tid] = int(fields[11]) + int(fields[12])  # utime + stime, clock ticks
+                except FileNotFoundError:
+                    pass
+            return ticks
+
+        x = torch.randn(64, 300)
+        counts = []
+        for threads in (1, 3, 3, 5, 2):
+            torch.set_num_threads(threads)
+            for _ in range(4):
+                hnsample.topk_from_scores(x, 5, sampling="softmax", seed=1)
+            counts.append(len(workers()))
+        before = workers()
+        time.sleep(1.0)
+        after = workers()
+        idle = sum(after[t] - before[t] for t in before)
+        masks = []
+        for tid in after:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                masks += [int(line.split()[1], 16) for line in f if line.startswith("SigBlk:")]
+        print(json.dumps({"counts": counts, "idle_ticks": idle, "ticks_per_second": os.sysconf("SC_CLK_TCK"),
+                          "blocked": masks}))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["counts"] == [0, 2, 2, 4, 4]
+    # Four workers spinning for a second would burn ~4 * ticks_per_second ticks; sleeping ones burn none.
+    assert out["idle_ticks"] <= out["ticks_per_second"] // 10, out
+    # Workers leave asynchronous signals (SIGINT: Ctrl-C) to Python's main thread, but not faults.
+    bit = lambda sig: 1 << (sig - 1)  # noqa: E731
+    assert len(out["blocked"]) == 4
+    assert all(m & bit(signal.SIGINT) and m & bit(signal.SIGTERM) for m in out["blocked"]), out
+    assert not any(m & (bit(signal.SIGSEGV) | bit(signal.SIGBUS) | bit(signal.SIGFPE)) for m in out["blocked"]), out
+
+
+@pytest.mark.skipif(SANITIZED, reason="the sanitizer runtimes need address space beyond the limit")
+def test_refused_thread_start_raises_a_python_exception():
+    """With more torch threads than the address-space limit leaves room for, a kernel call raises a
+    clear exception (it used to abort the process: std::terminate, exit status 134); after the limit is
+    lifted the same call works and gives the single-threaded result."""
+    proc = _run_script(
+        """
+        import resource, torch, hnsample
+        torch.set_num_threads(1)
+        x = torch.randn(4096, 64)
+        serial = hnsample.topk_from_scores(x, 3)  # also imports everything imported lazily
+        torch.set_num_threads(600)
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * resource.getpagesize()
+        saved = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (size + (64 << 20), saved[1]))
+        try:
+            hnsample.topk_from_scores(x, 3)
+        except RuntimeError as e:
+            print("raised:", type(e).__name__, e)
+        resource.setrlimit(resource.RLIMIT_AS, saved)
+        torch.set_num_threads(4)
+        again = hnsample.topk_from_scores(x, 3)
+        print("recovered:", torch.equal(again.indices, serial.indices) and torch.equal(again.scores, serial.scores))
+        """
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("raised: KernelError hnsample: could not start CPU worker thread"), proc.stdout
+    assert "torch.set_num_threads" in lines[0]
+    assert lines[1] == "recovered: True"
+
+
+def test_many_python_threads_call_kernels_at_once(restore_threads):
+    """Eight Python threads run every CPU kernel (selection, merge, finalize, InfoNCE forward and
+    backward) concurrently on the shared pool; each result equals the one computed alone."""
+    torch.set_num_threads(4)
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randn(300, 700, generator=g)
+    q, c = torch.randn(120, 16, generator=g), torch.randn(900, 16, generator=g)
+    docs = torch.randn(200, 16, generator=g)
+
+    def jobs():
+        yield lambda: hnsample.topk_from_scores(scores, 9)
+        yield lambda: hnsample.topk_from_scores(scores.double(), 5, sampling="softmax", seed=2, skip_top=3)
+        yield lambda: hnsample.topk_from_scores(scores.half().T, 4, sampling="uniform", seed=1, pool=40)
+        yield lambda: hnsample.topk_similarity(q, c, 6, block_size=20_000, relative_margin=0.2,
+                                               positives=torch.arange(120).unsqueeze(1))
+
+        def nce():
+            qq = q.clone().requires_grad_(True)
+            loss = hnsample.info_nce(qq, docs, temperature=0.1, symmetric=True, block_size=4096)
+            loss.backward()
+            return loss.detach(), qq.grad
+
+        yield nce
+
+    def as_tensors(result):
+        return list(result) if isinstance(result, tuple) else [result.scores, result.indices]
+
+    serial = [as_tensors(job()) for job in jobs()]
+    errors: list[BaseException] = []
+    mismatches: list[tuple[int, int]] = []
+
+    def worker(offset: int):
+        try:
+            for it in range(8):
+                i = (it + offset) % len(serial)
+                got = as_tensors(list(jobs())[i]())
+                if not all(torch.equal(a, b) for a, b in zip(got, serial[i], strict=True)):
+                    mismatches.append((offset, i))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a kernel call hung"
+    assert not errors, errors
+    assert not mismatches, mismatches
+
+
+def test_forked_children_get_a_working_pool():
+    """DataLoader workers forked after the pool started, and children forked while another thread is in
+    the middle of kernel calls, run the threaded kernels (a child inherits none of the parent's workers,
+    and possibly a locked pool mutex: it must start a fresh pool, not hang)."""
+    proc = _run_script(
+        """
+        import os, signal, threading, torch, hnsample
+        torch.set_num_threads(4)
+        x = torch.randn(300, 500)
+        want = hnsample.topk_from_scores(x, 7)  # starts the pool's workers in the parent
+
+        def same(r):
+            return torch.equal(r.indices, want.indices) and torch.equal(r.scores, want.scores)
+
+        class Data(torch.utils.data.Dataset):
+            def __len__(self):
+                return 6
+
+            def __getitem__(self, i):
+                torch.set_num_threads(3)  # DataLoader workers start with one thread: use the pool
+                return same(hnsample.topk_from_scores(x, 7))
+
+        loader = torch.utils.data.DataLoader(
+            Data(), batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=120)
+        print("dataloader:", all(bool(ok) for ok in loader))
+
+        stop = threading.Event()
+        def busy():
+            while not stop.is_set():
+                hnsample.topk_from_scores(x, 7)
+        t = threading.Thread(target=busy)
+        t.start()
+        statuses = []
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(60)  # a deadlocked child dies of SIGALRM
+                os._exit(0 if same(hnsample.topk_from_scores(x, 7)) else 3)
+            statuses.append(os.waitpid(pid, 0)[1])
+        stop.set()
+        t.join()
+        print("fork:", statuses)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dataloader: True" in proc.stdout, proc.stdout
+    assert "fork: [0, 0, 0, 0, 0, 0, 0, 0]" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])

@@ -119,7 +119,7 @@ def test_gradients_match_autograd_through_the_reference(dtype):
         gq, gc = torch.autograd.grad((out.scores * w).sum(), (q, c))
         assert gq.dtype == dtype and gc.dtype == dtype
         qr, cr = q.detach().float().requires_grad_(), c.detach().float().requires_grad_()
-        s = R.similarity(qr, cr, metric)
+        s = R.differentiable_similarity(qr, cr, metric)
         rq, rc = torch.autograd.grad((torch.gather(s, 1, out.indices) * w).sum(), (qr, cr))
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(gq.float(), rq, rtol=tol, atol=tol)

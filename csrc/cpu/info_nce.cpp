@@ -3,7 +3,8 @@
 // (and, for the symmetric loss, into per-thread column statistics merged at the end). Backward: the
 // same classification on the recomputed block turns each score into dL/ds in place, ready for the
 // two gradient matmuls, and accumulates sum_j c_ij u_ij per row for the temperature gradient.
-// Rows are split over std::threads; memory touched: the block, [B, 5] and [M, 2] float64 statistics.
+// Rows are split over the worker pool; memory touched: the block (read and written at any byte
+// address), [B, 5] and [M, 2] float64 statistics.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -17,7 +18,7 @@ namespace {
 template <typename T>
 double guide_at(const PairBlock& b, int64_t r, int64_t c) {
   if (b.guide == nullptr) return 0.0;
-  return static_cast<double>(to_float(static_cast<const T*>(b.guide)[r * b.guide_row_stride + c * b.guide_col_stride]));
+  return static_cast<double>(to_float(load_at<T>(b.guide, r * b.guide_row_stride + c * b.guide_col_stride)));
 }
 
 constexpr int64_t kChunk = 256;
@@ -26,7 +27,6 @@ constexpr int64_t kChunk = 256;
 // st = row_stats[row] (chunk-wise rescaling of the log-sum-exp).
 template <typename T>
 void forward_chunk_exact(const InfoNceParams& p, const PairBlock& b, int64_t r, int64_t c0, int64_t n, double* st) {
-  const T* data = static_cast<const T*>(b.data);
   const int64_t row = b.row_offset + r;
   const double b1 = 1.0 + p.hcl_beta;
   double logit[kChunk];
@@ -35,7 +35,7 @@ void forward_chunk_exact(const InfoNceParams& p, const PairBlock& b, int64_t r, 
   int64_t negatives = 0;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t c = c0 + t;
-    const double s = static_cast<double>(to_float(data[r * b.row_stride + c * b.col_stride]));
+    const double s = static_cast<double>(to_float(load_at<T>(b.data, r * b.row_stride + c * b.col_stride)));
     const int k = pair_kind(p, row, b.col_offset + c, s, guide_at<T>(b, r, c));
     const double l = pair_logit(p, k, s).l;
     negative[t] = k == kNegative;
@@ -72,11 +72,10 @@ void forward_rows_exact(const InfoNceParams& p, const PairBlock& b, int64_t r0, 
 // Symmetric loss: folds every valid pair of rows [r0, r1) into per-thread column statistics.
 template <typename T>
 void fold_columns(const InfoNceParams& p, const PairBlock& b, int64_t r0, int64_t r1, double* col_part) {
-  const T* data = static_cast<const T*>(b.data);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = b.row_offset + r;
     for (int64_t c = 0; c < b.cols; ++c) {
-      const double s = static_cast<double>(to_float(data[r * b.row_stride + c * b.col_stride]));
+      const double s = static_cast<double>(to_float(load_at<T>(b.data, r * b.row_stride + c * b.col_stride)));
       const int k = pair_kind(p, row, b.col_offset + c, s, guide_at<T>(b, r, c));
       if (k != kMasked) lse_add(col_part[2 * c], col_part[2 * c + 1], pair_logit(p, k, s).l);
     }
@@ -89,8 +88,13 @@ void fold_columns(const InfoNceParams& p, const PairBlock& b, int64_t r0, int64_
 // searched per pair), and exp runs in float through exp_approx. Chunks holding NaN or +-inf logits
 // fall back to the exact per-pair code above, so non-finite inputs keep their semantics.
 
-// Hot float loops are compiled for AVX-512, AVX2 and the baseline; the loader picks one at run time.
+// Hot float loops are compiled for AVX-512, AVX2 and the baseline on x86-64; the loader picks one at
+// run time. Elsewhere they are compiled once, for the target's baseline.
+#if defined(__x86_64__)
 #define HN_CPU_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define HN_CPU_CLONES
+#endif
 
 // exp(x) for float, about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r and
 // 2^n through the exponent bits. Flushes to 0 below -87 so that exp(-inf) = 0.
@@ -121,19 +125,23 @@ inline float round_down(double v) {
   return f;
 }
 
+// float32 scores of a block row and int64 id / label arrays, read at any byte address.
+using Scores = UnalignedSpan<float>;
+using Ids = UnalignedSpan<int64_t>;
+
 struct RowRule {
   int64_t row;
-  const int64_t* pos;      // [P]
-  const int64_t* pos_doc;  // [P] or null
+  Ids pos;      // [P]
+  Ids pos_doc;  // [P] or null
   int64_t query_label;
   bool labels;
   float upper, guide_upper;
   bool has_upper, has_guide;
   RowRule(const InfoNceParams& p, int64_t r) : row(r) {
-    pos = p.positive_ids + r * p.positive_stride;
-    pos_doc = p.positive_doc_ids != nullptr ? p.positive_doc_ids + r * p.positive_stride : nullptr;
+    pos = Ids{p.positive_ids + r * p.positive_stride};
+    pos_doc = Ids{p.positive_doc_ids != nullptr ? p.positive_doc_ids + r * p.positive_stride : nullptr};
     labels = p.query_labels != nullptr && p.doc_labels != nullptr;
-    query_label = labels ? p.query_labels[r] : 0;
+    query_label = labels ? load_at<int64_t>(p.query_labels, r) : 0;
     has_upper = p.upper != nullptr;
     upper = has_upper ? round_down(p.upper[r]) : 0.0f;
     has_guide = p.guide_upper != nullptr;
@@ -143,14 +151,14 @@ struct RowRule {
 
 // Fills neg[t] (1 for an unmasked negative, else 0) and is_pos[t] for columns [c0, c0 + n) of one
 // row: the same decisions as pair_kind.
-inline void chunk_kinds(const InfoNceParams& p, const RowRule& rr, const float* s, const float* g, int64_t col0,
-                        int64_t n, float* neg, float* is_pos) {
+inline void chunk_kinds(const InfoNceParams& p, const RowRule& rr, Scores s, Scores g, int64_t col0, int64_t n,
+                        float* neg, float* is_pos) {
   for (int64_t t = 0; t < n; ++t) {
     neg[t] = 1.0f;
     is_pos[t] = 0.0f;
   }
   if (rr.labels) {
-    const int64_t* dl = p.doc_labels + col0;
+    const Ids dl{p.doc_labels + col0};
     for (int64_t t = 0; t < n; ++t) neg[t] = dl[t] == rr.query_label ? 0.0f : neg[t];
   }
   if (rr.has_upper)
@@ -160,9 +168,9 @@ inline void chunk_kinds(const InfoNceParams& p, const RowRule& rr, const float* 
   for (int64_t k = 0; k < p.positive_cols; ++k) {
     const int64_t j = rr.pos[k];
     if (j < 0) continue;
-    if (rr.pos_doc != nullptr && p.doc_ids != nullptr) {
+    if (rr.pos_doc.bytes != nullptr && p.doc_ids != nullptr) {
       const int64_t id = rr.pos_doc[k];
-      const int64_t* di = p.doc_ids + col0;
+      const Ids di{p.doc_ids + col0};
       for (int64_t t = 0; t < n; ++t) neg[t] = di[t] == id ? 0.0f : neg[t];
     }
   }
@@ -175,13 +183,14 @@ inline void chunk_kinds(const InfoNceParams& p, const RowRule& rr, const float* 
   }
 }
 
-// Gathers n scores of row r starting at column c into dst (contiguous float).
-inline const float* chunk_scores(const float* base, int64_t row_stride, int64_t col_stride, int64_t r, int64_t c,
-                                 int64_t n, float* dst) {
-  const float* src = base + r * row_stride + c * col_stride;
-  if (col_stride == 1) return src;
-  for (int64_t t = 0; t < n; ++t) dst[t] = src[t * col_stride];
-  return dst;
+// The n scores of row r from column c on, as a contiguous run: the block itself when its columns are
+// contiguous, else gathered into dst.
+inline Scores chunk_scores(const void* base, int64_t row_stride, int64_t col_stride, int64_t r, int64_t c, int64_t n,
+                           float* dst) {
+  const int64_t first = r * row_stride + c * col_stride;
+  if (col_stride == 1) return Scores{static_cast<const unsigned char*>(base) + 4 * first};
+  for (int64_t t = 0; t < n; ++t) dst[t] = load_at<float>(base, first + t * col_stride);
+  return Scores{dst};
 }
 
 // Folds exp(scale * l) over the chunk's negatives into (m, z). Returns false (nothing folded) when a
@@ -204,8 +213,6 @@ inline bool fold_chunk(const float* l, const float* neg, int64_t n, float scale,
 }
 
 HN_CPU_CLONES void forward_rows_f32(const InfoNceParams& p, const PairBlock& b, int64_t r0, int64_t r1) {
-  const float* data = static_cast<const float*>(b.data);
-  const float* guide = static_cast<const float*>(b.guide);
   const float b1 = static_cast<float>(1.0 + p.hcl_beta), b0 = static_cast<float>(p.hcl_beta);
   const float inv_t = static_cast<float>(p.inv_temperature);
   const float alpha = static_cast<float>(p.hardness_alpha);
@@ -216,9 +223,10 @@ HN_CPU_CLONES void forward_rows_f32(const InfoNceParams& p, const PairBlock& b, 
     double* st = p.row_stats + 5 * row;
     for (int64_t c0 = 0; c0 < b.cols; c0 += kChunk) {
       const int64_t n = std::min(kChunk, b.cols - c0);
-      const float* s = chunk_scores(data, b.row_stride, b.col_stride, r, c0, n, sbuf);
-      const float* g = guide != nullptr ? chunk_scores(guide, b.guide_row_stride, b.guide_col_stride, r, c0, n, gbuf)
-                                        : nullptr;
+      const Scores s = chunk_scores(b.data, b.row_stride, b.col_stride, r, c0, n, sbuf);
+      const Scores g = b.guide != nullptr
+                           ? chunk_scores(b.guide, b.guide_row_stride, b.guide_col_stride, r, c0, n, gbuf)
+                           : Scores{nullptr};
       chunk_kinds(p, rr, s, g, b.col_offset + c0, n, neg, is_pos);
       float count = 0.0f;
       for (int64_t t = 0; t < n; ++t) {
@@ -244,8 +252,6 @@ HN_CPU_CLONES void forward_rows_f32(const InfoNceParams& p, const PairBlock& b, 
 // finite, so the caller can take the exact per-pair path.
 HN_CPU_CLONES bool fold_columns_f32(const InfoNceParams& p, const PairBlock& b, int64_t r0, int64_t r1,
                                     double* col_part) {
-  const float* data = static_cast<const float*>(b.data);
-  const float* guide = static_cast<const float*>(b.guide);
   const float inv_t = static_cast<float>(p.inv_temperature);
   const float alpha = static_cast<float>(p.hardness_alpha);
   const float margin = static_cast<float>(p.positive_margin);
@@ -257,9 +263,10 @@ HN_CPU_CLONES bool fold_columns_f32(const InfoNceParams& p, const PairBlock& b, 
       const RowRule rr(p, b.row_offset + r);
       for (int64_t c0 = 0; c0 < b.cols; c0 += kChunk) {
         const int64_t n = std::min(kChunk, b.cols - c0);
-        const float* s = chunk_scores(data, b.row_stride, b.col_stride, r, c0, n, sbuf);
-        const float* g =
-            guide != nullptr ? chunk_scores(guide, b.guide_row_stride, b.guide_col_stride, r, c0, n, gbuf) : nullptr;
+        const Scores s = chunk_scores(b.data, b.row_stride, b.col_stride, r, c0, n, sbuf);
+        const Scores g = b.guide != nullptr
+                             ? chunk_scores(b.guide, b.guide_row_stride, b.guide_col_stride, r, c0, n, gbuf)
+                             : Scores{nullptr};
         chunk_kinds(p, rr, s, g, b.col_offset + c0, n, neg, is_pos);
         float* mx = cmax.data() + c0;
         float* sm = csum.data() + c0;
@@ -326,14 +333,13 @@ void forward_block(const InfoNceParams& p, const PairBlock& b, int threads) {
 // returns sum_t c_t u_t.
 template <typename T>
 double backward_chunk_exact(const InfoNceParams& p, const PairBlock& b, int64_t r, int64_t c0, int64_t n) {
-  T* data = static_cast<T*>(b.data);
   const int64_t row = b.row_offset + r;
   double acc = 0.0;
   for (int64_t c = c0; c < c0 + n; ++c) {
-    T& cell = data[r * b.row_stride + c * b.col_stride];
-    const double s = static_cast<double>(to_float(cell));
+    const int64_t cell = r * b.row_stride + c * b.col_stride;
+    const double s = static_cast<double>(to_float(load_at<T>(b.data, cell)));
     const double g = pair_backward(p, row, b.col_offset + c, s, guide_at<T>(b, r, c), acc);
-    cell = static_cast<T>(g);
+    store_at<T>(b.data, cell, static_cast<T>(g));
   }
   return acc;
 }
@@ -342,8 +348,6 @@ double backward_chunk_exact(const InfoNceParams& p, const PairBlock& b, int64_t 
 // backward_chunk_exact, which still takes rows with non-finite statistics and chunks with
 // non-finite scores.
 HN_CPU_CLONES void backward_rows_f32(const InfoNceParams& p, const PairBlock& b, int64_t r0, int64_t r1) {
-  float* data = static_cast<float*>(b.data);
-  const float* guide = static_cast<const float*>(b.guide);
   const float b1 = static_cast<float>(1.0 + p.hcl_beta), b0 = static_cast<float>(p.hcl_beta);
   const float inv_t = static_cast<float>(p.inv_temperature);
   const float alpha = static_cast<float>(p.hardness_alpha);
@@ -366,15 +370,16 @@ HN_CPU_CLONES void backward_rows_f32(const InfoNceParams& p, const PairBlock& b,
     const float g0 = static_cast<float>(rc[2] * p.hcl_beta), s0 = b0 != 0.0f ? static_cast<float>(rc[3]) : 0.0f;
     for (int64_t c0 = 0; c0 < b.cols; c0 += kChunk) {
       const int64_t n = std::min(kChunk, b.cols - c0);
-      const float* s = chunk_scores(data, b.row_stride, b.col_stride, r, c0, n, sbuf);
+      const Scores s = chunk_scores(b.data, b.row_stride, b.col_stride, r, c0, n, sbuf);
       float finite = 1.0f;
       for (int64_t t = 0; t < n; ++t) finite = (s[t] - s[t] == 0.0f) ? finite : 0.0f;
       if (finite == 0.0f) {
         acc += backward_chunk_exact<float>(p, b, r, c0, n);
         continue;
       }
-      const float* g = guide != nullptr ? chunk_scores(guide, b.guide_row_stride, b.guide_col_stride, r, c0, n, gbuf)
-                                        : nullptr;
+      const Scores g = b.guide != nullptr
+                           ? chunk_scores(b.guide, b.guide_row_stride, b.guide_col_stride, r, c0, n, gbuf)
+                           : Scores{nullptr};
       chunk_kinds(p, rr, s, g, b.col_offset + c0, n, neg, is_pos);
       if (p.symmetric) {
         const double* cc = p.col_coef + 2 * (b.col_offset + c0);
@@ -397,8 +402,8 @@ HN_CPU_CLONES void backward_rows_f32(const InfoNceParams& p, const PairBlock& b,
         out[t] = coef * inv_t;
       }
       acc += static_cast<double>(chunk_acc);
-      float* dst = data + r * b.row_stride + c0 * b.col_stride;
-      for (int64_t t = 0; t < n; ++t) dst[t * b.col_stride] = out[t];
+      const int64_t first = r * b.row_stride + c0 * b.col_stride;
+      for (int64_t t = 0; t < n; ++t) store_at<float>(b.data, first + t * b.col_stride, out[t]);
     }
     p.tau_acc[row] += acc;
   }

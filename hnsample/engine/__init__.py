@@ -24,6 +24,7 @@ from .blocks import (
     product_for,
     score_blocks,
     select_blocks,
+    selection_pair_scores,
 )
 from .selection import (
     METRICS,
@@ -51,5 +52,5 @@ __all__ = [
     "MatmulProduct", "MixedPrecisionProduct", "Operand", "Selection", "SelectionState", "backend_for", "backends",
     "block_shape", "build_selection", "compute_dtype", "draw_seed", "kernels_for", "margin_bound",
     "pair_similarities", "positive_score", "prepare_rows", "product_for", "registry", "run_selection",
-    "score_blocks", "select_blocks",
+    "score_blocks", "select_blocks", "selection_pair_scores",
 ]

@@ -10,12 +10,17 @@ score buffer is reused, so extra memory is one block and one prepared candidate 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Callable, Iterator
+from functools import cache
 from typing import Any
 
 import torch
 
-from .selection import SelectionState, kernels_for
+from .. import settings as _settings
+from .certify import PRODUCTS, SCREENED_DTYPES, canonical_pair_scores
+from .selection import SelectionState, build_selection, kernels_for
 
 # Rows of the positive-pair helpers hold at most this many gathered elements at a time.
 PAIR_CHUNK = 1 << 22
@@ -66,7 +71,7 @@ class MatmulProduct:
         self.metric = metric
         self.out_dtype = compute_dtype(dtype)
 
-    def operand(self, x: torch.Tensor) -> Operand:
+    def operand(self, x: torch.Tensor, query_side: bool = False) -> Operand:
         return Operand(prepare_rows(x, self.metric, self.out_dtype))
 
     def scores(self, q: Operand, c: Operand, out: torch.Tensor) -> None:
@@ -83,7 +88,7 @@ class MixedPrecisionProduct:
     def __init__(self, metric: str):
         self.metric = metric
 
-    def operand(self, x: torch.Tensor) -> Operand:
+    def operand(self, x: torch.Tensor, query_side: bool = False) -> Operand:
         return Operand(x.contiguous(), cosine_scale(x) if self.metric == "cosine" else None)
 
     def scores(self, q: Operand, c: Operand, out: torch.Tensor) -> None:
@@ -101,6 +106,56 @@ def product_for(x: torch.Tensor, metric: str, kernels: Any = None) -> MatmulProd
         if kernels.mm_out_dtype_supported(x.device, x.dtype):
             return MixedPrecisionProduct(metric)
     return MatmulProduct(x.dtype, metric)
+
+
+def screen_product(dtype: torch.dtype, metric: str, dim: int, device: torch.device) -> Any:
+    """The screening product for inputs of this dtype on this device: settings.screen_product, or with
+    "auto" the fastest by a one-time timed probe (cached per device type and dtype)."""
+    choice = _settings.current().screen_product
+    if choice == "auto":
+        choice = probe_fastest(device.type, dtype)
+    return PRODUCTS[choice](dtype, metric, dim, device)
+
+
+@cache
+def probe_fastest(device_type: str, dtype: torch.dtype) -> str:
+    """The name of the fastest screening product on this machine for inputs of `dtype`, by
+    :func:`probe_times` (once per process). Only the CPU offers a choice today."""
+    if device_type != "cpu":
+        return "fp32"
+    return min(probe_times(dtype), key=lambda kv: kv[1])[0]
+
+
+def probe_times(dtype: torch.dtype, rows: int = 64, cols: int = 4096, dim: int = 128,
+                k: int = 16) -> list[tuple[str, float]]:
+    """(name, seconds) of a small screened selection with every product: the GEMM, the screening and the
+    canonical rescorings its bound leaves (a coarser bound is faster to compute but leaves more), best of
+    two after a warm-up, on random data. ``hnsample bench`` shows it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(rows, dim, generator=g).to(dtype)
+    c = torch.randn(cols, dim, generator=g).to(dtype)
+    sel = build_selection(rows, cols, torch.device("cpu"), k)
+    out = []
+    fastest = math.inf
+    for name, cls in PRODUCTS.items():
+        product = cls(dtype, "dot", dim, torch.device("cpu"))
+        best = warm = math.inf
+        for attempt in range(3):
+            if attempt == 1 and warm > 4 * fastest:  # far behind already: no need to time it closely
+                best = warm
+                break
+            state = SelectionState(sel, rows, torch.device("cpu"))
+            t0 = time.perf_counter()
+            for blk in score_blocks(q, c, product, rows, 1024):
+                state.offer_screened(blk, blk.j0)
+            elapsed = time.perf_counter() - t0
+            if attempt:
+                best = min(best, elapsed)
+            else:
+                warm = elapsed
+        fastest = min(fastest, best)
+        out.append((name, best))
+    return out
 
 
 NORM_ROWS = 1 << 13  # rows per norm computation (temporaries of this many rows)
@@ -124,14 +179,17 @@ class Block:
     """One block of scores: rows [i0, i0 + rows) of the queries against candidates [j0, j0 + cols).
 
     ``scores`` is a view into a buffer the next block overwrites; ``queries`` / ``candidates`` are the
-    prepared operands it was computed from; ``guide`` the guide scores of the same pairs, when asked."""
+    prepared operands it was computed from; ``guide`` the guide scores of the same pairs, when asked;
+    ``rel``: None for exact scores, else they are a screening product's approximations (engine.certify)
+    and this is the relative part of its error bound."""
 
     i0: int
     j0: int
     scores: torch.Tensor
-    queries: Operand
-    candidates: Operand
+    queries: Any
+    candidates: Any
     guide: torch.Tensor | None = None
+    rel: float | None = None
 
 
 def score_blocks(
@@ -146,23 +204,24 @@ def score_blocks(
     if b == 0 or n == 0:
         return
     br, bc = min(block_rows, b), min(block_cols, n)
-    q = product.operand(queries)
+    q = product.operand(queries, True)
     buf = torch.empty(br * bc, dtype=product.out_dtype, device=queries.device)
     gq = gbuf = None
     if guide is not None:
-        gq = guide[2].operand(guide[0])
+        gq = guide[2].operand(guide[0], True)
         gbuf = torch.empty(br * bc, dtype=guide[2].out_dtype, device=queries.device)
     rows = [(i0, min(b, i0 + br)) for i0 in range(0, b, br)]
 
     def view(flat: torch.Tensor, r: int, c: int) -> torch.Tensor:
         return flat[: r * c].view(r, c) if packed else flat.view(br, bc)[:r, :c]
 
+    rel = getattr(product, "rel", None)
     full = [view(buf, i1 - i0, bc) for i0, i1 in rows]  # views are made once: a view costs microseconds
     gfull = [view(gbuf, i1 - i0, bc) for i0, i1 in rows] if gbuf is not None else None
     for j0 in range(0, n, bc):
         j1 = min(n, j0 + bc)
-        c = product.operand(candidates[j0:j1])
-        gc = guide[2].operand(guide[1][j0:j1]) if guide is not None else None
+        c = product.operand(candidates[j0:j1], False)
+        gc = guide[2].operand(guide[1][j0:j1], False) if guide is not None else None
         for r, (i0, i1) in enumerate(rows):
             out = full[r] if j1 - j0 == bc else view(buf, i1 - i0, j1 - j0)
             product.scores(q[i0:i1], c, out)
@@ -170,27 +229,48 @@ def score_blocks(
             if gbuf is not None:
                 gout = gfull[r] if j1 - j0 == bc else view(gbuf, i1 - i0, j1 - j0)
                 guide[2].scores(gq[i0:i1], gc, gout)
-            yield Block(i0, j0, out, q[i0:i1], c, gout)
+            yield Block(i0, j0, out, q[i0:i1], c, gout, rel)
+
+
+def default_product(queries: torch.Tensor, metric: str) -> Any:
+    """The CPU's product for inputs like `queries`: a certified screening product for float32 / 16-bit
+    inputs (scores are canonical, engine.certify), torch.matmul in float64 for float64 inputs."""
+    if queries.dtype in SCREENED_DTYPES and queries.device.type == "cpu":
+        return screen_product(queries.dtype, metric, queries.shape[1], queries.device)
+    return MatmulProduct(queries.dtype, metric)
 
 
 def select_blocks(
     queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str, block_size: int,
-    col_offset: int = 0, on_block: Callable[[torch.Tensor, int, int], None] | None = None,
-    product: Any = None,
+    col_offset: int = 0, on_block: Callable[[Block, int], None] | None = None, product: Any = None,
 ) -> SelectionState:
     """The generic selection driver: offers every score block of queries x candidates to the state
-    (candidates are global ids col_offset + j). on_block(scores, row_offset, global_col_offset), when
-    given, sees every block right after it is offered (mining counts its filter statistics there).
-    product: how blocks are computed (default: torch.matmul in the compute dtype)."""
+    (candidates are global ids col_offset + j). on_block(block, global_col_offset), when given, sees every
+    block right after it is offered (mining counts its filter statistics there). product: how blocks are
+    computed (default: default_product); a screening product's blocks are offered certified."""
     if state.sel.k == 0:
         return state
-    product = product if product is not None else MatmulProduct(queries.dtype, metric)
+    product = product if product is not None else default_product(queries, metric)
     br, bc = block_shape(queries.shape[0], candidates.shape[0], block_size)
     for blk in score_blocks(queries, candidates, product, br, bc):
-        state.offer(blk.scores, blk.i0, col_offset + blk.j0)
+        if blk.rel is not None:
+            state.offer_screened(blk, col_offset + blk.j0)
+        else:
+            state.offer(blk.scores, blk.i0, col_offset + blk.j0)
         if on_block is not None:
-            on_block(blk.scores, blk.i0, col_offset + blk.j0)
+            on_block(blk, col_offset + blk.j0)
     return state
+
+
+def selection_pair_scores(
+    queries: torch.Tensor, rows_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, metric: str,
+) -> torch.Tensor:
+    """The (B, P) scores a selection ranks for query i and candidate ids[i, p] (e.g. the positives' scores
+    p_i is made of): canonical for float32 / 16-bit CPU inputs, as every score the CPU selects; else the
+    float64 product's (pair_similarities)."""
+    if queries.dtype in SCREENED_DTYPES and queries.device.type == "cpu":
+        return canonical_pair_scores(queries, rows_of, ids, metric)
+    return pair_similarities(queries, rows_of, ids, metric)
 
 
 def pair_similarities(

@@ -61,6 +61,12 @@ class CpuKernels:
             params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
             block.stride(1), row_offset, col_offset, ptr(counts), self.cuda, self.stream(block), self.threads())
 
+    def screen_block(self, params: Any, screen: Any) -> None:
+        self.module.topk_screen_block(params, screen, self.cuda, 0, self.threads())
+
+    def screen_filter_counts(self, params: Any, screen: Any, counts: torch.Tensor) -> None:
+        self.module.topk_screen_filter_counts(params, screen, ptr(counts), self.threads())
+
     def finalize(self, params: Any, out_scores: torch.Tensor, out_indices: torch.Tensor) -> None:
         self.module.topk_finalize(params, ptr(out_scores), ptr(out_indices), self.cuda, self.stream(out_scores),
                                   self.threads())
@@ -318,6 +324,22 @@ def build_selection(
 # The running state
 
 
+def screen_block(block: Any, col_offset: int) -> Any:
+    """The kernels' ScreenBlock of an engine.blocks.Block of screening operands (the tensors it points
+    into are the block's, alive as long as it is)."""
+    q, c, approx = block.queries, block.candidates, block.scores
+    s = _C.ScreenBlock()
+    s.set_approx(approx.data_ptr(), dtype_code(approx), approx.shape[0], approx.shape[1], approx.stride(0),
+                 approx.stride(1), block.i0, col_offset)
+    s.row_a, s.row_e, s.row_g = ptr(q.first), ptr(q.second), ptr(q.floor)
+    s.col_b, s.col_f, s.col_h = ptr(c.first), ptr(c.second), ptr(c.floor)
+    s.rel = block.rel
+    s.queries, s.q_stride, s.candidates, s.c_stride = ptr(q.raw), q.raw.stride(0), ptr(c.raw), c.raw.stride(0)
+    s.dtype, s.dim = dtype_code(q.raw), q.raw.shape[1]
+    s.q_norms, s.c_norms = ptr(q.norms), ptr(c.norms)
+    return s
+
+
 class SelectionState:
     """Running per-row top-k state on one device: ``offer`` score blocks, ``merge`` states over other
     candidates, then ``finalize``.
@@ -349,6 +371,8 @@ class SelectionState:
         self.st_key = torch.empty(shape if keyed else (0,), dtype=torch.float64, device=self.device)
         self.st_count = torch.zeros((copies * rows, 2), dtype=torch.int64, device=self.device)
         self.params = self._params_at(p, 0)
+        # (B,) int64: canonical rescorings per row of screened blocks, when a caller wants the statistic.
+        self.rescored: torch.Tensor | None = None
 
     def _params_at(self, p: Any, row0: int) -> Any:
         """p with its state pointers at row `row0` of the stacked state tensors."""
@@ -383,12 +407,25 @@ class SelectionState:
             return
         self.kernels.select_block(self.params, block, row_offset, col_offset)
 
-    def count_filters(self, block: torch.Tensor, row_offset: int, col_offset: int, counts: torch.Tensor) -> None:
-        """Adds to counts (int64 (B, 5)) what each score filter of this selection removes from a block:
-        labels, NaN, min_score, max_score, margin, each candidate under the first it fails (banned ids are
-        skipped: the caller counts them from the id lists). The kernels' own eligibility rule."""
-        if block.numel():
-            self.kernels.filter_counts(self.params, block, row_offset, col_offset, counts)
+    def offer_screened(self, block: Any, col_offset: int) -> None:
+        """Merges a block of a screening product (engine.certify): only candidates its error bound cannot
+        rule out are rescored canonically and offered. block: an engine.blocks.Block of ScreenOperands."""
+        if block.scores.numel():
+            screen = screen_block(block, col_offset)
+            screen.rescored = ptr(self.rescored)
+            self.kernels.screen_block(self.params, screen)
+
+    def count_filters(self, block: Any, col_offset: int, counts: torch.Tensor) -> None:
+        """Adds to counts (int64 (B, 5)) what each score filter of this selection removes from a block
+        (an engine.blocks.Block, exact or screened): labels, NaN,
+        min_score, max_score, margin, each candidate under the first it fails (banned ids are skipped: the
+        caller counts them from the id lists), by the kernels' own eligibility rule."""
+        if not block.scores.numel():
+            return
+        if block.rel is None:
+            self.kernels.filter_counts(self.params, block.scores, block.i0, col_offset, counts)
+        else:
+            self.kernels.screen_filter_counts(self.params, screen_block(block, col_offset), counts)
 
     def merge(self, other: SelectionState) -> None:
         """Folds another state built over a disjoint set of candidates into this one (exact)."""

@@ -21,8 +21,8 @@ from ..engine import (
     SelectionState,
     build_selection,
     compute_dtype,
-    pair_similarities,
     registry,
+    selection_pair_scores,
 )
 
 SEED_SIGN = 1 << 63
@@ -40,24 +40,38 @@ class TopK(NamedTuple):
 # Ops. Tensors are positional (autograd registration needs them so); every other argument is keyword-
 # only. The seed travels as a signed int64 (the schema's int) and is read back as its 64 bits.
 
-_FILTERS = "Tensor? banned, Tensor? query_labels, Tensor? candidate_labels, Tensor? upper"
-_SELECTION = ("int k, float min_score, float max_score, int skip_top, int pool, str sampling, float temperature, "
-              "int seed")
+FILTER_SCHEMA = "Tensor? banned, Tensor? query_labels, Tensor? candidate_labels, Tensor? upper"
+SELECTION_SCHEMA = ("int k, float min_score, float max_score, int skip_top, int pool, str sampling, "
+                    "float temperature, int seed")
 torch.library.define(
     "hnsample::topk_similarity",
-    f"(Tensor queries, Tensor candidates, {_FILTERS}, *, {_SELECTION}, str metric, int block_size) "
+    f"(Tensor queries, Tensor candidates, {FILTER_SCHEMA}, *, {SELECTION_SCHEMA}, str metric, int block_size) "
     "-> (Tensor, Tensor)")
 torch.library.define(
-    "hnsample::topk_from_scores", f"(Tensor scores, {_FILTERS}, *, {_SELECTION}) -> (Tensor, Tensor)")
+    "hnsample::topk_from_scores", f"(Tensor scores, {FILTER_SCHEMA}, *, {SELECTION_SCHEMA}) -> (Tensor, Tensor)")
+# The scores a selection ranks for listed (query, candidate) pairs: p_i's positives.
+torch.library.define("hnsample::pair_scores", "(Tensor queries, Tensor candidates, Tensor ids, *, str metric) -> Tensor")
 
 
-def _selection(banned, query_labels, candidate_labels, upper, *, k, min_score, max_score, skip_top, pool,
+@torch.library.impl("hnsample::pair_scores", "CompositeExplicitAutograd")
+def _pair_scores(queries, candidates, ids, *, metric):
+    with torch.no_grad():
+        return selection_pair_scores(queries, candidates.__getitem__, ids, metric)
+
+
+@torch.library.register_fake("hnsample::pair_scores")
+def _(queries, candidates, ids, *, metric):
+    dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    return queries.new_empty(ids.shape, dtype=dtype)
+
+
+def selection_from_op(banned, query_labels, candidate_labels, upper, *, k, min_score, max_score, skip_top, pool,
                sampling, temperature, seed) -> Selection:
     return Selection(k, banned, query_labels, candidate_labels, upper, min_score, max_score, skip_top, pool,
                      sampling, temperature, seed % (1 << 64))
 
 
-def _op_seed(seed: int) -> int:
+def op_seed(seed: int) -> int:
     """The 64-bit seed as the schema's signed int64."""
     return seed - (1 << 64) if seed >= SEED_SIGN else seed
 
@@ -65,7 +79,7 @@ def _op_seed(seed: int) -> int:
 def _similarity_kernel(device_type: str):
     def kernel(queries, candidates, banned, query_labels, candidate_labels, upper, *, metric, block_size, **sel):
         backend = registry.get(device_type)
-        selection = _selection(banned, query_labels, candidate_labels, upper, **sel)
+        selection = selection_from_op(banned, query_labels, candidate_labels, upper, **sel)
         with torch.no_grad(), device_guard(queries):
             state = SelectionState(selection, queries.shape[0], queries.device, kernels=backend.kernels)
             backend.select(queries, candidates, state, metric, block_size)
@@ -77,10 +91,10 @@ def _similarity_kernel(device_type: str):
 def _from_scores_kernel(device_type: str):
     def kernel(scores, banned, query_labels, candidate_labels, upper, **sel):
         backend = registry.get(device_type)
-        selection = _selection(banned, query_labels, candidate_labels, upper, **sel)
+        selection = selection_from_op(banned, query_labels, candidate_labels, upper, **sel)
         with torch.no_grad(), device_guard(scores):
             state = SelectionState(selection, scores.shape[0], scores.device, kernels=backend.kernels)
-            for r0, r1 in _interruptible_rows(scores, backend.kernels):
+            for r0, r1 in interruptible_rows(scores, backend.kernels):
                 state.offer(scores[r0:r1], r0, 0)
             out_s, out_j = state.finalize()
         return out_s.to(compute_dtype(scores.dtype)), out_j
@@ -92,7 +106,7 @@ for _device_type in ("cpu", "cuda"):
     torch.library.register_kernel("hnsample::topk_from_scores", _device_type, _from_scores_kernel(_device_type))
 
 
-def _interruptible_rows(scores: torch.Tensor, kernels: Any) -> list[tuple[int, int]]:
+def interruptible_rows(scores: torch.Tensor, kernels: Any) -> list[tuple[int, int]]:
     """Row ranges of a score matrix, each one kernel call of about settings.interrupt_seconds of work at
     a conservative 2e7 scores per second per thread (sampling over an unbounded pool offers every
     eligible score to a heap: the slowest mode), so that Ctrl-C, which Python acts on between calls,
@@ -181,15 +195,15 @@ torch.library.register_autograd("hnsample::topk_similarity", _similarity_backwar
 torch.library.register_autograd("hnsample::topk_from_scores", _from_scores_backward, setup_context=_from_scores_setup)
 
 
-def _op_args(sel: Selection) -> tuple[tuple, dict[str, Any]]:
+def op_args(sel: Selection) -> tuple[tuple, dict[str, Any]]:
     """(positional tensors, keyword-only arguments) of a Selection for the ops."""
     tensors = (sel.banned, sel.query_labels, sel.candidate_labels, sel.upper)
     kw = dict(k=sel.k, min_score=sel.min_score, max_score=sel.max_score, skip_top=sel.skip_top, pool=sel.pool,
-              sampling=sel.sampling, temperature=sel.temperature, seed=_op_seed(sel.seed))
+              sampling=sel.sampling, temperature=sel.temperature, seed=op_seed(sel.seed))
     return tensors, kw
 
 
-def _to_output(scores: torch.Tensor, indices: torch.Tensor, numpy_in: bool) -> TopK:
+def to_output(scores: torch.Tensor, indices: torch.Tensor, numpy_in: bool) -> TopK:
     if numpy_in:
         return TopK(scores.detach().cpu().numpy(), indices.cpu().numpy())
     return TopK(scores, indices)
@@ -199,7 +213,12 @@ _DOC_SEMANTICS = """
     Semantics (the reference in ``hnsample._reference`` implements them literally):
 
     * Scores: s_ij = q_i . c_j (``metric="dot"``) or q_i . c_j / (|q_i| |c_j|) (``"cosine"``; a zero
-      vector has cosine 0 with everything), accumulated in float32 (float64 for float64 inputs).
+      vector has cosine 0 with everything). float32 / float16 / bfloat16 inputs on the CPU: the
+      canonical score, float64 products summed in a fixed order of eight lanes and rounded once to
+      float32 (docs/certified.md): the same bits on every machine, whatever the blocking or threads;
+      a fast GEMM only screens candidates under a proven error bound. float64 inputs: the float64
+      GEMM's scores. (CUDA inputs: the GPU GEMM's float32 scores, until the certified CUDA path lands.)
+      ``topk_from_scores`` ranks the scores it is given.
     * Positive score: p_i = positive_scores[i] if given, else the minimum of s_ij over the row's valid
       positives (ids != -1); a NaN among them makes p_i NaN. A row with neither has no margin filter.
     * Candidate j is eligible for query i iff all hold (comparisons in float64):
@@ -240,7 +259,8 @@ def topk_similarity(
         queries: (B, d) float32/float64/float16/bfloat16 tensor or numpy array.
         candidates: (N, d), same dtype and device as queries.
         k: results per query (may exceed N).
-        metric: "dot" or "cosine".
+        metric: "dot" (the default here and in the other ops) or "cosine". Note: the mining pipeline
+            (``mine_hard_negatives``), the miners and the samplers default to "cosine".
         positives: (B, P) int64 candidate ids (-1 = padding); excluded, and they define p_i.
         exclude: (B, E) int64 candidate ids (-1 = padding) that are never returned.
         query_labels, candidate_labels: (B,), (N,) int64; a candidate sharing the query's label is masked.
@@ -274,7 +294,7 @@ def topk_similarity(
     b, n = queries.shape[0], candidates.shape[0]
 
     def positive_values(pos: torch.Tensor) -> torch.Tensor:
-        return pair_similarities(queries.detach(), candidates.detach().__getitem__, pos, metric)
+        return torch.ops.hnsample.pair_scores(queries.detach(), candidates.detach(), pos, metric=metric)
 
     sel = build_selection(
         b, n, queries.device, k, positives=positives, exclude=exclude, query_labels=query_labels,
@@ -283,10 +303,10 @@ def topk_similarity(
         sampling=sampling, temperature=temperature, generator=generator, seed=seed,
         positive_values=positive_values,
     )
-    tensors, kw = _op_args(sel)
+    tensors, kw = op_args(sel)
     scores, indices = torch.ops.hnsample.topk_similarity(queries, candidates, *tensors, metric=metric,
                                                          block_size=block, **kw)
-    return _to_output(scores, indices, numpy_in)
+    return to_output(scores, indices, numpy_in)
 
 
 def topk_from_scores(
@@ -316,9 +336,9 @@ def topk_from_scores(
         sampling=sampling, temperature=temperature, generator=generator, seed=seed,
         positive_values=positive_values,
     )
-    tensors, kw = _op_args(sel)
+    tensors, kw = op_args(sel)
     out_s, out_j = torch.ops.hnsample.topk_from_scores(scores, *tensors, **kw)
-    return _to_output(out_s, out_j, numpy_in)
+    return to_output(out_s, out_j, numpy_in)
 
 
 topk_similarity.__doc__ += _DOC_SEMANTICS

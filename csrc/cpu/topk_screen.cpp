@@ -1,0 +1,381 @@
+// CPU certified screening (csrc/topk_screen.h): one pass over a block of approximate scores per row.
+// A bulk compare against the row's interval widened by the block's largest error bound drops almost
+// every score; the few left get their exact bound, candidates whose interval cannot reach the state or
+// pass the filters are dropped, and (window mode) a block-local pre-selection drops those that at
+// least `capacity` certainly better candidates outrank. The survivors are rescored canonically from
+// the raw rows and offered exactly. Rows are split over threads; a row touches its approximate scores,
+// its state and the raw rows of its survivors.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../params_check.h"
+#include "../topk_screen.h"
+
+namespace hnsample {
+
+#if defined(__x86_64__)
+bool screen_has_avx2();  // screen_x86.cpp
+int64_t screen_keep_f32_avx2(const float* row, int64_t cols, float low, float high, int32_t* out);
+double canonical_dot_f32_avx2(const float* q, const float* c, int64_t d);
+void canonical_dot2_f32_avx2(const float* q, const float* c1, const float* c2, int64_t d, double* out1,
+                             double* out2);
+#endif
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// The columns of a row of S^ to look at: those in [low, high] and those not finite (NaN, +-inf), whose
+// canonical score the bound says nothing about. Returns how many were written to `out`.
+template <typename A>
+int64_t keep_columns(const A* row, int64_t cols, int64_t stride, float low, float high, int32_t* out) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<A, float>) {
+    if (stride == 1 && screen_has_avx2()) return screen_keep_f32_avx2(row, cols, low, high, out);
+  }
+#endif
+  int64_t n = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float a = to_float(row[c * stride]);
+    if ((a >= low && a <= high) || !std::isfinite(a)) out[n++] = static_cast<int32_t>(c);
+  }
+  return n;
+}
+
+// The canonical D of two contiguous rows, by the vector unit where there is one for the type (the same
+// bits as canonical_dot: the lanes and their order are fixed).
+template <typename T>
+double fast_dot(const T* q, const T* c, int64_t d) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (screen_has_avx2()) return canonical_dot_f32_avx2(q, c, d);
+  }
+#endif
+  return canonical_dot(q, 1, c, 1, d);
+}
+
+// The canonical score of block row r and column c.
+template <typename T>
+float rescore(const ScreenBlock& s, int64_t r, int64_t c) {
+  const T* q = static_cast<const T*>(s.queries) + r * s.q_stride;
+  const T* x = static_cast<const T*>(s.candidates) + c * s.c_stride;
+  const bool cosine = s.q_norms != nullptr;
+  return canonical_score(fast_dot(q, x, s.dim), cosine, cosine ? s.q_norms[r] : 0.0, cosine ? s.c_norms[c] : 0.0);
+}
+
+struct ColumnMaxima {
+  double b = 0, f = 0, h = 0;
+};
+
+ColumnMaxima column_maxima(const ScreenBlock& s) {
+  ColumnMaxima m;
+  for (int64_t c = 0; c < s.approx.cols; ++c) {
+    m.b = std::max(m.b, s.col_b[c]);
+    if (s.col_f != nullptr) m.f = std::max(m.f, s.col_f[c]);
+    if (s.col_h != nullptr) m.h = std::max(m.h, s.col_h[c]);
+  }
+  return m;
+}
+
+// The row's largest error bound over the block, without the relative term.
+double row_width(const ScreenBlock& s, const ColumnMaxima& m, int64_t r) {
+  double w = s.row_a[r] * m.b;
+  if (s.row_e != nullptr) w += s.row_e[r] * m.f;
+  if (s.row_g != nullptr) w += s.row_g[r];
+  return w + m.h;
+}
+
+// Bulk bounds on S^: a score below `low` has S^ + w < lo, one above `high` has S^ - w > hi, for every
+// w <= width + rel |S^|; rounded outward (two float64 steps, then to float).
+void bulk_bounds(double lo, double hi, double width, double rel, float& low, float& high) {
+  if (!std::isfinite(width)) {
+    low = -std::numeric_limits<float>::infinity();
+    high = std::numeric_limits<float>::infinity();
+    return;
+  }
+  double y = lo - width;
+  y = y > 0 ? y / (1 + rel) : y / (1 - rel);
+  y = std::nextafter(std::nextafter(y, -kInf), -kInf);
+  double z = hi + width;
+  z = z < 0 ? z / (1 + rel) : z / (1 - rel);
+  z = std::nextafter(std::nextafter(z, kInf), kInf);
+  low = float_round_down(y);
+  high = float_round_up(z);
+}
+
+// `n` float64 slots of scratch space.
+double* upper_scratch(std::vector<double>& scratch, int64_t n) {
+  if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(static_cast<size_t>(n));
+  return scratch.data();
+}
+
+// Canonical scores of block row r against the listed columns, two at a time where the vector unit can.
+template <typename T>
+void rescore_into(const ScreenBlock& s, int64_t r, const int32_t* cols, int64_t n, double* out) {
+  int64_t t = 0;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (screen_has_avx2()) {
+      const float* q = static_cast<const float*>(s.queries) + r * s.q_stride;
+      const float* base = static_cast<const float*>(s.candidates);
+      const bool cosine = s.q_norms != nullptr;
+      // Every cache line of the next pair's rows is requested while this pair is summed: a row the GEMM
+      // streamed through is usually out of the near caches by now.
+      auto prefetch = [&](int64_t u) {
+        const char* row = reinterpret_cast<const char*>(base + cols[u] * s.c_stride);
+        for (int64_t off = 0; off < s.dim * 4; off += 64) __builtin_prefetch(row + off);
+      };
+      if (n > 0) prefetch(0);
+      if (n > 1) prefetch(1);
+      for (; t + 2 <= n; t += 2) {
+        if (t + 2 < n) prefetch(t + 2);
+        if (t + 3 < n) prefetch(t + 3);
+        double d1, d2;
+        canonical_dot2_f32_avx2(q, base + cols[t] * s.c_stride, base + cols[t + 1] * s.c_stride, s.dim, &d1, &d2);
+        out[t] = canonical_score(d1, cosine, cosine ? s.q_norms[r] : 0.0, cosine ? s.c_norms[cols[t]] : 0.0);
+        out[t + 1] = canonical_score(d2, cosine, cosine ? s.q_norms[r] : 0.0, cosine ? s.c_norms[cols[t + 1]] : 0.0);
+      }
+    }
+  }
+#endif
+  for (; t < n; ++t) out[t] = rescore<T>(s, r, cols[t]);
+}
+
+// Offers a rescored candidate: its canonical score against the exact bounds, then the exact state.
+void offer_scored(const TopkParams& p, const RowState& st, int64_t row, double hi, int64_t j, double score,
+                  int64_t* rescored) {
+  if (rescored != nullptr) ++rescored[row];
+  if (score >= p.min_score && score <= hi) offer_candidate(p, st, row, score, j);
+}
+
+// The lower bound S^ - width - rel |S^| of a score whose approximation is `a` (increasing in a).
+double lower_bound(double a, double width, double rel) { return a - width - rel * std::fabs(a); }
+
+// The approximations that make a candidate certainly pass [min_score, hi]: lower bound >= min_score and
+// upper bound <= hi (rounded inward, so a value inside the float range certainly passes).
+void certain_range(double lo, double hi, double width, double rel, float& low, float& high) {
+  double y = lo + width;
+  y = y >= 0 ? y / (1 - rel) : y / (1 + rel);
+  double z = hi - width;
+  z = z >= 0 ? z / (1 + rel) : z / (1 - rel);
+  low = float_round_up(std::nextafter(std::nextafter(y, kInf), kInf));
+  high = float_round_down(std::nextafter(std::nextafter(z, -kInf), -kInf));
+}
+
+template <typename A, typename T>
+void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& cm, int64_t r,
+                std::vector<int32_t>& cols, std::vector<double>& bounds) {
+  const ScoreBlock& b = s.approx;
+  const int64_t row = b.row_offset + r;
+  const RowState st = row_state(p, row);
+  const double hi = row_upper(p, row);
+  const double width = row_width(s, cm, r);
+  const bool stream = p.mode == SelectMode::Stream;
+  const A* approx = static_cast<const A*>(b.data) + r * b.row_stride;
+  auto value = [&](int64_t c) { return to_float(approx[c * b.col_stride]); };
+  auto eligible_id = [&](int64_t c) {
+    const int64_t j = b.col_offset + c;
+    return !id_banned(p, row, j) && label_allowed(p, row, j);
+  };
+
+  double lo = std::max(row_entry_threshold(p, st), p.min_score);
+  if (!(lo <= hi)) return;  // an empty interval (or a NaN bound): nothing can be taken
+  float low, high;
+  bulk_bounds(lo, hi, width, s.rel, low, high);
+  cols.resize(static_cast<size_t>(b.cols));
+  int64_t kept = keep_columns(approx, b.cols, b.col_stride, low, high, cols.data());
+
+  // Window mode: the capacity-th largest of the state's exact scores and of the lower bounds of any set
+  // of this block's certainly eligible candidates is a score that `capacity` candidates certainly
+  // reach, so anything whose upper bound stays below it can never be taken. With many candidates (a
+  // row's first blocks) the set is a sample (every stride-th) and the round repeats on what survives,
+  // so each round sorts a few hundred values instead of the whole block.
+  if (!stream && p.capacity > 0 && std::isfinite(width)) {
+    float cert_low, cert_high;
+    certain_range(p.min_score, hi, width, s.rel, cert_low, cert_high);
+    for (int round = 0; round < 3 && kept >= 16; ++round) {
+      const int64_t stride = std::max<int64_t>(1, kept / (8 * p.capacity + 256));
+      bounds.clear();
+      for (int64_t t = 0; t < kept; t += stride) {
+        const float a = value(cols[t]);
+        if (a >= cert_low && a <= cert_high && eligible_id(cols[t])) bounds.push_back(lower_bound(a, width, s.rel));
+      }
+      for (int64_t t = 0; t < st.count[0]; ++t) bounds.push_back(st.skip_or_window.s[t]);
+      if (static_cast<int64_t>(bounds.size()) < p.capacity) break;
+      const auto nth = bounds.end() - p.capacity;
+      std::nth_element(bounds.begin(), nth, bounds.end());
+      if (!(*nth > lo)) break;
+      lo = *nth;
+      bulk_bounds(lo, hi, width, s.rel, low, high);
+      int64_t n = 0;
+      if (stride > 1) {  // most of the row goes: the vector scan of the whole row is cheaper than the list
+        n = keep_columns(approx, b.cols, b.col_stride, low, high, cols.data());
+      } else {
+        for (int64_t t = 0; t < kept; ++t) {
+          const float a = value(cols[t]);
+          if ((a >= low && a <= high) || !std::isfinite(a)) cols[n++] = cols[t];
+        }
+      }
+      if (n == kept) break;
+      kept = n;
+    }
+  }
+
+  // Candidates the bounds cannot rule out against the state as it is now (a superset of what it will
+  // take: its threshold only rises), rescored two at a time, then offered exactly in column order.
+  int64_t n = 0;
+  const double now = stream ? lo : std::max(lo, row_entry_threshold(p, st));
+  for (int64_t t = 0; t < kept; ++t) {
+    const int64_t c = cols[t];
+    if (!eligible_id(c)) continue;
+    const float a = value(c);
+    const double w = std::isfinite(a) ? screen_width(s, r, c, a) : kInf;
+    const bool known = std::isfinite(w);
+    const double lower = known ? a - w : -kInf, upper = known ? a + w : kInf;
+    if (upper < p.min_score || lower > hi || (!stream && upper < now)) continue;
+    if (stream) {
+      // The sampling key can only be as high as the score's upper bound makes it.
+      const int64_t j = b.col_offset + c;
+      if (!stream_gate_admits(stream_gate(p, st), upper, j, row_sample_key(p, row, upper, j))) continue;
+      offer_scored(p, st, row, hi, j, static_cast<double>(rescore<T>(s, r, c)), s.rescored);
+      continue;
+    }
+    cols[n++] = static_cast<int32_t>(c);
+  }
+  if (stream || n == 0) return;
+  double* scores = upper_scratch(bounds, n);
+  rescore_into<T>(s, r, cols.data(), n, scores);
+  for (int64_t t = 0; t < n; ++t) offer_scored(p, st, row, hi, b.col_offset + cols[t], scores[t], s.rescored);
+}
+
+template <typename A, typename T>
+void screen_block(const TopkParams& p, const ScreenBlock& s, int threads) {
+  const ColumnMaxima cm = column_maxima(s);
+  parallel_rows(s.approx.rows, threads, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> cols;
+    std::vector<double> bounds;
+    for (int64_t r = r0; r < r1; ++r) screen_row<A, T>(p, s, cm, r, cols, bounds);
+  });
+}
+
+// How a score known to lie in [lower, upper] fares against the closed bound s <= bound.
+enum class Side { Pass, Fail, Unknown };
+
+Side at_most(double lower, double upper, double bound) {
+  if (bound != bound || lower > bound) return Side::Fail;  // NaN bound: nothing passes
+  return upper <= bound ? Side::Pass : Side::Unknown;
+}
+
+// Counts one row's candidates by their canonical scores, in first_failed_filter's order. A filter
+// is decided by the interval when it lies wholly on one side of its bound (a finite S^ comes from
+// finite inputs, so the canonical score is not NaN); the first undecided one sends the candidate to
+// the canonical rescoring and the exact rule.
+template <typename A, typename T>
+void count_row(const TopkParams& p, const ScreenBlock& s, int64_t r, int64_t* counts) {
+  const ScoreBlock& b = s.approx;
+  const int64_t row = b.row_offset + r;
+  const A* approx = static_cast<const A*>(b.data) + r * b.row_stride;
+  const double margin = p.upper != nullptr ? p.upper[row] : kInf;
+  for (int64_t c = 0; c < b.cols; ++c) {
+    const int64_t j = b.col_offset + c;
+    if (id_banned(p, row, j)) continue;
+    if (!label_allowed(p, row, j)) {
+      ++counts[static_cast<int>(Filter::Labels) - 1];
+      continue;
+    }
+    const float a = to_float(approx[c * b.col_stride]);
+    const double w = std::isfinite(a) ? screen_width(s, r, c, a) : kInf;
+    Filter failed = Filter::None;
+    bool known = std::isfinite(w);
+    if (known) {
+      const double lower = a - w, upper = a + w;
+      // min_score: s >= min  <=>  -s <= -min.
+      const Side sides[3] = {at_most(-upper, -lower, -p.min_score), at_most(lower, upper, p.max_score),
+                             at_most(lower, upper, margin)};
+      const Filter names[3] = {Filter::MinScore, Filter::MaxScore, Filter::Margin};
+      for (int t = 0; t < 3 && known && failed == Filter::None; ++t) {
+        if (sides[t] == Side::Unknown) known = false;
+        if (sides[t] == Side::Fail) failed = names[t];
+      }
+    }
+    if (!known) failed = first_failed_filter(p, row, j, static_cast<double>(rescore<T>(s, r, c)));
+    if (failed != Filter::None) ++counts[static_cast<int>(failed) - 1];
+  }
+}
+
+}  // namespace
+
+void topk_screen_block_cpu(const TopkParams& p, const ScreenBlock& s, int threads) {
+  check_params(p);
+  check_screen(p, s);
+  if (s.approx.rows == 0 || s.approx.cols == 0 || p.k == 0) return;
+  const bool bf16 = static_cast<DType>(s.approx.dtype) == DType::BFloat16;
+  switch (static_cast<DType>(s.dtype)) {
+    case DType::Float32:
+      return bf16 ? screen_block<bf16_bits, float>(p, s, threads) : screen_block<float, float>(p, s, threads);
+    case DType::BFloat16:
+      return bf16 ? screen_block<bf16_bits, bf16_bits>(p, s, threads) : screen_block<float, bf16_bits>(p, s, threads);
+    default:
+      return bf16 ? screen_block<bf16_bits, half_bits>(p, s, threads) : screen_block<float, half_bits>(p, s, threads);
+  }
+}
+
+void topk_screen_filter_counts_cpu(const TopkParams& p, const ScreenBlock& s, int64_t* counts, int threads) {
+  check_params(p);
+  check_screen(p, s);
+  HN_CHECK_PARAM(s.approx.rows == 0 || counts != nullptr, "filter counts are null");
+  const bool bf16 = static_cast<DType>(s.approx.dtype) == DType::BFloat16;
+  HN_DISPATCH_FLOAT(s.dtype, T, [&] {
+    parallel_rows(s.approx.rows, threads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t* row_counts = counts + (s.approx.row_offset + r) * kScoreFilters;
+        bf16 ? count_row<bf16_bits, T>(p, s, r, row_counts) : count_row<float, T>(p, s, r, row_counts);
+      }
+    });
+  });
+}
+
+void canonical_norms_cpu(const void* x, int dtype, int64_t rows, int64_t dim, int64_t stride, double* out,
+                         int threads) {
+  HN_CHECK_PARAM(rows >= 0 && dim >= 0, "rows and dim must be >= 0");
+  HN_CHECK_PARAM(rows == 0 || (out != nullptr && (dim == 0 || x != nullptr)), "norm inputs are null");
+  HN_DISPATCH_FLOAT(dtype, T, [&] {
+    parallel_rows(rows, threads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* row = static_cast<const T*>(x) + r * stride;
+        out[r] = std::sqrt(fast_dot(row, row, dim));
+      }
+    });
+  });
+}
+
+void canonical_pairs_cpu(const void* q, int64_t q_stride, const void* c, int64_t c_stride, int dtype, int64_t dim,
+                         const int64_t* ids, int64_t rows, int64_t cols, const double* q_norms,
+                         const double* c_norms, float* out, int threads) {
+  HN_CHECK_PARAM(rows >= 0 && cols >= 0 && dim >= 0, "bad pair arguments");
+  HN_CHECK_PARAM(rows * cols == 0 || (ids != nullptr && out != nullptr && (dim == 0 || (q && c))),
+                 "pair inputs are null");
+  HN_CHECK_PARAM((q_norms == nullptr) == (c_norms == nullptr), "cosine needs both norms");
+  HN_DISPATCH_FLOAT(dtype, T, [&] {
+    parallel_rows(rows, threads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* qr = static_cast<const T*>(q) + r * q_stride;
+        for (int64_t t = 0; t < cols; ++t) {
+          const int64_t j = ids[r * cols + t];
+          if (j < 0) {
+            out[r * cols + t] = std::numeric_limits<float>::quiet_NaN();
+            continue;
+          }
+          const double dot = fast_dot(qr, static_cast<const T*>(c) + j * c_stride, dim);
+          out[r * cols + t] = canonical_score(dot, q_norms != nullptr, q_norms ? q_norms[r] : 0.0,
+                                              c_norms ? c_norms[j] : 0.0);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace hnsample

@@ -1,0 +1,216 @@
+"""Certified screening products: GEMMs whose distance to the canonical scores has a proven bound.
+
+The canonical score (csrc/canonical.h) is what a selection ranks; a screening product computes an
+approximate block S^ fast (fp32 GEMM, or bf16 GEMM on CPUs with fast bf16) together with per-row and
+per-column factors of the bound
+
+    |S^_ij - s_ij| <= w_ij = a_i b_j + e_i f_j + g_i + h_j + rel |S^_ij|
+
+(query operands carry a, e, g; candidate operands b, f, h). The kernels drop a candidate only when its
+interval [S^ - w, S^ + w] cannot enter the selection, and rescore the rest canonically. The proof of
+each bound is in docs/certified.md; the functions here compute it, rounded up.
+
+float64 inputs are not screened: their scores are the float64 GEMM's, as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from .. import _C
+from .. import settings as _settings
+from .._ext import dtype_code
+
+U32 = 2.0**-24  # unit roundoff of float32
+U_BF16 = 2.0**-8  # of bfloat16 (8 significant bits)
+SAFETY = 1 + 2.0**-20  # rounds every computed bound up past the float64 roundings of computing it
+SUBNORMAL = 2.0**-126  # smallest normal float32: what flushing a subnormal can lose
+SCREENED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def gamma(n: int, u: float) -> float:
+    """gamma_n = n u / (1 - n u): the relative error bound of an n-term float dot product, any order."""
+    return n * u / (1 - n * u)
+
+
+def canonical_norms(x: torch.Tensor) -> torch.Tensor:
+    """N_i = sqrt(D(x_i, x_i)) in float64 for rows of a CPU float32/16-bit tensor (contiguous rows)."""
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    if x.shape[0]:
+        _C.canonical_norms(x.data_ptr(), dtype_code(x), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(),
+                           _threads())
+    return out
+
+
+def _threads() -> int:
+    return _settings.current().cpu_threads or max(1, torch.get_num_threads())
+
+
+def raw_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with rows of unit column stride that do not overlap, in element-aligned storage, for the
+    canonical rescoring (a copy only when x is not already so)."""
+    if (x.shape[1] > 1 and x.stride(1) != 1) or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    if x.numel() and x.data_ptr() % x.element_size():
+        x = x.clone()
+    return x
+
+
+def fp32_gemm_input_unit(device: torch.device) -> float:
+    """Relative rounding of the inputs that torch's float32 GEMM may apply on this device: 0 for IEEE
+    float32, else that of the reduced format torch was told it may use (TF32 on CUDA, bfloat16 or TF32
+    through oneDNN on the CPU). The screening bound adds (2u + u^2) for it."""
+    if device.type == "cuda":
+        return 2.0**-10 if torch.backends.cuda.matmul.allow_tf32 else 0.0
+    reduced = torch.get_float32_matmul_precision() != "highest"
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    precision = getattr(mkldnn, "fp32_precision", "none") if mkldnn is not None else "none"
+    if reduced or precision not in ("none", "ieee"):
+        return U_BF16
+    return 0.0
+
+
+@dataclasses.dataclass
+class ScreenOperand:
+    """Rows of one side of a screening product: ``rows`` go into the GEMM, ``raw`` are the inputs the
+    canonical rescoring reads, ``norms`` their canonical norms (cosine), and the side's error factors
+    (``first``: a or b, ``second``: e or f, ``floor``: g or h; float64, None for 0)."""
+
+    rows: torch.Tensor
+    raw: torch.Tensor
+    norms: torch.Tensor | None
+    first: torch.Tensor
+    second: torch.Tensor | None
+    floor: torch.Tensor | None
+
+    def __getitem__(self, sl: slice) -> ScreenOperand:
+        def cut(t):
+            return None if t is None else t[sl]
+
+        return ScreenOperand(self.rows[sl], self.raw[sl], cut(self.norms), self.first[sl], cut(self.second),
+                             cut(self.floor))
+
+    @property
+    def scale(self) -> None:  # the Operand interface of engine.blocks (no post-GEMM factor)
+        return None
+
+
+class Fp32Screen:
+    """S^ = float32 GEMM of the inputs converted to float32 (exact for 16-bit inputs); for cosine, of the
+    rows scaled by float32(1 / N). Bound (docs/certified.md, "float32 GEMM"), with u the input rounding
+    the GEMM may apply (0 for IEEE float32, see fp32_gemm_input_unit) and r the canonical rounding:
+
+        dot:     w = kappa |q| |c| + 2^-126 (sqrt(d) (|q| + |c|) + 3 d) + 2^-148,
+                 kappa = gamma_d (1 + 2u + u^2) + (2u + u^2) + r
+        cosine:  w = gamma_d (1 + eps)^2 (1 + 2u + u^2) + (2u + u^2) + 2 eps + eps^2 + r_cos + the floor
+                 with |q|, |c| <= 1 + eps, eps = 2^-22 + u
+    """
+
+    name = "fp32"
+    rel = 0.0
+    out_dtype = torch.float32
+
+    def __init__(self, dtype: torch.dtype, metric: str, dim: int, device: torch.device):
+        self.metric, self.dim = metric, dim
+        u_in = self.input_unit(device)
+        self.input_error = 2 * u_in + u_in * u_in
+        self.gamma = gamma(dim, U32) * (1 + self.input_error)
+        self.eps = 2.0**-22 + u_in  # relative error of a normalized float32 element (docs/certified.md)
+        self.unit_bound = 1 + self.eps
+        self.rounding = _C.canonical_rounding_factor(dim)
+        lanes = math.ceil(dim / 8)
+        self.cos_rest = self.input_error + 2 * self.eps + self.eps**2 + U32 + (3 * lanes + 16) * 2.0**-53
+
+    def input_unit(self, device: torch.device) -> float:
+        return fp32_gemm_input_unit(device)
+
+    def _floor(self, bounds: torch.Tensor) -> torch.Tensor:
+        # Half of the subnormal terms on each side: 2^-126 (sqrt(d) |x| + 1.5 d) + 2^-149.
+        return (SUBNORMAL * (math.sqrt(self.dim) * bounds + 1.5 * self.dim) + 2.0**-149) * SAFETY
+
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(raw rows, float32 GEMM rows, canonical norms for cosine, upper bounds of the GEMM rows' norms)."""
+        raw = raw_rows(x)
+        norms = canonical_norms(raw)
+        if self.metric == "cosine":
+            inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms)).float()
+            # Beyond 2^126, float32(1 / N) is subnormal and the relative bound eps fails: such rows get an
+            # infinite bound (their candidates are always rescored). Below 2^-128, 1 / N overflows and
+            # S^ is not finite, which the kernels rescore anyway.
+            bounds = torch.where(norms > 2.0**126, math.inf, self.unit_bound).to(torch.float64)
+            return raw, raw.float() * inv[:, None], norms, bounds
+        return raw, raw.float(), None, norms * SAFETY  # |x| <= N (1 + 2^-20) for d < 2^30
+
+    def operand(self, x: torch.Tensor, query_side: bool) -> ScreenOperand:
+        raw, rows, norms, bounds = self._rows(x)
+        if self.metric == "cosine":
+            kappa = (self.gamma * self.unit_bound**2 + self.cos_rest) * SAFETY
+            first = torch.where(bounds.isinf(), math.inf, kappa if query_side else 1.0).to(torch.float64)
+        else:
+            first = bounds * ((self.gamma + self.input_error + self.rounding) * SAFETY) if query_side else bounds
+        return ScreenOperand(rows, raw, norms, first, None, self._floor(bounds))
+
+    def scores(self, q: ScreenOperand, c: ScreenOperand, out: torch.Tensor) -> None:
+        torch.matmul(q.rows, c.rows.T, out=out)
+
+
+class Bf16Screen(Fp32Screen):
+    """S^ = bfloat16 GEMM of bfloat16 copies x^ of the float32 GEMM rows x above (normalized for cosine),
+    float32 accumulation, bfloat16 output. Bound (docs/certified.md, "bfloat16 GEMM"), e_x = |x - x^|:
+
+        w = e_q |c| + |q^| (e_c + gamma_d |c^|) + (r |q| |c| or the cosine terms) + rel |S^| + the floor,
+        rel = 2^-8 (1 + 2^-7).
+    """
+
+    name = "bf16"
+    rel = U_BF16 * (1 + 2.0**-7)
+    out_dtype = torch.bfloat16
+
+    def input_unit(self, device: torch.device) -> float:
+        return 0.0  # the rounding to bfloat16 is measured (e_x), not assumed
+
+    def operand(self, x: torch.Tensor, query_side: bool) -> ScreenOperand:
+        raw, exact, norms, bounds = self._rows(x)
+        rows = exact.to(torch.bfloat16)
+        # x - bf16(x) is exact in float32 (at most 16 significant bits); the norms are summed in float64
+        # (canonical_norms), where tiny or huge rows neither underflow nor overflow.
+        err = canonical_norms((exact - rows.float()).contiguous()) * SAFETY
+        hat = canonical_norms(rows) * SAFETY
+        floor = self._floor(bounds)
+        if not query_side:  # b = |c|, f = e_c + gamma_d |c^|
+            return ScreenOperand(rows, raw, norms, bounds, err + self.gamma * SAFETY * hat, floor)
+        if self.metric == "cosine":  # a = e_q, e = |q^|, g = the cosine terms besides the GEMM's
+            return ScreenOperand(rows, raw, norms, err, hat, floor + self.cos_rest * SAFETY)
+        return ScreenOperand(rows, raw, norms, err + self.rounding * SAFETY * bounds, hat, floor)
+
+
+PRODUCTS = {"fp32": Fp32Screen, "bf16": Bf16Screen}
+
+
+def canonical_pair_scores(queries: torch.Tensor, rows_of: Any, ids: torch.Tensor, metric: str,
+                          chunk: int = 1 << 22) -> torch.Tensor:
+    """(B, P) float32 canonical scores of query i with candidate rows_of(ids)[i, p] (ids valid, e.g.
+    clamped), gathering at most `chunk` elements at a time; on the CPU (results on the queries' device)."""
+    b, n_pos = ids.shape
+    out = torch.empty((b, n_pos), dtype=torch.float32)
+    if b == 0 or n_pos == 0:
+        return out.to(queries.device)
+    d = queries.shape[1]
+    step = max(1, chunk // max(1, n_pos * d))
+    cosine = metric == "cosine"
+    for i0 in range(0, b, step):
+        q = raw_rows(queries[i0:i0 + step].cpu())
+        sl = ids[i0:i0 + step]
+        c = raw_rows(rows_of(sl.reshape(-1)).to("cpu", queries.dtype))
+        local = torch.arange(c.shape[0], dtype=torch.int64).reshape(sl.shape)
+        qn = canonical_norms(q) if cosine else None
+        cn = canonical_norms(c) if cosine else None
+        part = out[i0:i0 + step]
+        _C.canonical_pairs(q.data_ptr(), q.stride(0), c.data_ptr(), c.stride(0), dtype_code(q), d,
+                           local.data_ptr(), part.shape[0], n_pos, qn.data_ptr() if cosine else 0,
+                           cn.data_ptr() if cosine else 0, part.data_ptr(), _threads())
+    return out.to(queries.device)
