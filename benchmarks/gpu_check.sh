@@ -35,7 +35,7 @@ if [ "${RC[build]}" != 0 ]; then  # an image whose CMake or nvcc refuses 90a: th
 fi
 grep -E "ptxas info|spill|registers" "$OUT/build.log" | sed 's/^ *//' | sort -u > "$OUT/resource_usage.txt" || true
 # HGMMA = wgmma in SASS; 0 means the sm_90a kernel is not in the binary (a build without 90a).
-SO=$("$PY" -c "import hnsample._C as C; print(C.__file__)" 2>/dev/null)
+SO=$(cd /tmp && "$PY" -c "import hnsample._C as C; print(C.__file__)" 2>/dev/null)  # not the source tree
 { cuobjdump --dump-sass "$SO" | grep -c HGMMA; } > "$OUT/sass_hgmma_count.txt" 2>&1 || true
 echo "HGMMA instructions in SASS: $(head -c 40 "$OUT/sass_hgmma_count.txt")"
 WGMMA_TESTS=tests/test_topk_fused_sm90.py

@@ -56,11 +56,18 @@ class Settings:
     cuda_path: str = "auto"
     """"auto": the fused path where it applies and ``cuda_fused_auto`` is on, else two-pass;
     "two_pass" / "fused" force a path (fused falls back to two-pass for inputs it does not support)."""
-    cuda_fused_auto: bool = False
-    """Whether "auto" takes the fused path: off until a device run has shown it correct and faster."""
-    cuda_fused_kernel: str = "mma"
+    cuda_fused_auto: bool = True
+    """Whether "auto" takes the fused path (for N >= 4 cuda_fused_seed_cols and a state of at most
+    cuda_fused_auto_max_capacity slots): on since the H200 device check showed it correct and 1.6-2.2x
+    faster than two-pass at k = 64 (benchmarks/results/gpu_check.json)."""
+    cuda_fused_auto_max_capacity: int = 256
+    """The largest selection state (slots per row, about k + skip_top) that "auto" sends to the fused path:
+    at k = 2048 the device check measured two-pass faster (79.6 ms against 105 ms), at k = 64 fused."""
+    cuda_fused_kernel: str = "auto"
     """The fused kernel: "mma" (mma.sync, sm_80+), "wgmma" (sm_90a, 128 x 128 tiles), "wgmma_256x128",
-    "wgmma_128x256", or "auto" (wgmma where device, build and inputs allow it, else mma.sync)."""
+    "wgmma_128x256", or "auto": wgmma where device, build and inputs (bf16/fp16) allow it -- 256 x 128
+    tiles from 256 rows, else 128 x 128 -- and mma.sync otherwise. A wgmma choice raises where wgmma is
+    unavailable (fp32 inputs included)."""
     cuda_fused_stages: int = 0
     """mma.sync pipeline depth: 0 by the device's shared memory, else 2 or 4."""
     cuda_fused_seed_cols: int = 8192
@@ -87,7 +94,7 @@ class Settings:
                 raise TypeError(f"settings.{f.name} must be a {want.__name__}, got {type(value).__name__}")
         positive = ("block_size", "info_nce_block_size_cpu", "info_nce_block_size_cuda", "cuda_fused_seed_cols",
                     "cuda_fused_max_capacity", "cuda_fused_max_list_bytes", "cuda_min_segment_cols",
-                    "cuda_max_segment_state_bytes", "info_nce_fused_min_rows")
+                    "cuda_max_segment_state_bytes", "info_nce_fused_min_rows", "cuda_fused_auto_max_capacity")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"settings.{name} must be >= 1, got {getattr(self, name)}")

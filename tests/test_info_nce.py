@@ -558,9 +558,10 @@ def test_bad_inputs(kwargs, exc, match):
 def test_gpu_matches_cpu(name):
     kw = OPTIONS[name]
     q, c = make(40, 70, 16, dtype=torch.float32, requires_grad=False)
-    cpu = hnsample.info_nce(q, c, reduction="none", block_size=300, **_resize(kw, 40, 70))
-    kw_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _resize(kw, 40, 70).items()}
-    gpu = hnsample.info_nce(q.cuda(), c.cuda(), reduction="none", block_size=300, **kw_gpu)
+    kw = {**_resize(kw, 40, 70), "reduction": "none", "block_size": 300}  # some OPTIONS name a reduction
+    cpu = hnsample.info_nce(q, c, **kw)
+    kw_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    gpu = hnsample.info_nce(q.cuda(), c.cuda(), **kw_gpu)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 

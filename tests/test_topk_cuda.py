@@ -584,7 +584,8 @@ PATH_CASES = [  # (case, path under cuda_path="fused"): the first takes the fuse
 @pytest.mark.parametrize("case,fused", PATH_CASES, ids=[x[0] for x in PATH_CASES])
 def test_path_choice_follows_settings(case, fused):
     # CudaDriver.choose_path on the emulated launchers: settings.cuda_path forces a path only where the
-    # fused kernels take the inputs; "auto" takes them with cuda_fused_auto on and N >= 4 seed widths.
+    # fused kernels take the inputs; "auto" takes them with cuda_fused_auto on, N >= 4 seed widths and a
+    # state of at most cuda_fused_auto_max_capacity slots.
     dtype = {"fp64": torch.float64, "odd_dim_fp32": torch.float32}.get(case, torch.bfloat16)
     d = 40 if case.startswith("odd_dim") else 32
     q, c = torch.randn(50, d).to(dtype), torch.randn(40_000, d).to(dtype)
@@ -602,6 +603,11 @@ def test_path_choice_follows_settings(case, fused):
         ({"cuda_path": "auto", "cuda_fused_auto": False}, "two_pass"),
         ({"cuda_path": "auto", "cuda_fused_auto": True, "cuda_fused_seed_cols": 10_000}, auto),
         ({"cuda_path": "auto", "cuda_fused_auto": True, "cuda_fused_seed_cols": 10_001}, "two_pass"),
+        ({"cuda_path": "auto", "cuda_fused_auto": True, "cuda_fused_seed_cols": 10_000,
+          "cuda_fused_auto_max_capacity": state.capacity}, auto),
+        ({"cuda_path": "auto", "cuda_fused_auto": True, "cuda_fused_seed_cols": 10_000,
+          "cuda_fused_auto_max_capacity": state.capacity - 1}, "two_pass"),
+        ({"cuda_path": "fused", "cuda_fused_auto_max_capacity": state.capacity - 1}, fused),
     ]:
         with settings.override(**overrides):
             assert driver.choose_path(q, c, "dot", state) == want, overrides
@@ -714,8 +720,8 @@ def test_similarity_cuda_autograd_matches_cpu():
     q, c = int_matrix(12, 10, gen).double(), int_matrix(300, 10, gen).double()
     grads = []
     for device in ("cpu", "cuda"):
-        qd = q.to(device).requires_grad_()
-        cd = c.to(device).requires_grad_()
+        qd = q.detach().to(device).requires_grad_()  # a leaf on each device (q.to("cpu") is q itself)
+        cd = c.detach().to(device).requires_grad_()
         out = hnsample.topk_similarity(qd, cd, 7, metric="cosine")
         (out.scores * torch.arange(7, device=device)).sum().backward()
         grads.append((qd.grad.cpu(), cd.grad.cpu()))

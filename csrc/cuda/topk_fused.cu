@@ -294,12 +294,17 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
   HN_CHECK(!f.row_slack || f.col_slack, "fused: row_slack needs col_slack");
   HN_CHECK(ceil_div(f.rows, kBM) < (int64_t{1} << 31), "fused: too many rows");
   // The wgmma codes always go to wgmma (which throws when the device, the build or the inputs rule it
-  // out); auto takes it whenever all three allow.
+  // out); auto takes it whenever all three allow, with the 256 x 128 tile once there are 256 rows to fill
+  // it (the fastest tile on the H200 device check, benchmarks/results/gpu_check.json) and 128 x 128 below.
   if (f.kernel != FusedKernel::Auto && f.kernel != FusedKernel::Mma) return topk_fused_scores_sm90(f, stream);
   if (f.kernel == FusedKernel::Auto && sm90::wgmma_inputs_suit(f)) {
     int device = 0;
     HN_CUDA_CHECK(cudaGetDevice(&device));
-    if (topk_fused_wgmma_available(device)) return topk_fused_scores_sm90(f, stream);
+    if (topk_fused_wgmma_available(device)) {
+      FusedBlock tiled = f;
+      tiled.kernel = f.rows >= 256 ? FusedKernel::Wgmma256x128 : FusedKernel::Wgmma;
+      return topk_fused_scores_sm90(tiled, stream);
+    }
   }
   const int64_t bk = tf32 ? kBK32 : kBK16, per16 = tf32 ? 4 : 8;  // K per stage; elements per 16 bytes
   HN_CHECK(f.dim > 0 && f.dim % bk == 0, tf32 ? "fused: dim must be a positive multiple of 16 for fp32"

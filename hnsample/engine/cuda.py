@@ -7,8 +7,9 @@ the scores go from the GEMM to the select kernel without a round trip through de
 block has too few rows to fill the GPU with one warp per row, its columns are split into segments, each
 feeding its own copy of the state, merged exactly at the end (disjoint candidates). **Fused**: a
 tensor-core kernel scores and filters in one pass against per-row bounds taken from the state and
-appends only the survivors to per-row candidate lists (csrc/cuda/topk_fused*.cu); opt-in until a
-device run has verified it (settings ``cuda_path`` / ``cuda_fused_auto``).
+appends only the survivors to per-row candidate lists (csrc/cuda/topk_fused*.cu). "auto" takes the fused
+path for states of at most ``cuda_fused_auto_max_capacity`` slots and N >= 4 seed widths, where the H200
+device check measured it faster (settings ``cuda_path`` / ``cuda_fused_auto``).
 
 Everything the driver launches goes through its :class:`~hnsample.engine.selection.CudaKernels`; a
 test drives it on the CPU by giving it kernels of its own (the emulator's) and a product of its own.
@@ -194,7 +195,8 @@ class CudaDriver:
 
     def choose_path(self, queries: torch.Tensor, candidates: torch.Tensor, metric: str, state: SelectionState
                     ) -> str:
-        """"fused" or "two_pass" for these inputs, following settings.cuda_path and cuda_fused_auto."""
+        """"fused" or "two_pass" for these inputs, following settings.cuda_path, cuda_fused_auto and
+        cuda_fused_auto_max_capacity."""
         cfg = _settings.current()
         if cfg.cuda_path == "two_pass" or not self.fused_supported(queries, candidates, metric, state.sel,
                                                                    state.capacity):
@@ -202,7 +204,9 @@ class CudaDriver:
         if cfg.cuda_path == "fused":
             return "fused"
         min_cols = 4 * cfg.cuda_fused_seed_cols
-        return "fused" if cfg.cuda_fused_auto and candidates.shape[0] >= min_cols else "two_pass"
+        auto = (cfg.cuda_fused_auto and candidates.shape[0] >= min_cols
+                and state.capacity <= cfg.cuda_fused_auto_max_capacity)
+        return "fused" if auto else "two_pass"
 
     def select(self, queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str,
                block_size: int, col_offset: int = 0) -> SelectionState:
