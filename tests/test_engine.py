@@ -328,6 +328,9 @@ def test_a_large_score_matrix_is_selected_in_row_chunks():
 INTERRUPTED = textwrap.dedent("""
     import signal, sys, time, threading, os
     import torch, hnsample
+    # Python's own Ctrl-C handler even where the parent left SIGINT ignored (a child then inherits the
+    # ignore and Python installs no handler at start-up): the test is about the call, not the parent.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(1)
     s = torch.randn(8000, 50000)
     print("ready", flush=True)
