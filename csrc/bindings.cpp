@@ -376,6 +376,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("block"), py::arg("cuda"), py::arg("stream"), py::arg("threads"),
       py::call_guard<py::gil_scoped_release>(),
       "Rescores a fused launch's fp32 candidate lists exactly (double sums, scaled, rounded to float).");
+  m.attr("fused_max_cols") = py::int_(kFusedMaxCols);
   m.def("tf32_dot_error_factor", &tf32_dot_error_factor, py::arg("dim"),
         "e(d) of the tf32 score bound |s_tc - s| <= e(d) |q| |c| (csrc/topk_select.h).");
 #if defined(HNSAMPLE_WITH_CUDA)

@@ -21,6 +21,7 @@ constexpr int kBK = 64;
 constexpr int kElemBytes = 2;
 constexpr int kRowBytes = kBK * kElemBytes;  // 128: one swizzle span per matrix row
 constexpr int kMinBN = 128;                  // the narrowest tile: sets the candidate limit of the grid
+static_assert(kFusedMaxCols == int64_t{65535} * kMinBN, "one candidate limit for every fused kernel");
 // A 128-byte-swizzled operand tile must start on a 1024-byte boundary (8 rows of 128 bytes, the span of
 // the XOR pattern), so the descriptor's base offset field stays 0.
 constexpr int kSwizzleAtomBytes = 1024;
@@ -141,7 +142,7 @@ inline bool wgmma_inputs_suit(const FusedBlock& f) {
   if (f.q_stride < f.dim || f.c_stride < f.dim) return false;
   if (f.q_stride * kElemBytes >= (int64_t{1} << 40) || f.c_stride * kElemBytes >= (int64_t{1} << 40)) return false;
   if (f.dim >= (int64_t{1} << 31) || f.rows >= (int64_t{1} << 31)) return false;
-  return f.cols <= int64_t{65535} * kMinBN;  // the mma.sync kernel's limit, so both take the same blocks
+  return f.cols <= kFusedMaxCols;  // the mma.sync kernel's limit, so both take the same blocks
 }
 
 }  // namespace sm90

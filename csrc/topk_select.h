@@ -496,6 +496,11 @@ HN_HD void offer_candidate_list(const TopkParams& p, int64_t row, const float* s
 // and throw where it cannot run.
 enum class FusedKernel : int { Auto = 0, Mma = 1, Wgmma = 2, Wgmma256x128 = 3, Wgmma128x256 = 4 };
 
+// The most candidates one fused launch takes: the mma.sync grid puts 128-column tiles on grid.y, which
+// holds at most 65535 (the wgmma kernels keep the same limit, so every kernel takes the same blocks). The
+// driver clamps its chunk width to it (hnsample/engine/cuda.py).
+constexpr int64_t kFusedMaxCols = int64_t{65535} * 128;
+
 struct FusedBlock {
   const void* queries = nullptr;     // [rows, dim] bf16/fp16/fp32, rows 16-byte aligned
   int64_t q_stride = 0;

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import itertools
 import math
+import threading
 import zlib
 from pathlib import Path
 
@@ -698,3 +700,63 @@ def test_fused_driver_redoes_overflowing_chunks(emu):
     assert calls["topk_fused_scores"] == 4 and calls["topk_offer_candidates"] < 4
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
+
+
+def test_fused_chunks_never_exceed_the_launch_limit(emu):
+    # Chunks double in width; past 2 * fused_max_cols candidates the doubling would ask one launch for more
+    # columns than the kernels' grid holds (a RuntimeError from the launcher, not a fallback). Launches are
+    # recorded, not run: N just above the old breaking point with d = 1 keeps the candidates at 33 MB.
+    limit = _C.fused_max_cols
+    n = 2 * limit + 129  # the old doubling: a last chunk of limit + 129 columns
+    q, c = torch.ones(2, 1, dtype=torch.float16), torch.zeros(n, 1, dtype=torch.float16)
+    driver, _ = emulated_driver(emu)
+    assert driver.max_fused_cols == limit
+    sel = selection(torch.zeros(2, 1), 3, {})
+    state = SelectionState(sel, 2, q.device, kernels=driver.kernels)
+    launched, two_pass = [], []
+    driver.launch_fused = lambda f, like: launched.append((f.cols, f.candidates))
+    driver.run_two_pass = lambda q_, c_, st, metric, bs, offset: two_pass.append((offset, c_.shape[0]))
+    with settings.override(cuda_fused_seed_cols=8192):
+        driver.run_fused(q, c, state, "dot", 1 << 16, 0)
+    assert two_pass == [(0, 8192)]  # the seed only: no chunk overflowed
+    assert max(cols for cols, _ in launched) <= limit
+    assert 8192 + sum(cols for cols, _ in launched) == n
+    starts = [(ptr - c.data_ptr()) // c.element_size() for _, ptr in launched]
+    assert starts == list(itertools.accumulate([8192] + [cols for cols, _ in launched[:-1]]))
+
+
+def test_device_properties_are_read_once_per_device_across_threads(emu):
+    # The op asks whether the fused kernels run on every call, mining from several threads at once: the
+    # properties are read once per device under a lock, not on every call.
+    for device in (0, 1):
+        emu.topk_fused_supported(device)  # whatever earlier tests cached
+    before = emu.property_queries()
+    results = []
+
+    def ask() -> None:
+        results.extend(emu.topk_fused_supported(i % 2) for i in range(200))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert emu.property_queries() == before
+    assert results.count(True) == len(results) == 1600  # both emulated devices are 8.0 or newer
+
+
+def test_tf32_slack_has_an_absolute_floor():
+    # Tensor cores flush subnormal inputs, products and sums to zero: a bound proportional to |q| |c| is
+    # zero for zero or tiny rows, yet a flushed score can be off by about 2 d 2^-126. The slack factors
+    # keep w_ij = row_slack_i col_slack_j above that floor and above the relative bound.
+    d = 64
+    q = torch.tensor([[0.0] * d, [1e-39] * d, [1e-20] * d, [1.0] * d])
+    c = torch.tensor([[0.0] * d, [3e-39] * d, [2.0] * d])
+    factor = _C.tf32_dot_error_factor(d)
+    ops = FusedOperands.build(q, c, "dot", factor)
+    w = ops.row_slack.double()[:, None] * ops.col_slack.double()[None, :]
+    qn, cn = q.double().norm(dim=1), c.double().norm(dim=1)
+    flush = 2 * d * 2.0**-126 + 2.0**-126 * math.sqrt(d) * (qn[:, None] + cn[None, :])
+    assert torch.all(w >= flush)
+    assert torch.all(w >= factor * qn[:, None] * cn[None, :])
+    assert float(w[3, 2]) <= factor * 8.0 * 16.0 * (1 + 1e-5)  # ordinary norms: the relative bound, no more

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hnsample import _C
+import hnsample
+from hnsample import _C, settings
+from hnsample.engine import SelectionState
 
 
 def _sibling(name: str):
@@ -298,15 +300,32 @@ def test_fused_driver_on_emulated_wgmma(sm90, name, spec, fkernel, fname, dtype,
 
 
 def test_fused_driver_survives_a_wgmma_stall(emu):
-    # The containment end to end: the copy engine loses every copy, the first wgmma launch stalls and
-    # overflows every row, later ones overflow at once (the stall flag), and the driver redoes every
-    # chunk on the two-pass path: the result is still the CPU op's, exactly.
+    # The containment end to end: the copy engine loses every copy, so the first wgmma launch stalls and
+    # overflows every row. The driver reads the stall flag (only then), warns, clears the flag, turns the
+    # fused path off for the device and takes the rest of the candidates on the two-pass path: one
+    # fused launch instead of every later one failing in silence, and the result is still the CPU op's.
+    gen = torch.Generator().manual_seed(zlib.crc32(b"stall"))
+    b, n, d, k = 40, 2600, 40, 10
+    q, c = _base.int_matrix(b, d, gen).to(torch.bfloat16), _base.int_matrix(n, d, gen).to(torch.bfloat16)
+    want = hnsample.topk_from_scores(_base.exact_fused_scores(q, c, "dot"), k)
     emu.configure(sm90=True, sm90_sms=SMS, lose_bulk_copies=True)
     try:
         emu.topk_fused_wgmma_clear_stall(1)
-        calls = _base.run_fused_driver(emu, "stall", {}, torch.bfloat16, "dot", 40, cuda_fused_kernel="wgmma")
-        assert emu.topk_fused_wgmma_stalled(1)
-        assert calls["topk_offer_candidates"] == 0  # no chunk's lists were taken
+        driver, calls = _base.emulated_driver(emu, product=_base.ExactGemm)
+        sel = _base.selection(_base.exact_fused_scores(q, c, "dot"), k, {})
+        state = SelectionState(sel, b, q.device, kernels=driver.kernels)
+        with settings.override(cuda_fused_seed_cols=300, cuda_fused_kernel="wgmma"):
+            with pytest.warns(RuntimeWarning, match="stalled"):
+                driver.run_fused(q, c, state, "dot", 1 << 16, 0)
+            assert driver.fused_off(q.device)
+            assert driver.choose_path(q, c, "dot", state) == "two_pass"  # "auto" and "fused" alike
+            with settings.override(cuda_path="fused"):
+                assert driver.choose_path(q, c, "dot", state) == "two_pass"
+        got_s, got_j = _base.finalize(state, emu)
+        assert calls["topk_fused_scores"] == 1 and calls["topk_offer_candidates"] == 0
+        assert not emu.topk_fused_wgmma_stalled(1)  # cleared: other drivers' launches are not poisoned
+        assert torch.equal(got_j, want.indices)
+        assert torch.equal(got_s.float(), want.scores)
     finally:
         emu.topk_fused_wgmma_clear_stall(1)
         emu.configure()

@@ -11,6 +11,9 @@
 // and candidate-list kernels around it.
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <vector>
+
 #include "../params_check.h"
 #include "../topk_fused_sm90.h"
 #include "../topk_select.h"
@@ -243,18 +246,41 @@ __global__ void offer_candidates_kernel(TopkParams p, const float* scores, const
 
 namespace {
 
+// What the fused path needs to know of a device, read once per device: mining drives several devices
+// from threads, and the op asks on every call.
+struct FusedDeviceFacts {
+  bool known = false, usable = false;  // usable: the properties could be read
+  int major = 0, stages = 2;
+};
+
 // Pipeline depth for a device: 4 stages (80 KiB per CTA) where two such CTAs fit an SM's shared
 // memory (sm_80, sm_90, sm_100: 164 KiB and more), else 2 stages (40 KiB; sm_86, sm_89, sm_120 with
-// 100 KiB keep two CTAs per SM, which covers latency better than one deeper CTA). Cached per device.
+// 100 KiB keep two CTAs per SM, which covers latency better than one deeper CTA).
+FusedDeviceFacts fused_device_facts(int device) {
+  static std::mutex mu;
+  static std::vector<FusedDeviceFacts> cache;
+  if (device < 0) return {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() <= static_cast<size_t>(device)) cache.resize(static_cast<size_t>(device) + 1);
+  FusedDeviceFacts& facts = cache[static_cast<size_t>(device)];
+  if (!facts.known) {
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+      cudaGetLastError();  // no sticky error for the caller's next check; asked again next time
+      return {};
+    }
+    const size_t per_cta_deep = 4 * static_cast<size_t>(kStageBytes) + prop.reservedSharedMemPerBlock;
+    facts.major = prop.major;
+    facts.stages = prop.sharedMemPerMultiprocessor >= 2 * per_cta_deep ? 4 : 2;
+    facts.known = facts.usable = true;
+  }
+  return facts;
+}
+
 int fused_pipeline_stages(int device) {
-  static int cached[64] = {};
-  if (device >= 0 && device < 64 && cached[device]) return cached[device];
-  cudaDeviceProp prop;
-  HN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  const size_t per_cta_deep = 4 * static_cast<size_t>(kStageBytes) + prop.reservedSharedMemPerBlock;
-  const int stages = prop.sharedMemPerMultiprocessor >= 2 * per_cta_deep ? 4 : 2;
-  if (device >= 0 && device < 64) cached[device] = stages;
-  return stages;
+  const FusedDeviceFacts facts = fused_device_facts(device);
+  HN_CHECK(facts.usable, "fused: cannot read the device's properties");
+  return facts.stages;
 }
 
 template <int kKind, int kStages>
@@ -273,12 +299,8 @@ void launch_fused(dim3 grid, cudaStream_t s, const FusedBlock& f) {
 }  // namespace
 
 bool topk_fused_supported(int device) {
-  cudaDeviceProp prop;
-  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return prop.major >= 8;
+  const FusedDeviceFacts facts = fused_device_facts(device);
+  return facts.usable && facts.major >= 8;
 }
 
 void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
@@ -288,7 +310,8 @@ void topk_fused_scores_cuda(const FusedBlock& f, void* stream) {
   HN_CHECK(dt == DType::BFloat16 || dt == DType::Float16 || dt == DType::Float32,
            "fused: inputs must be bf16, fp16 or fp32");
   const bool tf32 = dt == DType::Float32;
-  HN_CHECK(f.cols <= int64_t{65535} * kBN && f.cols < (int64_t{1} << 31), "fused: too many candidates");
+  static_assert(kFusedMaxCols == int64_t{65535} * kBN, "kFusedMaxCols is the grid.y limit of this kernel's tiles");
+  HN_CHECK(f.cols <= kFusedMaxCols, "fused: too many candidates in one launch (at most kFusedMaxCols)");
   HN_CHECK(f.cand_cap > 0 && f.rows * f.cand_cap < (int64_t{1} << 40), "fused: bad candidate capacity");
   HN_CHECK(!tf32 || (f.row_slack && f.col_slack), "fused: fp32 inputs need the tf32 error slack");
   HN_CHECK(!f.row_slack || f.col_slack, "fused: row_slack needs col_slack");

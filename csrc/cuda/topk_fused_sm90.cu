@@ -53,7 +53,9 @@ __device__ __forceinline__ bool mbar_wait_slow(uint32_t bar, uint32_t parity) {
   const uint64_t t0 = global_ns();
   for (;;) {
     if (mbar_try_wait(bar, parity)) return true;
-    if (*static_cast<volatile int*>(&g_stalled) != 0 || global_ns() - t0 > kWaitLimitNs) {
+    // Signed: a %globaltimer that steps backwards reads as no time passed, not as an instant timeout.
+    const auto waited = static_cast<long long>(global_ns() - t0);
+    if (*static_cast<volatile int*>(&g_stalled) != 0 || waited > static_cast<long long>(kWaitLimitNs)) {
       atomicExch(&g_stalled, 1);
       return false;
     }

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -93,6 +95,17 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def tf32_flush_floor(dim: int) -> float:
+    """a of the tf32 slack (FusedOperands): tensor cores flush subnormal inputs, products and partial
+    sums to zero, errors a purely relative bound misses for tiny norms. Flushing an input element x_k
+    (|x_k| < 2^-126) changes its product by at most 2^-126 |y_k|, all of them together by at most
+    2^-126 sqrt(d) (|q| + |c|); each of the d products and d additions loses at most 2^-126 more: 2d 2^-126.
+    With a = sqrt(2d) 2^-63: a^2 = 2d 2^-126, a |c| >= 2^-126 sqrt(d) |c|, and a e(d) |q| >= 2^-126
+    sqrt(d) |q| since e(d) >= 2^-11 > 2^-63. A few 2^-63-sized terms next to e(d) |q| |c| ~ 2^-10 |q| |c|:
+    no extra survivors at ordinary norms."""
+    return math.sqrt(2 * max(1, dim)) * 2.0**-63
+
+
 def _float_up(x: torch.Tensor) -> torch.Tensor:
     """float32 values >= the float64 values x (x * (1 + 2^-20), then rounded to nearest)."""
     return (x * (1 + 2.0**-20)).float()
@@ -102,8 +115,10 @@ def _float_up(x: torch.Tensor) -> torch.Tensor:
 class FusedOperands:
     """The per-row and per-column epilogue inputs of the fused kernel for one (queries, candidates)
     pair: cosine scales 1/|x| (0 for zero rows: they score 0, as on the two-pass path) and, for fp32
-    inputs, the tf32 slack factors: w_ij = row_slack_i col_slack_j >= e(d) |q_i| |c_j| s_i s_j, the
-    error bound of tf32_dot_error_factor on the scaled score. None where not needed."""
+    inputs, the tf32 slack factors w_ij = row_slack_i col_slack_j with row_slack = e(d) |q_i| s_i + a and
+    col_slack = |c_j| s_j + a, a = tf32_flush_floor(d): w_ij >= e(d) |q_i| |c_j| s_i s_j (the relative
+    bound of tf32_dot_error_factor on the scaled score) + a |c_j| s_j + a e(d) |q_i| s_i + a^2, whose
+    extra terms cover what flushing subnormals to zero adds. None where not needed."""
 
     row_scale: torch.Tensor | None
     col_scale: torch.Tensor | None
@@ -123,8 +138,9 @@ class FusedOperands:
             qn, cn = row_norms(q), row_norms(c)
             if row_scale is not None:
                 qn, cn = qn * row_scale.double(), cn * col_scale.double()
-            row_slack = _float_up(error_factor * qn)
-            col_slack = _float_up(cn)
+            floor = tf32_flush_floor(q.shape[1])
+            row_slack = _float_up(error_factor * qn + floor)
+            col_slack = _float_up(cn + floor)
         return cls(row_scale, col_scale, row_slack, col_slack)
 
 
@@ -161,6 +177,29 @@ class CudaDriver:
                  product: Callable[[torch.Tensor, str], Any] | None = None):
         self.kernels = kernels if kernels is not None else CUDA_KERNELS
         self._product = product
+        self.max_fused_cols = int(_C.fused_max_cols)  # candidates per fused launch (the kernels' grid limit)
+        self._fused_off: set[int] = set()  # devices where a wgmma launch stalled: fused is off there
+        self._lock = threading.Lock()
+
+    def fused_off(self, device: torch.device) -> bool:
+        """Whether a stall turned the fused path off on this device for the life of this driver (the
+        process, for the default CUDA backend)."""
+        with self._lock:
+            return (device.index or 0) in self._fused_off
+
+    def _after_stall(self, device: torch.device) -> None:
+        """A wgmma launch stalled on `device` (its copies never arrived within the kernel's 1 s watchdog:
+        a debugger, a sanitizer, preemption). Warns once, turns the fused path off there and clears the
+        device flag, so later launches are not all overflowed and redone in silence."""
+        index = device.index or 0
+        with self._lock:
+            first = index not in self._fused_off
+            self._fused_off.add(index)
+        self.kernels.clear_fused_stall(device)
+        if first:
+            warnings.warn(f"hnsample: the fused wgmma kernel stalled on cuda:{index} (no copy arrived within "
+                          "its 1 s watchdog); results stay exact, but the fused path is now off on that "
+                          "device for this process", RuntimeWarning, stacklevel=4)
 
     def product(self, queries: torch.Tensor, metric: str) -> Any:
         if self._product is not None:
@@ -198,8 +237,8 @@ class CudaDriver:
         """"fused" or "two_pass" for these inputs, following settings.cuda_path, cuda_fused_auto and
         cuda_fused_auto_max_capacity."""
         cfg = _settings.current()
-        if cfg.cuda_path == "two_pass" or not self.fused_supported(queries, candidates, metric, state.sel,
-                                                                   state.capacity):
+        if cfg.cuda_path == "two_pass" or self.fused_off(queries.device) or not self.fused_supported(
+                queries, candidates, metric, state.sel, state.capacity):
             return "two_pass"
         if cfg.cuda_path == "fused":
             return "fused"
@@ -252,9 +291,10 @@ class CudaDriver:
     def run_fused(self, queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str,
                   block_size: int, col_offset: int) -> SelectionState:
         """Fused path: the first cuda_fused_seed_cols candidates through the two-pass path (thresholds),
-        then chunks of doubling width through the fused kernel, whose per-row candidate lists are offered
-        to the state. A chunk where some row's list overflowed is redone on the two-pass path instead
-        (one host sync per chunk decides), so the state is always exact. 16-bit inputs: scores are fp32
+        then chunks of doubling width (at most max_fused_cols) through the fused kernel, whose per-row
+        candidate lists are offered to the state. A chunk where some row's list overflowed is redone on
+        the two-pass path instead (one host sync per chunk decides), so the state is always exact; after
+        a wgmma stall the rest goes two-pass and the fused path stays off on the device. 16-bit inputs: scores are fp32
         accumulations of exact products, equal to the two-pass path's up to summation order. fp32
         inputs: the kernel keeps every candidate whose tf32 score is within the proven error slack of
         the row's bounds, and the survivors are rescored exactly (double sums) before they are offered,
@@ -276,12 +316,17 @@ class CudaDriver:
             torch.empty(b, dtype=torch.int32, device=dev),
         )
         while done < n:
-            width = min(n - done, done)
+            width = min(n - done, done, self.max_fused_cols)
             self.kernels.row_bounds(state.params, lo, hi)
             lists[2].zero_()
             f = fused_block(q, c, ops, done, done + width, lo, hi, lists)
             self.launch_fused(f, q)
             if bool((lists[2] > cap).any()):
+                # A stalled wgmma launch reports every row overflowed; only then is the flag read.
+                if self.kernels.fused_stalled(dev):
+                    self._after_stall(dev)
+                    self.run_two_pass(q, c[done:], state, metric, block_size, col_offset + done)
+                    return state
                 self.run_two_pass(q, c[done:done + width], state, metric, block_size, col_offset + done)
             else:
                 if ops.row_slack is not None:

@@ -132,6 +132,14 @@ class CudaKernels(CpuKernels):
     def fused_supported(self, device: torch.device) -> bool:
         return bool(self.module.topk_fused_supported(device.index or 0))
 
+    def fused_stalled(self, device: torch.device) -> bool:
+        """Whether a wgmma launch on the device gave up waiting for its copies (the sticky device flag of
+        csrc/cuda/topk_fused_sm90.cu): from then on every wgmma launch there reports all rows overflowed."""
+        return bool(self.module.topk_fused_wgmma_stalled(device.index or 0))
+
+    def clear_fused_stall(self, device: torch.device) -> None:
+        self.module.topk_fused_wgmma_clear_stall(device.index or 0)
+
     def device_facts(self, device: torch.device) -> DeviceFacts:
         return _device_facts(device.index or 0)
 

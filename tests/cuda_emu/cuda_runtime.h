@@ -143,6 +143,8 @@ void configure(Schedule schedule, bool cp_async_immediate, bool mma_truncate);
 // hang the wgmma kernel's bounded waits exist for; bulk_delay_ns > 0 makes each copy land no earlier
 // than that much global-timer time after its issue (a slow copy engine).
 void configure_sm90(bool sm90, int sms, bool lose_bulk_copies, uint64_t bulk_delay_ns);
+// How many times cudaGetDeviceProperties was called (what the launchers cache, tests count).
+long long property_queries();
 
 // Runs kernel() once per thread of every block of the grid (see the model above). `key` (the kernel's
 // address) selects the attributes that allow more than 48 KiB of dynamic shared memory.

@@ -173,6 +173,7 @@ PYBIND11_MODULE(_cuda_emu, m) {
     return d;
   });
   m.def("cuda_device_usable", &cuda_device_usable);
+  m.def("property_queries", &cuda_emu::property_queries);
   m.def(
       "info_nce_block",
       [](const InfoNceParams& p, bool backward, uintptr_t data, uintptr_t guide, int dtype, int64_t rows,

@@ -8,6 +8,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfenv>
 #include <cstdlib>
 #include <deque>
@@ -146,6 +147,7 @@ constexpr uint64_t kPollNs = 20000;      // per failed poll (try_wait's own susp
 constexpr uint64_t kPollFaultNs = 10000000000ull;  // a thread polling this long waits without a bound
 int g_device = 0;
 int g_sm90_sms = 2;
+std::atomic<long long> g_property_queries{0};  // cudaGetDeviceProperties calls (property_queries())
 bool g_lose_bulk = false;
 uint64_t g_bulk_delay_ns = 0;
 struct FuncAttrs {
@@ -320,6 +322,8 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
 }
 
 }  // namespace
+
+long long property_queries() { return g_property_queries.load(); }
 
 void configure_sm90(bool sm90, int sms, bool lose_bulk_copies, uint64_t bulk_delay_ns) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
@@ -1230,6 +1234,7 @@ cudaError_t cudaSetDevice(int device) {
 // Device 0: compute capability 8.0 (the mma.sync kernels run, sm_90a code does not exist for it);
 // device 1: 9.0 with the sm_90a kernels (cuda_emu::configure_sm90).
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  cuda_emu::g_property_queries.fetch_add(1);
   if (device < 0 || device > 1) return cudaErrorInvalidDevice;
   const cuda_emu::DeviceModel d = cuda_emu::device_model(device);
   *prop = cudaDeviceProp{};
