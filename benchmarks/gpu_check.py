@@ -247,7 +247,8 @@ def run_paths(name, b, n, d, dtype, k, extra, reps, ceil, results, knobs=()):
             except (RuntimeError, ValueError) as e:  # a kernel failing or refusing: report it, go on with the rest
                 row[f"fused_{kernel}_check"] = {"ok": False, "error": str(e)[:300]}
     row["matmul_ms"] = events_time(lambda: q @ c.T, reps)
-    row["blocked_gemm_ms"] = events_time(lambda: blocked_gemm(q, c, 1 << 24), reps)
+    block = settings.current().block_size_for(q.device.type)  # the path's own plan
+    row["blocked_gemm_ms"] = events_time(lambda: blocked_gemm(q, c, block), reps)
     free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 30
     if b * n * q.element_size() * 2.5 < free:
         row["naive_ms"] = events_time(lambda: naive(q, c, k, kw), max(1, reps // 2))

@@ -62,6 +62,9 @@ def _run_method(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
     import hnsample
     from hnsample.engine import block_shape
 
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    clock = time.process_time if cfg.get("timer") == "cpu" else time.perf_counter
     q, c, pos = _inputs(cfg["b"], cfg["n"], cfg["d"], cfg["p"], cfg["dtype"], cfg["seed"])
     k, margin, block = cfg["k"], cfg["relative_margin"], cfg["block_size"]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -122,9 +125,9 @@ def _run_method(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
     times = []
     out = fn()  # one untimed call: lazy set-up (thread pool, the screening probe) is not what is measured
     for _ in range(cfg["repeats"]):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     result["times"] = times
     result["median_s"] = statistics.median(times)
     result["peak_extra_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024.0
@@ -157,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = {
         "b": args.queries, "n": args.candidates, "d": args.dim, "k": args.k, "p": 1, "dtype": args.dtype,
         "relative_margin": 0.05, "block_size": args.block_size, "repeats": args.repeats, "seed": 0,
-        "check": True,
+        "check": True, "threads": args.threads, "timer": args.timer,
     }
     methods = [m for m in args.methods.split(",") if m]
     results = []
@@ -190,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     floor = by.get("matmul", {}).get("median_s")
     naive = by.get("torch_naive", {}).get("median_s")
     print(f"hnsample bench  B={cfg['b']} N={cfg['n']} d={cfg['d']} k={cfg['k']} {cfg['dtype']}, positives "
-          f"excluded (P=1), relative_margin=0.05, threads={_threads()}, {platform.processor() or platform.machine()}")
+          f"excluded (P=1), relative_margin=0.05, threads={args.threads or _threads()}, timer={args.timer}, "
+          f"{platform.processor() or platform.machine()}")
     print(f"correctness vs torch naive: {check}")
     if "product" in by.get("hnsample", {}):
         print(f"screening product picked by this machine's probe: {by['hnsample']['product']}")
@@ -233,3 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--naive-limit-gb", type=float, default=8.0, help="skip torch naive above this score size")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch / kernel threads (default: torch's)")
+    p.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                   help="wall: perf_counter; cpu: process time, which other jobs on a shared machine do not "
+                        "inflate (meaningful with --threads 1)")

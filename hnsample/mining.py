@@ -694,7 +694,7 @@ def mine_hard_negatives(
         query_batch_size: queries per batch (and per checkpoint file); default 16384.
         corpus_shard_size: corpus rows read (and, on a GPU, copied) at a time; default 256 MiB of rows.
         block_size: score elements per block (the score workspace is 4 * block_size bytes); default
-            ``hnsample.settings`` ``block_size`` (2**22).
+            ``hnsample.settings`` ``block_size`` (2**22) on the CPU, ``cuda_block_size`` (2**24) on CUDA.
         device: "cpu", "cuda", "cuda:1", a list of devices (corpus shards are spread over them and the
             per-device states merged exactly) or "auto" (all GPUs; the CPU without one).
         progress: show a tqdm bar (queries/s, ETA) when tqdm is installed.
@@ -867,12 +867,14 @@ def _prepare(queries, corpus, positives, group: _Group, *, num_negatives, exclud
     itemsize = torch.empty((), dtype=src_c.torch_dtype).element_size()
     shard = (max(1, (256 << 20) // max(1, d * itemsize)) if corpus_shard_size is None
              else check_int("corpus_shard_size", corpus_shard_size, 1))
-    block = _settings.current().block_size if block_size is None else check_int("block_size", block_size, 1)
+    block = None if block_size is None else check_int("block_size", block_size, 1)
     flags = (("filter_statistics", filter_statistics), ("progress", progress), ("verbose", verbose))
     for name, flag in flags:
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     devices = resolve_devices(device)
+    if block is None:
+        block = _settings.current().block_size_for(devices[0].type)
 
     qids = None if query_ids is None else check_id_list("query_ids", read_ids("query_ids", query_ids), b)
     cids = None if corpus_ids is None else check_id_list("corpus_ids", read_ids("corpus_ids", corpus_ids), n)

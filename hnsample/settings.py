@@ -75,6 +75,10 @@ class Settings:
     takes chunks of doubling width."""
     cuda_fused_max_capacity: int = 2048
     cuda_fused_max_list_bytes: int = 1 << 30
+    cuda_block_size: int = 1 << 24
+    """Default score elements per block of the CUDA two-pass path (the L2 share caps it further: 7.5M on a
+    60 MB L2 at share 0.5). The CPU's block_size (4M) cut B=8192 x N=1M into 1,956 blocks whose host cost
+    per GEMM + select pair (about 30 us) the H200 check measured as the path's time; this gives 1,068."""
     cuda_l2_share: float = 0.5
     """Share of the L2 cache one score block may fill; the GEMM's operand tiles use the rest."""
     cuda_min_segment_cols: int = 2048
@@ -94,7 +98,8 @@ class Settings:
                 raise TypeError(f"settings.{f.name} must be a {want.__name__}, got {type(value).__name__}")
         positive = ("block_size", "info_nce_block_size_cpu", "info_nce_block_size_cuda", "cuda_fused_seed_cols",
                     "cuda_fused_max_capacity", "cuda_fused_max_list_bytes", "cuda_min_segment_cols",
-                    "cuda_max_segment_state_bytes", "info_nce_fused_min_rows", "cuda_fused_auto_max_capacity")
+                    "cuda_max_segment_state_bytes", "info_nce_fused_min_rows", "cuda_fused_auto_max_capacity",
+                    "cuda_block_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"settings.{name} must be >= 1, got {getattr(self, name)}")
@@ -113,6 +118,10 @@ class Settings:
             raise ValueError(f"settings.cuda_fused_stages must be 0, 2 or 4, got {self.cuda_fused_stages}")
         if not 0 < self.cuda_l2_share <= 1:
             raise ValueError(f"settings.cuda_l2_share must be in (0, 1], got {self.cuda_l2_share}")
+
+    def block_size_for(self, device_type: str) -> int:
+        """The default block size of a selection on a device of this type ("cpu", "cuda", ...)."""
+        return self.cuda_block_size if device_type == "cuda" else self.block_size
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

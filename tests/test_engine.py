@@ -241,6 +241,27 @@ def test_settings_override_and_environment():
         settings.Settings(block_size=1.5)
 
 
+def test_default_block_size_follows_the_device_type():
+    # CUDA's two-pass path gets its own default (fewer, larger blocks: the host cost per block), the CPU
+    # keeps block_size; an explicit block_size is passed through unchanged on either.
+    s = settings.Settings.from_env({"HNSAMPLE_CUDA_BLOCK_SIZE": "4096", "HNSAMPLE_BLOCK_SIZE": "512"})
+    assert (s.block_size_for("cpu"), s.block_size_for("cuda")) == (512, 4096)
+    with pytest.raises(ValueError, match="cuda_block_size must be >= 1"):
+        settings.Settings(cuda_block_size=0)
+    seen = []
+
+    class Recording(CpuBackend):
+        def select(self, queries, candidates, state, metric, block_size, *args, **kwargs):
+            seen.append(block_size)
+            return super().select(queries, candidates, state, metric, block_size, *args, **kwargs)
+
+    q, c = torch.randn(3, 4), torch.randn(20, 4)
+    with registry.use("cpu", Recording()), settings.override(block_size=64, cuda_block_size=1 << 20):
+        hnsample.topk_similarity(q, c, 2)
+        hnsample.topk_similarity(q, c, 2, block_size=8)
+    assert seen == [64, 8]
+
+
 def test_settings_block_size_does_not_change_results():
     g = torch.Generator().manual_seed(0)
     q, c = torch.randint(-3, 4, (20, 8), generator=g).float(), torch.randint(-3, 4, (300, 8), generator=g).float()

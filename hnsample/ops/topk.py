@@ -270,8 +270,9 @@ def topk_similarity(
         skip_top, pool: the window of the ranking to choose from.
         sampling: "top" | "uniform" | "softmax"; temperature for "softmax".
         generator, seed: source of the sampling seed.
-        block_size: maximum score elements per block (workspace = 4 * block_size bytes);
-            default 2**22 (16 MB: a block small enough to be scanned from cache).
+        block_size: maximum score elements per block (workspace = 4 * block_size bytes); default
+            ``hnsample.settings`` ``block_size`` (2**22, 16 MB: a block small enough to be scanned from
+            cache) on the CPU, ``cuda_block_size`` (2**24, further capped by the L2 share) on CUDA.
 
     Returns:
         TopK(scores (B, k) float32 [float64 for float64 inputs], indices (B, k) int64).
@@ -290,7 +291,8 @@ def topk_similarity(
         raise ValueError(f"queries and candidates must be on the same device, got {queries.device} and {candidates.device}")
     if not isinstance(metric, str) or metric not in METRICS:
         raise ValueError(f"metric must be 'dot' or 'cosine', got {metric!r}")
-    block = _settings.current().block_size if block_size is None else check_int("block_size", block_size, 1)
+    block = (_settings.current().block_size_for(queries.device.type) if block_size is None
+             else check_int("block_size", block_size, 1))
     b, n = queries.shape[0], candidates.shape[0]
 
     def positive_values(pos: torch.Tensor) -> torch.Tensor:
