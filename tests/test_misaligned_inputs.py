@@ -9,20 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import DTYPE_IDS, FLOAT_DTYPES
+from hostile_inputs import misaligned
 
 import hnsample
-
-
-def misaligned(t: torch.Tensor, offset: int) -> torch.Tensor:
-    """A contiguous copy of t whose data starts `offset` bytes past a 64-byte boundary (not aligned for
-    t's dtype when 0 < offset < itemsize). The numpy buffer it lives in is kept alive by the tensor."""
-    nbytes = t.numel() * t.element_size()
-    raw = np.zeros(nbytes + 128, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 64 + offset
-    out = torch.from_numpy(raw[start : start + nbytes]).view(t.dtype).view(t.shape)
-    out.copy_(t)
-    assert out.data_ptr() % 64 == offset and torch.equal(out, t)
-    return out
 
 
 def offsets(dtype: torch.dtype) -> list[int]:
