@@ -591,7 +591,7 @@ struct CandidateBlock {
   int dtype = 0;
   int64_t rows = 0, cols = 0;
   int64_t score_row_stride = 0, score_col_stride = 1;
-  const int64_t* ids = nullptr;  // [rows, cols] candidate ids, -1 = padding
+  const void* ids = nullptr;     // [rows, cols] int64 candidate ids, -1 = padding; any byte address (load_at)
   int64_t id_row_stride = 0, id_col_stride = 1;
   int64_t row_offset = 0;        // block row r is state row row_offset + r
   int64_t num_ids = 0;           // N: an id outside [0, N) is padding (never read past candidate_labels)
@@ -599,7 +599,7 @@ struct CandidateBlock {
 
 // The listed id at (r, c), or -1 for padding and for ids outside [0, num_ids).
 HN_HD int64_t listed_id(const CandidateBlock& b, int64_t r, int64_t c) {
-  const int64_t j = b.ids[r * b.id_row_stride + c * b.id_col_stride];
+  const int64_t j = load_at<int64_t>(b.ids, r * b.id_row_stride + c * b.id_col_stride);
   return (j >= 0 && j < b.num_ids) ? j : -1;
 }
 
