@@ -43,6 +43,11 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 ID_DTYPES = (torch.int64, torch.int32, torch.int16)
 
 
+# float64 scores are the float64 GEMM's, whose last bit depends on the blocking: exact comparisons with
+# float64 inputs use integer-valued rows (exact dot products in any order; the scales are powers of two).
+EXACT64 = dict(kinds=tuple(k for k in ROW_KINDS if k != "ulp"), bases=("ints",))
+
+
 def fuzz(examples: int):
     return settings(max_examples=max(2, round(examples * SCALE)), deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -149,7 +154,7 @@ def out_dtype(dtype: torch.dtype) -> torch.dtype:
 # The selections
 
 
-@fuzz(70)
+@fuzz(110)
 @given(data=st.data())
 def test_topk_similarity_matches_reference(data):
     """float32 / float16 / bfloat16: the certified scores, so exact. float64 scores are the float64
@@ -157,10 +162,10 @@ def test_topk_similarity_matches_reference(data):
     see test_topk_similarity_float64_cosine."""
     dtype = data.draw(st.sampled_from(DTYPES))
     b, n, d = data.draw(st.integers(0, 6)), data.draw(st.integers(0, 12)), data.draw(st.integers(1, 20))
-    exact64 = dict(kinds=tuple(k for k in ROW_KINDS if k != "ulp"), bases=("ints",))
+    exact = EXACT64 if dtype == torch.float64 else {}
     metric = "dot" if dtype == torch.float64 else data.draw(st.sampled_from(("dot", "cosine")))
-    queries, q = draw_matrix(data, b, d, dtype, **(exact64 if dtype == torch.float64 else {}))
-    candidates, c = draw_matrix(data, n, d, dtype, **(exact64 if dtype == torch.float64 else {}))
+    queries, q = draw_matrix(data, b, d, dtype, **exact)
+    candidates, c = draw_matrix(data, n, d, dtype, **exact)
     if isinstance(queries, np.ndarray) != isinstance(candidates, np.ndarray):
         candidates = c  # numpy or torch on both sides
     scores = R.similarity(q, c, metric)
@@ -173,7 +178,7 @@ def test_topk_similarity_matches_reference(data):
     assert_same_selection(got, ref_s, ref_j, out_dtype(dtype))
 
 
-@fuzz(30)
+@fuzz(50)
 @given(data=st.data())
 def test_topk_similarity_float64_cosine(data):
     """float64 cosine scores are within a few ulps of the reference's, and the selection over them is the
@@ -202,11 +207,11 @@ def test_topk_similarity_float64_cosine(data):
     assert_same_selection(got, ref_s, ref_j, torch.float64)
 
 
-@fuzz(70)
+@fuzz(250)
 @given(data=st.data())
 def test_topk_from_scores_matches_reference(data):
     dtype = data.draw(st.sampled_from(DTYPES))
-    b, n = data.draw(st.integers(0, 7)), data.draw(st.integers(0, 14))
+    b, n = data.draw(st.integers(0, 9)), data.draw(st.integers(0, 14))
     scores, s = draw_matrix(data, b, n, dtype) if n else (torch.empty((b, 0), dtype=dtype),) * 2
     sel = draw_selection(data, b, n, s)
     k = data.draw(st.integers(0, n + 3))
@@ -215,7 +220,7 @@ def test_topk_from_scores_matches_reference(data):
     assert_same_selection(got, ref_s, ref_j, out_dtype(dtype))
 
 
-@fuzz(60)
+@fuzz(200)
 @given(data=st.data())
 def test_topk_from_candidates_matches_reference(data):
     dtype = data.draw(st.sampled_from(DTYPES))
@@ -253,14 +258,15 @@ def test_topk_from_candidates_matches_reference(data):
     assert_same_selection(got, ref_s, ref_j, out_dtype(dtype))
 
 
-@fuzz(25)
+@fuzz(40)
 @given(data=st.data())
 def test_seeded_sampling_is_deterministic_and_independent_of_blocks(data):
     """The same seed gives the same sample whatever the layout and block size; the reference defines it."""
     dtype = data.draw(st.sampled_from(DTYPES))
     b, n, d = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 16)), data.draw(st.integers(1, 9))
-    queries, q = draw_matrix(data, b, d, dtype)
-    candidates, c = draw_matrix(data, n, d, dtype, layouts=("contiguous", "column_major", "strided"))
+    exact = EXACT64 if dtype == torch.float64 else {}
+    queries, q = draw_matrix(data, b, d, dtype, **exact)
+    candidates, c = draw_matrix(data, n, d, dtype, layouts=("contiguous", "column_major", "strided"), **exact)
     if isinstance(queries, np.ndarray):
         queries = q
     sampling = data.draw(st.sampled_from(("uniform", "softmax")))
@@ -310,7 +316,7 @@ def draw_info_nce_options(data, b: int, m: int, default_positives: bool) -> dict
     return opts
 
 
-@fuzz(60)
+@fuzz(120)
 @given(data=st.data())
 def test_info_nce_matches_reference(data):
     """Eighths-valued embeddings make every score exact in any summation order, so each mask decision
@@ -378,7 +384,7 @@ def draw_batch(data, dtype=None):
     return e, labels, data.draw(st.sampled_from(("cosine", "dot", "euclidean")))
 
 
-@fuzz(60)
+@fuzz(120)
 @given(data=st.data())
 def test_batch_hard_matches_its_rule(data):
     e, labels, metric = draw_batch(data)
@@ -393,7 +399,7 @@ def test_batch_hard_matches_its_rule(data):
     assert list(zip(*(t.tolist() for t in got), strict=True)) == want
 
 
-@fuzz(60)
+@fuzz(120)
 @given(data=st.data())
 def test_semi_hard_matches_its_rule(data):
     e, labels, metric = draw_batch(data)
@@ -413,7 +419,7 @@ def test_semi_hard_matches_its_rule(data):
     assert list(zip(*(t.tolist() for t in got), strict=True)) == want
 
 
-@fuzz(50)
+@fuzz(80)
 @given(data=st.data())
 def test_triplet_margin_loss_matches_its_formula(data):
     """l_t = max(0, s_an - s_ap + margin) over the rows the triplets use; rows no triplet uses may hold
@@ -460,7 +466,7 @@ def test_triplet_margin_loss_matches_its_formula(data):
 # Pipelines and samplers built on the selection
 
 
-@fuzz(40)
+@fuzz(60)
 @given(data=st.data())
 def test_neighbour_sampler_mines_the_reference_neighbours(data):
     """mine_neighbours is the reference selection with self (and same-key items) excluded and rows
@@ -468,9 +474,7 @@ def test_neighbour_sampler_mines_the_reference_neighbours(data):
     dtype = data.draw(st.sampled_from(DTYPES))
     n, d = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 8))
     metric = "dot" if dtype == torch.float64 else data.draw(st.sampled_from(("dot", "cosine")))
-    bases = ("ints",) if dtype == torch.float64 else ("ints", "normal")
-    kinds = tuple(k for k in ROW_KINDS if k != "ulp") if dtype == torch.float64 else ROW_KINDS
-    x, v = draw_matrix(data, n, d, dtype, kinds=kinds, bases=bases)
+    x, v = draw_matrix(data, n, d, dtype, **(EXACT64 if dtype == torch.float64 else {}))
     width = data.draw(st.integers(0, n + 1))
     keys = None
     if data.draw(st.booleans()):
@@ -523,7 +527,8 @@ def test_cluster_sampler_partitions_every_epoch(data):
     assert list(sampler) == epoch  # a refused recluster leaves the sampler as it was
 
 
-@fuzz(30)
+@pytest.mark.filterwarnings("ignore:.*have no positive, so no margin can filter")
+@fuzz(50)
 @given(data=st.data())
 def test_mine_hard_negatives_matches_reference(data):
     """Streamed over query batches and corpus shards, mining selects what the reference selects."""
@@ -555,7 +560,7 @@ def test_mine_hard_negatives_matches_reference(data):
     assert_same_selection(got, ref_s, ref_j, torch.float32)
 
 
-@fuzz(30)
+@fuzz(50)
 @given(data=st.data())
 def test_negative_queue_mines_like_the_reference(data):
     """NegativeQueue.mine is the reference selection over the filled slots, without the slots holding
@@ -585,7 +590,7 @@ def test_negative_queue_mines_like_the_reference(data):
     assert_same_selection(hnsample.TopK(got.scores, got.slots), ref_s, ref_j, torch.float32)
 
 
-@fuzz(30)
+@fuzz(50)
 @given(data=st.data())
 def test_dynamic_miner_hard_and_random_negatives(data):
     """The hard negatives are the reference selection; the random ones are distinct, never a positive,
@@ -606,7 +611,10 @@ def test_dynamic_miner_hard_and_random_negatives(data):
     labels = torch.from_numpy(rng.integers(0, 3, size=b)) if data.draw(st.booleans()) else None
     k, r, seed = data.draw(st.integers(0, 4)), data.draw(st.integers(0, 4)), data.draw(st.integers(0, 2**40))
     got = miner.mine(queries, positives, k, random=r, query_labels=labels, seed=seed)
-    assert torch.equal(got.ids, miner.mine(q, positives, k, random=r, query_labels=labels, seed=seed).ids)
+    # float32 queries against a 16-bit index: the same scores (16-bit values are exact in float32).
+    again = miner.mine(q.float() if dtype != torch.float32 else q, positives, k, random=r, query_labels=labels, seed=seed)
+    assert torch.equal(got.ids, again.ids)
+    torch.testing.assert_close(got.scores, again.scores, rtol=0, atol=0, equal_nan=True)  # NaN: a NaN query
     label_kw = dict(query_labels=labels, candidate_labels=doc_labels) if labels is not None else {}
     ref_s, ref_j = R.select_from_scores(R.similarity(q, c, miner.metric), k, positives=positives, **label_kw)
     assert torch.equal(got.ids[:, :k], ref_j)
@@ -619,7 +627,7 @@ def test_dynamic_miner_hard_and_random_negatives(data):
             assert all(int(doc_labels[j]) != int(labels[i]) for j in drawn)
 
 
-@fuzz(30)
+@fuzz(50)
 @given(data=st.data())
 def test_mix_hard_negatives_mixes_the_reference_hardest(data):
     """The mixed vectors are unit vectors made from the reference's n_hard hardest negatives (a negative
@@ -652,7 +660,7 @@ def test_mix_hard_negatives_mixes_the_reference_hardest(data):
 # Gradients of the selections: through the selected entries only
 
 
-@fuzz(40)
+@fuzz(80)
 @given(data=st.data())
 def test_selection_gradients_flow_to_the_selected_entries(data):
     """d sum_t w_t s_t: for topk_similarity the reference formula's gradient gathered at the selected
