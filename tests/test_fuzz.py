@@ -95,7 +95,8 @@ def draw_threshold(data, scores: torch.Tensor) -> float:
 
 def draw_selection(data, b: int, n: int, scores: torch.Tensor) -> dict:
     """Keyword arguments of a selection over (b, n) scores: every filter and sampling option, each present
-    or not. Ids and labels are torch tensors of assorted integer dtypes."""
+    or not. Ids and labels come in assorted integer dtypes and hostile layouts (torch or numpy);
+    thresholds are often exactly one of the scores; seeds span [0, 2**64), whose keys are themselves."""
     sel = {}
     if data.draw(st.booleans()):
         sel["positives"] = draw_ids(data, b, n)
@@ -128,7 +129,7 @@ def draw_selection(data, b: int, n: int, scores: torch.Tensor) -> dict:
 
 
 def reference_selection(sel: dict) -> dict:
-    """The reference's form of the selection arguments (int64 ids, the seed as the kernels' key)."""
+    """The reference's form of the selection arguments: int64 torch ids and labels."""
     def plain(v):
         if isinstance(v, np.ndarray):
             v = values_of(v)
