@@ -97,6 +97,25 @@ def test_topk_from_scores_frombuffer_and_numpy(offset):
 
 
 @pytest.mark.parametrize("dtype,offset", CASES, ids=CASE_IDS)
+def test_topk_from_candidates_misaligned_equals_aligned(dtype, offset):
+    """Listed scores and ids at any byte address, read in place: the kernel used to read the scores
+    through a typed pointer (undefined behaviour, reported by UBSan) and refuse unaligned ids."""
+    scores = _scores(dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.stack([torch.randperm(2 * N, generator=g)[:N] for _ in range(B)])
+    ids[torch.rand(B, N, generator=g) < 0.2] = -1
+    ql, cl = torch.randint(0, 5, (B,), generator=g), torch.randint(0, 5, (2 * N,), generator=g)
+    for kw in (dict(), dict(query_labels=ql, candidate_labels=cl, skip_top=2, sampling="softmax", seed=3)):
+        want = hnsample.topk_from_candidates(ids, scores, 9, num_candidates=2 * N, **kw)
+        assert (want.indices >= 0).any()
+        got = hnsample.topk_from_candidates(misaligned(ids, offset), misaligned(scores, offset), 9,
+                                            num_candidates=2 * N, **kw)
+        _assert_same(got, want)
+        strided = misaligned(scores.T.contiguous(), offset).T  # column stride != 1
+        _assert_same(hnsample.topk_from_candidates(ids, strided, 9, num_candidates=2 * N, **kw), want)
+
+
+@pytest.mark.parametrize("dtype,offset", CASES, ids=CASE_IDS)
 def test_topk_similarity_misaligned_equals_aligned(dtype, offset):
     g = torch.Generator().manual_seed(4)
     q = torch.randint(-3, 4, (B, 16), generator=g).to(dtype)
