@@ -44,7 +44,7 @@ CandidateBlock make_candidate_block(uintptr_t scores, int dtype, int64_t rows, i
   b.cols = cols;
   b.score_row_stride = score_row_stride;
   b.score_col_stride = score_col_stride;
-  b.ids = as_ptr<const int64_t>(ids);
+  b.ids = as_ptr<const void>(ids);
   b.id_row_stride = id_row_stride;
   b.id_col_stride = id_col_stride;
   b.row_offset = row_offset;

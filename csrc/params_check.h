@@ -144,15 +144,18 @@ inline void check_screen(const TopkParams& p, const ScreenBlock& s) {
 }
 
 // A block of candidate lists: scores and ids of the same [rows, cols] extent, both present when the
-// block holds anything, ids 8-byte aligned, rows inside the state, a known float dtype, N >= 0.
-inline void check_candidate_block(const TopkParams& p, const CandidateBlock& b) {
+// block holds anything, rows inside the state, a known float dtype, N >= 0. The CPU reads ids at any
+// byte address (load_at: numpy views of bytes, torch.frombuffer); device code loads them directly, so
+// on the device they must be 8-byte aligned (the CUDA allocator's always are).
+inline void check_candidate_block(const TopkParams& p, const CandidateBlock& b, bool on_device) {
   HN_CHECK_PARAM(valid_float_dtype(b.dtype),
                  "candidate score dtype code " + std::to_string(b.dtype) + " is not a float");
   HN_CHECK_PARAM(b.rows >= 0 && b.cols >= 0, "candidate block extents must be >= 0");
   HN_CHECK_PARAM(b.num_ids >= 0, "candidate block num_ids must be >= 0");
   HN_CHECK_PARAM(b.rows == 0 || b.cols == 0 || (b.scores != nullptr && b.ids != nullptr),
                  "candidate block scores or ids are null");
-  HN_CHECK_PARAM(b.ids == nullptr || aligned_to(b.ids, 8), "candidate ids must be an int64 buffer");
+  HN_CHECK_PARAM(!on_device || b.ids == nullptr || aligned_to(b.ids, 8),
+                 "device candidate ids must be an 8-byte aligned int64 buffer");
   HN_CHECK_PARAM(b.row_offset >= 0 && b.row_offset + b.rows <= p.num_rows,
                  "candidate block rows [" + std::to_string(b.row_offset) + ", " +
                      std::to_string(b.row_offset + b.rows) + ") are outside the state's " +

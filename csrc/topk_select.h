@@ -596,7 +596,7 @@ struct CandidateBlock {
   int dtype = 0;
   int64_t rows = 0, cols = 0;
   int64_t score_row_stride = 0, score_col_stride = 1;
-  const int64_t* ids = nullptr;  // [rows, cols] candidate ids, -1 = padding
+  const void* ids = nullptr;     // [rows, cols] int64 candidate ids, -1 = padding; any byte address (load_at)
   int64_t id_row_stride = 0, id_col_stride = 1;
   int64_t row_offset = 0;        // block row r is state row row_offset + r
   int64_t num_ids = 0;           // N: an id outside [0, N) is padding (never read past candidate_labels)
@@ -604,8 +604,15 @@ struct CandidateBlock {
 
 // The listed id at (r, c), or -1 for padding and for ids outside [0, num_ids).
 HN_HD int64_t listed_id(const CandidateBlock& b, int64_t r, int64_t c) {
-  const int64_t j = b.ids[r * b.id_row_stride + c * b.id_col_stride];
+  const int64_t j = load_at<int64_t>(b.ids, r * b.id_row_stride + c * b.id_col_stride);
   return (j >= 0 && j < b.num_ids) ? j : -1;
+}
+
+// The listed score at (r, c). Scores, like ids, may start at any byte address on the CPU (numpy views of
+// bytes, torch.frombuffer with an offset): read through load_at.
+template <typename T>
+HN_HD T listed_score(const CandidateBlock& b, int64_t r, int64_t c) {
+  return load_at<T>(b.scores, r * b.score_row_stride + c * b.score_col_stride);
 }
 
 // Offers block row r's listed candidates to its state row: the score interval [min_score, row_upper]
@@ -615,12 +622,11 @@ template <typename T>
 HN_HD void offer_listed_row(const TopkParams& p, const CandidateBlock& b, int64_t r) {
   const int64_t row = b.row_offset + r;
   const RowState st = row_state(p, row);
-  const T* s_row = static_cast<const T*>(b.scores) + r * b.score_row_stride;
   const double hi = row_upper(p, row);
   for (int64_t c = 0; c < b.cols; ++c) {
     const int64_t j = listed_id(b, r, c);
     if (j < 0) continue;
-    const double s = static_cast<double>(to_float(s_row[c * b.score_col_stride]));
+    const double s = static_cast<double>(to_float(listed_score<T>(b, r, c)));
     if (!(s >= p.min_score && s <= hi)) continue;  // NaN fails both
     if (id_banned(p, row, j) || !label_allowed(p, row, j)) continue;
     offer_candidate(p, st, row, s, j);
@@ -634,11 +640,10 @@ constexpr int kCandidateFilters = 6;  // Banned, Labels, Nan, MinScore, MaxScore
 template <typename T>
 HN_HD void count_listed_filters_row(const TopkParams& p, const CandidateBlock& b, int64_t r, int64_t* counts) {
   const int64_t row = b.row_offset + r;
-  const T* s_row = static_cast<const T*>(b.scores) + r * b.score_row_stride;
   for (int64_t c = 0; c < b.cols; ++c) {
     const int64_t j = listed_id(b, r, c);
     if (j < 0) continue;
-    const int f = static_cast<int>(first_failed_filter(p, row, j, to_float(s_row[c * b.score_col_stride])));
+    const int f = static_cast<int>(first_failed_filter(p, row, j, to_float(listed_score<T>(b, r, c))));
     if (f >= 0) ++counts[f];
   }
 }

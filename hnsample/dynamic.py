@@ -102,9 +102,11 @@ class DynamicNegativeMiner:
         return _host_tensor(self._host[ids.cpu().numpy()]).to(self.device)
 
     def _chunks(self, ct: torch.dtype):
-        """(offset, (n_c, d) tensor on self.device in ct) over the index."""
+        """(offset, (n_c, d) tensor on self.device in ct) over the index: the stored tensor itself when it is
+        there in ct already, else converted a chunk at a time (a float16 / bfloat16 index for float32
+        queries too: the kernels read queries and candidates in one dtype)."""
         t = self._tensor
-        if t is not None and t.device == self.device and (t.dtype == torch.float64) == (ct == torch.float64):
+        if t is not None and t.device == self.device and t.dtype == ct:
             yield 0, self._tensor
             return
         for j0 in range(0, self.num_documents, self.chunk_rows):

@@ -56,18 +56,26 @@ def _check_batch(embeddings: Any, labels: Any, metric: str) -> tuple[torch.Tenso
     return e, to_int64("labels", lab)
 
 
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| per row, a zero row staying zero with a zero gradient (through x / tiny it would get a
+    gradient of 1 / tiny: about 1e38 in float32, inf once cast to a 16-bit input's dtype). A row holding
+    NaN stays NaN."""
+    norm = x.norm(dim=1, keepdim=True)
+    return torch.where(norm == 0, 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny))
+
+
 def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
     """(A, B) similarities s_ij in float32 (float64 for float64 inputs); differentiable.
 
-    cosine: a_i . b_j / (|a_i| |b_j|) (0 for a zero vector); dot: a_i . b_j; euclidean: -|a_i - b_j|.
+    cosine: a_i . b_j / (|a_i| |b_j|) (0, with a zero gradient, for a zero vector); dot: a_i . b_j;
+    euclidean: -|a_i - b_j|.
     """
     ct = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, b = a.to(ct), b.to(ct)
     if metric == "euclidean":
         return -torch.cdist(a, b)
     if metric == "cosine":
-        a = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(ct).tiny)
-        b = b / b.norm(dim=1, keepdim=True).clamp_min(torch.finfo(ct).tiny)
+        a, b = _unit_rows(a), _unit_rows(b)
     return a @ b.T
 
 
@@ -78,8 +86,7 @@ def _paired_similarity(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.T
     if metric == "euclidean":
         return -torch.linalg.vector_norm(a - b, dim=1)
     if metric == "cosine":
-        a = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(ct).tiny)
-        b = b / b.norm(dim=1, keepdim=True).clamp_min(torch.finfo(ct).tiny)
+        a, b = _unit_rows(a), _unit_rows(b)
     return (a * b).sum(dim=1)
 
 
@@ -141,9 +148,10 @@ def semi_hard(embeddings: Any, labels: Any, margin: float, *, metric: str = "cos
     if margin is None or margin <= 0:
         raise ValueError(f"margin must be a finite float > 0, got {margin}")
     b = e.shape[0]
-    k = b if negatives_per_pair is None else negatives_per_pair
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    k = negatives_per_pair
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"negatives_per_pair must be an int >= 1 or None, got {negatives_per_pair!r}")
+    k = b if k is None else k  # None: every semi-hard negative (an empty batch has none)
     empty = torch.empty(0, dtype=torch.int64, device=e.device)
     with torch.no_grad():
         s = _batch_scores(e, metric).to(torch.float64)

@@ -129,6 +129,22 @@ def test_half_precision_memory_map_and_float64_queries(tmp_path):
     assert torch.equal(out64.ids, want_j) and out64.scores.dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_half_precision_document_tensor(dtype, metric):
+    """A 16-bit document tensor already on the scoring device is scored against the float32 queries as
+    the reference scores it. (It used to be handed to the kernels unconverted, next to float32 queries,
+    and read as if it were float32: garbage scores, read past its end.)"""
+    docs, queries, positives = _index(seed=5)
+    docs16, queries16 = docs.to(dtype), queries.to(dtype)
+    miner = DynamicNegativeMiner(docs16, metric=metric)
+    for q in (queries16, queries):
+        out = miner.mine(q, positives, 5, random=2, seed=0)
+        want_s, want_j = ref.topk_similarity(q.float(), docs16.float(), 5, metric=metric, positives=positives)
+        assert torch.equal(out.ids[:, :5], want_j)
+        assert torch.equal(out.scores[:, :5].double(), want_s)
+
+
 def test_zero_k_and_zero_random():
     docs, queries, positives = _index()
     out = DynamicNegativeMiner(docs).mine(queries, positives, 0)

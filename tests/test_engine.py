@@ -121,6 +121,15 @@ def test_block_checks():
         state.merge(_state(k=4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_block_loop_refuses_candidates_of_another_dtype(dtype):
+    """The block loop's product reads both operands in the queries' dtype, so float32 queries with a
+    16-bit candidate block would read past its end: a TypeError instead, before any block."""
+    sel = build_selection(2, 6, torch.device("cpu"), 3)
+    with pytest.raises(TypeError, match="candidates must have the dtype and device of queries"):
+        hnsample.engine.run_selection(torch.ones(2, 4), torch.ones(6, 4, dtype=dtype), sel, "dot", 1 << 20)
+
+
 def test_info_nce_params_are_checked():
     p = _C.InfoNceParams()
     p.num_rows, p.num_cols, p.inv_temperature = 2, 3, 1.0

@@ -137,6 +137,24 @@ def test_triplet_margin_loss_formula_and_gradient(metric):
         lambda x: triplet_margin_loss(x, t, 0.2, metric=metric), (e.detach().clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triplet_margin_loss_zero_embedding_has_finite_gradient(dtype):
+    """A used row that is exactly zero has cosine 0 with everything and a zero gradient. (Its gradient
+    used to be about 1 / tiny = 8.5e37 in float32, -inf once cast back to a 16-bit dtype.)"""
+    e = torch.tensor([[0.5, 0.25], [0.0, 0.0], [0.25, -0.5]], dtype=dtype, requires_grad=True)
+    t = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 2]))
+    loss = triplet_margin_loss(e, t, 1.0, metric="cosine", reduction="none")
+    assert loss.tolist() == [1.0, 1.0]  # every cosine here is 0: e0 . e2 = 0, and e1 is zero
+    loss.sum().backward()
+    assert torch.isfinite(e.grad).all() and (e.grad[1] == 0).all()
+
+
+def test_semi_hard_all_negatives_of_an_empty_batch():
+    """negatives_per_pair=None on an empty batch: no triplets (it used to be refused as if None were 0)."""
+    empty = semi_hard(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), 0.5, negatives_per_pair=None)
+    assert all(t.numel() == 0 for t in empty)
+
+
 def test_triplet_margin_loss_empty_is_connected_zero():
     e = torch.randn(4, 3, requires_grad=True)
     empty = torch.zeros(0, dtype=torch.int64)

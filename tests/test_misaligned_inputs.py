@@ -9,20 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import DTYPE_IDS, FLOAT_DTYPES
+from hostile_inputs import misaligned
 
 import hnsample
-
-
-def misaligned(t: torch.Tensor, offset: int) -> torch.Tensor:
-    """A contiguous copy of t whose data starts `offset` bytes past a 64-byte boundary (not aligned for
-    t's dtype when 0 < offset < itemsize). The numpy buffer it lives in is kept alive by the tensor."""
-    nbytes = t.numel() * t.element_size()
-    raw = np.zeros(nbytes + 128, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 64 + offset
-    out = torch.from_numpy(raw[start : start + nbytes]).view(t.dtype).view(t.shape)
-    out.copy_(t)
-    assert out.data_ptr() % 64 == offset and torch.equal(out, t)
-    return out
 
 
 def offsets(dtype: torch.dtype) -> list[int]:
@@ -105,6 +94,25 @@ def test_topk_from_scores_frombuffer_and_numpy(offset):
     want = hnsample.topk_from_scores(scores, 8)
     _assert_same(hnsample.topk_from_scores(via_torch, 8), want)
     _assert_same(hnsample.topk_from_scores(via_numpy, 8), want)
+
+
+@pytest.mark.parametrize("dtype,offset", CASES, ids=CASE_IDS)
+def test_topk_from_candidates_misaligned_equals_aligned(dtype, offset):
+    """Listed scores and ids at any byte address, read in place: the kernel used to read the scores
+    through a typed pointer (undefined behaviour, reported by UBSan) and refuse unaligned ids."""
+    scores = _scores(dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.stack([torch.randperm(2 * N, generator=g)[:N] for _ in range(B)])
+    ids[torch.rand(B, N, generator=g) < 0.2] = -1
+    ql, cl = torch.randint(0, 5, (B,), generator=g), torch.randint(0, 5, (2 * N,), generator=g)
+    for kw in (dict(), dict(query_labels=ql, candidate_labels=cl, skip_top=2, sampling="softmax", seed=3)):
+        want = hnsample.topk_from_candidates(ids, scores, 9, num_candidates=2 * N, **kw)
+        assert (want.indices >= 0).any()
+        got = hnsample.topk_from_candidates(misaligned(ids, offset), misaligned(scores, offset), 9,
+                                            num_candidates=2 * N, **kw)
+        _assert_same(got, want)
+        strided = misaligned(scores.T.contiguous(), offset).T  # column stride != 1
+        _assert_same(hnsample.topk_from_candidates(ids, strided, 9, num_candidates=2 * N, **kw), want)
 
 
 @pytest.mark.parametrize("dtype,offset", CASES, ids=CASE_IDS)

@@ -105,6 +105,45 @@ def test_padded_entries_get_no_gradient():
     assert (out.indices[:, 2:] == -1).all()
 
 
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_unselected_non_finite_rows_leave_gradients_finite(metric):
+    """Padding used to gather candidate 0 and multiply it by a zero gradient: with "dot", a NaN query row
+    (all padding) made candidate 0's gradient NaN, and a NaN candidate 0 that was never selected made
+    the gradient of every query with padding NaN. Neither row is selected, so neither may reach a
+    gradient."""
+    q = torch.tensor([[math.nan, 0.25], [1.0, 0.0], [0.5, 0.5]], requires_grad=True)
+    c = torch.tensor([[0.5, 0.0], [0.25, 0.5]], requires_grad=True)
+    out = hnsample.topk_similarity(q, c, 3, metric=metric)
+    assert out.indices.tolist() == [[-1, -1, -1], [0, 1, -1], [1, 0, -1]]
+    out.scores.backward(torch.ones_like(out.scores))
+    assert torch.isfinite(c.grad).all() and torch.isfinite(q.grad[1:]).all() and (q.grad[0] == 0).all()
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    c = torch.tensor([[math.nan, 0.0], [0.5, 0.5]], requires_grad=True)
+    out = hnsample.topk_similarity(q, c, 2, metric=metric)
+    assert out.indices.tolist() == [[1, -1], [1, -1]]
+    out.scores.backward(torch.ones_like(out.scores))
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("op", ["topk_similarity", "topk_from_scores", "topk_from_candidates"])
+def test_no_candidates_gives_zero_gradients(op):
+    """N = 0 with k > 0: all padding, zero gradients (the backward used to index the empty candidates)."""
+    x = torch.ones(3, 2, requires_grad=True)
+    if op == "topk_similarity":
+        leaves = [x, torch.ones(0, 2, requires_grad=True)]
+        out = hnsample.topk_similarity(*leaves, 2)
+    elif op == "topk_from_scores":
+        leaves = [torch.ones(3, 0, requires_grad=True)]
+        out = hnsample.topk_from_scores(leaves[0], 2)
+    else:
+        leaves = [torch.ones(3, 0, requires_grad=True)]
+        out = hnsample.topk_from_candidates(torch.zeros(3, 0, dtype=torch.int64), leaves[0], 2, num_candidates=0)
+    assert (out.indices == -1).all()
+    grads = torch.autograd.grad(out.scores.where(out.indices >= 0, 0).sum(), leaves)
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, leaves, strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gradients_match_autograd_through_the_reference(dtype):
     """The op's analytic backward equals autograd through the plain-torch score formula."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, DTYPE_IDS, FLOAT_DTYPES
+from hostile_inputs import misaligned
 
 import hnsample
 from hnsample import _C
@@ -208,13 +209,31 @@ def test_launcher_checks_its_parameters():
                 cuda=False, stream=0, threads=1)
     for bad, match in ((dict(ids=0), "scores or ids are null"), (dict(row_offset=1), r"rows \[1, 3\) are outside"),
                        (dict(dtype=4), "is not a float"), (dict(num_ids=-1), "num_ids must be >= 0"),
-                       (dict(ids=ids.data_ptr() + 4), "int64 buffer"), (dict(rows=-1), "extents")):
+                       (dict(rows=-1), "extents")):
         with pytest.raises(ValueError, match=match):
             _C.topk_candidates_select(**{**base, **bad})
     broken = state.params.copy()
     broken.capacity = 1
     with pytest.raises(ValueError, match="do not match the layout"):
         _C.topk_candidates_select(**{**base, "params": broken})
+
+
+@pytest.mark.parametrize("offset", [1, 4, 7])
+def test_misaligned_candidate_ids_are_read_in_place(offset):
+    """int64 ids at an address that is not 8-byte aligned (a numpy view of bytes, torch.frombuffer with
+    an offset) select what aligned ids select: the CPU kernel reads them with alignment-safe loads, as it
+    does scores and labels. (It used to refuse them: "candidate ids must be an int64 buffer".)"""
+    ids, scores, positives = _lists(3)
+    labels = torch.arange(N) % 3
+    kw = dict(positives=positives, query_labels=torch.arange(B) % 3, candidate_labels=labels, absolute_margin=0.0)
+    want = hnsample.topk_from_candidates(ids, scores, 6, **kw)
+    odd = misaligned(ids, offset)
+    assert odd.data_ptr() % 8 != 0
+    got = hnsample.topk_from_candidates(odd, scores, 6, **kw)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
+    strided = misaligned(torch.stack([ids, ids], dim=2).reshape(B, 2 * C), offset)[:, ::2]
+    got = hnsample.topk_from_candidates(strided, scores, 6, **kw)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
 
 
 def test_ids_outside_the_id_space_are_padding_in_the_kernel():

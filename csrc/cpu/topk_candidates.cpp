@@ -9,7 +9,7 @@ namespace hnsample {
 
 void topk_candidates_select_cpu(const TopkParams& p, const CandidateBlock& block, int threads) {
   check_params(p);
-  check_candidate_block(p, block);
+  check_candidate_block(p, block, /*on_device=*/false);
   if (block.rows == 0 || block.cols == 0 || p.k == 0) return;
   HN_DISPATCH_FLOAT(block.dtype, T, [&] {
     parallel_rows(block.rows, threads, [&](int64_t r0, int64_t r1) {
@@ -21,7 +21,7 @@ void topk_candidates_select_cpu(const TopkParams& p, const CandidateBlock& block
 void topk_candidates_filter_counts_cpu(const TopkParams& p, const CandidateBlock& block, int64_t* counts,
                                        int threads) {
   check_params(p);
-  check_candidate_block(p, block);
+  check_candidate_block(p, block, /*on_device=*/false);
   if (block.rows == 0 || block.cols == 0) return;
   HN_CHECK_PARAM(counts != nullptr, "filter counts are null");
   HN_DISPATCH_FLOAT(block.dtype, T, [&] {

@@ -33,7 +33,7 @@ __global__ void candidates_filter_counts_kernel(TopkParams p, CandidateBlock b, 
 
 void topk_candidates_select_cuda(const TopkParams& p, const CandidateBlock& block, void* stream) {
   check_params(p);
-  check_candidate_block(p, block);
+  check_candidate_block(p, block, /*on_device=*/true);
   if (block.rows == 0 || block.cols == 0 || p.k == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(ceil_div(block.rows, kThreads));
@@ -46,7 +46,7 @@ void topk_candidates_select_cuda(const TopkParams& p, const CandidateBlock& bloc
 void topk_candidates_filter_counts_cuda(const TopkParams& p, const CandidateBlock& block, int64_t* counts,
                                         void* stream) {
   check_params(p);
-  check_candidate_block(p, block);
+  check_candidate_block(p, block, /*on_device=*/true);
   if (block.rows == 0 || block.cols == 0) return;
   HN_CHECK_PARAM(counts != nullptr, "filter counts are null");
   auto s = static_cast<cudaStream_t>(stream);

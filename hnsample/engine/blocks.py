@@ -200,6 +200,11 @@ def score_blocks(
     blocks outer, query rows inner. guide = (guide_queries, guide_candidates, guide_product) adds the
     guide scores of the same pairs. packed: a partial block is a contiguous (rows, cols) matrix
     (cuBLAS-friendly) instead of a view with the full block's row stride."""
+    if candidates.dtype != queries.dtype or candidates.device != queries.device:
+        # The product and the kernels read both operands in the queries' dtype: a mismatch would read
+        # past the end of a 16-bit candidate block.
+        raise TypeError(f"candidates must have the dtype and device of queries ({queries.dtype}, {queries.device}), "
+                        f"got {candidates.dtype}, {candidates.device}")
     b, n = queries.shape[0], candidates.shape[0]
     if b == 0 or n == 0:
         return

@@ -152,14 +152,19 @@ def similarity_grads(queries: torch.Tensor, candidates: torch.Tensor, indices: t
 
     dot:    ds/dq = c,  ds/dc = q.
     cosine: ds/dq = (c^ - s q^) / |q|,  ds/dc = (q^ - s c^) / |c|   (zero for a zero vector).
-    Padded entries (index -1) contribute nothing. Memory: (B, k, d), never (B, N).
+    Padded entries (index -1) contribute nothing, not even 0 * NaN: a query row holding NaN (whose
+    entries are all padding) or a candidate holding NaN or inf that was never selected leaves every
+    other gradient finite. Memory: (B, k, d), never (B, N).
     """
+    if candidates.shape[0] == 0:  # every entry is padding
+        return torch.zeros_like(queries), torch.zeros_like(candidates)
     ct = compute_dtype(queries.dtype)
     valid = indices >= 0
     g = torch.where(valid, grad_scores.to(ct), torch.zeros((), dtype=ct, device=grad_scores.device))
     idx = indices.clamp_min(0)
     q = queries.to(ct)
-    c = candidates.to(ct)[idx]  # (B, k, d)
+    # Padding gathers candidate 0 (any row would do): zero it, so that its values never reach a gradient.
+    c = torch.where(valid.unsqueeze(-1), candidates.to(ct)[idx], 0)  # (B, k, d)
     if metric == "dot":
         gq = torch.einsum("bk,bkd->bd", g, c)
         contrib = g.unsqueeze(-1) * q.unsqueeze(1)
@@ -173,6 +178,7 @@ def similarity_grads(queries: torch.Tensor, candidates: torch.Tensor, indices: t
         inv_cn = torch.where(cn > 0, 1 / torch.where(cn > 0, cn, 1), 0)
         gq = torch.einsum("bk,bkd->bd", g, ch - s * qh.unsqueeze(1)) * inv_qn
         contrib = g.unsqueeze(-1) * (qh.unsqueeze(1) - s * ch) * inv_cn
+    contrib = torch.where(valid.unsqueeze(-1), contrib, 0)  # a NaN query row's padding adds no 0 * NaN
     gc = torch.zeros(candidates.shape, dtype=ct, device=candidates.device)
     gc.index_add_(0, idx.reshape(-1), contrib.reshape(-1, contrib.shape[-1]))
     return gq.to(queries.dtype), gc.to(candidates.dtype)
@@ -187,7 +193,8 @@ def _from_scores_backward(ctx, grad_scores, _grad_indices):
     (indices,) = ctx.saved_tensors
     g = torch.where(indices >= 0, grad_scores, torch.zeros((), dtype=grad_scores.dtype, device=grad_scores.device))
     grad = torch.zeros(ctx.shape, dtype=grad_scores.dtype, device=grad_scores.device)
-    grad.scatter_add_(1, indices.clamp_min(0), g)
+    if grad.numel():  # N = 0: every entry is padding, and there is no column 0 to add its zero to
+        grad.scatter_add_(1, indices.clamp_min(0), g)
     return grad.to(ctx.dtype), None, None, None, None
 
 
