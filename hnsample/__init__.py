@@ -2,6 +2,7 @@
 
 from ._ext import has_cuda
 from .dynamic import DynamicNegativeMiner, DynamicNegatives
+from .grad_cache import grad_cache, mini_batches
 from .losses import InfoNCELoss, SentenceTransformerInfoNCELoss
 from .miners import Triplets, batch_hard, semi_hard, triplet_margin_loss
 from .mining import MinedNegatives, mine_hard_negatives
@@ -18,6 +19,7 @@ __all__ = [
     "ClusterBatchSampler", "DynamicNegativeMiner", "DynamicNegatives", "InfoNCELoss", "MPerClassBatchSampler",
     "MinedNegatives", "MixedNegatives", "MoCHi", "NegativeQueue", "NeighbourBatchSampler",
     "NoDuplicatesBatchSampler", "QueueNegatives", "SentenceTransformerInfoNCELoss", "TopK", "Triplets",
-    "__version__", "batch_hard", "has_cuda", "info_nce", "mine_hard_negatives", "mix_hard_negatives", "semi_hard",
-    "topk_from_candidates", "topk_from_scores", "topk_similarity", "triplet_margin_loss",
+    "__version__", "batch_hard", "grad_cache", "has_cuda", "info_nce", "mini_batches", "mine_hard_negatives",
+    "mix_hard_negatives", "semi_hard", "topk_from_candidates", "topk_from_scores", "topk_similarity",
+    "triplet_margin_loss",
 ]
