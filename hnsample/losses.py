@@ -4,12 +4,16 @@ sentence-transformers-compatible loss that takes a SentenceTransformer model the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .grad_cache import grad_cache, mini_batches
 from .ops.info_nce import info_nce
 
 # Options forwarded verbatim to info_nce.
@@ -29,9 +33,10 @@ _OPTIONS = (
 
 
 class InfoNCELoss(nn.Module):
-    """``info_nce`` as a module. ``temperature`` is a float; with ``learnable_temperature=True`` it
-    becomes a parameter (CLIP-style) stored as ``log_temperature`` so it stays positive, and the
-    loss uses ``tau = exp(log_temperature)``. Every other keyword is an ``info_nce`` option."""
+    """``info_nce`` as a module. ``temperature`` is a float (kept as the Python float given); with
+    ``learnable_temperature=True`` it becomes a parameter (CLIP-style) stored as ``log_temperature`` so
+    it stays positive, and the loss uses ``tau = exp(log_temperature)``. Every other keyword is an
+    ``info_nce`` option."""
 
     def __init__(self, temperature: float = 0.05, *, learnable_temperature: bool = False, **options: Any):
         super().__init__()
@@ -44,17 +49,16 @@ class InfoNCELoss(nn.Module):
         self.learnable_temperature = bool(learnable_temperature)
         if self.learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
-        else:
-            self.register_buffer("_temperature", torch.tensor(float(temperature)), persistent=False)
+        self._fixed_temperature = float(temperature)
 
     @property
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp() if self.learnable_temperature else self._temperature
+    def temperature(self) -> torch.Tensor | float:
+        """The learnable temperature as a tensor, or the fixed one as the float it was given as."""
+        return self.log_temperature.exp() if self.learnable_temperature else self._fixed_temperature
 
     def forward(self, queries: torch.Tensor, docs: torch.Tensor, **pair_arguments: Any) -> torch.Tensor:
         """pair_arguments: positive_ids, doc_ids, query_labels, doc_labels, guide_queries, guide_docs."""
-        tau = self.temperature if self.learnable_temperature else float(self._temperature)
-        return info_nce(queries, docs, temperature=tau, **pair_arguments, **self.options)
+        return info_nce(queries, docs, temperature=self.temperature, **pair_arguments, **self.options)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -69,18 +73,29 @@ class SentenceTransformerInfoNCELoss(nn.Module):
     columns. Embeddings are L2-normalized (cosine similarity); the candidates are all positives then
     all negatives, column by column, and anchor i's positive is candidate i. With
     ``scale = 1 / temperature`` and no options this is exactly MultipleNegativesRankingLoss, computed
-    without the (B, M) score matrix.
+    without the (B, M) score matrix. ``temperature`` or sentence-transformers' ``scale`` (not both,
+    unless they agree); 0.05 (scale 20) by default.
+
+    ``mini_batch_size``: GradCache (:func:`hnsample.grad_cache`): every column is embedded in mini-batches
+    of that many texts, first without autograd, then again during ``backward`` with the first pass's RNG
+    state, so the encoder's activation memory is that of one mini-batch whatever the batch size. Loss
+    and gradients are those of ``CachedMultipleNegativesRankingLoss(model, scale, mini_batch_size=...)``
+    (and of the uncached loss with the same mini-batch calls). The trainer's ``loss.backward()`` runs the
+    second pass; under DistributedDataParallel the gradients are reduced once, after the last mini-batch.
 
     ``guide``: an optional SentenceTransformer (or any module with the same call contract) run under
-    no_grad whose cosine scores drive GIST masking (``guide_margin``). ``labels`` from the data
-    collator are ignored, as in MultipleNegativesRankingLoss. sentence-transformers itself is not
-    imported: the model only has to map a features dict to ``{"sentence_embedding": ...}``."""
+    no_grad (in mini-batches when ``mini_batch_size`` is set) whose cosine scores drive GIST masking
+    (``guide_margin``). ``labels`` from the data collator are ignored, as in
+    MultipleNegativesRankingLoss. sentence-transformers itself is not imported: the model only has to
+    map a features dict to ``{"sentence_embedding": ...}``."""
 
     def __init__(
         self,
         model: nn.Module,
-        temperature: float = 0.05,
+        temperature: float | None = None,
         *,
+        scale: float | None = None,
+        mini_batch_size: int | None = None,
         guide: nn.Module | None = None,
         learnable_temperature: bool = False,
         **options: Any,
@@ -90,13 +105,32 @@ class SentenceTransformerInfoNCELoss(nn.Module):
             raise TypeError(
                 f"model must be a SentenceTransformer (callable module), got {type(model).__name__}"
             )
+        temperature = _temperature_from(temperature, scale)
+        if mini_batch_size is not None:
+            mini_batches(torch.zeros(1), mini_batch_size)  # validates it
         self.model = model
         self.guide = guide
+        self.mini_batch_size = mini_batch_size
         self.loss = InfoNCELoss(temperature, learnable_temperature=learnable_temperature, **options)
 
+    @property
+    def temperature(self) -> float:
+        return float(self.loss.temperature)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.temperature
+
     @staticmethod
-    def _embed(model: nn.Module, features: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        return [torch.nn.functional.normalize(model(f)["sentence_embedding"], dim=-1) for f in features]
+    def _embed(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1)
+
+    def _guide_embeddings(self, features: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        size = self.mini_batch_size
+        with torch.no_grad():
+            if size is None:
+                return [self._embed(self.guide, f) for f in features]
+            return [torch.cat([self._embed(self.guide, mb) for mb in mini_batches(f, size)]) for f in features]
 
     def forward(
         self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None = None
@@ -104,15 +138,36 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         features = list(sentence_features)
         if len(features) < 2:
             raise ValueError(f"sentence_features needs an anchor and a positive column, got {len(features)}")
-        emb = self._embed(self.model, features)
-        queries, docs = emb[0], torch.cat(emb[1:], dim=0)
         extra: dict[str, torch.Tensor] = {}
         if self.guide is not None:
-            with torch.no_grad():
-                g = self._embed(self.guide, features)
+            g = self._guide_embeddings(features)
             extra = {"guide_queries": g[0], "guide_docs": torch.cat(g[1:], dim=0)}
-        return self.loss(queries, docs, **extra)
+
+        def loss_fn(queries: torch.Tensor, *docs: torch.Tensor) -> torch.Tensor:
+            return self.loss(queries, torch.cat(docs, dim=0), **extra)
+
+        encode = partial(self._embed, self.model)
+        if self.mini_batch_size is None:
+            return loss_fn(*(encode(f) for f in features))
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        return grad_cache(loss_fn, encode, features, mini_batch_size=self.mini_batch_size, distributed_model=ddp)
 
     def get_config_dict(self) -> dict[str, Any]:
         """What sentence-transformers writes into a model card."""
-        return {"temperature": float(self.loss.temperature), **self.loss.options}
+        config: dict[str, Any] = {"temperature": self.temperature}
+        if self.mini_batch_size is not None:
+            config["mini_batch_size"] = self.mini_batch_size
+        return {**config, **self.loss.options}
+
+
+def _temperature_from(temperature: float | None, scale: float | None) -> float:
+    for name, v in (("temperature", temperature), ("scale", scale)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or not v > 0):
+            raise ValueError(f"{name} must be a finite float > 0, got {v!r}")
+    if scale is None:
+        return 0.05 if temperature is None else float(temperature)
+    if temperature is not None and not math.isclose(float(temperature) * float(scale), 1.0, rel_tol=1e-9):
+        raise ValueError(f"temperature ({temperature}) and scale ({scale}) disagree: scale = 1 / temperature; "
+                         "give one of them")
+    return 1.0 / float(scale)
