@@ -74,7 +74,9 @@ class SentenceTransformerInfoNCELoss(nn.Module):
     all negatives, column by column, and anchor i's positive is candidate i. With
     ``scale = 1 / temperature`` and no options this is exactly MultipleNegativesRankingLoss, computed
     without the (B, M) score matrix. ``temperature`` or sentence-transformers' ``scale`` (not both,
-    unless they agree); 0.05 (scale 20) by default.
+    unless they agree); 0.05 (scale 20) by default. ``gather_across_devices=True`` (sentence-transformers'
+    name) is ``gather=True``: under torch.distributed every rank's docs are candidates for the local
+    anchors, as in MultipleNegativesRankingLoss(gather_across_devices=True).
 
     ``mini_batch_size``: GradCache (:func:`hnsample.grad_cache`): every column is embedded in mini-batches
     of that many texts, first without autograd, then again during ``backward`` with the first pass's RNG
@@ -96,11 +98,14 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         *,
         scale: float | None = None,
         mini_batch_size: int | None = None,
+        gather_across_devices: bool = False,
         guide: nn.Module | None = None,
         learnable_temperature: bool = False,
         **options: Any,
     ):
         super().__init__()
+        if gather_across_devices:
+            options["gather"] = True
         if not callable(model):
             raise TypeError(
                 f"model must be a SentenceTransformer (callable module), got {type(model).__name__}"
