@@ -152,6 +152,11 @@ class SentenceTransformerInfoNCELoss(nn.Module):
             return self.loss(queries, torch.cat(docs, dim=0), **extra)
 
         encode = partial(self._embed, self.model)
+        if self.mini_batch_size is not None and type(getattr(self.model, "forward", None)).__name__ == "ForwardDecorator":
+            # MatryoshkaLoss swaps model.forward for a decorator that caches outputs by call order; the
+            # second pass runs after it is removed, so the cached embeddings would not match.
+            raise TypeError("MatryoshkaLoss cannot wrap SentenceTransformerInfoNCELoss with mini_batch_size; "
+                            "wrap it without mini_batch_size, or use CachedMultipleNegativesRankingLoss")
         if self.mini_batch_size is None:
             return loss_fn(*(encode(f) for f in features))
         ddp = self.model if isinstance(self.model, DistributedDataParallel) else None

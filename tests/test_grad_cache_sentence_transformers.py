@@ -116,6 +116,9 @@ def test_matryoshka_wrapping_keeps_working(model):
     finally:
         model.train()
     _assert_same_step(got, want)
+    cached = MatryoshkaLoss(model, hnsample.SentenceTransformerInfoNCELoss(model, mini_batch_size=2), dims)
+    with pytest.raises(TypeError, match="MatryoshkaLoss cannot wrap"):
+        cached(features, None)
 
 
 def test_temperature_and_scale(model):
