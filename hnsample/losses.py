@@ -78,6 +78,13 @@ class SentenceTransformerInfoNCELoss(nn.Module):
     name) is ``gather=True``: under torch.distributed every rank's docs are candidates for the local
     anchors, as in MultipleNegativesRankingLoss(gather_across_devices=True).
 
+    MultipleNegativesRankingLoss's controls, where info_nce has the same formula:
+    ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"`` is
+    ``symmetric=True``; ``hardness_mode="all_negatives", hardness_strength=a`` is ``hardness_alpha=a``
+    (``l_ij = s_ij / tau + a * stopgrad(s_ij)`` for every negative). Other combinations (query_to_query,
+    doc_to_doc, a joint partition over two directions, hardness on in-batch or hard negatives only,
+    hardness with two directions) raise ValueError.
+
     ``mini_batch_size``: GradCache (:func:`hnsample.grad_cache`): every column is embedded in mini-batches
     of that many texts, first without autograd, then again during ``backward`` with the first pass's RNG
     state, so the encoder's activation memory is that of one mini-batch whatever the batch size. Loss
@@ -99,6 +106,10 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         scale: float | None = None,
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
         guide: nn.Module | None = None,
         learnable_temperature: bool = False,
         **options: Any,
@@ -106,6 +117,7 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         super().__init__()
         if gather_across_devices:
             options["gather"] = True
+        options.update(_st_controls(tuple(directions), partition_mode, hardness_mode, hardness_strength))
         if not callable(model):
             raise TypeError(
                 f"model must be a SentenceTransformer (callable module), got {type(model).__name__}"
@@ -168,6 +180,31 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         if self.mini_batch_size is not None:
             config["mini_batch_size"] = self.mini_batch_size
         return {**config, **self.loss.options}
+
+
+def _st_controls(directions: tuple[str, ...], partition_mode: str, hardness_mode: str | None,
+                 hardness_strength: float) -> dict[str, Any]:
+    """MultipleNegativesRankingLoss's names -> info_nce options (only where the formulas are equal)."""
+    out: dict[str, Any] = {}
+    if directions == ("query_to_doc",):
+        pass
+    elif sorted(directions) == ["doc_to_query", "query_to_doc"] and partition_mode == "per_direction":
+        out["symmetric"] = True
+    else:
+        raise ValueError(f"directions={directions} with partition_mode={partition_mode!r} is not supported: use "
+                         "('query_to_doc',) or ('query_to_doc', 'doc_to_query') with partition_mode='per_direction'")
+    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, (int, float)) \
+            or not hardness_strength >= 0:
+        raise ValueError(f"hardness_strength must be a float >= 0, got {hardness_strength!r}")
+    if hardness_mode == "all_negatives":
+        out["hardness_alpha"] = float(hardness_strength)
+    elif hardness_mode is not None:
+        raise ValueError(f"hardness_mode={hardness_mode!r} is not supported: use None or 'all_negatives' "
+                         "(hardness_alpha)")
+    if out.get("symmetric") and out.get("hardness_alpha"):
+        # info_nce's doc->query term uses the hardness-weighted logits too; sentence-transformers' does not.
+        raise ValueError("hardness_mode with two directions ('query_to_doc', 'doc_to_query') is not supported")
+    return out
 
 
 def _temperature_from(temperature: float | None, scale: float | None) -> float:

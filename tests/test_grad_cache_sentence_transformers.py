@@ -134,3 +134,50 @@ def test_temperature_and_scale(model):
         hnsample.SentenceTransformerInfoNCELoss(model, scale=0)
     with pytest.raises(ValueError, match="mini_batch_size must be an int >= 1"):
         hnsample.SentenceTransformerInfoNCELoss(model, mini_batch_size=0)
+
+
+class _Bag(torch.nn.Module):
+    """Maps {"input_ids": (n, L)} to {"sentence_embedding": (n, 16)} like a SentenceTransformer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(50, 16)
+
+    def forward(self, features):
+        return {"sentence_embedding": self.emb(features["input_ids"])}
+
+
+CONTROLS = {
+    "default": {},
+    "symmetric": {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"},
+    "hardness_all": {"hardness_mode": "all_negatives", "hardness_strength": 5.0},
+}
+
+
+@pytest.mark.parametrize("controls", list(CONTROLS.values()), ids=list(CONTROLS))
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+def test_mnrl_controls_equal_sentence_transformers(controls, mini_batch_size):
+    torch.manual_seed(0)
+    bag = _Bag()
+    g = torch.Generator().manual_seed(1)
+    features = [{"input_ids": torch.randint(0, 50, (6, 5), generator=g)} for _ in range(3)]
+    want = _step(bag, MultipleNegativesRankingLoss(bag, scale=10.0, **controls), features, 0)
+    got = _step(bag, hnsample.SentenceTransformerInfoNCELoss(bag, scale=10.0, mini_batch_size=mini_batch_size,
+                                                             **controls), features, 0)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1]["emb.weight"], want[1]["emb.weight"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("controls", "match"),
+    [
+        ({"directions": ("query_to_doc", "query_to_query")}, "directions="),
+        ({"directions": ("query_to_doc", "doc_to_query")}, "partition_mode='per_direction'"),
+        ({"hardness_mode": "hard_negatives", "hardness_strength": 1.0}, "hardness_mode='hard_negatives'"),
+        ({"hardness_mode": "all_negatives", "hardness_strength": -1.0}, "hardness_strength must be"),
+        ({"hardness_mode": "all_negatives", "hardness_strength": 1.0, **CONTROLS["symmetric"]}, "two directions"),
+    ],
+)
+def test_unsupported_controls_are_refused(controls, match):
+    with pytest.raises(ValueError, match=match):
+        hnsample.SentenceTransformerInfoNCELoss(_Bag(), **controls)
