@@ -1,6 +1,12 @@
 """hnsample: exact, memory-flat hard-negative mining, filtering and sampling for PyTorch."""
 
 from ._ext import has_cuda
+from .distillation import (
+    SentenceTransformerDistillKLDivLoss,
+    SentenceTransformerMarginMSELoss,
+    listwise_kl,
+    margin_mse,
+)
 from .dynamic import DynamicNegativeMiner, DynamicNegatives
 from .grad_cache import grad_cache, mini_batches
 from .losses import InfoNCELoss, SentenceTransformerInfoNCELoss
@@ -18,8 +24,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ClusterBatchSampler", "DynamicNegativeMiner", "DynamicNegatives", "InfoNCELoss", "MPerClassBatchSampler",
     "MinedNegatives", "MixedNegatives", "MoCHi", "NegativeQueue", "NeighbourBatchSampler",
-    "NoDuplicatesBatchSampler", "QueueNegatives", "SentenceTransformerInfoNCELoss", "TopK", "Triplets",
-    "__version__", "batch_hard", "grad_cache", "has_cuda", "info_nce", "mini_batches", "mine_hard_negatives",
-    "mix_hard_negatives", "semi_hard", "topk_from_candidates", "topk_from_scores", "topk_similarity",
+    "NoDuplicatesBatchSampler", "QueueNegatives", "SentenceTransformerDistillKLDivLoss",
+    "SentenceTransformerInfoNCELoss", "SentenceTransformerMarginMSELoss", "TopK", "Triplets", "__version__",
+    "batch_hard", "grad_cache", "has_cuda", "info_nce", "listwise_kl", "margin_mse", "mine_hard_negatives",
+    "mini_batches", "mix_hard_negatives", "semi_hard", "topk_from_candidates", "topk_from_scores", "topk_similarity",
     "triplet_margin_loss",
 ]

@@ -18,6 +18,7 @@ from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
     MatryoshkaLoss,
     MultipleNegativesRankingLoss,
 )
+from tiny_encoder import BagEncoder  # noqa: E402
 
 import hnsample  # noqa: E402
 
@@ -136,17 +137,6 @@ def test_temperature_and_scale(model):
         hnsample.SentenceTransformerInfoNCELoss(model, mini_batch_size=0)
 
 
-class _Bag(torch.nn.Module):
-    """Maps {"input_ids": (n, L)} to {"sentence_embedding": (n, 16)} like a SentenceTransformer."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.EmbeddingBag(50, 16)
-
-    def forward(self, features):
-        return {"sentence_embedding": self.emb(features["input_ids"])}
-
-
 CONTROLS = {
     "default": {},
     "symmetric": {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"},
@@ -158,7 +148,7 @@ CONTROLS = {
 @pytest.mark.parametrize("mini_batch_size", [None, 2])
 def test_mnrl_controls_equal_sentence_transformers(controls, mini_batch_size):
     torch.manual_seed(0)
-    bag = _Bag()
+    bag = BagEncoder()
     g = torch.Generator().manual_seed(1)
     features = [{"input_ids": torch.randint(0, 50, (6, 5), generator=g)} for _ in range(3)]
     want = _step(bag, MultipleNegativesRankingLoss(bag, scale=10.0, **controls), features, 0)
@@ -180,4 +170,4 @@ def test_mnrl_controls_equal_sentence_transformers(controls, mini_batch_size):
 )
 def test_unsupported_controls_are_refused(controls, match):
     with pytest.raises(ValueError, match=match):
-        hnsample.SentenceTransformerInfoNCELoss(_Bag(), **controls)
+        hnsample.SentenceTransformerInfoNCELoss(BagEncoder(), **controls)
