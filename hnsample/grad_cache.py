@@ -167,6 +167,11 @@ class _SecondPass:
 
 
 def _embedding(encoder: Encoder, mini_batch: Any) -> torch.Tensor:
+    if isinstance(mini_batch, Mapping):
+        # A shallow copy per call: sentence-transformers' modules add their outputs (token embeddings)
+        # to the features dict in place, which would otherwise keep every mini-batch's activations
+        # alive until the second pass.
+        mini_batch = dict(mini_batch)
     emb = encoder(mini_batch)
     if not isinstance(emb, torch.Tensor):
         raise TypeError(f"the encoder must return a tensor of embeddings, got {type(emb).__name__}")

@@ -255,3 +255,25 @@ def test_bad_arguments(kwargs, exc, match):
     base.update(kwargs)
     with pytest.raises(exc, match=match):
         hnsample.grad_cache(base.pop("loss_fn"), base.pop("encoders"), base.pop("columns"), **base)
+
+
+def test_outputs_an_encoder_adds_to_its_features_are_not_kept():
+    # sentence-transformers' modules write their token embeddings into the features dict they are given;
+    # the first pass's must not stay alive until backward.
+    import gc
+    import weakref
+
+    refs = []
+    lin = torch.nn.Linear(D_IN, D)
+
+    def encode(features):
+        features["token_embeddings"] = torch.zeros(1000, 100)
+        refs.append(weakref.ref(features["token_embeddings"]))
+        return F.normalize(lin(features["x"]), dim=-1)
+
+    cols = [{"x": c} for c in _batch(2)]
+    loss = hnsample.grad_cache(_info_nce(), encode, cols, mini_batch_size=MINI)
+    gc.collect()
+    assert len(refs) == 6 and all(r() is None for r in refs)
+    loss.backward()
+    assert lin.weight.grad is not None
