@@ -18,6 +18,7 @@ from .ops.info_nce import info_nce
 from .ops.topk import TopK, topk_from_scores, topk_similarity
 from .queue import NegativeQueue, QueueNegatives
 from .samplers import ClusterBatchSampler, MPerClassBatchSampler, NeighbourBatchSampler, NoDuplicatesBatchSampler
+from .trainer_samplers import TrainerBatchSampler, trainer_batch_sampler
 
 __version__ = "0.1.0"
 
@@ -25,8 +26,8 @@ __all__ = [
     "ClusterBatchSampler", "DynamicNegativeMiner", "DynamicNegatives", "InfoNCELoss", "MPerClassBatchSampler",
     "MinedNegatives", "MixedNegatives", "MoCHi", "NegativeQueue", "NeighbourBatchSampler",
     "NoDuplicatesBatchSampler", "QueueNegatives", "SentenceTransformerDistillKLDivLoss",
-    "SentenceTransformerInfoNCELoss", "SentenceTransformerMarginMSELoss", "TopK", "Triplets", "__version__",
-    "batch_hard", "grad_cache", "has_cuda", "info_nce", "listwise_kl", "margin_mse", "mine_hard_negatives",
-    "mini_batches", "mix_hard_negatives", "semi_hard", "topk_from_candidates", "topk_from_scores", "topk_similarity",
-    "triplet_margin_loss",
+    "SentenceTransformerInfoNCELoss", "SentenceTransformerMarginMSELoss", "TopK", "TrainerBatchSampler", "Triplets",
+    "__version__", "batch_hard", "grad_cache", "has_cuda", "info_nce", "listwise_kl", "margin_mse",
+    "mine_hard_negatives", "mini_batches", "mix_hard_negatives", "semi_hard", "topk_from_candidates",
+    "topk_from_scores", "topk_similarity", "trainer_batch_sampler", "triplet_margin_loss",
 ]
