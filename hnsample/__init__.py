@@ -9,7 +9,7 @@ from .distillation import (
 )
 from .dynamic import DynamicNegativeMiner, DynamicNegatives
 from .grad_cache import grad_cache, mini_batches
-from .losses import InfoNCELoss, SentenceTransformerInfoNCELoss
+from .losses import InfoNCELoss, SentenceTransformerInfoNCELoss, own_candidates_info_nce
 from .miners import Triplets, batch_hard, semi_hard, triplet_margin_loss
 from .mining import MinedNegatives, mine_hard_negatives
 from .mixing import MixedNegatives, MoCHi, mix_hard_negatives
@@ -28,6 +28,6 @@ __all__ = [
     "NoDuplicatesBatchSampler", "QueueNegatives", "SentenceTransformerDistillKLDivLoss",
     "SentenceTransformerInfoNCELoss", "SentenceTransformerMarginMSELoss", "TopK", "TrainerBatchSampler", "Triplets",
     "__version__", "batch_hard", "grad_cache", "has_cuda", "info_nce", "listwise_kl", "margin_mse",
-    "mine_hard_negatives", "mini_batches", "mix_hard_negatives", "semi_hard", "topk_from_candidates",
-    "topk_from_scores", "topk_similarity", "trainer_batch_sampler", "triplet_margin_loss",
+    "mine_hard_negatives", "mini_batches", "mix_hard_negatives", "own_candidates_info_nce", "semi_hard",
+    "topk_from_candidates", "topk_from_scores", "topk_similarity", "trainer_batch_sampler", "triplet_margin_loss",
 ]

@@ -85,6 +85,10 @@ class SentenceTransformerInfoNCELoss(nn.Module):
     doc_to_doc, a joint partition over two directions, hardness on in-batch or hard negatives only,
     hardness with two directions) raise ValueError.
 
+    ``in_batch_negatives=False``: each anchor's candidates are its own positive and its own hard negatives
+    only (:func:`own_candidates_info_nce`; ``hardness_mode`` "hard_negatives" and "all_negatives" are then
+    the same); supports the temperature, hardness and ``positive_margin``.
+
     ``mini_batch_size``: GradCache (:func:`hnsample.grad_cache`): every column is embedded in mini-batches
     of that many texts, first without autograd, then again during ``backward`` with the first pass's RNG
     state, so the encoder's activation memory is that of one mini-batch whatever the batch size. Loss
@@ -110,6 +114,7 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         partition_mode: str = "joint",
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
+        in_batch_negatives: bool = True,
         guide: nn.Module | None = None,
         learnable_temperature: bool = False,
         **options: Any,
@@ -117,7 +122,17 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         super().__init__()
         if gather_across_devices:
             options["gather"] = True
+        if not isinstance(in_batch_negatives, bool):
+            raise TypeError(f"in_batch_negatives must be a bool, got {type(in_batch_negatives).__name__}")
+        if not in_batch_negatives and hardness_mode == "hard_negatives":
+            hardness_mode = "all_negatives"  # the row's own hard negatives are all its negatives
         options.update(_st_controls(tuple(directions), partition_mode, hardness_mode, hardness_strength))
+        if not in_batch_negatives:
+            extra = sorted(set(options) - {"hardness_alpha", "positive_margin"}) + (["guide"] if guide else [])
+            if extra:
+                raise ValueError(f"in_batch_negatives=False supports temperature, hardness and positive_margin "
+                                 f"only, got {', '.join(extra)}")
+        self.in_batch_negatives = in_batch_negatives
         if not callable(model):
             raise TypeError(
                 f"model must be a SentenceTransformer (callable module), got {type(model).__name__}"
@@ -160,7 +175,13 @@ class SentenceTransformerInfoNCELoss(nn.Module):
             g = self._guide_embeddings(features)
             extra = {"guide_queries": g[0], "guide_docs": torch.cat(g[1:], dim=0)}
 
+        if not self.in_batch_negatives and len(features) < 3:
+            raise ValueError("in_batch_negatives=False needs hard-negative columns (anchor, positive, negative_1, ...)")
+
         def loss_fn(queries: torch.Tensor, *docs: torch.Tensor) -> torch.Tensor:
+            if not self.in_batch_negatives:
+                return own_candidates_info_nce(queries, list(docs), temperature=self.loss.temperature,
+                                               **self.loss.options)
             return self.loss(queries, torch.cat(docs, dim=0), **extra)
 
         encode = partial(self._embed, self.model)
@@ -180,6 +201,25 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         if self.mini_batch_size is not None:
             config["mini_batch_size"] = self.mini_batch_size
         return {**config, **self.loss.options}
+
+
+def own_candidates_info_nce(queries: torch.Tensor, candidates: list[torch.Tensor], *,
+                            temperature: float | torch.Tensor = 0.05, hardness_alpha: float = 0.0,
+                            positive_margin: float = 0.0) -> torch.Tensor:
+    r"""InfoNCE without in-batch negatives: row i's candidates are ``candidates[0][i]`` (its positive) and
+    ``candidates[j][i]`` for j >= 1 (its hard negatives). With ``s_ij = q_i . c_j[i]``,
+    ``l_i0 = (s_i0 - positive_margin) / tau`` and ``l_ij = s_ij / tau + hardness_alpha * stopgrad(s_ij)``,
+    the loss is ``mean_i (-l_i0 + log sum_j exp(l_ij))``: ``info_nce`` of each row against its own
+    candidates. It needs the B x n pair scores only."""
+    if len(candidates) < 2:
+        raise ValueError(f"own_candidates_info_nce needs a positive and at least one negative column, "
+                         f"got {len(candidates)} column(s)")
+    ct = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    s = torch.stack([(queries.to(ct) * c.to(ct)).sum(dim=-1) for c in candidates], dim=1)  # (B, n)
+    tau = temperature.to(ct) if isinstance(temperature, torch.Tensor) else float(temperature)
+    logits = torch.cat([(s[:, :1] - positive_margin) / tau, s[:, 1:] / tau + hardness_alpha * s[:, 1:].detach()],
+                       dim=1)
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
 def _st_controls(directions: tuple[str, ...], partition_mode: str, hardness_mode: str | None,

@@ -171,3 +171,44 @@ def test_mnrl_controls_equal_sentence_transformers(controls, mini_batch_size):
 def test_unsupported_controls_are_refused(controls, match):
     with pytest.raises(ValueError, match=match):
         hnsample.SentenceTransformerInfoNCELoss(BagEncoder(), **controls)
+
+
+@pytest.mark.parametrize("options", [{}, {"hardness_alpha": 3.0, "positive_margin": 0.1}])
+def test_own_candidates_info_nce_is_info_nce_per_row(options):
+    from hnsample import _reference as ref
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    cands = [torch.randn(5, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3)]
+    got = hnsample.own_candidates_info_nce(q, cands, temperature=0.2, **options)
+    want = torch.stack([ref.info_nce(q[i:i + 1], torch.stack([c[i] for c in cands]), temperature=0.2, **options)
+                        for i in range(5)]).mean()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, [q, *cands]), torch.autograd.grad(want, [q, *cands]), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+def test_hard_negatives_only(mini_batch_size):
+    torch.manual_seed(0)
+    bag = BagEncoder()
+    g = torch.Generator().manual_seed(1)
+    features = [{"input_ids": torch.randint(0, 50, (6, 5), generator=g)} for _ in range(4)]
+    loss = hnsample.SentenceTransformerInfoNCELoss(bag, scale=10.0, in_batch_negatives=False,
+                                                   hardness_mode="hard_negatives", hardness_strength=2.0,
+                                                   mini_batch_size=mini_batch_size)
+    got = _step(bag, loss, features, 0)
+
+    def want_loss(features, labels):
+        emb = [torch.nn.functional.normalize(bag(f)["sentence_embedding"], dim=-1) for f in features]
+        return hnsample.own_candidates_info_nce(emb[0], emb[1:], temperature=0.1, hardness_alpha=2.0)
+
+    want = _step(bag, want_loss, features, 0)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1]["emb.weight"], want[1]["emb.weight"], rtol=1e-5, atol=1e-6)
+    # Without in-batch negatives the loss differs from MNRL's.
+    assert not torch.allclose(got[0], _step(bag, MultipleNegativesRankingLoss(bag, scale=10.0), features, 0)[0])
+    with pytest.raises(ValueError, match="needs hard-negative columns"):
+        loss(features[:2], None)
+    with pytest.raises(ValueError, match="supports temperature, hardness and positive_margin only"):
+        hnsample.SentenceTransformerInfoNCELoss(bag, in_batch_negatives=False, hcl_beta=0.5)
