@@ -375,3 +375,30 @@ def info_nce(
         return out.sum()
     with_pos = sum(1 for i in range(b) if positives[i])
     return out.sum() / max(with_pos, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distillation from teacher scores (hnsample.distillation): pair scores s_ij = q_i . c_j[i].
+
+
+def margin_mse(queries: torch.Tensor, candidates: list[torch.Tensor], teacher_margins: torch.Tensor) -> torch.Tensor:
+    """mean over rows i and negatives j of ((s_i0 - s_ij) - t_ij)^2; candidates = [positive, negatives]."""
+    terms = []
+    for i in range(queries.shape[0]):
+        for j in range(1, len(candidates)):
+            s_pos = torch.dot(queries[i], candidates[0][i])
+            s_neg = torch.dot(queries[i], candidates[j][i])
+            terms.append((s_pos - s_neg - teacher_margins[i, j - 1]) ** 2)
+    return torch.stack(terms).mean()
+
+
+def listwise_kl(queries: torch.Tensor, candidates: list[torch.Tensor], teacher_scores: torch.Tensor,
+                student_temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """student_temperature^2 * mean over rows of KL(softmax(T_i / t_T) || softmax(s_i / t_S))."""
+    rows = []
+    for i in range(queries.shape[0]):
+        s = torch.stack([torch.dot(queries[i], c[i]) for c in candidates]) / student_temperature
+        p = torch.softmax(teacher_scores[i] / teacher_temperature, dim=0)
+        log_q = s - torch.logsumexp(s, dim=0)
+        rows.append(sum(p[j] * (torch.log(p[j]) - log_q[j]) for j in range(len(candidates)) if p[j] > 0))
+    return torch.stack(rows).mean() * student_temperature**2

@@ -4,12 +4,16 @@ sentence-transformers-compatible loss that takes a SentenceTransformer model the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .grad_cache import grad_cache, mini_batches
 from .ops.info_nce import info_nce
 
 # Options forwarded verbatim to info_nce.
@@ -29,9 +33,10 @@ _OPTIONS = (
 
 
 class InfoNCELoss(nn.Module):
-    """``info_nce`` as a module. ``temperature`` is a float; with ``learnable_temperature=True`` it
-    becomes a parameter (CLIP-style) stored as ``log_temperature`` so it stays positive, and the
-    loss uses ``tau = exp(log_temperature)``. Every other keyword is an ``info_nce`` option."""
+    """``info_nce`` as a module. ``temperature`` is a float (kept as the Python float given); with
+    ``learnable_temperature=True`` it becomes a parameter (CLIP-style) stored as ``log_temperature`` so
+    it stays positive, and the loss uses ``tau = exp(log_temperature)``. Every other keyword is an
+    ``info_nce`` option."""
 
     def __init__(self, temperature: float = 0.05, *, learnable_temperature: bool = False, **options: Any):
         super().__init__()
@@ -44,17 +49,16 @@ class InfoNCELoss(nn.Module):
         self.learnable_temperature = bool(learnable_temperature)
         if self.learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
-        else:
-            self.register_buffer("_temperature", torch.tensor(float(temperature)), persistent=False)
+        self._fixed_temperature = float(temperature)
 
     @property
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp() if self.learnable_temperature else self._temperature
+    def temperature(self) -> torch.Tensor | float:
+        """The learnable temperature as a tensor, or the fixed one as the float it was given as."""
+        return self.log_temperature.exp() if self.learnable_temperature else self._fixed_temperature
 
     def forward(self, queries: torch.Tensor, docs: torch.Tensor, **pair_arguments: Any) -> torch.Tensor:
         """pair_arguments: positive_ids, doc_ids, query_labels, doc_labels, guide_queries, guide_docs."""
-        tau = self.temperature if self.learnable_temperature else float(self._temperature)
-        return info_nce(queries, docs, temperature=tau, **pair_arguments, **self.options)
+        return info_nce(queries, docs, temperature=self.temperature, **pair_arguments, **self.options)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -69,34 +73,96 @@ class SentenceTransformerInfoNCELoss(nn.Module):
     columns. Embeddings are L2-normalized (cosine similarity); the candidates are all positives then
     all negatives, column by column, and anchor i's positive is candidate i. With
     ``scale = 1 / temperature`` and no options this is exactly MultipleNegativesRankingLoss, computed
-    without the (B, M) score matrix.
+    without the (B, M) score matrix. ``temperature`` or sentence-transformers' ``scale`` (not both,
+    unless they agree); 0.05 (scale 20) by default. ``gather_across_devices=True`` (sentence-transformers'
+    name) is ``gather=True``: under torch.distributed every rank's docs are candidates for the local
+    anchors, as in MultipleNegativesRankingLoss(gather_across_devices=True).
+
+    MultipleNegativesRankingLoss's controls, where info_nce has the same formula:
+    ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"`` is
+    ``symmetric=True``; ``hardness_mode="all_negatives", hardness_strength=a`` is ``hardness_alpha=a``
+    (``l_ij = s_ij / tau + a * stopgrad(s_ij)`` for every negative). Other combinations (query_to_query,
+    doc_to_doc, a joint partition over two directions, hardness on in-batch or hard negatives only,
+    hardness with two directions) raise ValueError.
+
+    ``in_batch_negatives=False``: each anchor's candidates are its own positive and its own hard negatives
+    only (:func:`own_candidates_info_nce`; ``hardness_mode`` "hard_negatives" and "all_negatives" are then
+    the same); supports the temperature, hardness and ``positive_margin``.
+
+    ``mini_batch_size``: GradCache (:func:`hnsample.grad_cache`): every column is embedded in mini-batches
+    of that many texts, first without autograd, then again during ``backward`` with the first pass's RNG
+    state, so the encoder's activation memory is that of one mini-batch whatever the batch size. Loss
+    and gradients are those of ``CachedMultipleNegativesRankingLoss(model, scale, mini_batch_size=...)``
+    (and of the uncached loss with the same mini-batch calls). The trainer's ``loss.backward()`` runs the
+    second pass; under DistributedDataParallel the gradients are reduced once, after the last mini-batch.
 
     ``guide``: an optional SentenceTransformer (or any module with the same call contract) run under
-    no_grad whose cosine scores drive GIST masking (``guide_margin``). ``labels`` from the data
-    collator are ignored, as in MultipleNegativesRankingLoss. sentence-transformers itself is not
-    imported: the model only has to map a features dict to ``{"sentence_embedding": ...}``."""
+    no_grad (in mini-batches when ``mini_batch_size`` is set) whose cosine scores drive GIST masking
+    (``guide_margin``). ``labels`` from the data collator are ignored, as in
+    MultipleNegativesRankingLoss. sentence-transformers itself is not imported: the model only has to
+    map a features dict to ``{"sentence_embedding": ...}``."""
 
     def __init__(
         self,
         model: nn.Module,
-        temperature: float = 0.05,
+        temperature: float | None = None,
         *,
+        scale: float | None = None,
+        mini_batch_size: int | None = None,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+        in_batch_negatives: bool = True,
         guide: nn.Module | None = None,
         learnable_temperature: bool = False,
         **options: Any,
     ):
         super().__init__()
+        if gather_across_devices:
+            options["gather"] = True
+        if not isinstance(in_batch_negatives, bool):
+            raise TypeError(f"in_batch_negatives must be a bool, got {type(in_batch_negatives).__name__}")
+        if not in_batch_negatives and hardness_mode == "hard_negatives":
+            hardness_mode = "all_negatives"  # the row's own hard negatives are all its negatives
+        options.update(_st_controls(tuple(directions), partition_mode, hardness_mode, hardness_strength))
+        if not in_batch_negatives:
+            extra = sorted(set(options) - {"hardness_alpha", "positive_margin"}) + (["guide"] if guide else [])
+            if extra:
+                raise ValueError(f"in_batch_negatives=False supports temperature, hardness and positive_margin "
+                                 f"only, got {', '.join(extra)}")
+        self.in_batch_negatives = in_batch_negatives
         if not callable(model):
             raise TypeError(
                 f"model must be a SentenceTransformer (callable module), got {type(model).__name__}"
             )
+        temperature = _temperature_from(temperature, scale)
+        if mini_batch_size is not None:
+            mini_batches(torch.zeros(1), mini_batch_size)  # validates it
         self.model = model
         self.guide = guide
+        self.mini_batch_size = mini_batch_size
         self.loss = InfoNCELoss(temperature, learnable_temperature=learnable_temperature, **options)
 
+    @property
+    def temperature(self) -> float:
+        return float(self.loss.temperature)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.temperature
+
     @staticmethod
-    def _embed(model: nn.Module, features: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        return [torch.nn.functional.normalize(model(f)["sentence_embedding"], dim=-1) for f in features]
+    def _embed(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1)
+
+    def _guide_embeddings(self, features: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        size = self.mini_batch_size
+        with torch.no_grad():
+            if size is None:
+                return [self._embed(self.guide, f) for f in features]
+            return [torch.cat([self._embed(self.guide, mb) for mb in mini_batches(f, size)]) for f in features]
 
     def forward(
         self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None = None
@@ -104,15 +170,91 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         features = list(sentence_features)
         if len(features) < 2:
             raise ValueError(f"sentence_features needs an anchor and a positive column, got {len(features)}")
-        emb = self._embed(self.model, features)
-        queries, docs = emb[0], torch.cat(emb[1:], dim=0)
         extra: dict[str, torch.Tensor] = {}
         if self.guide is not None:
-            with torch.no_grad():
-                g = self._embed(self.guide, features)
+            g = self._guide_embeddings(features)
             extra = {"guide_queries": g[0], "guide_docs": torch.cat(g[1:], dim=0)}
-        return self.loss(queries, docs, **extra)
+
+        if not self.in_batch_negatives and len(features) < 3:
+            raise ValueError("in_batch_negatives=False needs hard-negative columns (anchor, positive, negative_1, ...)")
+
+        def loss_fn(queries: torch.Tensor, *docs: torch.Tensor) -> torch.Tensor:
+            if not self.in_batch_negatives:
+                return own_candidates_info_nce(queries, list(docs), temperature=self.loss.temperature,
+                                               **self.loss.options)
+            return self.loss(queries, torch.cat(docs, dim=0), **extra)
+
+        encode = partial(self._embed, self.model)
+        if self.mini_batch_size is not None and type(getattr(self.model, "forward", None)).__name__ == "ForwardDecorator":
+            # MatryoshkaLoss swaps model.forward for a decorator that caches outputs by call order; the
+            # second pass runs after it is removed, so the cached embeddings would not match.
+            raise TypeError("MatryoshkaLoss cannot wrap SentenceTransformerInfoNCELoss with mini_batch_size; "
+                            "wrap it without mini_batch_size, or use CachedMultipleNegativesRankingLoss")
+        if self.mini_batch_size is None:
+            return loss_fn(*(encode(f) for f in features))
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        return grad_cache(loss_fn, encode, features, mini_batch_size=self.mini_batch_size, distributed_model=ddp)
 
     def get_config_dict(self) -> dict[str, Any]:
         """What sentence-transformers writes into a model card."""
-        return {"temperature": float(self.loss.temperature), **self.loss.options}
+        config: dict[str, Any] = {"temperature": self.temperature}
+        if self.mini_batch_size is not None:
+            config["mini_batch_size"] = self.mini_batch_size
+        return {**config, **self.loss.options}
+
+
+def own_candidates_info_nce(queries: torch.Tensor, candidates: list[torch.Tensor], *,
+                            temperature: float | torch.Tensor = 0.05, hardness_alpha: float = 0.0,
+                            positive_margin: float = 0.0) -> torch.Tensor:
+    r"""InfoNCE without in-batch negatives: row i's candidates are ``candidates[0][i]`` (its positive) and
+    ``candidates[j][i]`` for j >= 1 (its hard negatives). With ``s_ij = q_i . c_j[i]``,
+    ``l_i0 = (s_i0 - positive_margin) / tau`` and ``l_ij = s_ij / tau + hardness_alpha * stopgrad(s_ij)``,
+    the loss is ``mean_i (-l_i0 + log sum_j exp(l_ij))``: ``info_nce`` of each row against its own
+    candidates. It needs the B x n pair scores only."""
+    if len(candidates) < 2:
+        raise ValueError(f"own_candidates_info_nce needs a positive and at least one negative column, "
+                         f"got {len(candidates)} column(s)")
+    ct = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    s = torch.stack([(queries.to(ct) * c.to(ct)).sum(dim=-1) for c in candidates], dim=1)  # (B, n)
+    tau = temperature.to(ct) if isinstance(temperature, torch.Tensor) else float(temperature)
+    logits = torch.cat([(s[:, :1] - positive_margin) / tau, s[:, 1:] / tau + hardness_alpha * s[:, 1:].detach()],
+                       dim=1)
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def _st_controls(directions: tuple[str, ...], partition_mode: str, hardness_mode: str | None,
+                 hardness_strength: float) -> dict[str, Any]:
+    """MultipleNegativesRankingLoss's names -> info_nce options (only where the formulas are equal)."""
+    out: dict[str, Any] = {}
+    if directions == ("query_to_doc",):
+        pass
+    elif sorted(directions) == ["doc_to_query", "query_to_doc"] and partition_mode == "per_direction":
+        out["symmetric"] = True
+    else:
+        raise ValueError(f"directions={directions} with partition_mode={partition_mode!r} is not supported: use "
+                         "('query_to_doc',) or ('query_to_doc', 'doc_to_query') with partition_mode='per_direction'")
+    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, (int, float)) \
+            or not hardness_strength >= 0:
+        raise ValueError(f"hardness_strength must be a float >= 0, got {hardness_strength!r}")
+    if hardness_mode == "all_negatives":
+        out["hardness_alpha"] = float(hardness_strength)
+    elif hardness_mode is not None:
+        raise ValueError(f"hardness_mode={hardness_mode!r} is not supported: use None or 'all_negatives' "
+                         "(hardness_alpha)")
+    if out.get("symmetric") and out.get("hardness_alpha"):
+        # info_nce's doc->query term uses the hardness-weighted logits too; sentence-transformers' does not.
+        raise ValueError("hardness_mode with two directions ('query_to_doc', 'doc_to_query') is not supported")
+    return out
+
+
+def _temperature_from(temperature: float | None, scale: float | None) -> float:
+    for name, v in (("temperature", temperature), ("scale", scale)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or not v > 0):
+            raise ValueError(f"{name} must be a finite float > 0, got {v!r}")
+    if scale is None:
+        return 0.05 if temperature is None else float(temperature)
+    if temperature is not None and not math.isclose(float(temperature) * float(scale), 1.0, rel_tol=1e-9):
+        raise ValueError(f"temperature ({temperature}) and scale ({scale}) disagree: scale = 1 / temperature; "
+                         "give one of them")
+    return 1.0 / float(scale)

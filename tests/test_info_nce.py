@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_encoder import BagEncoder
 
 import hnsample
 from hnsample import _reference as ref
@@ -442,15 +443,7 @@ def test_module_and_learnable_temperature():
         hnsample.InfoNCELoss(-1.0)
 
 
-class _TinyEncoder(torch.nn.Module):
-    """Maps {"input_ids": (n, L)} to {"sentence_embedding": (n, 16)} like a SentenceTransformer."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.EmbeddingBag(50, 16)
-
-    def forward(self, features):
-        return {"sentence_embedding": self.emb(features["input_ids"])}
+_TinyEncoder = BagEncoder
 
 
 def _features(n, seed):

@@ -1,0 +1,155 @@
+"""Distillation from teacher scores over (query, positive, negative_1..k) rows: MarginMSE and listwise KL,
+as functions of embeddings and as sentence-transformers losses (optionally cached with
+:func:`hnsample.grad_cache`). Both need only the B x (1 + k) pair scores, never a B x M matrix, so with
+``mini_batch_size`` the whole step is memory-flat: one mini-batch of encoder activations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .grad_cache import grad_cache, mini_batches
+
+
+def _pair_scores(queries: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+    """(B, n): s_ij = queries[i] . candidates[j][i]."""
+    for j, c in enumerate(candidates):
+        if c.shape != queries.shape:
+            raise ValueError(f"candidate column {j} must have the shape of queries {tuple(queries.shape)}, "
+                             f"got {tuple(c.shape)}")
+    return torch.stack([(queries * c).sum(dim=-1) for c in candidates], dim=1)
+
+
+def margin_mse(queries: torch.Tensor, positives: torch.Tensor, negatives: list[torch.Tensor],
+               teacher: torch.Tensor) -> torch.Tensor:
+    r"""MarginMSE (Hofstätter et al.): with ``s_i+ = q_i . p_i`` and ``s_ij = q_i . n_j[i]``,
+
+        loss = mean_{i, j} ((s_i+ - s_ij) - t_ij)^2
+
+    ``teacher``: the teacher's margins ``t`` (B,) for one negative column or (B, k), or the teacher's
+    scores (B, 1 + k) of [positive, negatives], turned into ``t_ij = T_i0 - T_ij``. No gradient reaches
+    ``teacher``. Equal to sentence-transformers' ``MarginMSELoss`` (dot-product scores)."""
+    if not negatives:
+        raise ValueError("margin_mse needs at least one negative column")
+    b, k = queries.shape[0], len(negatives)
+    t = torch.as_tensor(teacher).detach().to(device=queries.device)
+    if t.shape == (b, k + 1):
+        t = t[:, :1] - t[:, 1:]
+    elif t.shape == (b,):
+        t = t.unsqueeze(1)
+    if t.shape != (b, k):
+        raise ValueError(f"teacher must have shape ({b},{' ' if k == 1 else ''}) margins, ({b}, {k}) margins or "
+                         f"({b}, {k + 1}) scores, got {tuple(t.shape)}")
+    scores = _pair_scores(queries, [positives, *negatives])
+    margins = scores[:, :1] - scores[:, 1:]
+    return ((margins - t.to(margins.dtype)) ** 2).mean()
+
+
+def listwise_kl(queries: torch.Tensor, candidates: list[torch.Tensor], teacher_scores: torch.Tensor, *,
+                student_temperature: float = 1.0, teacher_temperature: float = 1.0) -> torch.Tensor:
+    r"""Listwise distillation: with student scores ``s_ij = q_i . c_j[i]`` over the candidate columns
+    [positive, negatives] and teacher scores ``T`` (B, n),
+
+        P_i = softmax(T_i / teacher_temperature),  log Q_i = log_softmax(s_i / student_temperature)
+        loss = student_temperature^2 * (1 / B) * sum_i sum_j P_ij (log P_ij - log Q_ij)
+
+    (KL(P || Q) averaged over rows, scaled as in Hinton et al.). No gradient reaches ``teacher_scores``.
+    Equal to sentence-transformers' ``DistillKLDivLoss`` (dot-product scores)."""
+    _check_temperatures(student_temperature=student_temperature, teacher_temperature=teacher_temperature)
+    b, n = queries.shape[0], len(candidates)
+    if n < 2:
+        raise ValueError(f"listwise_kl needs at least 2 candidate columns (a softmax over one is constant), got {n}")
+    t = torch.as_tensor(teacher_scores).detach().to(device=queries.device)
+    if t.shape != (b, n):
+        raise ValueError(f"teacher_scores must have shape ({b}, {n}), got {tuple(t.shape)}")
+    log_q = torch.log_softmax(_pair_scores(queries, candidates) / student_temperature, dim=1)
+    p = torch.softmax(t.to(log_q.dtype) / teacher_temperature, dim=1)
+    kl = torch.special.xlogy(p, p) - p * log_q
+    return kl.sum() / b * student_temperature**2
+
+
+def _check_temperatures(**values: Any) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
+            raise ValueError(f"{name} must be a finite float > 0, got {v!r}")
+
+
+class _SentenceTransformerDistillation(nn.Module):
+    """Embeds the columns of a sentence-transformers batch (in cached mini-batches when
+    ``mini_batch_size`` is set) and applies ``self._loss(embeddings, labels)``."""
+
+    def __init__(self, model: nn.Module, mini_batch_size: int | None):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be a SentenceTransformer (callable module), got {type(model).__name__}")
+        if mini_batch_size is not None:
+            mini_batches(torch.zeros(1), mini_batch_size)  # validates it
+        self.model, self.mini_batch_size = model, mini_batch_size
+
+    @staticmethod
+    def _embed(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(features)["sentence_embedding"]
+
+    def _loss(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor) -> torch.Tensor:
+        features = list(sentence_features)
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} needs the teacher's scores as labels")
+
+        def loss_fn(*embeddings: torch.Tensor) -> torch.Tensor:
+            return self._loss(list(embeddings), labels)
+
+        encode = partial(self._embed, self.model)
+        if self.mini_batch_size is None:
+            return loss_fn(*(encode(f) for f in features))
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        return grad_cache(loss_fn, encode, features, mini_batch_size=self.mini_batch_size, distributed_model=ddp)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {} if self.mini_batch_size is None else {"mini_batch_size": self.mini_batch_size}
+
+
+class SentenceTransformerMarginMSELoss(_SentenceTransformerDistillation):
+    """sentence-transformers' ``MarginMSELoss`` (dot-product scores) on :func:`margin_mse`; columns
+    (query, positive, negative_1, ...), labels the teacher's margins or scores. ``mini_batch_size``:
+    GradCache, as in ``SentenceTransformerInfoNCELoss``."""
+
+    def __init__(self, model: nn.Module, *, mini_batch_size: int | None = None):
+        super().__init__(model, mini_batch_size)
+
+    def _loss(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        if len(embeddings) < 3:
+            raise ValueError(f"sentence_features needs query, positive and negative columns, got {len(embeddings)}")
+        return margin_mse(embeddings[0], embeddings[1], embeddings[2:], labels)
+
+
+class SentenceTransformerDistillKLDivLoss(_SentenceTransformerDistillation):
+    """sentence-transformers' ``DistillKLDivLoss`` (dot-product scores) on :func:`listwise_kl`; columns
+    (query, positive, negative_1, ...), labels the teacher's scores (B, 1 + k). ``temperature`` sets
+    both temperatures unless ``student_temperature`` / ``teacher_temperature`` are given.
+    ``mini_batch_size``: GradCache, as in ``SentenceTransformerInfoNCELoss``."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0, *, student_temperature: float | None = None,
+                 teacher_temperature: float | None = None, mini_batch_size: int | None = None):
+        super().__init__(model, mini_batch_size)
+        self.temperature = temperature
+        self.student_temperature = temperature if student_temperature is None else student_temperature
+        self.teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
+        _check_temperatures(temperature=temperature, student_temperature=self.student_temperature,
+                            teacher_temperature=self.teacher_temperature)
+
+    def _loss(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return listwise_kl(embeddings[0], embeddings[1:], labels, student_temperature=self.student_temperature,
+                           teacher_temperature=self.teacher_temperature)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "student_temperature": self.student_temperature,
+                "teacher_temperature": self.teacher_temperature, **super().get_config_dict()}
