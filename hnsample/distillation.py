@@ -5,6 +5,7 @@ as functions of embeddings and as sentence-transformers losses (optionally cache
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterable
 from functools import partial
@@ -80,9 +81,9 @@ def _check_temperatures(**values: Any) -> None:
             raise ValueError(f"{name} must be a finite float > 0, got {v!r}")
 
 
-class _SentenceTransformerDistillation(nn.Module):
+class _SentenceTransformerDistillation(nn.Module, abc.ABC):
     """Embeds the columns of a sentence-transformers batch (in cached mini-batches when
-    ``mini_batch_size`` is set) and applies ``self._loss(embeddings, labels)``."""
+    ``mini_batch_size`` is set) and applies ``self._loss(embeddings, labels)``, which each loss defines."""
 
     def __init__(self, model: nn.Module, mini_batch_size: int | None):
         super().__init__()
@@ -96,8 +97,9 @@ class _SentenceTransformerDistillation(nn.Module):
     def _embed(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(features)["sentence_embedding"]
 
+    @abc.abstractmethod
     def _loss(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss of one batch from its column embeddings and the teacher's labels."""
 
     def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor) -> torch.Tensor:
         features = list(sentence_features)
