@@ -7,8 +7,9 @@ process with :func:`configure`, or for a block of code with :func:`override` (ov
     with hnsample.settings.override(cuda_path="two_pass", block_size=1 << 20):
         hnsample.topk_similarity(q, c, 8)
 
-Nothing here changes a result: the settings choose block shapes, kernels and paths whose outputs are
-identical (or, for the unverified CUDA fused kernels, opt-in).
+Nothing here changes a result on the CPU: the settings choose block shapes, kernels and paths whose outputs
+are identical. On CUDA the two-pass and fused paths accumulate 16-bit products in different orders, so
+scores within fp32 rounding of each other may order differently ("Exactness" in docs/cuda.md).
 """
 
 from __future__ import annotations
