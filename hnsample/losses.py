@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .grad_cache import grad_cache, mini_batches
+from .ops.directions import check_controls, directional_info_nce
 from .ops.info_nce import info_nce
 
 # Options forwarded verbatim to info_nce.
@@ -78,12 +79,15 @@ class SentenceTransformerInfoNCELoss(nn.Module):
     name) is ``gather=True``: under torch.distributed every rank's docs are candidates for the local
     anchors, as in MultipleNegativesRankingLoss(gather_across_devices=True).
 
-    MultipleNegativesRankingLoss's controls, where info_nce has the same formula:
-    ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"`` is
-    ``symmetric=True``; ``hardness_mode="all_negatives", hardness_strength=a`` is ``hardness_alpha=a``
-    (``l_ij = s_ij / tau + a * stopgrad(s_ij)`` for every negative). Other combinations (query_to_query,
-    doc_to_doc, a joint partition over two directions, hardness on in-batch or hard negatives only,
-    hardness with two directions) raise ValueError.
+    MultipleNegativesRankingLoss's controls, with its names and formulas: ``directions`` (any of
+    "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"; "query_to_doc" required),
+    ``partition_mode`` ("joint" or "per_direction"; per_direction refuses query_to_query and doc_to_doc, as
+    there), ``hardness_mode`` ("in_batch_negatives", "hard_negatives", "all_negatives") with
+    ``hardness_strength``. Where info_nce has the same formula the fused op runs:
+    ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"`` is ``symmetric=True``,
+    ``hardness_mode="all_negatives", hardness_strength=a`` is ``hardness_alpha=a``. Every other combination
+    runs :func:`hnsample.ops.directions.directional_info_nce` (also memory-flat: one score block at a time);
+    it takes no info_nce options beside the temperature (a false-negative mask, a guide, ...: ValueError).
 
     ``in_batch_negatives=False``: each anchor's candidates are its own positive and its own hard negatives
     only (:func:`own_candidates_info_nce`; ``hardness_mode`` "hard_negatives" and "all_negatives" are then
@@ -126,7 +130,18 @@ class SentenceTransformerInfoNCELoss(nn.Module):
             raise TypeError(f"in_batch_negatives must be a bool, got {type(in_batch_negatives).__name__}")
         if not in_batch_negatives and hardness_mode == "hard_negatives":
             hardness_mode = "all_negatives"  # the row's own hard negatives are all its negatives
-        options.update(_st_controls(tuple(directions), partition_mode, hardness_mode, hardness_strength))
+        self.directional = _directional_controls(directions, partition_mode, hardness_mode, hardness_strength)
+        if self.directional is None:
+            options.update(_st_controls(tuple(directions), hardness_mode, hardness_strength))
+        else:
+            extra = sorted(set(options) - {"gather"}) + (["guide"] if guide else [])
+            if extra:
+                raise ValueError(f"directions={tuple(directions)}, partition_mode={partition_mode!r}, "
+                                 f"hardness_mode={hardness_mode!r} run directional_info_nce, which takes no "
+                                 f"{', '.join(extra)}")
+            if not in_batch_negatives:
+                raise ValueError("in_batch_negatives=False supports directions=('query_to_doc',) and "
+                                 "hardness_mode None, 'hard_negatives' or 'all_negatives' only")
         if not in_batch_negatives:
             extra = sorted(set(options) - {"hardness_alpha", "positive_margin"}) + (["guide"] if guide else [])
             if extra:
@@ -182,6 +197,9 @@ class SentenceTransformerInfoNCELoss(nn.Module):
             if not self.in_batch_negatives:
                 return own_candidates_info_nce(queries, list(docs), temperature=self.loss.temperature,
                                                **self.loss.options)
+            if self.directional is not None:
+                return directional_info_nce(queries, list(docs), temperature=self.loss.temperature,
+                                            gather=bool(self.loss.options.get("gather", False)), **self.directional)
             return self.loss(queries, torch.cat(docs, dim=0), **extra)
 
         encode = partial(self._embed, self.model)
@@ -200,7 +218,7 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         config: dict[str, Any] = {"temperature": self.temperature}
         if self.mini_batch_size is not None:
             config["mini_batch_size"] = self.mini_batch_size
-        return {**config, **self.loss.options}
+        return {**config, **(self.directional or {}), **self.loss.options}
 
 
 def own_candidates_info_nce(queries: torch.Tensor, candidates: list[torch.Tensor], *,
@@ -222,28 +240,30 @@ def own_candidates_info_nce(queries: torch.Tensor, candidates: list[torch.Tensor
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
-def _st_controls(directions: tuple[str, ...], partition_mode: str, hardness_mode: str | None,
-                 hardness_strength: float) -> dict[str, Any]:
-    """MultipleNegativesRankingLoss's names -> info_nce options (only where the formulas are equal)."""
+def _directional_controls(directions: Any, partition_mode: Any, hardness_mode: Any,
+                          hardness_strength: Any) -> dict[str, Any] | None:
+    """The controls for directional_info_nce, or None where the fused info_nce has the same formula."""
+    directions, hardness_strength = check_controls(directions, partition_mode, hardness_mode, hardness_strength)
+    if not hardness_strength > 0:
+        hardness_mode = None  # no effect, as in sentence-transformers
+    hard = hardness_mode is not None
+    if directions == ("query_to_doc",) and hardness_mode in (None, "all_negatives"):
+        return None
+    if sorted(directions) == ["doc_to_query", "query_to_doc"] and partition_mode == "per_direction" and not hard:
+        return None
+    return {"directions": directions, "partition_mode": partition_mode, "hardness_mode": hardness_mode,
+            "hardness_strength": float(hardness_strength)}
+
+
+def _st_controls(directions: tuple[str, ...], hardness_mode: str | None, hardness_strength: float) -> dict[str, Any]:
+    """MultipleNegativesRankingLoss's names -> info_nce options, for the combinations _directional_controls
+    leaves to the fused op (query_to_doc alone, with all_negatives hardness or none; query_to_doc and
+    doc_to_query per direction without hardness)."""
     out: dict[str, Any] = {}
-    if directions == ("query_to_doc",):
-        pass
-    elif sorted(directions) == ["doc_to_query", "query_to_doc"] and partition_mode == "per_direction":
+    if len(directions) == 2:
         out["symmetric"] = True
-    else:
-        raise ValueError(f"directions={directions} with partition_mode={partition_mode!r} is not supported: use "
-                         "('query_to_doc',) or ('query_to_doc', 'doc_to_query') with partition_mode='per_direction'")
-    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, (int, float)) \
-            or not hardness_strength >= 0:
-        raise ValueError(f"hardness_strength must be a float >= 0, got {hardness_strength!r}")
     if hardness_mode == "all_negatives":
         out["hardness_alpha"] = float(hardness_strength)
-    elif hardness_mode is not None:
-        raise ValueError(f"hardness_mode={hardness_mode!r} is not supported: use None or 'all_negatives' "
-                         "(hardness_alpha)")
-    if out.get("symmetric") and out.get("hardness_alpha"):
-        # info_nce's doc->query term uses the hardness-weighted logits too; sentence-transformers' does not.
-        raise ValueError("hardness_mode with two directions ('query_to_doc', 'doc_to_query') is not supported")
     return out
 
 

@@ -85,3 +85,50 @@ def test_cached_step_under_ddp_with_gather_equals_uncached(tmp_path):
             for g, g0 in zip(grads, results[0][mode][1], strict=True):
                 torch.testing.assert_close(g, g0, rtol=1e-6, atol=1e-8)
         assert r == 0 or not torch.equal(res["uncached"][0], results[0]["uncached"][0])
+
+
+DIRECTIONAL_WORKER = textwrap.dedent(
+    """
+    import os, sys, logging, torch, torch.distributed as dist
+    import torch.nn.functional as F
+    logging.disable(logging.WARNING)
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from hnsample.ops.directions import directional_info_nce
+    rank, world, init_file, out_file = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:5]
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(20 + rank)
+    controls = {"directions": ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                "partition_mode": "joint", "hardness_mode": "in_batch_negatives", "hardness_strength": 4.0}
+    out = {}
+    for name in ("hnsample", "sentence_transformers"):
+        leaves = [torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(20 + rank + 100 * k),
+                              requires_grad=True) for k in range(3)]
+        embs = [F.normalize(x, dim=-1) for x in leaves]
+        if name == "hnsample":
+            loss = directional_info_nce(embs[0], embs[1:], temperature=0.1, gather=True, **controls)
+        else:
+            mnrl = MultipleNegativesRankingLoss(torch.nn.Linear(1, 1), scale=10.0, gather_across_devices=True,
+                                                **controls)
+            loss = mnrl.compute_loss_from_embeddings(embs, None)
+        loss.backward()
+        out[name] = (loss.detach(), [x.grad for x in leaves])
+    torch.save(out, out_file)
+    dist.barrier()
+    os._exit(0)
+    """
+)
+
+
+def test_directional_loss_with_gather_equals_sentence_transformers(tmp_path):
+    """directional_info_nce(gather=True) under 2 gloo processes: the loss and every rank's gradients of
+    sentence-transformers' MultipleNegativesRankingLoss(gather_across_devices=True) with all four
+    directions and in-batch hardness."""
+    import pytest
+
+    pytest.importorskip("sentence_transformers")
+    for res in run_workers(tmp_path, DIRECTIONAL_WORKER):
+        got_loss, got = res["hnsample"]
+        want_loss, want = res["sentence_transformers"]
+        torch.testing.assert_close(got_loss, want_loss)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)

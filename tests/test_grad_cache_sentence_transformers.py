@@ -137,10 +137,21 @@ def test_temperature_and_scale(model):
         hnsample.SentenceTransformerInfoNCELoss(model, mini_batch_size=0)
 
 
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 CONTROLS = {
     "default": {},
     "symmetric": {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"},
     "hardness_all": {"hardness_mode": "all_negatives", "hardness_strength": 5.0},
+    # The ones below run directional_info_nce.
+    "hardness_hard": {"hardness_mode": "hard_negatives", "hardness_strength": 5.0},
+    "hardness_in_batch": {"hardness_mode": "in_batch_negatives", "hardness_strength": 9.0},
+    "q2q_joint": {"directions": ("query_to_doc", "query_to_query")},
+    "d2d_joint": {"directions": ("query_to_doc", "doc_to_doc")},
+    "symmetric_joint": {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "joint"},
+    "symmetric_hardness": {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction",
+                           "hardness_mode": "all_negatives", "hardness_strength": 2.0},
+    "gte_all_four": {"directions": ALL_DIRECTIONS, "partition_mode": "joint",
+                     "hardness_mode": "hard_negatives", "hardness_strength": 3.0},
 }
 
 
@@ -158,19 +169,82 @@ def test_mnrl_controls_equal_sentence_transformers(controls, mini_batch_size):
     torch.testing.assert_close(got[1]["emb.weight"], want[1]["emb.weight"], rtol=1e-5, atol=1e-6)
 
 
+def test_directions_and_hardness_equal_cached_mnrl_on_minilm(model):
+    """All four directions, a joint partition and hardness on the hard negatives (GTE + EmbeddingGemma
+    style), cached, dropout on: the same step as CachedMultipleNegativesRankingLoss."""
+    controls = CONTROLS["gte_all_four"]
+    features = _features(model, [ANCHORS, POSITIVES, NEGATIVES[0]])
+    want = _step(model, CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=2, **controls),
+                 features, 1)
+    got = _step(model, hnsample.SentenceTransformerInfoNCELoss(model, scale=20.0, mini_batch_size=2, **controls),
+                features, 1)
+    _assert_same_step(got, want)
+    config = hnsample.SentenceTransformerInfoNCELoss(model, **controls).get_config_dict()
+    assert config["directions"] == ALL_DIRECTIONS and config["hardness_mode"] == "hard_negatives"
+
+
 @pytest.mark.parametrize(
     ("controls", "match"),
     [
-        ({"directions": ("query_to_doc", "query_to_query")}, "directions="),
-        ({"directions": ("query_to_doc", "doc_to_query")}, "partition_mode='per_direction'"),
-        ({"hardness_mode": "hard_negatives", "hardness_strength": 1.0}, "hardness_mode='hard_negatives'"),
+        ({"directions": ("query_to_doc", "query_to_query"), "partition_mode": "per_direction"},
+         "per_direction"),
+        ({"directions": ("doc_to_query",)}, "must include 'query_to_doc'"),
+        ({"directions": ("query_to_doc", "doc_to_everything")}, "unknown name"),
+        ({"directions": "query_to_doc"}, "directions must be a tuple"),
+        ({"partition_mode": "separate"}, "partition_mode must be one of"),
+        ({"hardness_mode": "hardest", "hardness_strength": 1.0}, "hardness_mode must be None or one of"),
         ({"hardness_mode": "all_negatives", "hardness_strength": -1.0}, "hardness_strength must be"),
-        ({"hardness_mode": "all_negatives", "hardness_strength": 1.0, **CONTROLS["symmetric"]}, "two directions"),
+        ({"hardness_mode": "hard_negatives", "hardness_strength": 1.0, "false_negative_margin": 0.1},
+         "takes no false_negative_margin"),
     ],
 )
 def test_unsupported_controls_are_refused(controls, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         hnsample.SentenceTransformerInfoNCELoss(BagEncoder(), **controls)
+
+
+def test_directional_loss_reference_and_edges():
+    """directional_info_nce against a dense float64 transcription of the formula (its docstring), with
+    blocks smaller than a row; a learnable temperature gets its gradient; bad inputs are refused."""
+    from hnsample.ops.directions import directional_info_nce
+
+    g = torch.Generator().manual_seed(5)
+    b, d = 5, 6
+    q = torch.randn(b, d, dtype=torch.float64, generator=g, requires_grad=True)
+    docs = [torch.randn(b, d, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3)]
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def dense(q, docs, tau):
+        dall = torch.cat(docs)
+        owner = torch.arange(b).repeat(len(docs))
+        own = owner[None, :] == torch.arange(b)[:, None]
+        qd = q @ dall.T
+        hard = own & (torch.arange(len(docs) * b)[None, :] >= b)
+        l_qd = qd / tau + 3.0 * qd.detach() * hard
+        l_qq = (q @ q.T / tau).masked_fill(torch.eye(b, dtype=torch.bool), float("-inf"))
+        l_dq = docs[0] @ q.T / tau
+        l_dd = (docs[0] @ dall.T / tau).masked_fill(own, float("-inf"))
+        log_z = torch.logsumexp(torch.cat([l_qd, l_qq, l_dq, l_dd], dim=1), dim=1)
+        return (log_z - (q * docs[0]).sum(1) / tau).mean()
+
+    want = dense(q, docs, tau)
+    got = directional_info_nce(q, docs, temperature=tau, directions=ALL_DIRECTIONS, hardness_mode="hard_negatives",
+                               hardness_strength=3.0, block_size=4)
+    torch.testing.assert_close(got, want)
+    for a, w in zip(torch.autograd.grad(got, [q, *docs, tau]), torch.autograd.grad(want, [q, *docs, tau]),
+                    strict=True):
+        torch.testing.assert_close(a, w)
+    # One query: query_to_query has no column (-inf), the joint partition still has the others.
+    one = directional_info_nce(q[:1], [t[:1] for t in docs], directions=("query_to_doc", "query_to_query"))
+    assert torch.isfinite(one)
+    with pytest.raises(ValueError, match=r"docs\[1\] must have the shape"):
+        directional_info_nce(q, [docs[0], docs[1][:3]])
+    with pytest.raises(TypeError, match=r"docs\[0\] must have the dtype"):
+        directional_info_nce(q, [docs[0].float()])
+    with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
+        directional_info_nce(q, docs, temperature=0.0)
+    with pytest.raises(ValueError, match="gather=True needs an initialized"):
+        directional_info_nce(q, docs, gather=True)
 
 
 @pytest.mark.parametrize("options", [{}, {"hardness_alpha": 3.0, "positive_margin": 0.1}])
