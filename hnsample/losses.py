@@ -5,8 +5,7 @@ sentence-transformers-compatible loss that takes a SentenceTransformer model the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from functools import partial
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +98,9 @@ class SentenceTransformerInfoNCELoss(nn.Module):
     and gradients are those of ``CachedMultipleNegativesRankingLoss(model, scale, mini_batch_size=...)``
     (and of the uncached loss with the same mini-batch calls). The trainer's ``loss.backward()`` runs the
     second pass; under DistributedDataParallel the gradients are reduced once, after the last mini-batch.
+    ``MatryoshkaLoss`` wraps the cached loss as it wraps CachedMultipleNegativesRankingLoss (through
+    ``uses_gradient_cache`` and ``calculate_loss``, sentence-transformers' gradient-cache protocol; the
+    temperature must then be fixed).
 
     ``guide``: an optional SentenceTransformer (or any module with the same call contract) run under
     no_grad (in mini-batches when ``mini_batch_size`` is set) whose cosine scores drive GIST masking
@@ -193,25 +195,63 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         if not self.in_batch_negatives and len(features) < 3:
             raise ValueError("in_batch_negatives=False needs hard-negative columns (anchor, positive, negative_1, ...)")
 
-        def loss_fn(queries: torch.Tensor, *docs: torch.Tensor) -> torch.Tensor:
-            if not self.in_batch_negatives:
-                return own_candidates_info_nce(queries, list(docs), temperature=self.loss.temperature,
-                                               **self.loss.options)
-            if self.directional is not None:
-                return directional_info_nce(queries, list(docs), temperature=self.loss.temperature,
-                                            gather=bool(self.loss.options.get("gather", False)), **self.directional)
-            return self.loss(queries, torch.cat(docs, dim=0), **extra)
+        def loss_fn(*raw: torch.Tensor) -> torch.Tensor:
+            return self._loss(raw, extra)
 
-        encode = partial(self._embed, self.model)
-        if self.mini_batch_size is not None and type(getattr(self.model, "forward", None)).__name__ == "ForwardDecorator":
-            # MatryoshkaLoss swaps model.forward for a decorator that caches outputs by call order; the
-            # second pass runs after it is removed, so the cached embeddings would not match.
-            raise TypeError("MatryoshkaLoss cannot wrap SentenceTransformerInfoNCELoss with mini_batch_size; "
-                            "wrap it without mini_batch_size, or use CachedMultipleNegativesRankingLoss")
         if self.mini_batch_size is None:
-            return loss_fn(*(encode(f) for f in features))
+            return loss_fn(*(self.model(f)["sentence_embedding"] for f in features))
+        if "calculate_loss" in self.__dict__:
+            # MatryoshkaLoss decorated calculate_loss (sentence-transformers' gradient-cache protocol): the
+            # decorator backpropagates each truncation's loss into the cached embeddings itself.
+            if isinstance(self.loss.temperature, torch.Tensor) and self.loss.temperature.requires_grad:
+                raise TypeError("MatryoshkaLoss around the cached SentenceTransformerInfoNCELoss needs a fixed "
+                                "temperature (learnable_temperature=False)")
+            if extra:
+                raise TypeError("MatryoshkaLoss around the cached SentenceTransformerInfoNCELoss takes no guide")
+            loss_fn = self._decorated_loss
         ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
-        return grad_cache(loss_fn, encode, features, mini_batch_size=self.mini_batch_size, distributed_model=ddp)
+        return grad_cache(loss_fn, self._raw_embedding, features, mini_batch_size=self.mini_batch_size,
+                          distributed_model=ddp)
+
+    def _raw_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(features)["sentence_embedding"]
+
+    def _loss(self, raw: Sequence[torch.Tensor], extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of the model's raw embeddings, one tensor per column (normalized here: cosine)."""
+        queries, *docs = (torch.nn.functional.normalize(e, dim=-1) for e in raw)
+        if not self.in_batch_negatives:
+            return own_candidates_info_nce(queries, docs, temperature=self.loss.temperature, **self.loss.options)
+        if self.directional is not None:
+            return directional_info_nce(queries, docs, temperature=self.loss.temperature,
+                                        gather=bool(self.loss.options.get("gather", False)), **self.directional)
+        return self.loss(queries, torch.cat(docs, dim=0), **extra)
+
+    @property
+    def uses_gradient_cache(self) -> bool:
+        """sentence-transformers' flag for losses that cache embedding gradients (MatryoshkaLoss reads it)."""
+        return self.mini_batch_size is not None
+
+    def calculate_loss(self, reps: list[list[torch.Tensor]], with_backward: bool = False) -> torch.Tensor:
+        """sentence-transformers' gradient-cache protocol, which MatryoshkaLoss decorates: the loss of the raw
+        embeddings ``reps`` (per column, its mini-batches' embeddings). ``with_backward=True`` backpropagates
+        the loss into ``reps``' ``.grad`` (only there) and returns it detached."""
+        loss = self._loss([torch.cat(list(col)) if len(col) > 1 else col[0] for col in reps], {})
+        if with_backward:
+            leaves = [r for col in reps for r in col if r.requires_grad]
+            if leaves:
+                torch.autograd.backward(loss, inputs=leaves)
+            loss = loss.detach()
+        return loss
+
+    def _decorated_loss(self, *raw: torch.Tensor) -> torch.Tensor:
+        """grad_cache's loss through the (decorated) calculate_loss: the gradients it leaves in the cached
+        embeddings become the backward of the returned loss."""
+        if not torch.is_grad_enabled():
+            return self.calculate_loss([[e] for e in raw])
+        reps = [[e.detach().requires_grad_(True)] for e in raw]
+        value = self.calculate_loss(reps, with_backward=True)
+        grads = [r[0].grad if r[0].grad is not None else torch.zeros_like(r[0]) for r in reps]
+        return _KnownGradients.apply(value, len(raw), *raw, *grads)
 
     def get_config_dict(self) -> dict[str, Any]:
         """What sentence-transformers writes into a model card."""
@@ -219,6 +259,19 @@ class SentenceTransformerInfoNCELoss(nn.Module):
         if self.mini_batch_size is not None:
             config["mini_batch_size"] = self.mini_batch_size
         return {**config, **(self.directional or {}), **self.loss.options}
+
+
+class _KnownGradients(torch.autograd.Function):
+    """Returns ``value``; its backward hands ``g * grads[k]`` to ``inputs[k]`` (gradients computed already)."""
+
+    @staticmethod
+    def forward(ctx, value, n, *inputs_and_grads):
+        ctx.save_for_backward(*inputs_and_grads[n:])
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, None, *(g * gr for gr in ctx.saved_tensors), *(None for _ in ctx.saved_tensors))
 
 
 def own_candidates_info_nce(queries: torch.Tensor, candidates: list[torch.Tensor], *,

@@ -117,9 +117,31 @@ def test_matryoshka_wrapping_keeps_working(model):
     finally:
         model.train()
     _assert_same_step(got, want)
-    cached = MatryoshkaLoss(model, hnsample.SentenceTransformerInfoNCELoss(model, mini_batch_size=2), dims)
-    with pytest.raises(TypeError, match="MatryoshkaLoss cannot wrap"):
-        cached(features, None)
+
+
+@pytest.mark.parametrize("n_dims_per_step", [-1, 2])
+def test_matryoshka_wraps_the_cached_loss_like_cached_mnrl(model, n_dims_per_step):
+    """MatryoshkaLoss around the cached loss: the step of MatryoshkaLoss around CachedMNRL (dropout on,
+    the same random choice of dimensions per step), with hard negatives."""
+    import random
+
+    features = _features(model, [ANCHORS, POSITIVES, NEGATIVES[0]])
+    dims = [384, 128, 32]
+    random.seed(7)
+    want = _step(model, MatryoshkaLoss(model, CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=2),
+                                       dims, n_dims_per_step=n_dims_per_step), features, 1)
+    random.seed(7)
+    got = _step(model, MatryoshkaLoss(model, hnsample.SentenceTransformerInfoNCELoss(model, mini_batch_size=2), dims,
+                                      n_dims_per_step=n_dims_per_step), features, 1)
+    _assert_same_step(got, want)
+    with torch.no_grad():
+        random.seed(7)
+        value = MatryoshkaLoss(model, hnsample.SentenceTransformerInfoNCELoss(model, mini_batch_size=2), dims,
+                               n_dims_per_step=n_dims_per_step)(features, None)
+    assert torch.isfinite(value)
+    learnable = hnsample.SentenceTransformerInfoNCELoss(model, mini_batch_size=2, learnable_temperature=True)
+    with pytest.raises(TypeError, match="needs a fixed temperature"):
+        MatryoshkaLoss(model, learnable, dims)(features, None)
 
 
 def test_temperature_and_scale(model):
