@@ -464,6 +464,11 @@ HN_HD void row_float_bounds(const TopkParams& p, int64_t row, float& lo, float& 
   hi = float_round_down(row_upper(p, row));
 }
 
+// How many entries of a fused candidate list to offer: all `count` of them, or none when the list
+// overflowed (count > cap): the driver redoes such a row's chunk on the two-pass path, so offering the
+// part that fit would count those candidates twice.
+HN_HD int64_t listed_entries(int32_t count, int64_t cap) { return count < 0 || count > cap ? 0 : count; }
+
 // Offers a row's candidate list (float scores, int32 column offsets from col_offset, any order) to
 // its state: the bounds, then the masks, then the heap. The result does not depend on the list's
 // order, since the state keeps the best items under the total order (score desc, id asc).
@@ -489,8 +494,8 @@ HN_HD void offer_candidate_list(const TopkParams& p, int64_t row, const float* s
 // so s_ij may be off by up to w_ij = row_slack_i * col_slack_j (see tf32_dot_error_factor); the
 // kernel then keeps every candidate whose interval [s - w, s + w] meets [row_lo_i, row_hi_i], and the
 // survivors are rescored exactly (topk_rescore_candidates_*) before they are offered. Survivors are
-// appended to row i's list; cand_count[i] counts every survivor, also those beyond cand_cap (which are
-// dropped: the caller sees the overflow and redoes the chunk).
+// appended to row i's list; cand_count[i] counts them, past cand_cap too (those are dropped: the caller
+// sees count > cand_cap and redoes the row's chunk), though appends stop once the count has passed the cap.
 // Which kernel a fused launch runs. Auto: the sm_90a wgmma kernel where the device, the build and the
 // inputs allow it, else mma.sync. The wgmma codes force that kernel and tile shape (csrc/topk_fused_sm90.h)
 // and throw where it cannot run.
@@ -563,6 +568,7 @@ void topk_filter_counts_cpu(const TopkParams& p, const ScoreBlock& block, int64_
 // Replaces every listed candidate's score in f.cand_score by its exact rescoring (rescore_dot) from
 // f's fp32 queries and candidates and scales.
 void topk_rescore_candidates_cpu(const FusedBlock& f, int threads);
+// Rows whose count exceeds cap (overflowed lists) are skipped: see listed_entries.
 void topk_offer_candidates_cpu(const TopkParams& p, const float* scores,  // [B, cap]
                                const int32_t* cols,                      // [B, cap]
                                const int32_t* counts,                    // [B]

@@ -401,23 +401,33 @@ def test_fused_strided_rows(emu, dtype):
         assert sorted(kept[i]) == want and all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
 
 
-def test_fused_list_overflow_counts_every_survivor(emu):
+def test_fused_list_overflow_is_counted(emu):
     check_list_overflow(emu)
 
 
 def check_list_overflow(emu, kernel=None) -> None:
-    """Lists of 16 for rows where most candidates survive: every survivor counted, at most 16 kept."""
+    """Lists of 16 for rows where most candidates survive: a row whose survivors fit has them all, listed
+    and counted; a row with more keeps 16 and a count past 16 (no more than its survivors: appends stop
+    once the count passes the cap, the row is redone anyway)."""
     gen = torch.Generator().manual_seed(2)
     b, n, d, cap = 20, 260, 32, 16
     q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
     s = (q.double() @ c.double().T).float()
     lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
     lo[::2] = 0.0
+    lo[::4] = torch.topk(s[::4], 8).values[:, -1]  # these rows' survivors fit (ties permitting)
     kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, cap, kernel=kernel)
+    overflowed = 0
     for i in range(b):
-        assert int(counts[i]) == int((s[i] >= lo[i]).sum())
-        assert len(kept[i]) == min(cap, int(counts[i]))
+        survivors = int((s[i] >= lo[i]).sum())
+        if survivors <= cap:
+            assert int(counts[i]) == survivors
+        else:
+            overflowed += 1
+            assert cap < int(counts[i]) <= survivors
+        assert len(kept[i]) == min(cap, survivors)
         assert all(s[i, j] == v and v >= lo[i] for j, v in kept[i].items())
+    assert 0 < overflowed < b
 
 
 @pytest.fixture(params=[False, True], ids=["rounding_mma", "truncating_mma"])
@@ -697,7 +707,44 @@ def test_fused_driver_redoes_overflowing_chunks(emu):
     with settings.override(cuda_fused_seed_cols=300):
         state = driver.run_fused(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), "dot", 1 << 16, 0)
     got_s, got_j = finalize(state, emu)
-    assert calls["topk_fused_scores"] == 4 and calls["topk_offer_candidates"] < 4
+    # Lists are offered after every launch (the kernel skips the overflowed rows, here all of them).
+    assert calls["topk_fused_scores"] == 4 and calls["topk_offer_candidates"] == 4
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
+
+
+def test_fused_driver_redoes_only_the_overflowing_row_tiles(emu):
+    # Rows 140..150 see candidates that get better chunk after chunk, so their lists overflow; no other
+    # row's does. Only the REDO_TILE-row tile holding them (rows 128..255) takes each chunk on the
+    # two-pass path, every other row's list is offered; the result is exact.
+    from hnsample.engine.cuda import REDO_TILE
+
+    gen = torch.Generator().manual_seed(22)
+    b, n, d, k = 300, 2600, 32, 10
+    q = int_matrix(b, d, gen, 0, 4)
+    c = int_matrix(n, d, gen, 0, 4)
+    q[:, 0] = 0
+    q[140:151, 0] = 4
+    c[:, 0] = 64 * (torch.arange(n) // 300)
+    q, c = q.to(torch.bfloat16), c.to(torch.bfloat16)
+    want = hnsample.topk_from_scores(exact_fused_scores(q, c, "dot"), k)
+    driver, calls = emulated_driver(emu)
+    two_pass = []
+    plain = driver.run_two_pass
+
+    def recording(queries, candidates, state, metric, block_size, col_offset, row_offset=0):
+        two_pass.append((row_offset, queries.shape[0], col_offset, candidates.shape[0]))
+        return plain(queries, candidates, state, metric, block_size, col_offset, row_offset=row_offset)
+
+    driver.run_two_pass = recording
+    sel = selection(exact_fused_scores(q, c, "dot"), k, {})
+    with settings.override(cuda_fused_seed_cols=300):
+        state = driver.run_fused(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), "dot", 1 << 16, 0)
+    got_s, got_j = finalize(state, emu)
+    assert REDO_TILE == 128
+    assert two_pass == [(0, 300, 0, 300), (128, 128, 300, 300), (128, 128, 600, 600), (128, 128, 1200, 1200),
+                        (128, 128, 2400, 200)]
+    assert calls["topk_fused_scores"] == 4 and calls["topk_offer_candidates"] == 4
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
 

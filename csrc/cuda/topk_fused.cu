@@ -238,8 +238,8 @@ __global__ void offer_candidates_kernel(TopkParams p, const float* scores, const
                                         const int32_t* counts, int64_t cap, int64_t col_offset) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (row >= p.num_rows) return;
-  const int64_t n = counts[row] < cap ? counts[row] : cap;
-  offer_candidate_list(p, row, scores + row * cap, cols + row * cap, n, col_offset);
+  offer_candidate_list(p, row, scores + row * cap, cols + row * cap, listed_entries(counts[row], cap),
+                       col_offset);
 }
 
 }  // namespace

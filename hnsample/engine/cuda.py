@@ -38,6 +38,8 @@ KERNEL_TILE = 512
 WARPS_PER_SM = 32
 # Rows per norm computation (float64 temporaries of this many rows).
 NORM_ROWS = 1 << 13
+# Rows per tile redone on the two-pass path when a fused launch overflows some row's candidate list.
+REDO_TILE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,22 +261,26 @@ class CudaDriver:
     # -- the two paths ---------------------------------------------------------------------------------
 
     def run_two_pass(self, queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str,
-                     block_size: int, col_offset: int) -> SelectionState:
+                     block_size: int, col_offset: int, row_offset: int = 0) -> SelectionState:
         """Two-pass path: score blocks from the product, each offered to the state (or, when the plan
         splits columns into S > 1 segments, to S stacked copies of it, merged at the end). Extra memory:
-        one score block, one prepared candidate block and the S copies of the (B, capacity) state."""
+        one score block, one prepared candidate block and the S copies of the (B, capacity) state.
+        ``row_offset``: the queries are state rows row_offset.. (a part of the state: no segments)."""
         b, n = queries.shape[0], candidates.shape[0]
         facts = self.kernels.device_facts(queries.device)
         row_bytes = state.capacity * (24 if state.sel.sampling != "top" else 16) + 16
         product = self.product(queries, metric)
         plan = plan_blocks(b, n, block_size, facts.multiprocessors, facts.l2_bytes, row_bytes,
                            product.out_dtype.itemsize)
+        if row_offset or b != state.rows:
+            plan = dataclasses.replace(plan, segments=1)
         target = state
         if plan.segments > 1:
             target = SelectionState(state.sel, b, state.device, state.params.noise_row_offset, self.kernels,
                                     copies=plan.segments)
         for blk in score_blocks(queries, candidates, product, plan.block_rows, plan.block_cols, packed=True):
-            self.kernels.select_block(target.params, blk.scores, blk.i0, col_offset + blk.j0, plan.segments)
+            self.kernels.select_block(target.params, blk.scores, row_offset + blk.i0, col_offset + blk.j0,
+                                      plan.segments)
         if target is not state:
             for s in range(plan.segments):
                 self.kernels.merge(state.params, target.copy_params(s), state.st_count)
@@ -288,12 +294,36 @@ class CudaDriver:
         """Exact rescoring of one launch's fp32 candidate lists."""
         self.kernels.rescore_candidates(f, like)
 
+    @staticmethod
+    def _overflowed_runs(counts: torch.Tensor, cap: int) -> list[tuple[int, int]]:
+        """Row ranges to redo on the two-pass path after a fused launch: the REDO_TILE-row tiles holding a
+        row whose list overflowed (count > cap), merged into maximal runs. Every row of those tiles gets
+        count cap + 1 (in place), so the offer of the lists skips them. One host sync."""
+        b = counts.shape[0]
+        over = counts > cap
+        tiles = math.ceil(b / REDO_TILE)
+        padded = torch.zeros(tiles * REDO_TILE, dtype=torch.bool, device=counts.device)
+        padded[:b] = over
+        tile_over = padded.view(tiles, REDO_TILE).any(dim=1)
+        hit = tile_over.nonzero().flatten().tolist()
+        if not hit:
+            return []
+        counts.masked_fill_(tile_over.repeat_interleave(REDO_TILE)[:b], cap + 1)
+        runs: list[tuple[int, int]] = []
+        for t in hit:
+            if runs and runs[-1][1] == t * REDO_TILE:
+                runs[-1] = (runs[-1][0], min(b, (t + 1) * REDO_TILE))
+            else:
+                runs.append((t * REDO_TILE, min(b, (t + 1) * REDO_TILE)))
+        return runs
+
     def run_fused(self, queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str,
                   block_size: int, col_offset: int) -> SelectionState:
         """Fused path: the first cuda_fused_seed_cols candidates through the two-pass path (thresholds),
         then chunks of doubling width (at most max_fused_cols) through the fused kernel, whose per-row
-        candidate lists are offered to the state. A chunk where some row's list overflowed is redone on
-        the two-pass path instead (one host sync per chunk decides), so the state is always exact; after
+        candidate lists are offered to the state. Where some row's list overflowed, the REDO_TILE-row tiles
+        holding such rows take that chunk on the two-pass path instead and every other row's list is
+        offered (one host sync per chunk decides), so the state is always exact; after
         a wgmma stall the rest goes two-pass and the fused path stays off on the device. 16-bit inputs: scores are fp32
         accumulations of exact products, equal to the two-pass path's up to summation order. fp32
         inputs: the kernel keeps every candidate whose tf32 score is within the proven error slack of
@@ -321,16 +351,18 @@ class CudaDriver:
             lists[2].zero_()
             f = fused_block(q, c, ops, done, done + width, lo, hi, lists)
             self.launch_fused(f, q)
-            if bool((lists[2] > cap).any()):
+            runs = self._overflowed_runs(lists[2], cap)
+            if runs and runs == [(0, b)] and self.kernels.fused_stalled(dev):
                 # A stalled wgmma launch reports every row overflowed; only then is the flag read.
-                if self.kernels.fused_stalled(dev):
-                    self._after_stall(dev)
-                    self.run_two_pass(q, c[done:], state, metric, block_size, col_offset + done)
-                    return state
-                self.run_two_pass(q, c[done:done + width], state, metric, block_size, col_offset + done)
-            else:
-                if ops.row_slack is not None:
-                    self.rescore_fused(f, q)
-                self.kernels.offer_candidates(state.params, lists[0], lists[1], lists[2], col_offset + done)
+                self._after_stall(dev)
+                self.run_two_pass(q, c[done:], state, metric, block_size, col_offset + done)
+                return state
+            # Rows of the tiles redone below are marked overflowed too, so their lists are not offered.
+            if ops.row_slack is not None:
+                self.rescore_fused(f, q)
+            self.kernels.offer_candidates(state.params, lists[0], lists[1], lists[2], col_offset + done)
+            for r0, r1 in runs:
+                self.run_two_pass(q[r0:r1], c[done:done + width], state, metric, block_size, col_offset + done,
+                                  row_offset=r0)
             done += width
         return state
