@@ -450,7 +450,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("hardness_alpha", &InfoNceParams::hardness_alpha)
       .def_readwrite("hcl_beta", &InfoNceParams::hcl_beta)
       .def_readwrite("positive_margin", &InfoNceParams::positive_margin)
-      .def_readwrite("symmetric", &InfoNceParams::symmetric);
+      .def_readwrite("symmetric", &InfoNceParams::symmetric)
+      .def_readwrite("float_exp", &InfoNceParams::float_exp);
   pointer_field(nce, "positive_ids", &InfoNceParams::positive_ids);
   pointer_field(nce, "positive_doc_ids", &InfoNceParams::positive_doc_ids);
   pointer_field(nce, "doc_ids", &InfoNceParams::doc_ids);

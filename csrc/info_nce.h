@@ -31,6 +31,7 @@ struct InfoNceParams {
   double hcl_beta = 0.0;                      // row statistics of (1 + beta) l and beta l
   double positive_margin = 0.0;               // l_ip = (s_ip - margin) / tau
   bool symmetric = false;                     // also keep column statistics over every valid pair
+  bool float_exp = false;                     // per-pair exp in float32 (nce_exp); the CUDA driver sets it
   // Forward statistics (float64, allocated by torch, updated in place block by block).
   double* row_stats = nullptr;  // [B, 5]: running max / sum of exp((1+beta) l), of exp(beta l), count
   double* col_stats = nullptr;  // [M, 2]: running max / sum of exp(l) over valid pairs (symmetric only)
@@ -91,11 +92,21 @@ HN_HD PairLogit pair_logit(const InfoNceParams& p, int kind, double s) {
   return r;
 }
 
+// exp(x) of one pair's term, x <= 0 up to rounding: float64 exp, or with float_exp float32 expf of
+// x rounded to float (CUDA's expf is within 2 ulp: relative error <= 2^-22; rounding x adds <= 2^-24 |x|),
+// for GPUs whose float64 rate is a small fraction of float32's. A log-sum-exp over n such terms, each
+// taken relative to a running maximum that only grows (rescalings stay float64), then moves by at most
+// 2^-24 ln n + 2^-22 (to first order; docs/losses.md derives it), about 1.1e-6 at n = 10^6.
+HN_HD double nce_exp(bool float_exp, double x) {
+  return float_exp ? static_cast<double>(expf(static_cast<float>(x))) : exp(x);
+}
+
 // Online log-sum-exp: (m, z) represents m + log z. Adding x, or merging another (m2, z2).
-HN_HD void lse_add(double& m, double& z, double x) {
+// float_exp: the per-term exp through nce_exp (the rescalings when the maximum grows stay float64).
+HN_HD void lse_add(double& m, double& z, double x, bool float_exp = false) {
   if (x == -INFINITY) return;
   if (x <= m) {
-    z += exp(x - m);
+    z += nce_exp(float_exp, x - m);
   } else if (x == INFINITY || x != x) {
     // inf / NaN logits poison the statistic on purpose: the loss becomes non-finite.
     z = (m == -INFINITY) ? 1.0 : z + exp(m - x);
@@ -127,12 +138,12 @@ HN_HD double pair_coefficient(const InfoNceParams& p, int kind, double l, int64_
   if (kind == kNegative) {
     const double* rc = p.row_coef + 4 * row;
     const double b1 = 1.0 + p.hcl_beta;
-    if (rc[0] != 0.0) c += rc[0] * b1 * exp(b1 * l - rc[1]);
-    if (rc[2] != 0.0 && p.hcl_beta != 0.0) c += rc[2] * p.hcl_beta * exp(p.hcl_beta * l - rc[3]);
+    if (rc[0] != 0.0) c += rc[0] * b1 * nce_exp(p.float_exp, b1 * l - rc[1]);
+    if (rc[2] != 0.0 && p.hcl_beta != 0.0) c += rc[2] * p.hcl_beta * nce_exp(p.float_exp, p.hcl_beta * l - rc[3]);
   }
   if (p.symmetric && kind != kMasked) {
     const double* cc = p.col_coef + 2 * col;
-    if (cc[0] != 0.0) c += cc[0] * exp(l - cc[1]);
+    if (cc[0] != 0.0) c += cc[0] * nce_exp(p.float_exp, l - cc[1]);
   }
   return c;
 }

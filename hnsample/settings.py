@@ -49,6 +49,10 @@ class Settings:
     """Score elements per InfoNCE block on the CPU (64 MB of fp32: full rows of up to 65,536 docs for
     256-row GEMMs in the fused path)."""
     info_nce_block_size_cuda: int = 1 << 26
+    info_nce_cuda_float_exp: bool = True
+    """CUDA InfoNCE kernels take each pair's exp in float32 (float32 and 16-bit inputs; float64 inputs keep
+    float64): on GPUs with 1/64-rate float64 the float64 exp dominates. Each log-sum-exp over n terms then
+    moves by at most 2^-24 ln n + 2^-22 (about 1.1e-6 at n = 10^6; docs/losses.md)."""
     info_nce_fused_min_rows: int = 256
     """A full-row block must hold at least this many rows for InfoNCE's fused forward+gradient path:
     thinner GEMMs lose more than the saved fourth GEMM-equivalent (measured on the CPU)."""

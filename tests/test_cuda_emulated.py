@@ -612,6 +612,59 @@ def test_info_nce_blocks_equal_cpu(emu, name, spec, dtype):
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "rows_and_columns"])
+def test_info_nce_float_exp_stays_within_its_bound(emu, symmetric):
+    # The emulated CUDA forward kernels on one fp32 score block with float32 exp (InfoNceParams.float_exp,
+    # what the CUDA driver sets) against float64 exp: every row's (and column's) log-sum-exp over n
+    # pairs moves by at most 2^-24 ln n + 2^-22 (csrc/info_nce.h, nce_exp). Logits 20 apart (tau 0.05).
+    gen = torch.Generator().manual_seed(31)
+    b, m = 40, 3000
+    scores = (2 * torch.rand(b, m, generator=gen) - 1).contiguous()
+    pos = torch.arange(b, dtype=torch.int64)[:, None].contiguous()
+    stats = {}
+    for on in (False, True):
+        p = _C.InfoNceParams()
+        p.num_rows, p.num_cols, p.inv_temperature, p.symmetric, p.float_exp = b, m, 20.0, symmetric, on
+        p.positive_ids, p.positive_stride, p.positive_cols = pos.data_ptr(), 1, 1
+        rows = torch.zeros(b, 5, dtype=torch.float64)
+        rows[:, 0] = rows[:, 2] = -math.inf
+        cols = torch.zeros(m, 2, dtype=torch.float64)
+        cols[:, 0] = -math.inf
+        p.row_stats, p.col_stats = rows.data_ptr(), cols.data_ptr()
+        HostKernels(emu).info_nce_block(p, False, scores, None, 0, 0)
+        lse_rows = rows[:, 0] + rows[:, 1].log()
+        lse_cols = cols[:, 0] + cols[:, 1].log()
+        stats[on] = (lse_rows, lse_cols)
+    row_err = float((stats[True][0] - stats[False][0]).abs().max())
+    assert 0 < row_err <= 2.0**-24 * math.log(m) + 2.0**-22
+    # the float64 path is the plain formula
+    want = torch.logsumexp(20.0 * scores.double().masked_fill(torch.eye(b, m, dtype=torch.bool), -math.inf), dim=1)
+    torch.testing.assert_close(stats[False][0], want, rtol=0, atol=1e-12)
+    if symmetric:
+        col_err = float((stats[True][1] - stats[False][1]).abs().max())
+        assert 0 < col_err <= 2.0**-24 * math.log(b) + 2.0**-22
+        return
+    # Backward: dL/ds_ij = 20 exp(20 s_ij - S_i) for the negatives (dL/dS = 1); each coefficient within
+    # (|20 s_ij - S_i| 2^-24 + 2^-22) of its float64 value, relative (then rounded to the fp32 block).
+    lse = stats[False][0]
+    coef = torch.zeros(b, 4, dtype=torch.float64)
+    coef[:, 0], coef[:, 1] = 1.0, lse
+    grads = {}
+    for on in (False, True):
+        p = _C.InfoNceParams()
+        p.num_rows, p.num_cols, p.inv_temperature, p.float_exp = b, m, 20.0, on
+        p.positive_ids, p.positive_stride, p.positive_cols = pos.data_ptr(), 1, 1
+        tau_acc = torch.zeros(b, dtype=torch.float64)
+        p.row_coef, p.tau_acc = coef.data_ptr(), tau_acc.data_ptr()
+        out = scores.clone()
+        HostKernels(emu).info_nce_block(p, True, out, None, 0, 0)
+        grads[on] = out.double()
+    arg = (20.0 * scores.double() - lse[:, None]).abs()
+    allowed = (arg * 2.0**-24 + 2.0**-22) * grads[False].abs() + 2.0**-23 * grads[False].abs()
+    assert bool(((grads[True] - grads[False]).abs() <= allowed).all())
+    assert not torch.equal(grads[True], grads[False])
+
+
 # ----------------------------------------------------------------------------------------------------
 # The CUDA driver (hnsample/engine/cuda.py) end to end on emulated kernels
 

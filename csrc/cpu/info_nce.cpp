@@ -51,15 +51,15 @@ void forward_chunk_exact(const InfoNceParams& p, const PairBlock& b, int64_t r, 
   if (std::isfinite(cm1)) {
     double cz1 = 0.0;
     for (int64_t t = 0; t < n; ++t)
-      if (negative[t]) cz1 += std::exp(b1 * logit[t] - cm1);
+      if (negative[t]) cz1 += nce_exp(p.float_exp, b1 * logit[t] - cm1);
     lse_merge(st[0], st[1], cm1, cz1);
   } else {
     for (int64_t t = 0; t < n; ++t)
-      if (negative[t]) lse_add(st[0], st[1], b1 * logit[t]);
+      if (negative[t]) lse_add(st[0], st[1], b1 * logit[t], p.float_exp);
   }
   if (p.hcl_beta != 0.0)
     for (int64_t t = 0; t < n; ++t)
-      if (negative[t]) lse_add(st[2], st[3], p.hcl_beta * logit[t]);
+      if (negative[t]) lse_add(st[2], st[3], p.hcl_beta * logit[t], p.float_exp);
 }
 
 template <typename T>
@@ -77,7 +77,7 @@ void fold_columns(const InfoNceParams& p, const PairBlock& b, int64_t r0, int64_
     for (int64_t c = 0; c < b.cols; ++c) {
       const double s = static_cast<double>(to_float(load_at<T>(b.data, r * b.row_stride + c * b.col_stride)));
       const int k = pair_kind(p, row, b.col_offset + c, s, guide_at<T>(b, r, c));
-      if (k != kMasked) lse_add(col_part[2 * c], col_part[2 * c + 1], pair_logit(p, k, s).l);
+      if (k != kMasked) lse_add(col_part[2 * c], col_part[2 * c + 1], pair_logit(p, k, s).l, p.float_exp);
     }
   }
 }

@@ -56,8 +56,8 @@ __global__ void forward_rows_kernel(InfoNceParams p, PairBlock b) {
     if (k != kNegative) continue;
     const double l = pair_logit(p, k, s).l;
     count += 1.0;
-    lse_add(m1, z1, b1 * l);
-    if (p.hcl_beta != 0.0) lse_add(m0, z0, p.hcl_beta * l);
+    lse_add(m1, z1, b1 * l, p.float_exp);
+    if (p.hcl_beta != 0.0) lse_add(m0, z0, p.hcl_beta * l, p.float_exp);
   }
   warp_lse_merge(m1, z1);
   warp_lse_merge(m0, z0);
@@ -80,7 +80,7 @@ __global__ void forward_cols_kernel(InfoNceParams p, PairBlock b) {
   for (int64_t r = 0; r < b.rows; ++r) {
     const double s = load(data, r, c, b.row_stride, b.col_stride);
     const int k = pair_kind(p, b.row_offset + r, col, s, guide_at<T>(b, r, c));
-    if (k != kMasked) lse_add(m, z, pair_logit(p, k, s).l);
+    if (k != kMasked) lse_add(m, z, pair_logit(p, k, s).l, p.float_exp);
   }
   double* cs = p.col_stats + 2 * col;
   lse_merge(cs[0], cs[1], m, z);

@@ -22,7 +22,8 @@ import torch
 from .. import _C
 from .. import settings as _settings
 from .._ext import ptr
-from ..engine import MatmulProduct, block_shape, compute_dtype, score_blocks
+from ..engine import block_shape, compute_dtype, score_blocks
+from ..engine.blocks import product_for
 
 # The tensors of the per-pair rule, in the order the ops take them (after queries, docs, temperature).
 RULE_TENSORS = ("positive_ids", "positive_doc_ids", "doc_ids", "query_labels", "doc_labels", "upper",
@@ -58,9 +59,11 @@ class PairRules:
             rules.positive_doc_ids = rules.positive_doc_ids.contiguous()
         return rules
 
-    def params(self, rows: int, cols: int) -> Any:
-        """The kernels' InfoNceParams (statistics buffers still to be set by the pass)."""
+    def params(self, rows: int, cols: int, like: torch.Tensor) -> Any:
+        """The kernels' InfoNceParams for inputs like `like` (statistics buffers still to be set by the pass)."""
         p = _C.InfoNceParams()
+        p.float_exp = (like.device.type == "cuda" and compute_dtype(like.dtype) == torch.float32
+                       and _settings.current().info_nce_cuda_float_exp)
         p.num_rows, p.num_cols = rows, cols
         pos = self.positive_ids
         p.positive_ids, p.positive_stride, p.positive_cols = ptr(pos), pos.stride(0), pos.shape[1]
@@ -83,9 +86,17 @@ def fused_rows(b: int, m: int, block_size: int) -> int:
 
 def _blocks(queries: torch.Tensor, docs: torch.Tensor, rules: PairRules, block_rows: int, block_cols: int):
     """Score blocks s = q d^T (and the guide's) in the compute dtype of the queries."""
-    product = MatmulProduct(queries.dtype, "dot")
-    guide = None if rules.guide_queries is None else (rules.guide_queries, rules.guide_docs, product)
+    product = product_for(queries, "dot")
+    guide = None
+    if rules.guide_queries is not None:
+        guide = (rules.guide_queries, rules.guide_docs, product_for(rules.guide_queries, "dot"))
     return score_blocks(queries, docs, product, block_rows, block_cols, guide=guide)
+
+
+def _rows(operand: Any, ct: torch.dtype) -> torch.Tensor:
+    """A score block's operand rows in the compute dtype, for the gradient GEMMs (16-bit rows of the
+    mixed-precision product are converted, exactly)."""
+    return operand.rows if operand.rows.dtype == ct else operand.rows.to(ct)
 
 
 def new_row_stats(b: int, device: torch.device) -> torch.Tensor:
@@ -103,7 +114,7 @@ def forward_pass(queries: torch.Tensor, docs: torch.Tensor, rules: PairRules, bl
     row_stats = new_row_stats(b, queries.device)
     col_stats = torch.zeros((m if rules.symmetric else 0, 2), dtype=torch.float64, device=queries.device)
     col_stats[:, 0] = -math.inf
-    p = rules.params(b, m)
+    p = rules.params(b, m, queries)
     p.row_stats, p.col_stats = ptr(row_stats), ptr(col_stats)
     for blk in _blocks(queries, docs, rules, *block_shape(b, m, block_size)):
         kernels.info_nce_block(p, False, blk.scores, blk.guide, blk.i0, blk.j0)
@@ -118,15 +129,15 @@ def backward_pass(queries: torch.Tensor, docs: torch.Tensor, rules: PairRules, b
     b, m = queries.shape[0], docs.shape[0]
     ct = compute_dtype(queries.dtype)
     tau_acc = torch.zeros((b,), dtype=torch.float64, device=queries.device)
-    p = rules.params(b, m)
+    p = rules.params(b, m, queries)
     p.row_coef, p.col_coef, p.tau_acc = ptr(row_coef), ptr(col_coef), ptr(tau_acc)
     grad_q = torch.zeros((b, queries.shape[1]), dtype=ct, device=queries.device)
     grad_d = torch.zeros((m, docs.shape[1]), dtype=ct, device=docs.device)
     for blk in _blocks(queries, docs, rules, *block_shape(b, m, block_size)):
         out = blk.scores
         kernels.info_nce_block(p, True, out, blk.guide, blk.i0, blk.j0)
-        grad_q[blk.i0:blk.i0 + out.shape[0]].addmm_(out, blk.candidates.rows)
-        grad_d[blk.j0:blk.j0 + out.shape[1]].addmm_(out.T, blk.queries.rows)
+        grad_q[blk.i0:blk.i0 + out.shape[0]].addmm_(out, _rows(blk.candidates, ct))
+        grad_d[blk.j0:blk.j0 + out.shape[1]].addmm_(out.T, _rows(blk.queries, ct))
     return grad_q, grad_d, tau_acc
 
 
@@ -146,7 +157,7 @@ def fused_pass(queries: torch.Tensor, docs: torch.Tensor, rules: PairRules, rows
     row_stats = new_row_stats(b, dev)
     row_coef = torch.zeros((b, 4), dtype=torch.float64, device=dev)
     tau_acc = torch.zeros((b,), dtype=torch.float64, device=dev)
-    p = rules.params(b, m)
+    p = rules.params(b, m, queries)
     p.row_stats, p.row_coef, p.tau_acc = ptr(row_stats), ptr(row_coef), ptr(tau_acc)
     grad_q = torch.zeros((b, d), dtype=ct, device=dev)
     grad_d = torch.zeros((m, d), dtype=ct, device=dev)
@@ -155,6 +166,6 @@ def fused_pass(queries: torch.Tensor, docs: torch.Tensor, rules: PairRules, rows
         kernels.info_nce_block(p, False, out, blk.guide, i0, 0)
         row_coef[i0:i1] = coefficients(i0, i1, row_stats[i0:i1])
         kernels.info_nce_block(p, True, out, blk.guide, i0, 0)
-        torch.mm(out, blk.candidates.rows, out=grad_q[i0:i1])
-        grad_d.addmm_(out.T, blk.queries.rows)
+        torch.mm(out, _rows(blk.candidates, ct), out=grad_q[i0:i1])
+        grad_d.addmm_(out.T, _rows(blk.queries, ct))
     return row_stats, row_coef, tau_acc, grad_q, grad_d
