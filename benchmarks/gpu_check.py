@@ -322,6 +322,57 @@ def print_table(results: list[dict], ceil: dict) -> None:
     print("x naive = naive time / time (speed-up; target fused >= 3); floor = max(compute, memory) floor.")
 
 
+# InfoNCE forward + backward: (name, B = M, d, dtype); --smoke: tiny fp32 on the CPU.
+NCE_SHAPES = [("nce_bf16", 16384, 768, torch.bfloat16), ("nce_fp32", 8192, 768, torch.float32)]
+NCE_SMOKE = [("nce_smoke", 300, 32, torch.float32)]
+
+
+def info_nce_rows(reps: int, smoke: bool) -> list[dict]:
+    """hnsample.info_nce (float32 exp on and off) against torch's dense logits + cross_entropy, forward
+    and backward, on unit rows at temperature 0.05: time, and the loss and gradients of each against the
+    dense float64 computation of the same inputs."""
+    rows = []
+    for name, b, d, dtype in NCE_SMOKE if smoke else NCE_SHAPES:
+        g = torch.Generator(device=DEVICE).manual_seed(5)
+        q = torch.nn.functional.normalize(torch.randn(b, d, device=DEVICE, generator=g), dim=1).to(dtype)
+        c = torch.nn.functional.normalize(torch.randn(b, d, device=DEVICE, generator=g), dim=1).to(dtype)
+        q64, c64 = q.double().requires_grad_(True), c.double().requires_grad_(True)
+        ref = torch.nn.functional.cross_entropy(q64 @ c64.T / 0.05, torch.arange(b, device=DEVICE))
+        ref_g = torch.autograd.grad(ref, [q64, c64])
+        labels = torch.arange(b, device=DEVICE)
+
+        def dense(q=q, c=c, labels=labels):
+            qq, cc = q.detach().requires_grad_(True), c.detach().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(qq.float() @ cc.float().T / 0.05, labels)
+            return loss, torch.autograd.grad(loss, [qq, cc])
+
+        def ours(q=q, c=c):
+            qq, cc = q.detach().requires_grad_(True), c.detach().requires_grad_(True)
+            loss = hnsample.info_nce(qq, cc, temperature=0.05)
+            return loss, torch.autograd.grad(loss, [qq, cc])
+
+        row = {"shape": name, "B": b, "M": b, "d": d, "dtype": str(dtype).replace("torch.", "")}
+        for label, fn, exp32 in (("hnsample", ours, True), ("hnsample_float64_exp", ours, False),
+                                 ("torch_dense", dense, True)):
+            with settings.override(info_nce_cuda_float_exp=exp32):
+                loss, grads = fn()
+                row[f"{label}_ms"] = events_time(fn, reps)
+            err_g = max(float((gr.double() - w).abs().max() / w.abs().max()) for gr, w in zip(grads, ref_g, strict=True))
+            row[f"{label}_loss_err"] = abs(float(loss) - float(ref))
+            row[f"{label}_grad_rel_err"] = err_g
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        row["check"] = {"ok": all(row[f"{lbl}_grad_rel_err"] < tol and row[f"{lbl}_loss_err"] < tol
+                                  for lbl in ("hnsample", "hnsample_float64_exp"))}
+        rows.append(row)
+        print(f"{name}: B=M={b} d={d} {row['dtype']}: hnsample {row['hnsample_ms']:.2f} ms "
+              f"(float64 exp {row['hnsample_float64_exp_ms']:.2f}), torch dense {row['torch_dense_ms']:.2f} ms; "
+              f"loss err {row['hnsample_loss_err']:.2e} / {row['hnsample_float64_exp_loss_err']:.2e} "
+              f"(dense {row['torch_dense_loss_err']:.2e}), grad rel err {row['hnsample_grad_rel_err']:.2e} "
+              f"/ {row['hnsample_float64_exp_grad_rel_err']:.2e} (dense {row['torch_dense_grad_rel_err']:.2e}); "
+              f"ok {row['check']['ok']}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memcheck", action="store_true", help="run the small sanitizer case only")
@@ -346,12 +397,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time budget spent: skipping {name}")
             continue
         run_paths(name, b, n, d, dtype, k, extra, args.reps, ceil, results, KNOBS if i == 0 else ())
+    nce = info_nce_rows(args.reps, args.smoke)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps({"device": ceil, "torch": torch.__version__,
-                                                    "results": results}, indent=1))
+                                                    "results": results, "info_nce": nce}, indent=1))
     print_table(results, ceil)
-    return 0 if all(v["ok"] for r in results for key, v in r.items() if key.endswith("check")) else 1
+    checks = [v["ok"] for r in results + nce for key, v in r.items() if key.endswith("check")]
+    return 0 if all(checks) else 1
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ def test_gpu_check_smoke_run(tmp_path, capsys):
     assert all(r["check"]["ok"] for r in data["results"])
     cosine = data["results"][shapes.index("smoke_cosine")]
     assert cosine["check"]["recall"] == 1.0
+    (nce,) = data["info_nce"]
+    assert nce["shape"] == "nce_smoke" and nce["check"]["ok"] and nce["hnsample_grad_rel_err"] < 1e-5
     out = capsys.readouterr().out
     assert "x matmul" in out and "smoke_cosine" in out
 

@@ -558,6 +558,30 @@ def test_gpu_matches_cpu(name):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", ["plain", "symmetric_hardness"])
+def test_gpu_16bit_inputs_match_cpu(name, dtype):
+    # 16-bit inputs on CUDA are scored by the mixed-precision product (tensor cores, fp32 accumulation of
+    # the exact products) with float32 exp; the CPU converts them to fp32 first: the same loss and
+    # gradients up to summation order and the stated exp bound.
+    kw = {"temperature": 0.05, "block_size": 50_000}
+    if name == "symmetric_hardness":
+        kw.update(symmetric=True, hardness_alpha=0.3)  # no masks: no threshold a rounding could flip
+    q, c = make(300, 700, 64, dtype=torch.float32, requires_grad=False)
+    q, c = q.to(dtype), c.to(dtype)
+    leaves = [q.clone().requires_grad_(True), c.clone().requires_grad_(True)]
+    cpu = hnsample.info_nce(*leaves, **kw)
+    want = torch.autograd.grad(cpu, leaves)
+    kw_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    leaves_gpu = [x.detach().cuda().requires_grad_(True) for x in leaves]
+    gpu = hnsample.info_nce(*leaves_gpu, **kw_gpu)
+    got = torch.autograd.grad(gpu, leaves_gpu)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu().float(), w.float(), atol=2e-3 * float(w.abs().max()), rtol=1e-2)
+
+
 def _resize(kw, b, m):
     """OPTIONS tensors tiled to (b, m) rows/cols."""
     out = {}
