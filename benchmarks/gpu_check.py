@@ -343,7 +343,7 @@ def info_nce_rows(reps: int, smoke: bool) -> list[dict]:
 
         def dense(q=q, c=c, labels=labels):
             qq, cc = q.detach().requires_grad_(True), c.detach().requires_grad_(True)
-            loss = torch.nn.functional.cross_entropy(qq.float() @ cc.float().T / 0.05, labels)
+            loss = torch.nn.functional.cross_entropy((qq @ cc.T).float() / 0.05, labels)  # GEMM in the input dtype
             return loss, torch.autograd.grad(loss, [qq, cc])
 
         def ours(q=q, c=c):
