@@ -203,6 +203,10 @@ def directional_info_nce(
             raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
         scale = torch.tensor(1.0 / float(temperature), dtype=ct, device=dev)
 
+    if queries.dtype != ct:
+        # 16-bit inputs: every direction's gradient and the positive's are summed in the compute dtype and
+        # rounded to 16 bits once (autograd would round each contribution on its own).
+        queries, docs = queries.to(ct), [t.to(ct) for t in docs]
     b = queries.shape[0]
     offset = 0
     all_queries, all_docs = queries, docs

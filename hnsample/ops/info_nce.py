@@ -239,6 +239,10 @@ def info_nce(
         with torch.no_grad():
             s_pos = pair_scores(queries, docs, idx, ct)
     else:
+        if wants_grad and queries.dtype != ct:
+            # 16-bit inputs: the positive terms' gradients and the negatives' nearly cancel, so they must be
+            # summed before the one rounding to 16 bits (autograd would round each on its own).
+            queries, docs = queries.to(ct), docs.to(ct)
         s_pos = PositiveScores.apply(queries, docs, idx, ct)
 
     with torch.no_grad():
