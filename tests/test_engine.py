@@ -145,6 +145,9 @@ def test_info_nce_params_are_checked():
     p.inv_temperature = 0.0
     with pytest.raises(ValueError, match="inv_temperature"):
         CpuKernels().info_nce_block(p, False, block, None, 0, 0)
+    p.inv_temperature = 1.0
+    with pytest.raises(TypeError, match="guide block dtype"):  # one dtype code covers both blocks
+        CpuKernels().info_nce_block(p, False, block.float(), block, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------------

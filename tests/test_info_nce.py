@@ -558,6 +558,20 @@ def test_gpu_matches_cpu(name):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_guide_of_another_dtype(dtype):
+    # float64 guide embeddings with float32 / bf16 inputs: the guide's score blocks are written in the
+    # scores' dtype (the kernels read both with one dtype code), so the masks are the reference's.
+    q, c = make(6, 9, 8, dtype=torch.float32, requires_grad=False)
+    g = torch.Generator().manual_seed(3)
+    gq, gd = torch.randint(-2, 3, (6, 2), generator=g) / 4, torch.randint(-2, 3, (9, 2), generator=g) / 4
+    got = hnsample.info_nce(q.to(dtype), c.to(dtype), guide_queries=gq.double(), guide_docs=gd.double(),
+                            guide_margin=0.0, temperature=0.1)
+    want = ref.info_nce(q.to(dtype).double(), c.to(dtype).double(), guide_queries=gq.double(),
+                      guide_docs=gd.double(), guide_margin=0.0, temperature=0.1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("extra", [{}, {"symmetric": True, "hardness_alpha": 0.3}, {"reduction": "none"}],
                          ids=["fused", "symmetric", "per_row"])

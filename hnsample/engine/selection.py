@@ -89,6 +89,9 @@ class CpuKernels:
     def info_nce_block(self, params: Any, backward: bool, out: torch.Tensor, guide: torch.Tensor | None,
                        row_offset: int, col_offset: int) -> None:
         """Forward: folds a score block into the InfoNCE statistics. Backward: turns it into dL/ds."""
+        if guide is not None and guide.dtype != out.dtype:
+            # PairBlock carries one dtype code: the kernels read the guide block in the scores' dtype.
+            raise TypeError(f"info_nce_block: guide block dtype {guide.dtype} differs from the scores' {out.dtype}")
         self.module.info_nce_block(
             params, backward, out.data_ptr(), ptr(guide), dtype_code(out), out.shape[0], out.shape[1],
             out.stride(0), out.stride(1), guide.stride(0) if guide is not None else 0,

@@ -23,7 +23,7 @@ from .. import _C
 from .. import settings as _settings
 from .._ext import ptr
 from ..engine import block_shape, compute_dtype, score_blocks
-from ..engine.blocks import product_for
+from ..engine.blocks import MatmulProduct, product_for
 
 # The tensors of the per-pair rule, in the order the ops take them (after queries, docs, temperature).
 RULE_TENSORS = ("positive_ids", "positive_doc_ids", "doc_ids", "query_labels", "doc_labels", "upper",
@@ -89,7 +89,8 @@ def _blocks(queries: torch.Tensor, docs: torch.Tensor, rules: PairRules, block_r
     product = product_for(queries, "dot")
     guide = None
     if rules.guide_queries is not None:
-        guide = (rules.guide_queries, rules.guide_docs, product_for(rules.guide_queries, "dot"))
+        # The kernels read guide blocks in the score block's dtype: the guide's product must write that.
+        guide = (rules.guide_queries, rules.guide_docs, MatmulProduct(queries.dtype, "dot"))
     return score_blocks(queries, docs, product, block_rows, block_cols, guide=guide)
 
 
