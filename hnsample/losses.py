@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .engine import compute_dtype
 from .grad_cache import grad_cache, mini_batches
 from .ops.directions import check_controls, directional_info_nce
 from .ops.info_nce import info_nce
@@ -199,7 +200,7 @@ class SentenceTransformerInfoNCELoss(nn.Module):
             return self._loss(raw, extra)
 
         if self.mini_batch_size is None:
-            return loss_fn(*(self.model(f)["sentence_embedding"] for f in features))
+            return loss_fn(*(self._raw_embedding(f) for f in features))
         if "calculate_loss" in self.__dict__:
             # MatryoshkaLoss decorated calculate_loss (sentence-transformers' gradient-cache protocol): the
             # decorator backpropagates each truncation's loss into the cached embeddings itself.
@@ -285,7 +286,7 @@ def own_candidates_info_nce(queries: torch.Tensor, candidates: list[torch.Tensor
     if len(candidates) < 2:
         raise ValueError(f"own_candidates_info_nce needs a positive and at least one negative column, "
                          f"got {len(candidates)} column(s)")
-    ct = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(queries.dtype)
     s = torch.stack([(queries.to(ct) * c.to(ct)).sum(dim=-1) for c in candidates], dim=1)  # (B, n)
     tau = temperature.to(ct) if isinstance(temperature, torch.Tensor) else float(temperature)
     logits = torch.cat([(s[:, :1] - positive_margin) / tau, s[:, 1:] / tau + hardness_alpha * s[:, 1:].detach()],

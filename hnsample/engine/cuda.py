@@ -352,7 +352,7 @@ class CudaDriver:
             f = fused_block(q, c, ops, done, done + width, lo, hi, lists)
             self.launch_fused(f, q)
             runs = self._overflowed_runs(lists[2], cap)
-            if runs and runs == [(0, b)] and self.kernels.fused_stalled(dev):
+            if runs == [(0, b)] and self.kernels.fused_stalled(dev):
                 # A stalled wgmma launch reports every row overflowed; only then is the flag read.
                 self._after_stall(dev)
                 self.run_two_pass(q, c[done:], state, metric, block_size, col_offset + done)

@@ -18,6 +18,8 @@ from .. import settings as _settings
 from .._ext import as_tensor, check_float_matrix
 from ..engine import compute_dtype
 from ..engine.blocks import block_shape
+from .info_nce_gather import gather_with_grad
+from .info_nce_math import lse_value
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
@@ -78,7 +80,7 @@ class _BlockLogSumExp(torch.autograd.Function):
                 safe = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m))
                 acc = acc * torch.exp(m - safe) + torch.exp(logits - safe[:, None]).sum(dim=1)
                 m = new_m
-            lse[r0:r1] = torch.where(acc > 0, torch.log(acc) + torch.where(torch.isfinite(m), m, 0.0), -math.inf)
+            lse[r0:r1] = lse_value(m, acc)
         ctx.save_for_backward(x, y, scale, row_owner, col_owner, col_kind, lse)
         ctx.rule = (exclude, penalty, strength, block_size)
         return lse
@@ -211,7 +213,7 @@ def directional_info_nce(
     offset = 0
     all_queries, all_docs = queries, docs
     if gather:
-        all_queries, all_docs, offset = _gather(queries, docs)
+        (all_queries, *all_docs), offset = gather_with_grad([queries, *docs], "queries")
     w = all_queries.shape[0]
     d_all = torch.cat(all_docs, dim=0)
     row_owner = torch.arange(offset, offset + b, device=dev)
@@ -266,19 +268,3 @@ def check_controls(directions, partition_mode, hardness_mode, hardness_strength)
             or not math.isfinite(hardness_strength) or not hardness_strength >= 0:
         raise ValueError(f"hardness_strength must be a finite float >= 0, got {hardness_strength!r}")
     return directions, float(hardness_strength)
-
-
-def _gather(queries: torch.Tensor, docs: list[torch.Tensor]):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("gather=True needs an initialized torch.distributed process group")
-    from torch.distributed.nn.functional import all_gather as all_gather_with_grad
-
-    sizes = [torch.empty(1, dtype=torch.long, device=queries.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([queries.shape[0]], device=queries.device))
-    if any(int(s) != queries.shape[0] for s in sizes):
-        raise ValueError(f"gather=True needs the same batch size on every rank, got {[int(s) for s in sizes]}")
-    all_queries = torch.cat(all_gather_with_grad(queries.contiguous()), dim=0)
-    all_docs = [torch.cat(all_gather_with_grad(t.contiguous()), dim=0) for t in docs]
-    return all_queries, all_docs, dist.get_rank() * queries.shape[0]

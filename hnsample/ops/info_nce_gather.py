@@ -9,32 +9,41 @@ import math
 import torch
 
 
-def gather_docs(docs, positive_ids, doc_ids, doc_labels, guide_docs):
-    """Concatenates the doc-side tensors of every rank (docs keep their gradient: the backward of
-    all_gather sums each rank's contribution back to its owner) and shifts positive ids to the
-    concatenated numbering."""
+def gather_with_grad(tensors: list[torch.Tensor], what: str) -> tuple[list[torch.Tensor], int]:
+    """Each tensor concatenated over the ranks in rank order, keeping its gradient (the backward of
+    all_gather sums each rank's contribution back to its owner), and this rank's row offset in them.
+    Every rank must pass the same number of rows (checked once, on the first tensor; `what` names them)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("gather=True needs an initialized torch.distributed process group")
     from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rows = tensors[0].shape[0]
+    sizes = _plain(torch.tensor([rows], device=tensors[0].device))
+    if bool((sizes != rows).any()):
+        raise ValueError(f"gather=True needs the same number of {what} on every rank, got {sizes.tolist()}")
+    gathered = [torch.cat(all_gather_with_grad(t.contiguous()), dim=0) for t in tensors]
+    return gathered, dist.get_rank() * rows
 
-    def plain(t):
-        if t is None:
-            return None
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts, dim=0)
 
-    sizes = plain(torch.tensor([docs.shape[0]], device=docs.device))
-    if bool((sizes != docs.shape[0]).any()):
-        raise ValueError(f"gather=True needs the same number of docs on every rank, got {sizes.tolist()}")
-    offset = rank * docs.shape[0]
-    all_docs = torch.cat(all_gather_with_grad(docs.contiguous()), dim=0)
+def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t concatenated over the ranks, without gradient."""
+    if t is None:
+        return None
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_docs(docs, positive_ids, doc_ids, doc_labels, guide_docs):
+    """Concatenates the doc-side tensors of every rank (docs keep their gradient) and shifts positive ids
+    to the concatenated numbering."""
+    (all_docs,), offset = gather_with_grad([docs], "docs")
     positive_ids = torch.where(positive_ids >= 0, positive_ids + offset, positive_ids)
-    return all_docs, positive_ids, plain(doc_ids), plain(doc_labels), plain(guide_docs)
+    return all_docs, positive_ids, _plain(doc_ids), _plain(doc_labels), _plain(guide_docs)
 
 
 class ColumnLogSumExpAcrossRanks(torch.autograd.Function):
