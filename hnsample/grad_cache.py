@@ -130,40 +130,73 @@ class _Column:
 
 
 class _SecondPass:
-    """Step 3 for every column, run from the hook on each column's embeddings when their gradient is
-    complete. Under DistributedDataParallel all but the last mini-batch run under ``no_sync()``, so the
-    parameter gradients are reduced across ranks once."""
+    """Step 3: back-propagates the loss into the cached embeddings (and the loss's own parameters), drops
+    the embeddings and the loss's graph, then re-embeds every mini-batch with autograd and
+    back-propagates its slice of the cached gradient. Under DistributedDataParallel all but the last
+    mini-batch run under ``no_sync()``, so the parameter gradients are reduced across ranks once."""
 
-    def __init__(self, columns: list[_Column], autocast: _AutocastState, ddp: DistributedDataParallel | None):
-        self.columns, self.autocast, self.ddp = columns, autocast, ddp
-        self.remaining = sum(len(c.batches) for c in columns)
+    def __init__(self, columns: list[_Column], loss: torch.Tensor, autocast: _AutocastState,
+                 ddp: DistributedDataParallel | None):
+        self.columns: list[_Column] | None = columns
+        self.loss: torch.Tensor | None = loss
+        self.autocast, self.ddp = autocast, ddp
 
-    def hook(self, col: _Column) -> Callable[[torch.Tensor], None]:
-        def run(leaf: torch.Tensor) -> None:
-            grad, leaf.grad = leaf.grad, None
-            self.backward(col, grad)
-        return run
+    def run(self, grad_output: torch.Tensor) -> None:
+        if self.loss is None or self.columns is None:
+            raise RuntimeError("the loss of grad_cache can be back-propagated once (its embeddings and graph "
+                               "are freed by the first backward)")
+        loss, columns = self.loss, self.columns
+        self.loss = self.columns = None
+        # The loss's gradient lands in the embeddings' .grad (and in the loss's own parameters). Its graph
+        # and the embeddings are then dropped: while the encoder runs again only the gradients stay.
+        torch.autograd.backward(loss, grad_output)
+        del loss
+        work = []
+        for col in columns:
+            grad, col.embeddings.grad = col.embeddings.grad, None
+            col.embeddings = None
+            if grad is not None:
+                work.append((col, grad))
+        del columns
+        remaining = sum(len(col.batches) for col, _ in work)
+        while work:
+            col, grad = work.pop(0)
+            start = 0
+            for mb, rng, rows in zip(col.batches, col.rng, col.sizes, strict=True):
+                remaining -= 1
+                sync = self.ddp is None or remaining == 0
+                with contextlib.ExitStack() as stack:
+                    if not sync:
+                        stack.enter_context(self.ddp.no_sync())
+                    stack.enter_context(rng.replay())
+                    for c in self.autocast.contexts():
+                        stack.enter_context(c)
+                    stack.enter_context(torch.enable_grad())
+                    emb = _embedding(col.encoder, mb)
+                    if emb.shape[0] != rows:
+                        raise RuntimeError(f"the encoder returned {emb.shape[0]} rows on the second pass and "
+                                           f"{rows} on the first")
+                    g = grad[start:start + rows]
+                    start += rows
+                    if emb.requires_grad:
+                        torch.autograd.backward(emb, g.to(emb.dtype))
+                    del emb, g
+            del grad, col
 
-    def backward(self, col: _Column, grad: torch.Tensor) -> None:
-        start = 0
-        for mb, rng, rows in zip(col.batches, col.rng, col.sizes, strict=True):
-            self.remaining -= 1
-            sync = self.ddp is None or self.remaining == 0
-            with contextlib.ExitStack() as stack:
-                if not sync:
-                    stack.enter_context(self.ddp.no_sync())
-                stack.enter_context(rng.replay())
-                for c in self.autocast.contexts():
-                    stack.enter_context(c)
-                stack.enter_context(torch.enable_grad())
-                emb = _embedding(col.encoder, mb)
-                if emb.shape[0] != rows:
-                    raise RuntimeError(f"the encoder returned {emb.shape[0]} rows on the second pass and {rows} "
-                                       "on the first")
-                g = grad[start:start + rows]
-                start += rows
-                if emb.requires_grad:
-                    torch.autograd.backward(emb, g.to(emb.dtype))
+
+class _CachedLoss(torch.autograd.Function):
+    """The loss's value; its backward is the second pass (``anchor``: a fresh leaf, so that the result
+    requires grad; it gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, second: _SecondPass, anchor: torch.Tensor) -> torch.Tensor:
+        ctx.second = second
+        return second.loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        ctx.second.run(grad_output)
+        return None, None
 
 
 def _embedding(encoder: Encoder, mini_batch: Any) -> torch.Tensor:
@@ -198,15 +231,17 @@ def grad_cache(
     inside it if the loss wants unit vectors). ``loss_fn`` gets one tensor per column, the rows of its
     mini-batches concatenated, and returns the loss (any shape; it is what is returned).
 
-    The result is the loss with a graph to the loss's own parameters (a learnable temperature) and to
-    the encoders' parameters: ``loss.backward()`` (or ``scaler.scale(loss).backward()``, or a
-    ``loss / steps`` for gradient accumulation) re-embeds each mini-batch with autograd and leaves in
-    every ``.grad`` what the uncached step (the same mini-batch calls with autograd, the loss on their
-    concatenation) would leave, dropout and other random draws included: each mini-batch's RNG state
-    (CPU and initialized CUDA devices) of the first pass is restored for the second. The autocast state
-    at the call is re-entered for the second pass. Parameters receive their gradient through
-    ``backward`` (``torch.autograd.grad`` would not reach them: the second pass runs when the gradient
-    is accumulated into the embeddings). Under ``torch.no_grad()`` the loss is computed in mini-batches
+    The result is the loss's value; its backward (``loss.backward()``, ``scaler.scale(loss).backward()``,
+    or a ``loss / steps`` for gradient accumulation) back-propagates the loss into the embeddings and the
+    loss's own parameters (a learnable temperature), frees the embeddings and the loss's graph, then
+    re-embeds each mini-batch with autograd and leaves in every ``.grad`` what the uncached step (the
+    same mini-batch calls with autograd, the loss on their concatenation) would leave, dropout and other
+    random draws included: each mini-batch's RNG state (CPU and initialized CUDA devices) of the first
+    pass is restored for the second. The autocast state at the call is re-entered for the second pass.
+    While the encoder runs again, the cached state is the embeddings' gradients only (as in
+    sentence-transformers' Cached* losses). Parameters receive their gradient through ``backward``
+    (``torch.autograd.grad`` would not reach them: the second pass accumulates into ``.grad``), and the
+    result can be back-propagated once. Under ``torch.no_grad()`` the loss is computed in mini-batches
     and nothing is kept.
 
     ``distributed_model``: the ``DistributedDataParallel`` module the encoders call, if any; the second
@@ -238,13 +273,12 @@ def grad_cache(
         loss = loss_fn(*(c.embeddings for c in state))
         _check_loss(loss)
         return loss
-    leaves = [c.embeddings.requires_grad_(True) for c in state]
-    loss = loss_fn(*leaves)
+    loss = loss_fn(*(c.embeddings.requires_grad_(True) for c in state))
     _check_loss(loss)
-    second = _SecondPass(state, autocast, ddp)
-    for col, leaf in zip(state, leaves, strict=True):
-        leaf.register_post_accumulate_grad_hook(second.hook(col))
-    return loss
+    if not loss.requires_grad:
+        return loss
+    anchor = torch.zeros((), requires_grad=True)
+    return _CachedLoss.apply(_SecondPass(state, loss, autocast, ddp), anchor)
 
 
 def _check_loss(loss: Any) -> None:

@@ -277,3 +277,39 @@ def test_outputs_an_encoder_adds_to_its_features_are_not_kept():
     assert len(refs) == 6 and all(r() is None for r in refs)
     loss.backward()
     assert lin.weight.grad is not None
+
+
+def test_second_pass_keeps_only_the_gradients():
+    # While the encoder runs again, the embeddings of the first pass and the loss's graph (here the
+    # normalized copies a cosine loss makes) are freed: only their gradients stay cached, as in
+    # sentence-transformers' Cached* losses.
+    import gc
+    import weakref
+
+    lin = torch.nn.Linear(D_IN, D)
+    kept: list[weakref.ref] = []
+    alive_during_second_pass: list[int] = []
+
+    def encode(x):
+        if torch.is_grad_enabled():
+            gc.collect()
+            alive_during_second_pass.append(sum(r() is not None for r in kept))
+        return lin(x)
+
+    def loss_fn(q, d):
+        qn, dn = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+        kept.extend(weakref.ref(t) for t in (q, d, qn, dn))
+        return hnsample.info_nce(qn, dn)
+
+    loss = hnsample.grad_cache(loss_fn, encode, _batch(2), mini_batch_size=MINI)
+    loss.backward()
+    assert alive_during_second_pass == [0] * 6
+    assert lin.weight.grad is not None
+
+
+def test_the_cached_loss_is_back_propagated_once():
+    lin = torch.nn.Linear(D_IN, D)
+    loss = hnsample.grad_cache(_info_nce(), lambda x: F.normalize(lin(x), dim=-1), _batch(2), mini_batch_size=MINI)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated once"):
+        loss.backward()
