@@ -219,6 +219,26 @@ def test_wgmma_closed_rows_take_no_appends(sm90, kernel, kname):
     _base.check_closed_rows_take_no_appends(sm90, kernel, 256 if kernel == _C.FusedKernel.wgmma_128x256 else 128)
 
 
+def test_wgmma_only_lane_0_reads_the_timer(emu):
+    # Slow copies keep the consumer warps in the slow path of their full-barrier waits for many rounds.
+    # Every lane polls its own mbarrier.try_wait there (its acquire of the stage), but only lane 0 of a
+    # warp reads %globaltimer (and the global stall flag) to decide when to give up; the producer is a
+    # lane 0 too. The emulator counts the timer reads per lane; the lists stay exact.
+    gen = torch.Generator().manual_seed(21)
+    b, n, d = 150, 290, 136
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    emu.configure(sm90=True, sm90_sms=SMS, bulk_delay_us=2000)  # about 100 failed polls a stage
+    try:
+        emu.topk_fused_wgmma_clear_stall(1)
+        emu.reset_counters()
+        check_lists(emu, q, c, _C.FusedKernel.wgmma, gen)
+        reads = emu.timer_reads()
+        assert reads[0] > 0 and reads[1:] == [0] * 31
+        assert not emu.topk_fused_wgmma_stalled(1)
+    finally:
+        emu.configure()
+
+
 def test_wgmma_kernel_field_errors(emu):
     gen = torch.Generator().manual_seed(3)
     q = int_matrix(8, 40, gen).to(torch.bfloat16)

@@ -47,23 +47,52 @@ using namespace ptx90;  // the instruction wrappers (ptx_sm90.cuh)
 
 constexpr unsigned long long kWaitLimitNs = 1000000000ull;  // 1 s: a healthy wait takes microseconds
 
-// Waits until the barrier's phase of the given parity has completed. False when it did not within
-// kWaitLimitNs, or when another CTA has already stalled (the flag is read only while waiting).
-__device__ __forceinline__ bool mbar_wait_slow(uint32_t bar, uint32_t parity) {
+// Whether a wait that started at global time t0 should give up: it ran past kWaitLimitNs, or another
+// CTA has already stalled (the flag is read only while waiting). Giving up sets the flag.
+__device__ __forceinline__ bool wait_gives_up(uint64_t t0) {
+  // Signed: a %globaltimer that steps backwards reads as no time passed, not as an instant timeout.
+  const auto waited = static_cast<long long>(global_ns() - t0);
+  if (*static_cast<volatile int*>(&g_stalled) == 0 && waited <= static_cast<long long>(kWaitLimitNs)) return false;
+  atomicExch(&g_stalled, 1);
+  return true;
+}
+
+// One thread waits until the barrier's phase of the given parity has completed (the producer). False
+// when it did not within kWaitLimitNs, or another CTA has stalled.
+__device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
+  if (mbar_try_wait(bar, parity)) return true;
   const uint64_t t0 = global_ns();
   for (;;) {
     if (mbar_try_wait(bar, parity)) return true;
-    // Signed: a %globaltimer that steps backwards reads as no time passed, not as an instant timeout.
-    const auto waited = static_cast<long long>(global_ns() - t0);
-    if (*static_cast<volatile int*>(&g_stalled) != 0 || waited > static_cast<long long>(kWaitLimitNs)) {
-      atomicExch(&g_stalled, 1);
-      return false;
-    }
+    if (wait_gives_up(t0)) return false;
   }
 }
 
-__device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
-  return mbar_try_wait(bar, parity) || mbar_wait_slow(bar, parity);
+// A whole warp (all 32 lanes, converged: the call sites branch on warp-uniform values only) waits until
+// the barrier's phase of the given parity has completed. True when every lane has seen it; false when
+// lane 0 gave up (wait_gives_up), in every lane.
+//
+// Memory ordering: what makes a stage's bulk copy visible to a lane is that lane's own successful
+// mbarrier.try_wait (an acquire of the phase the copy's complete_tx finished). So every lane polls
+// try_wait itself until it succeeds and keeps that success (the phase cannot complete again before this
+// warp releases the stage), and the warp returns true only once all 32 lanes have succeeded: the votes
+// and the shuffle agree on control flow and order no memory. Only the decision to give up is lane 0's
+// alone: it alone reads %globaltimer and the global stall flag (one load per failed round instead of 32),
+// and the others learn the verdict by a shuffle. Giving up can only return false, never let a lane read
+// a stage it has not seen land: the warp then treats the stage as garbage, releases no stage, and its
+// warpgroup drops the tile.
+__device__ __forceinline__ bool warp_mbar_wait(uint32_t bar, uint32_t parity, int lane) {
+  bool seen = mbar_try_wait(bar, parity);
+  if (__all_sync(kFullWarp, seen)) return true;
+  uint64_t t0 = 0;
+  if (lane == 0) t0 = global_ns();
+  for (;;) {
+    if (!seen) seen = mbar_try_wait(bar, parity);
+    if (__all_sync(kFullWarp, seen)) return true;
+    bool give_up = false;
+    if (lane == 0) give_up = wait_gives_up(t0);
+    if (__shfl_sync(kFullWarp, static_cast<int>(give_up), 0)) return false;
+  }
 }
 
 // The AND of `pred` over the 128 threads of consumer warpgroup `group`, at its own named barrier
@@ -226,7 +255,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
       // may land between one warp's time-out and another's look), yet must all issue the same
       // warpgroup-collective wgmma sequence. Past a failure a stage's contents are garbage, which the
       // agreement after the tile throws away.
-      if (ok) ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * ring.stage, ring.phase));
+      if (ok) ok = warp_mbar_wait(bars + 8 * ring.stage, ring.phase, lane);
       const uint32_t tile_a = base + ring.stage * kStageBytes + group * 64 * kRowBytes;
       const uint32_t tile_b = base + ring.stage * kStageBytes + T::kTileABytes;
       acc_fence(acc);  // every earlier write of the accumulators lands before the fence
