@@ -42,8 +42,12 @@ struct Tile {
   static constexpr int kTileBBytes = kBN * kRowBytes;
   static constexpr int kStageBytes = kTileABytes + kTileBBytes;  // what each stage's full barrier expects
   static constexpr int kControlBytes = 2 * kStages * 8 + 8;      // full + empty mbarriers, a CTA-wide flag
-  // Dynamic shared memory: the stages, the control words, and slack to round the base up to 1024 bytes.
-  static constexpr int kSmemBytes = kStages * kStageBytes + kControlBytes + kSwizzleAtomBytes;
+  // The epilogue's column scales: per consumer warpgroup, two buffers of kBN floats (tiles alternate
+  // between them, so a warpgroup stages the next tile's while none of its threads still reads them).
+  static constexpr int kColScaleBytes = kGroups * 2 * kBN * 4;
+  // Dynamic shared memory: the stages, the control words, the column scales, and slack to round the
+  // base up to 1024 bytes.
+  static constexpr int kSmemBytes = kStages * kStageBytes + kControlBytes + kColScaleBytes + kSwizzleAtomBytes;
   static constexpr int kCtasPerSm = kSmemPerSm / (kSmemBytes + kSmemReserved);
   static_assert(kTileABytes % kSwizzleAtomBytes == 0 && kTileBBytes % kSwizzleAtomBytes == 0,
                 "every tile must keep the next one on a 1024-byte boundary");
@@ -57,7 +61,7 @@ struct Tile {
 // the copy engine writes (BM + BN) x 32 bytes per CTA; against the SM's 128 bytes per clock of shared
 // memory and about 2048 bf16 FMA per clock of tensor cores that is, per clock of tensor work, 160 bytes
 // for 128 x 128, 144 for 256 x 128 and 128 for 128 x 256.
-//   Wgmma: 128 x 128, 3 stages, 97 KiB: two CTAs per SM, one's epilogue overlaps the other's main loop;
+//   Wgmma: 128 x 128, 3 stages, 99 KiB: two CTAs per SM, one's epilogue overlaps the other's main loop;
 //          64 flop per byte of operands from L2.
 //   Wgmma256x128: 256 x 128, 4 stages, one CTA per SM; 85 flop per byte from L2; no epilogue overlap.
 //   Wgmma128x256: 128 x 256, 4 stages, one CTA per SM, 128 accumulators per thread; 85 flop per byte

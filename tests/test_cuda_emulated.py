@@ -405,6 +405,93 @@ def test_fused_list_overflow_is_counted(emu):
     check_list_overflow(emu)
 
 
+def warp_spans_kept(kept: list[dict], span: int) -> list[int]:
+    """Per row, how many of its column spans of `span` candidates (the columns one warp holds of a row
+    in one tile) list a survivor: one atomicAdd each, for a kernel that aggregates its appends."""
+    return [len({j // span for j in row}) for row in kept]
+
+
+def check_one_atomic_per_warp_and_row(emu, kernel, span: int, dtype, shape) -> None:
+    """A launch whose lists are exact and whose appends take one atomicAdd per (warp, row) holding
+    survivors, counted by the emulator per address: `span` is the warp's columns of a row per tile."""
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"atomics/{shape}/{span}".encode()))
+    q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    s = (q.double() @ c.double().T).float()
+    lo, hi = row_bounds_between(s, gen)  # row 0 keeps everything, rows 1 and 2 nothing
+    slack = {}
+    if dtype == torch.float32:  # exact in tf32 too; zero slack keeps the float test exact
+        slack = {"row_slack": torch.zeros(b), "col_slack": torch.zeros(n)}
+    emu.reset_counters()
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, n, kernel=kernel, **slack)
+    for i in range(b):
+        want = ((s[i] >= lo[i]) & (s[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want and all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
+    atomics = [emu.atomic_adds(counts.data_ptr() + 4 * i) for i in range(b)]
+    assert atomics == warp_spans_kept(kept, span)
+    assert atomics[0] == math.ceil(n / span) and len(kept[0]) == n  # one per warp, not one per survivor
+    assert atomics[1] == atomics[2] == 0
+
+
+def check_closed_rows_take_no_appends(emu, kernel, span: int) -> None:
+    """Every candidate survives and the lists hold 8: a row's first reservation (a whole span of `span`
+    columns, the first tile's) passes the cap, and no warp appends to the row after that. Exact in the
+    emulator, where no thread runs between a leader's read of the count and its atomicAdd; on a GPU
+    warps racing past the read may add a few more."""
+    gen = torch.Generator().manual_seed(span)
+    b, n, d, cap = 60, 300, 32, 8
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    s = (q.double() @ c.double().T).float()
+    lo, hi = torch.full((b,), -math.inf), torch.full((b,), math.inf)
+    emu.reset_counters()
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, cap, kernel=kernel)
+    assert counts.tolist() == [span] * b
+    assert [emu.atomic_adds(counts.data_ptr() + 4 * i) for i in range(b)] == [1] * b
+    assert all(len(row) == cap and all(s[i, j] == v for j, v in row.items()) for i, row in enumerate(kept))
+
+
+def test_fused_closed_rows_take_no_appends(emu):
+    check_closed_rows_take_no_appends(emu, _C.FusedKernel.mma, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
+@pytest.mark.parametrize("shape", [(150, 300, 32), (37, 515, 64)], ids=["ragged", "wide"])
+def test_fused_appends_one_atomic_per_warp_and_row(emu, dtype, shape):
+    # mma.sync: a warp holds 32 columns of each of its rows per tile (warp_n), the four lanes of a quad
+    # 8 each; their survivors share one atomicAdd on the row's count, so a row costs as many atomics as
+    # it has 32-column spans with a survivor (one per survivor before: 300 for row 0, not 10).
+    check_one_atomic_per_warp_and_row(emu, _C.FusedKernel.mma, 32, dtype, shape)
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("shape", [(200, 300, 48), (37, 515, 16), (130, 129, 32)],
+                         ids=["ragged", "one_row_tile", "one_column_past"])
+def test_fused_tf32_column_factors_are_exact_on_ragged_tiles(emu, shape, stages):
+    # Small integers are exact in tf32, so every accumulator is the exact dot product and the epilogue's
+    # fp32 arithmetic alone decides: s = (acc * row scale) * column scale, kept when s + w >= lo and
+    # s - w <= hi with w = row slack * column slack, listed as s. Scales and slacks differ per column
+    # (slacks large enough to decide many candidates), so a column factor staged for the wrong column,
+    # or one read past the ragged last tile, changes the lists or their scores.
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"factors/{shape}".encode()))
+    q, c = int_matrix(b, d, gen), int_matrix(n, d, gen)
+    rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
+    rw, cw = torch.rand(b, generator=gen), 4 * torch.rand(n, generator=gen)
+    s = ((q.double() @ c.double().T).float() * rs[:, None]) * cs[None, :]
+    w = rw[:, None] * cw[None, :]
+    lo, hi = row_bounds_between(s, gen)
+    kept, counts, _, _ = fused_launch(emu, q, c, lo, hi, n, row_scale=rs, col_scale=cs, row_slack=rw, col_slack=cw,
+                                      stages=stages)
+    widened = 0
+    for i in range(b):
+        want = ((s[i] + w[i] >= lo[i]) & (s[i] - w[i] <= hi[i])).nonzero().flatten().tolist()
+        assert sorted(kept[i]) == want, f"row {i}"
+        assert all(kept[i][j] == float(s[i, j]) for j in want), f"row {i}"
+        assert int(counts[i]) == len(want)
+        widened += len(want) - int(((s[i] >= lo[i]) & (s[i] <= hi[i])).sum())
+    assert widened > b  # the slack decides many candidates
+
+
 def check_list_overflow(emu, kernel=None) -> None:
     """Lists of 16 for rows where most candidates survive: a row whose survivors fit has them all, listed
     and counted; a row with more keeps 16 and a count past 16 (no more than its survivors: appends stop

@@ -79,7 +79,7 @@ def test_sm90_device_and_occupancy(emu):
     emu.configure(sm90=True, sm90_sms=SMS)
     try:
         assert emu.current_device() == 1 and emu.topk_fused_wgmma_available(1)
-        # 97 KiB CTAs: two per SM of 228 KiB; the 256-row and 256-column shapes: one
+        # 99 KiB CTAs: two per SM of 228 KiB; the 256-row and 256-column shapes: one
         assert [emu.topk_fused_wgmma_ctas_per_sm(1, k) for k in WGMMA] == [2, 1, 1]
         for kernel in (_C.FusedKernel(5), _C.FusedKernel.mma, _C.FusedKernel.auto):
             with pytest.raises(RuntimeError, match="kernel must be one of the wgmma kernels"):
@@ -127,17 +127,20 @@ def test_wgmma_keeps_exactly_the_scores_in_bounds(sm90, dtype, shape, kernel, kn
     assert not sm90.topk_fused_wgmma_stalled(1)
 
 
-@pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
-def test_wgmma_scales_and_cosine(sm90, kernel, kname):
-    # acc * row scale, then * column scale, in fp32: what the epilogue computes with scales.
-    gen = torch.Generator().manual_seed(31 + int(kernel))
-    b, n, d = 140, 300, 72
+def check_scaled_lists(emu, kernel, gen, b: int, n: int, d: int) -> None:
+    """acc * row scale, then * column scale, in fp32: what the epilogue computes with scales; the
+    column scales differ per column, so one staged for the wrong column or tile shows."""
     q, c = int_matrix(b, d, gen).to(torch.float16), int_matrix(n, d, gen).to(torch.float16)
     rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
     s = ((q.double() @ c.double().T).float() * rs[:, None]) * cs[None, :]
     lo, hi = row_bounds_between(s, gen)
-    kept, counts = wgmma_launch(sm90, q, c, lo, hi, n, kernel, row_scale=rs, col_scale=cs)
+    kept, counts = wgmma_launch(emu, q, c, lo, hi, n, kernel, row_scale=rs, col_scale=cs)
     assert_kept_exactly(kept, counts, s, lo, hi)
+
+
+@pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
+def test_wgmma_scales_and_cosine(sm90, kernel, kname):
+    check_scaled_lists(sm90, kernel, torch.Generator().manual_seed(31 + int(kernel)), 140, 300, 72)
 
 
 SCHEDULES = [("warps_ascending", True), ("warps_descending", True), ("warps_ascending", False),
@@ -157,6 +160,19 @@ def test_wgmma_under_schedule_extremes(emu, schedule, immediate, kernel, kname):
     emu.configure(schedule, immediate, sm90=True, sm90_sms=SMS)
     try:
         check_lists(emu, q, c, kernel, gen)
+    finally:
+        emu.configure()
+
+
+@pytest.mark.parametrize("schedule", ["warps_ascending", "warps_descending"])
+@pytest.mark.parametrize("kernel,kname", [KERNELS[0], KERNELS[2]], ids=[KERNELS[0][1], KERNELS[2][1]])
+def test_wgmma_column_scales_under_schedule_extremes(emu, schedule, kernel, kname):
+    # Each warpgroup stages every tile's column scales into one of two shared buffers with copies that
+    # land when issued here: one warp running ahead into its next tiles while its siblings still filter
+    # the current one must not overwrite the scales they read (one SM: each CTA walks 5 or 6 tiles).
+    emu.configure(schedule, True, sm90=True, sm90_sms=1)
+    try:
+        check_scaled_lists(emu, kernel, torch.Generator().manual_seed(50 + int(kernel)), 200, 520, 24)
     finally:
         emu.configure()
 
@@ -188,6 +204,39 @@ def test_wgmma_strided_rows(sm90, d, pad):
 @pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
 def test_wgmma_list_overflow_is_counted(sm90, kernel, kname):
     _base.check_list_overflow(sm90, kernel)
+
+
+@pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
+def test_wgmma_appends_one_atomic_per_warp_and_row(sm90, kernel, kname):
+    # A consumer warp holds all the tile's columns of its 16 rows, the four lanes of a quad a quarter
+    # each: one atomicAdd per row and tile with a survivor (one per survivor before).
+    span = 256 if kernel == _C.FusedKernel.wgmma_128x256 else 128
+    _base.check_one_atomic_per_warp_and_row(sm90, kernel, span, torch.bfloat16, (150, 300, 40))
+
+
+@pytest.mark.parametrize("kernel,kname", KERNELS, ids=[k[1] for k in KERNELS])
+def test_wgmma_closed_rows_take_no_appends(sm90, kernel, kname):
+    _base.check_closed_rows_take_no_appends(sm90, kernel, 256 if kernel == _C.FusedKernel.wgmma_128x256 else 128)
+
+
+def test_wgmma_only_lane_0_reads_the_timer(emu):
+    # Slow copies keep the consumer warps in the slow path of their full-barrier waits for many rounds.
+    # Every lane polls its own mbarrier.try_wait there (its acquire of the stage), but only lane 0 of a
+    # warp reads %globaltimer (and the global stall flag) to decide when to give up; the producer is a
+    # lane 0 too. The emulator counts the timer reads per lane; the lists stay exact.
+    gen = torch.Generator().manual_seed(21)
+    b, n, d = 150, 290, 136
+    q, c = int_matrix(b, d, gen).to(torch.bfloat16), int_matrix(n, d, gen).to(torch.bfloat16)
+    emu.configure(sm90=True, sm90_sms=SMS, bulk_delay_us=2000)  # about 100 failed polls a stage
+    try:
+        emu.topk_fused_wgmma_clear_stall(1)
+        emu.reset_counters()
+        check_lists(emu, q, c, _C.FusedKernel.wgmma, gen)
+        reads = emu.timer_reads()
+        assert reads[0] > 0 and reads[1:] == [0] * 31
+        assert not emu.topk_fused_wgmma_stalled(1)
+    finally:
+        emu.configure()
 
 
 def test_wgmma_kernel_field_errors(emu):

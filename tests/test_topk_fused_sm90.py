@@ -301,7 +301,7 @@ def test_wgmma_launch_filters_and_scales_like_the_epilogue(kernel, dtype, scaled
     # Per-row bounds (and cosine-style scales): the survivors of row i are exactly the j with
     # lo_i <= (acc_ij * row_scale_i) * col_scale_j <= hi_i, scaled in that order in fp32. The bounds are
     # scores that occur in the row, so candidates equal to a bound must be kept (closed interval), both
-    # through the kernel's unscaled pre-test and through fused_keep.
+    # through the epilogue's unscaled test and through its scaled one (fused_keep_row).
     _needs_wgmma()
     gen = torch.Generator().manual_seed(3)
     rows, cols, d = 200, 3000, 160

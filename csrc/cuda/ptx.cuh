@@ -12,14 +12,21 @@
 namespace hnsample {
 namespace ptx {
 
-// 16 bytes global -> shared; valid = false zero-fills the destination (rows past the problem's edge).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+// kBytes (16, or 4 for single floats) global -> shared; valid = false zero-fills the destination (rows
+// past the problem's edge). 16-byte copies bypass L1 (.cg); .ca is the only mode for the other sizes.
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool valid) {
+  static_assert(kBytes == 16 || kBytes == 4, "the copy sizes the kernels use");
 #if defined(HNSAMPLE_CUDA_EMU)
-  ::cuda_emu::cp_async(smem, gmem, 16, valid ? 16 : 0);
+  ::cuda_emu::cp_async(smem, gmem, kBytes, valid ? kBytes : 0);
 #else
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+  const int bytes = valid ? kBytes : 0;
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+  }
 #endif
 }
 

@@ -2,7 +2,8 @@
 // epilogue (fused_common.cuh) against per-row float bounds taken from the selection state before the
 // launch; survivors are appended to per-row candidate lists, so the score matrix never reaches global
 // memory. CTA = 128 query rows x 128 candidates, 8 warps of 64 x 32, a 4-stage cp.async pipeline in
-// dynamic shared memory (2 stages on GPUs with 100 KiB of shared memory per SM).
+// dynamic shared memory (2 stages on GPUs with 100 KiB of shared memory per SM), then 1 KiB of the
+// tile's column scales and slacks for the epilogue.
 // bf16/fp16: mma.sync m16n8k16 (exact products, fp32 accumulation), K in steps of 32. fp32: mma.sync
 // m16n8k8 on tf32 (inputs rounded to nearest tf32 in registers), K in steps of 16, with the error
 // slack of tf32_dot_error_factor in the filter and an exact rescoring of the survivors afterwards
@@ -45,12 +46,17 @@ using Acc = float[4][4][4];  // [m16 tile][n8 tile][fragment element] of one war
 constexpr int kStageRows = kBM + kBN;
 constexpr int kStageBytes = kStageRows * kLds16 * 2;
 static_assert(kStageBytes == kStageRows * kLds32 * 4, "both operand types use the same stage size");
+// Past the stages: the tile's kBN column scales, then its kBN column slacks (FusedCols), one per thread.
+constexpr int kColFactorBytes = 2 * kBN * static_cast<int>(sizeof(float));
+static_assert(kFusedThreads == 2 * kBN, "each thread stages one column factor");
 
 // The multistage cp.async pipeline both main loops run: k-step i is copied into slot i % kStages,
 // kStages - 1 k-steps ahead of the one being computed. Group accounting: one commit per k-step slot
 // (empty groups past the end keep the count aligned), so after the commits of iteration ks, waiting
 // until at most kStages - 2 groups are pending means k-step ks has landed. The __syncthreads then
-// also proves every warp finished computing k-step ks - 1, whose slot the next copy refills.
+// also proves every warp finished computing k-step ks - 1, whose slot the next copy refills. Copies
+// issued before the call join the first group, so they too have landed, for every thread, once the
+// first iteration has passed its __syncthreads (ksteps >= 1).
 template <int kStages, typename Load, typename Compute>
 __device__ __forceinline__ void pipelined(int ksteps, Load&& load, Compute&& compute) {
 #pragma unroll
@@ -82,8 +88,8 @@ __device__ __forceinline__ void load_kstep(const FusedBlock& f, int64_t m0, int6
     const int chunk = static_cast<int>(threadIdx.x) + i * kFusedThreads;
     const int r = chunk / 4, kc = (chunk % 4) * kPer16;
     const bool qv = m0 + r < f.rows, cv = n0 + r < f.cols;
-    cp_async_16(&stage[r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
-    cp_async_16(&stage[kBM + r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
+    cp_async<16>(&stage[r][kc], qv ? q + (m0 + r) * f.q_stride + k0 + kc : q, qv);
+    cp_async<16>(&stage[kBM + r][kc], cv ? c + (n0 + r) * f.c_stride + k0 + kc : c, cv);
   }
 }
 
@@ -162,7 +168,7 @@ __device__ __forceinline__ void mainloop_tf32(const FusedBlock& f, int64_t m0, i
   pipelined<kStages>(static_cast<int>(f.dim / kBK32), load, compute);
 }
 
-// kKind: 0 fp16, 1 bf16, 2 fp32 via tf32. Dynamic shared memory: kStages * kStageBytes.
+// kKind: 0 fp16, 1 bf16, 2 fp32 via tf32. Dynamic shared memory: kStages * kStageBytes + kColFactorBytes.
 template <int kKind, int kStages>
 __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlock f) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(HNSAMPLE_CUDA_EMU)
@@ -178,6 +184,18 @@ __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlo
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+  // The tile's column factors (FusedCols): scales copied by threads 0-127, slacks by 128-255. The
+  // copies join the pipeline's first group (pipelined), so the main loop's first wait and __syncthreads
+  // order them before every read in the epilogue; nothing else writes this memory (one tile per CTA).
+  float* const col_factors = reinterpret_cast<float*>(smem + kStages * kStageBytes);  // [2][kBN]
+  {
+    const int i = static_cast<int>(threadIdx.x) % kBN;
+    if (threadIdx.x < kBN) {
+      if (f.col_scale) fused_stage_col(f.col_scale, f, n0 + i, &col_factors[i]);
+    } else if (f.row_slack) {
+      fused_stage_col(f.col_slack, f, n0 + i, &col_factors[kBN + i]);
+    }
+  }
   if constexpr (kKind == 2) {
     mainloop_tf32<kStages>(f, m0, n0, acc, smem);
   } else {
@@ -185,22 +203,18 @@ __global__ void __launch_bounds__(kFusedThreads, 2) fused_scores_kernel(FusedBlo
   }
 
   // Epilogue: accumulator e of tile (mi, ni) is row g + 8 (e / 2), column 2 t + e % 2 of that tile
-  // (the same C fragment for both instruction shapes).
+  // (the same C fragment for both instruction shapes), so the quad g holds row g + 8 h of m16 tile mi,
+  // 8 accumulators per lane: j = 2 ni + e.
+  const FusedCols cols = fused_cols(f, n0, col_factors, col_factors + kBN);
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
+  for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = m0 + warp_m * 64 + mi * 16 + g + 8 * h;
-      if (row >= f.rows) continue;
-      const FusedRow r = fused_row(f, row);
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          fused_keep(f, r, row, n0 + warp_n * 32 + ni * 8 + 2 * t + e, acc[mi][ni][2 * h + e]);
-    }
-  }
+    for (int h = 0; h < 2; ++h)
+      fused_keep_row<8>(
+          f, cols, m0 + warp_m * 64 + mi * 16 + g + 8 * h, lane,
+          [&](int j) -> float& { return acc[mi][j / 2][2 * h + j % 2]; },
+          [&](int j) { return warp_n * 32 + (j / 2) * 8 + 2 * t + j % 2; });
 #endif
 }
 
@@ -253,9 +267,10 @@ struct FusedDeviceFacts {
   int major = 0, stages = 2;
 };
 
-// Pipeline depth for a device: 4 stages (80 KiB per CTA) where two such CTAs fit an SM's shared
-// memory (sm_80, sm_90, sm_100: 164 KiB and more), else 2 stages (40 KiB; sm_86, sm_89, sm_120 with
-// 100 KiB keep two CTAs per SM, which covers latency better than one deeper CTA).
+// Pipeline depth for a device: 4 stages (81 KiB per CTA with the column factors) where two such CTAs
+// fit an SM's shared memory (sm_80, sm_90, sm_100: 164 KiB and more; sm_80's 164 KiB exactly, with its
+// 1 KiB reserved per CTA), else 2 stages (41 KiB; sm_86, sm_89, sm_120 with 100 KiB keep two CTAs per
+// SM, which covers latency better than one deeper CTA).
 FusedDeviceFacts fused_device_facts(int device) {
   static std::mutex mu;
   static std::vector<FusedDeviceFacts> cache;
@@ -269,7 +284,7 @@ FusedDeviceFacts fused_device_facts(int device) {
       cudaGetLastError();  // no sticky error for the caller's next check; asked again next time
       return {};
     }
-    const size_t per_cta_deep = 4 * static_cast<size_t>(kStageBytes) + prop.reservedSharedMemPerBlock;
+    const size_t per_cta_deep = 4 * static_cast<size_t>(kStageBytes) + kColFactorBytes + prop.reservedSharedMemPerBlock;
     facts.major = prop.major;
     facts.stages = prop.sharedMemPerMultiprocessor >= 2 * per_cta_deep ? 4 : 2;
     facts.known = facts.usable = true;
@@ -285,7 +300,7 @@ int fused_pipeline_stages(int device) {
 
 template <int kKind, int kStages>
 void launch_fused(dim3 grid, cudaStream_t s, const FusedBlock& f) {
-  constexpr int bytes = kStages * kStageBytes;
+  constexpr int bytes = kStages * kStageBytes + kColFactorBytes;
   // above the 48 KiB default the kernel must opt in; the carveout asks for the shared memory two
   // CTAs per SM need
   HN_CUDA_CHECK(cudaFuncSetAttribute(fused_scores_kernel<kKind, kStages>,

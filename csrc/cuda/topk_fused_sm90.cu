@@ -3,7 +3,7 @@
 // producer warp streams K steps of 64 elements of both operand tiles into a 3-stage ring with the bulk
 // tensor copy engine (128-byte swizzle, edges zero-filled), two consumer warpgroups of 64 rows each run
 // wgmma m64n128k16 from shared memory into fp32 registers, then filter their accumulators through the
-// shared epilogue (fused_common.cuh). About 97 KiB of shared memory, so two CTAs share an SM and one's
+// shared epilogue (fused_common.cuh). About 99 KiB of shared memory, so two CTAs share an SM and one's
 // epilogue overlaps the other's main loop. FusedKernel::Wgmma256x128 and Wgmma128x256 select a 256 x 128 and a 128 x 256
 // CTA (one per SM, 4 stages) to measure against it (../topk_fused_sm90.h says why each). CTAs are
 // persistent (as many as fit the device, each walking tiles in steps of the grid), and the producer runs
@@ -47,23 +47,52 @@ using namespace ptx90;  // the instruction wrappers (ptx_sm90.cuh)
 
 constexpr unsigned long long kWaitLimitNs = 1000000000ull;  // 1 s: a healthy wait takes microseconds
 
-// Waits until the barrier's phase of the given parity has completed. False when it did not within
-// kWaitLimitNs, or when another CTA has already stalled (the flag is read only while waiting).
-__device__ __forceinline__ bool mbar_wait_slow(uint32_t bar, uint32_t parity) {
+// Whether a wait that started at global time t0 should give up: it ran past kWaitLimitNs, or another
+// CTA has already stalled (the flag is read only while waiting). Giving up sets the flag.
+__device__ __forceinline__ bool wait_gives_up(uint64_t t0) {
+  // Signed: a %globaltimer that steps backwards reads as no time passed, not as an instant timeout.
+  const auto waited = static_cast<long long>(global_ns() - t0);
+  if (*static_cast<volatile int*>(&g_stalled) == 0 && waited <= static_cast<long long>(kWaitLimitNs)) return false;
+  atomicExch(&g_stalled, 1);
+  return true;
+}
+
+// One thread waits until the barrier's phase of the given parity has completed (the producer). False
+// when it did not within kWaitLimitNs, or another CTA has stalled.
+__device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
+  if (mbar_try_wait(bar, parity)) return true;
   const uint64_t t0 = global_ns();
   for (;;) {
     if (mbar_try_wait(bar, parity)) return true;
-    // Signed: a %globaltimer that steps backwards reads as no time passed, not as an instant timeout.
-    const auto waited = static_cast<long long>(global_ns() - t0);
-    if (*static_cast<volatile int*>(&g_stalled) != 0 || waited > static_cast<long long>(kWaitLimitNs)) {
-      atomicExch(&g_stalled, 1);
-      return false;
-    }
+    if (wait_gives_up(t0)) return false;
   }
 }
 
-__device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
-  return mbar_try_wait(bar, parity) || mbar_wait_slow(bar, parity);
+// A whole warp (all 32 lanes, converged: the call sites branch on warp-uniform values only) waits until
+// the barrier's phase of the given parity has completed. True when every lane has seen it; false when
+// lane 0 gave up (wait_gives_up), in every lane.
+//
+// Memory ordering: what makes a stage's bulk copy visible to a lane is that lane's own successful
+// mbarrier.try_wait (an acquire of the phase the copy's complete_tx finished). So every lane polls
+// try_wait itself until it succeeds and keeps that success (the phase cannot complete again before this
+// warp releases the stage), and the warp returns true only once all 32 lanes have succeeded: the votes
+// and the shuffle agree on control flow and order no memory. Only the decision to give up is lane 0's
+// alone: it alone reads %globaltimer and the global stall flag (one load per failed round instead of 32),
+// and the others learn the verdict by a shuffle. Giving up can only return false, never let a lane read
+// a stage it has not seen land: the warp then treats the stage as garbage, releases no stage, and its
+// warpgroup drops the tile.
+__device__ __forceinline__ bool warp_mbar_wait(uint32_t bar, uint32_t parity, int lane) {
+  bool seen = mbar_try_wait(bar, parity);
+  if (__all_sync(kFullWarp, seen)) return true;
+  uint64_t t0 = 0;
+  if (lane == 0) t0 = global_ns();
+  for (;;) {
+    if (!seen) seen = mbar_try_wait(bar, parity);
+    if (__all_sync(kFullWarp, seen)) return true;
+    bool give_up = false;
+    if (lane == 0) give_up = wait_gives_up(t0);
+    if (__shfl_sync(kFullWarp, static_cast<int>(give_up), 0)) return false;
+  }
 }
 
 // The AND of `pred` over the 128 threads of consumer warpgroup `group`, at its own named barrier
@@ -141,6 +170,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
   const uint32_t base = (raw + kSwizzleAtomBytes - 1) & ~static_cast<uint32_t>(kSwizzleAtomBytes - 1);
   const uint32_t bars = base + kStages * kStageBytes;  // full[kStages], empty[kStages], then the flag
   int* cta_flag = reinterpret_cast<int*>(smem_raw + (bars - raw) + 2 * kStages * 8);
+  // Then the column scales: [kConsumerGroups][2][kBN] floats (Tile::kColScaleBytes).
+  float* const col_scales = reinterpret_cast<float*>(smem_raw + (bars - raw) + T::kControlBytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int ksteps = static_cast<int>((f.dim + kBK - 1) / kBK);
   const auto mtiles = static_cast<uint32_t>((f.rows + T::kBM - 1) / T::kBM);
@@ -194,18 +225,27 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
   }
 
   // Consumers: warpgroup `group` computes rows m0 + 64 group .. + 63 against all T::kBN candidates.
+  // 16-bit inputs carry no slack (wgmma_inputs_suit), so the epilogue's only column factor is the scale.
   const int group = warp / 4, group_warp = warp % 4;
-  // Without scales the score is the accumulator itself (16-bit inputs carry no slack: wgmma_inputs_suit),
-  // so fused_keep keeps exactly the accumulators with lo <= acc <= hi. Testing that first sends only the
-  // survivors through fused_keep, which still decides each of them: about 4 instructions per rejected
-  // accumulator instead of about 25 (its column bound, scale and slack loads, the widened compare).
-  // With 64 to 128 accumulators per thread that is what keeps the epilogue short next to the main loop.
-  const bool unscaled = f.row_scale == nullptr && f.col_scale == nullptr;
+  const int group_thread = static_cast<int>(threadIdx.x) % 128;
+  constexpr int kScalesPerThread = T::kBN / 128;
+  float* const group_scales = col_scales + group * 2 * T::kBN;  // [2][kBN]: this warpgroup's buffers
+  int buffer = 0;                                               // the current tile's: tiles alternate
   Ring ring;
   bool ok = !stalled;
   TileWalk w(mtiles, ntiles);
   for (; ok && w.valid(); w.next()) {
     const int64_t m0 = static_cast<int64_t>(w.mi) * T::kBM, n0 = static_cast<int64_t>(w.ni) * T::kBN;
+    // The tile's column scales into this tile's buffer (each thread columns group_thread + 128 i):
+    // asynchronous copies, waited for after the K loop, so their latency hides behind it. Why no thread
+    // reads them too early or overwrites them under a reader: at the named barrier below.
+    float* const tile_scales = group_scales + buffer * T::kBN;
+    if (f.col_scale) {
+#pragma unroll
+      for (int i = 0; i < kScalesPerThread; ++i)
+        fused_stage_col(f.col_scale, f, n0 + group_thread + 128 * i, &tile_scales[group_thread + 128 * i]);
+      cp_async_commit();
+    }
     float acc[kAcc];
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
@@ -215,7 +255,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
       // may land between one warp's time-out and another's look), yet must all issue the same
       // warpgroup-collective wgmma sequence. Past a failure a stage's contents are garbage, which the
       // agreement after the tile throws away.
-      if (ok) ok = __all_sync(0xffffffffu, mbar_wait(bars + 8 * ring.stage, ring.phase));
+      if (ok) ok = warp_mbar_wait(bars + 8 * ring.stage, ring.phase, lane);
       const uint32_t tile_a = base + ring.stage * kStageBytes + group * 64 * kRowBytes;
       const uint32_t tile_b = base + ring.stage * kStageBytes + T::kTileABytes;
       acc_fence(acc);  // every earlier write of the accumulators lands before the fence
@@ -234,24 +274,28 @@ __global__ void __launch_bounds__(T::kThreads, T::kCtasPerSm)
     }
     wgmma_wait<0>();
     acc_fence(acc);
+    // The column scales: each thread waits for its own copies (they are then its writes), and the
+    // warpgroup's named barrier below orders them before every read of the buffer in this tile's
+    // epilogue (bar.red, like bar.sync, makes the shared-memory accesses of its participants before it
+    // visible to them all after it). The buffer's previous use was the epilogue two tiles back, which
+    // every thread of the warpgroup finished before it reached the previous tile's barrier, itself passed
+    // by any thread copying here: so no copy lands under a read. Only this warpgroup's threads touch its
+    // buffers (the producer and the other warpgroups never meet these barriers).
+    if (f.col_scale) cp_async_wait<0>();
     ok = warpgroup_all<kConsumerGroups>(group, ok);  // one warp's failed wait fails the tile for its warpgroup
     if (!ok) break;
     if (lane == 0) mbar_arrive(bars + 8 * (kStages + previous));  // the tile's last stage, before the epilogue
 
+    // The quad of lanes 4g .. 4g + 3 holds row acc_row(group_warp, lane, 2 h) with T::kBN / 4
+    // accumulators per lane: j = 2 i + e is register 4 i + 2 h + e, column acc_col of it.
+    const FusedCols cols = fused_cols(f, n0, tile_scales, nullptr);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = m0 + group * 64 + acc_row(group_warp, lane, 2 * h);
-      if (row >= f.rows) continue;
-      const FusedRow r = fused_row(f, row);
-#pragma unroll
-      for (int i = 0; i < T::kBN / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int reg = 4 * i + 2 * h + e;
-          if (unscaled && !(acc[reg] >= r.lo && acc[reg] <= r.hi)) continue;  // NaN fails here too
-          fused_keep(f, r, row, n0 + acc_col(lane, reg), acc[reg]);
-        }
-    }
+    for (int h = 0; h < 2; ++h)
+      fused_keep_row<T::kBN / 4>(
+          f, cols, m0 + group * 64 + acc_row(group_warp, lane, 2 * h), lane,
+          [&](int j) -> float& { return acc[4 * (j / 2) + 2 * h + j % 2]; },
+          [&](int j) { return acc_col(lane, 4 * (j / 2) + 2 * h + j % 2); });
+    buffer ^= 1;
   }
   // After a stall: this tile and every later one of this CTA report overflow in all their rows.
   for (; w.valid(); w.next()) {

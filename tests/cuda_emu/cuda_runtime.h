@@ -145,6 +145,12 @@ void configure(Schedule schedule, bool cp_async_immediate, bool mma_truncate);
 void configure_sm90(bool sm90, int sms, bool lose_bulk_copies, uint64_t bulk_delay_ns);
 // How many times cudaGetDeviceProperties was called (what the launchers cache, tests count).
 long long property_queries();
+// Instruction counters the tests read: atomicAdd calls per address (count_atomic_add, called by every
+// atomicAdd) and %globaltimer reads per lane of the reading warp, both since reset_counters().
+void count_atomic_add(const void* address);
+long long atomic_adds(const void* address);
+long long timer_reads(int lane);
+void reset_counters();
 
 // Runs kernel() once per thread of every block of the grid (see the model above). `key` (the kernel's
 // address) selects the attributes that allow more than 48 KiB of dynamic shared memory.
@@ -350,6 +356,7 @@ inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigne
 // Fibers switch only at scheduling points, so a read-modify-write is atomic as written.
 template <typename T>
 T atomicAdd(T* p, T v) {
+  ::cuda_emu::count_atomic_add(p);
   const T old = *p;
   *p = old + v;
   return old;

@@ -174,6 +174,18 @@ PYBIND11_MODULE(_cuda_emu, m) {
   });
   m.def("cuda_device_usable", &cuda_device_usable);
   m.def("property_queries", &cuda_emu::property_queries);
+  m.def("reset_counters", &cuda_emu::reset_counters,
+        "Zeroes the instruction counters read by atomic_adds and timer_reads.");
+  m.def(
+      "atomic_adds", [](uintptr_t address) { return cuda_emu::atomic_adds(as_ptr<const void>(address)); },
+      py::arg("address"), "atomicAdd calls on this address since reset_counters().");
+  m.def(
+      "timer_reads", [] {
+        py::list out;
+        for (int lane = 0; lane < 32; ++lane) out.append(cuda_emu::timer_reads(lane));
+        return out;
+      },
+      "%globaltimer reads per lane (32 counts, any warp) since reset_counters().");
   m.def(
       "info_nce_block",
       [](const InfoNceParams& p, bool backward, uintptr_t data, uintptr_t guide, int dtype, int64_t rows,

@@ -148,6 +148,9 @@ constexpr uint64_t kPollFaultNs = 10000000000ull;  // a thread polling this long
 int g_device = 0;
 int g_sm90_sms = 2;
 std::atomic<long long> g_property_queries{0};  // cudaGetDeviceProperties calls (property_queries())
+// The instruction counters (reset_counters()): launches are serialized, and the host reads them between.
+std::map<uintptr_t, long long> g_atomic_adds;  // atomicAdd calls per address
+long long g_timer_reads[32] = {};              // %globaltimer reads per lane
 bool g_lose_bulk = false;
 uint64_t g_bulk_delay_ns = 0;
 struct FuncAttrs {
@@ -324,6 +327,21 @@ void run_block(dim3 grid, dim3 block, uint3 block_idx) {
 }  // namespace
 
 long long property_queries() { return g_property_queries.load(); }
+
+void count_atomic_add(const void* address) { ++g_atomic_adds[reinterpret_cast<uintptr_t>(address)]; }
+
+long long atomic_adds(const void* address) {
+  const auto it = g_atomic_adds.find(reinterpret_cast<uintptr_t>(address));
+  return it == g_atomic_adds.end() ? 0 : it->second;
+}
+
+long long timer_reads(int lane) { return lane >= 0 && lane < 32 ? g_timer_reads[lane] : 0; }
+
+void reset_counters() {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_atomic_adds.clear();
+  std::fill(std::begin(g_timer_reads), std::end(g_timer_reads), 0);
+}
 
 void configure_sm90(bool sm90, int sms, bool lose_bulk_copies, uint64_t bulk_delay_ns) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
@@ -962,7 +980,10 @@ uint32_t cvta_generic_to_shared(const void* p) {
 }
 
 // Each read also lets 1 ns pass, so threads running between two polls see time move.
-uint64_t globaltimer() { return ++g_clock_ns; }
+uint64_t globaltimer() {
+  ++g_timer_reads[current().lane];
+  return ++g_clock_ns;
+}
 
 void mbar_init(uint32_t bar, uint32_t count) {
   if (count < 1 || count > (1u << 20) - 1) fault("mbarrier.init: count must be in [1, 2^20 - 1]");
