@@ -8,6 +8,7 @@ the kernels object that runs a launcher module (the emulator's ``_cuda_emu`` or 
 from __future__ import annotations
 
 import collections
+import ctypes
 from typing import Any
 
 import torch
@@ -44,6 +45,15 @@ class ExactGemm:
 
     def scores(self, q: Operand, c: Operand, out: torch.Tensor) -> None:
         out.copy_(exact_fused_scores(q.rows, c.rows, self.metric))
+
+
+def host_view(ptr: int, dtype: torch.dtype, rows: int, cols: int, row_stride: int,
+              col_stride: int = 1) -> torch.Tensor:
+    """A tensor over the CPU memory at `ptr` (what a kernel sees through a launch's pointer and strides)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    span = (rows - 1) * row_stride + (cols - 1) * col_stride + 1 if rows and cols else 0
+    buf = (ctypes.c_uint8 * max(span * itemsize, itemsize)).from_address(ptr)
+    return torch.frombuffer(buf, dtype=dtype)[:span].as_strided((rows, cols), (row_stride, col_stride))
 
 
 class CountingModule:

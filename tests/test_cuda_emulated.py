@@ -252,6 +252,137 @@ def test_select_launcher_checks(emu):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The select kernel with cosine scales: the block holds raw products, the kernel scales each score
+
+
+def prescaled(block: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """The block the product's mul_s would have written: (x * rs[r]) * cs[c] in float32 (float64 for a
+    float64 block), in that order."""
+    ct = torch.float64 if block.dtype == torch.float64 else torch.float32
+    return (block.to(ct) * rs.to(ct)[:, None]) * cs.to(ct)[None, :]
+
+
+def block_scales(b: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales whose two multiplication orders round differently, with zeros (zero-norm rows and columns
+    score 0; an inf times 0 is NaN)."""
+    rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) * 3 + 0.1
+    rs[1] = 0.0  # row 1 holds an inf (score_matrix): NaN
+    rs[3] = 0.0
+    cs[11] = 0.0
+    cs[n // 2] = 0.0
+    return rs, cs
+
+
+def offer_scaled(emu, state: SelectionState, block: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor,
+                 row_offset: int, col_offset: int, segments: int = 1) -> None:
+    emu.topk_select_block_segments(state.params, block.data_ptr(), CODES[block.dtype], block.shape[0], block.shape[1],
+                                   block.stride(0), block.stride(1), row_offset, col_offset, segments, 0,
+                                   rs.data_ptr(), cs.data_ptr(), CODES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_select_block_scaled_equals_prescaled(emu, dtype, sname, skw):
+    # The kernel with row and column scales selects, bit for bit, what the CPU kernel selects on the
+    # block multiplied out first; with the filters, NaN and infinities of score_matrix, zero scales,
+    # a row and column offset, and a segmented launch.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"scaled/{dtype}/{sname}".encode()))
+    b, n, k = 19, 1300, 20
+    raw = score_matrix(b, n, dtype, gen)
+    rs, cs = block_scales(b, n, gen)
+    want_scores = prescaled(raw, rs, cs)
+    kw = dict(filters("masks_margin", b, n, gen), min_score=-2.5, max_score=4.0, **skw)
+    sel = selection(want_scores, k, kw)
+    want = SelectionState(sel, b, raw.device)
+    offer(want, want_scores, 0, 0)
+    state = SelectionState(sel, b, raw.device)
+    copies = SelectionState(sel, b, raw.device, copies=3)
+    offer_scaled(emu, state, raw[:, :700], rs, cs[:700], 0, 0)
+    offer_scaled(emu, copies, raw[5:, 700:], rs[5:], cs[700:], 5, 700, segments=3)
+    offer_scaled(emu, state, raw[:5, 700:], rs[:5], cs[700:], 0, 700)
+    for s in range(3):
+        emu.topk_merge(state.params, copies.copy_params(s), True, 0, 1)
+    assert_same(finalize(state, emu), finalize(want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("sname,skw", [SAMPLING[0], SAMPLING[2]], ids=["top", "softmax_stream_skip"])
+def test_select_block_scale_order_at_the_bound(emu, dtype, sname, skw):
+    # Each row's margin bound is exactly a score (x * rs) * cs that the other order, x * (rs cs), rounds
+    # above: that candidate is the row's best eligible one, and a kernel that scaled in the other order
+    # (in its vector tiles or for the survivors) would drop it or store another score.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"scale_order/{dtype}/{sname}".encode()))
+    b, n = 12, 1024  # aligned rows of whole tiles: every score goes through the vector loads
+    raw = (torch.randn(b, n, generator=gen, dtype=torch.float64) * 2).to(dtype)  # float64: all 53 bits
+    rs, cs = block_scales(b, n, gen)
+    rs[1] = rs[3] = 0.7
+    want_scores = prescaled(raw, rs, cs)
+    other = raw.to(want_scores.dtype) * (rs.to(want_scores.dtype)[:, None] * cs.to(want_scores.dtype)[None, :])
+    hits = other > want_scores
+    assert bool(hits.any(dim=1).all())
+    bound = torch.where(hits, want_scores, torch.full_like(want_scores, -math.inf)).amax(dim=1)
+    sel = build_selection(b, n, raw.device, 6, positive_scores=bound, absolute_margin=0.0, seed=skw.get("seed"),
+                          **{key: v for key, v in skw.items() if key != "seed"})
+    states = [SelectionState(sel, b, raw.device) for _ in range(2)]
+    offer(states[0], want_scores, 0, 0)
+    offer_scaled(emu, states[1], raw, rs, cs, 0, 0)
+    got, want = finalize(states[1], emu), finalize(states[0])
+    assert_same(got, want)
+    if sname == "top":
+        assert torch.equal(got[0][:, 0], bound.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["offset", "column_stride", "transposed", "scale_offset", "packed_ragged"])
+def test_select_block_scaled_any_layout(emu, dtype, layout):
+    # Rows that start off 16 bytes (a scalar head, then vector loads of scores and scales), strided
+    # columns (scalar loads), column scales not aligned for vector loads (the row takes scalar tiles: a
+    # misaligned vector load would fault in the emulator), and a packed block whose width is no multiple of 4.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"scaled_layout/{dtype}/{layout}".encode()))
+    base = score_matrix(300, 1100, dtype, gen)
+    raw = {"offset": base[3:40, 1:], "column_stride": base[:30, ::3], "transposed": base.T[:, :290],
+           "scale_offset": base[:25], "packed_ragged": base[:21, :1037].contiguous()}[layout]
+    b, n = raw.shape
+    rs, cs = block_scales(b, n, gen)
+    if layout == "scale_offset":
+        cs = torch.cat([torch.ones(1), cs])[1:]  # 4 bytes past a 16-byte boundary
+    want_scores = prescaled(raw, rs, cs)
+    sel = selection(want_scores, 15, {"sampling": "softmax", "seed": 4, "skip_top": 2, "max_score": 3.0})
+    states = [SelectionState(sel, b, raw.device) for _ in range(2)]
+    offer(states[0], want_scores, 0, 0)
+    offer_scaled(emu, states[1], raw, rs, cs, 0, 0)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+def test_select_scales_checks(emu):
+    # The launcher refuses scales it cannot use, naming them; CudaKernels.select_block checks what the
+    # launcher cannot see (extent, stride, dtype; the device: tests/test_topk_cuda.py on a GPU).
+    scores = torch.zeros(4, 10)
+    state = SelectionState(selection(scores, 3, {}), 4, scores.device)
+    rs, cs = torch.ones(4), torch.ones(10)
+    args = (state.params, scores.data_ptr(), 0, 4, 10, 10, 1, 0, 0, 1, 0)
+    with pytest.raises(_C.ParamError, match="row_scale and col_scale go together"):
+        emu.topk_select_block_segments(*args, rs.data_ptr(), 0, 0)
+    with pytest.raises(_C.ParamError, match="row_scale and col_scale go together"):
+        emu.topk_select_block_segments(*args, 0, cs.data_ptr(), 0)
+    with pytest.raises(_C.ParamError, match="must be float32, got dtype code 1"):
+        emu.topk_select_block_segments(*args, rs.data_ptr(), cs.data_ptr(), CODES[torch.float64])
+    with pytest.raises(_C.ParamError, match="4-byte aligned"):
+        emu.topk_select_block_segments(*args, rs.data_ptr(), cs.data_ptr() + 2, 0)
+    emu.topk_select_block_segments(*args, rs.data_ptr(), cs.data_ptr(), 0)  # valid: runs
+    kernels = HostKernels(emu)
+    for bad, err, message in [
+        ({"row_scale": torch.ones(5)}, ValueError, r"row_scale must be a 1-D tensor of 4 elements"),
+        ({"col_scale": torch.ones(20)[::2]}, ValueError, r"col_scale must be a 1-D tensor of 10 elements with unit"),
+        ({"col_scale": torch.ones(1, 10)}, ValueError, r"col_scale must be a 1-D tensor"),
+        ({"row_scale": torch.ones(4, dtype=torch.float64)}, TypeError, "row_scale must be float32"),
+        ({"row_scale": rs}, ValueError, "row_scale and col_scale go together"),
+    ]:
+        with pytest.raises(err, match=message):
+            kernels.select_block(state.params, scores, 0, 0, **bad)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The fused score kernels, row bounds, offers and rescoring
 
 

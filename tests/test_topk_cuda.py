@@ -10,14 +10,13 @@ shared selection code, segmented states merged exactly, and the block/segment pl
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import zlib
 from collections.abc import Iterator
 
 import pytest
 import torch
-from fused_support import ExactGemm, HostKernels, exact_fused_scores
+from fused_support import ExactGemm, HostKernels, exact_fused_scores, host_view
 
 import hnsample
 from hnsample import _C, settings
@@ -267,20 +266,37 @@ def test_candidate_lists_merge_exactly(name, kw):
     assert torch.equal(got_s, want_s)
 
 
+_TORCH_DTYPES = {0: torch.float32, 1: torch.float64, 2: torch.float16, 3: torch.bfloat16}
+
+
 class _HostLaunchers:
     """hnsample._C's CUDA launchers emulated with its CPU kernels (the launcher module of HostKernels).
     topk_select_block_segments does what topk_select_block_segments_cuda does: column range s of the
-    block feeds state copy s, which starts s * num_rows rows past the params' state pointers. The fused
-    score kernel is `fused` (a Python emulation), when given."""
+    block feeds state copy s, which starts s * num_rows rows past the params' state pointers; with
+    scales, the kernel's scores (x * row_scale[r]) * col_scale[c] (float32, float64 for float64 blocks)
+    are selected on. With `record`, each launch's block, row scales and column scales (None without)
+    are copied to `launches` as (row_offset, col_offset, block, row_scale, col_scale). The fused score
+    kernel is `fused` (a Python emulation), when given."""
 
-    def __init__(self, fused=None):
-        self.fused = fused
+    def __init__(self, fused=None, record: bool = False):
+        self.fused, self.record = fused, record
         self.calls: list[tuple[int, int, int]] = []
+        self.launches: list[tuple] = []
 
     def topk_select_block_segments(self, p, data, dtype, rows, cols, row_stride, col_stride, row_offset,
-                                   col_offset, segments, stream):
+                                   col_offset, segments, stream, row_scale=0, col_scale=0, scale_dtype=0):
         self.calls.append((rows, cols, segments))
-        itemsize = {0: 4, 1: 8, 2: 2, 3: 2}[dtype]
+        block = host_view(data, _TORCH_DTYPES[dtype], rows, cols, row_stride, col_stride)
+        rs = host_view(row_scale, torch.float32, 1, rows, rows)[0] if row_scale else None
+        cs = host_view(col_scale, torch.float32, 1, cols, cols)[0] if col_scale else None
+        if self.record:
+            self.launches.append((row_offset, col_offset, block.clone(), None if rs is None else rs.clone(),
+                                  None if cs is None else cs.clone()))
+        if rs is not None:
+            ct = torch.float64 if dtype == 1 else torch.float32
+            block = (block.to(ct) * rs.to(ct)[:, None]) * cs.to(ct)[None, :]
+            data, dtype, row_stride, col_stride = block.data_ptr(), 1 if dtype == 1 else 0, cols, 1
+        itemsize = block.element_size()
         width = math.ceil(cols / segments)
         for s in range(segments):
             c0, c1 = s * width, min(cols, (s + 1) * width)
@@ -430,14 +446,6 @@ def test_rescore_candidates_cpu_is_the_exact_score():
         _C.topk_rescore_candidates(f, False, 0, 1)
 
 
-def _cpu_view(ptr: int, dtype: torch.dtype, rows: int, cols: int, stride: int) -> torch.Tensor:
-    """A tensor over the CPU memory at `ptr` (what a kernel sees through a FusedBlock pointer)."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    nbytes = ((rows - 1) * stride + cols) * itemsize if rows else 0
-    buf = (ctypes.c_uint8 * max(nbytes, itemsize)).from_address(ptr)
-    return torch.frombuffer(buf, dtype=dtype)[: max(nbytes // itemsize, 0)].as_strided((rows, cols), (stride, 1))
-
-
 class _EmulatedFused:
     """The fused kernel in torch, reading and writing through the FusedBlock's pointers: scores of
     tf32-rounded inputs (fp32) or exact products (16-bit), each pushed by `push` times the bound's
@@ -450,9 +458,9 @@ class _EmulatedFused:
     def __call__(self, f) -> None:
         self.launches += 1
         dtype = {0: torch.float32, 2: torch.float16, 3: torch.bfloat16}[f.dtype]
-        q = _cpu_view(f.queries, dtype, f.rows, f.dim, f.q_stride).float()
-        c = _cpu_view(f.candidates, dtype, f.cols, f.dim, f.c_stride).float()
-        vec = lambda ptr, n, dt=torch.float32: _cpu_view(ptr, dt, 1, n, n)[0] if ptr else None  # noqa: E731
+        q = host_view(f.queries, dtype, f.rows, f.dim, f.q_stride).float()
+        c = host_view(f.candidates, dtype, f.cols, f.dim, f.c_stride).float()
+        vec = lambda ptr, n, dt=torch.float32: host_view(ptr, dt, 1, n, n)[0] if ptr else None  # noqa: E731
         if f.dtype == 0:
             s = (to_tf32(q).double() @ to_tf32(c).double().T)
             acc_share = 2 * (f.dim + 2) * 2.0**-23
@@ -471,8 +479,8 @@ class _EmulatedFused:
             w = vec(f.row_slack, f.rows)[:, None] * vec(f.col_slack, f.cols)[None, :]
         lo, hi = vec(f.row_lo, f.rows), vec(f.row_hi, f.rows)
         keep = (s + w >= lo[:, None]) & (s - w <= hi[:, None])
-        scores = _cpu_view(f.cand_score, torch.float32, f.rows, f.cand_cap, f.cand_cap)
-        cols = _cpu_view(f.cand_col, torch.int32, f.rows, f.cand_cap, f.cand_cap)
+        scores = host_view(f.cand_score, torch.float32, f.rows, f.cand_cap, f.cand_cap)
+        cols = host_view(f.cand_col, torch.int32, f.rows, f.cand_cap, f.cand_cap)
         counts = vec(f.cand_count, f.rows, torch.int32)
         for i in range(f.rows):
             idx = keep[i].nonzero().flatten()
@@ -851,3 +859,4 @@ def test_fused_cosine_16bit_equals_two_pass(dtype):
     with _fused_path() as driver:
         assert_same(want, hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1))
     assert driver.dense_calls == [8192]
+
