@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hnsample.engine import CudaKernels, DeviceFacts, Operand
+from hnsample.engine import CudaKernels, DeviceFacts, MixedPrecisionProduct, Operand
 from hnsample.engine.blocks import cosine_scale
 
 
@@ -45,6 +45,17 @@ class ExactGemm:
 
     def scores(self, q: Operand, c: Operand, out: torch.Tensor) -> None:
         out.copy_(exact_fused_scores(q.rows, c.rows, self.metric))
+
+
+class HostMixedPrecisionProduct(MixedPrecisionProduct):
+    """MixedPrecisionProduct on CPU tensors (torch has no CPU mm with out_dtype): the 16-bit rows are
+    converted to fp32 (exactly) and multiplied by torch.mm in fp32, which for small integers is the
+    exact sum the tensor cores' fp32 accumulation gives. Everything else -- the operands' cosine scales,
+    whether ``scores`` applies them -- is the product's own code."""
+
+    @staticmethod
+    def matmul(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mm(q.float(), c.float().T, out=out)
 
 
 def host_view(ptr: int, dtype: torch.dtype, rows: int, cols: int, row_stride: int,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fused_support import CountingModule, ExactGemm, HostKernels, exact_fused_scores
+from fused_support import CountingModule, ExactGemm, HostKernels, HostMixedPrecisionProduct, exact_fused_scores
 
 import hnsample
 from hnsample import _C, settings
@@ -825,18 +825,32 @@ def _driver_kwargs(spec: dict, b: int, n: int, gen: torch.Generator) -> dict:
     return kw
 
 
+def scales_in_select(queries: torch.Tensor, metric: str) -> HostMixedPrecisionProduct:
+    """The driver's 16-bit product factory on the CPU: the select kernel applies the cosine scales."""
+    return HostMixedPrecisionProduct(metric, scales_in_select=True)
+
+
+TWO_PASS = [("f32", torch.float32, "dot", None), ("bf16", torch.bfloat16, "dot", None),
+            ("bf16_cosine", torch.bfloat16, "cosine", scales_in_select),
+            ("f16_cosine", torch.float16, "cosine", scales_in_select)]
+
+
 @pytest.mark.parametrize("name,spec", DRIVER, ids=[x[0] for x in DRIVER])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_two_pass_driver_on_emulated_kernels(emu, name, spec, dtype):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{dtype}".encode()))
+@pytest.mark.parametrize("case,dtype,metric,product", TWO_PASS, ids=[x[0] for x in TWO_PASS])
+def test_two_pass_driver_on_emulated_kernels(emu, name, spec, case, dtype, metric, product):
+    # 16-bit cosine: the mixed-precision product's raw blocks, scaled by the emulated select kernel, give
+    # the selection over (acc * 1/|q_i|) * 1/|c_j| (small integers: acc exact), zero rows included.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{dtype}".encode() + metric.encode()))
     b, n, d, k = 70, 5000, 32, 12
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    q[4], c[17] = 0, 0
     kw = _driver_kwargs(spec, b, n, gen)
-    want = hnsample.topk_similarity(q, c, k, **kw)
-    driver, calls = emulated_driver(emu)
-    sel = selection(q.float() @ c.float().T, k, kw)
+    exact = exact_fused_scores(q, c, metric)
+    want = hnsample.topk_from_scores(exact, k, **kw)
+    driver, calls = emulated_driver(emu, product=product)
     with settings.override(cuda_path="two_pass"):
-        state = driver.select(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), "dot", 1 << 16)
+        state = driver.select(q, c, SelectionState(selection(exact, k, kw), b, q.device, kernels=driver.kernels),
+                              metric, 1 << 16)
     got_s, got_j = finalize(state, emu)
     assert calls["topk_select_block_segments"] > 1
     assert torch.equal(got_j, want.indices)
@@ -858,16 +872,18 @@ def test_fused_driver_on_emulated_kernels(emu, name, spec, fname, dtype, metric)
     assert calls["topk_rescore_candidates"] == (4 if dtype == torch.float32 else 0)
 
 
-def run_fused_driver(emu, seed: str, spec: dict, dtype, metric: str, d: int, **overrides) -> collections.Counter:
+def run_fused_driver(emu, seed: str, spec: dict, dtype, metric: str, d: int, product=ExactGemm,
+                     **overrides) -> collections.Counter:
     """CudaDriver.run_fused over 40 queries x 2600 small-integer candidates (seed of 300 columns, then 4
-    chunks) on the emulated kernels with ExactGemm's score blocks, under settings.override(**overrides);
-    asserts the result equals the CPU op's over the exact scores and returns the launcher calls."""
+    chunks) on the emulated kernels with `product`'s score blocks (a factory; default ExactGemm's), under
+    settings.override(**overrides); asserts the result equals the CPU op's over the exact scores and
+    returns the launcher calls."""
     gen = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
     b, n, k = 40, 2600, 10
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
     kw = _driver_kwargs(spec, b, n, gen)
     want = hnsample.topk_from_scores(exact_fused_scores(q, c, metric), k, **kw)
-    driver, calls = emulated_driver(emu, product=ExactGemm)
+    driver, calls = emulated_driver(emu, product=product)
     sel = selection(exact_fused_scores(q, c, metric), k, kw)
     with settings.override(cuda_fused_seed_cols=300, **overrides):
         state = driver.run_fused(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), metric, 1 << 16, 0)
@@ -876,6 +892,45 @@ def run_fused_driver(emu, seed: str, spec: dict, dtype, metric: str, d: int, **o
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
     return calls
+
+
+@pytest.mark.parametrize("name,spec", DRIVER[:3], ids=[x[0] for x in DRIVER[:3]])
+def test_fused_driver_cosine_seed_with_scales_in_select(emu, name, spec):
+    # The fused path's seed goes through the two-pass path, whose select kernel now applies the scales;
+    # the fused chunks' epilogue applies the same ones.
+    run_fused_driver(emu, f"{name}/scales_in_select", spec, torch.bfloat16, "cosine", 64, product=scales_in_select)
+
+
+def test_fused_driver_cosine_redo_with_scales_in_select(emu):
+    # Rows 140..150 see candidates that get better chunk after chunk (their cosines approach 1), so their
+    # lists overflow and their 128-row tile redoes each chunk on the two-pass path, whose queries start at
+    # row 128: the row scales are indexed by the block's row, the state rows by row_offset + row.
+    gen = torch.Generator().manual_seed(23)
+    b, n, d, k = 300, 2600, 32, 10
+    q, c = int_matrix(b, d, gen, 0, 4), int_matrix(n, d, gen, 0, 4)
+    q[:, 0] = 0
+    q[140:151, 0] = 64
+    c[:, 0] = 64 * (torch.arange(n) // 300)
+    q[200] = 0  # a zero-norm query: every score 0 (ties at its threshold: its list overflows too)
+    q, c = q.to(torch.bfloat16), c.to(torch.bfloat16)
+    exact = exact_fused_scores(q, c, "cosine")
+    want = hnsample.topk_from_scores(exact, k)
+    driver, calls = emulated_driver(emu, product=scales_in_select)
+    two_pass = []
+    plain = driver.run_two_pass
+
+    def recording(queries, candidates, state, metric, block_size, col_offset, row_offset=0):
+        two_pass.append((row_offset, queries.shape[0]))
+        return plain(queries, candidates, state, metric, block_size, col_offset, row_offset=row_offset)
+
+    driver.run_two_pass = recording
+    with settings.override(cuda_fused_seed_cols=300):
+        state = driver.run_fused(q, c, SelectionState(selection(exact, k, {}), b, q.device, kernels=driver.kernels),
+                                 "cosine", 1 << 16, 0)
+    got_s, got_j = finalize(state, emu)
+    assert two_pass == [(0, 300)] + [(128, 128)] * 4  # the seed, then tile 1 redoes every chunk
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
 
 
 def test_fused_driver_redoes_overflowing_chunks(emu):

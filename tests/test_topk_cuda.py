@@ -16,12 +16,22 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from fused_support import ExactGemm, HostKernels, exact_fused_scores, host_view
+from fused_support import ExactGemm, HostKernels, HostMixedPrecisionProduct, exact_fused_scores, host_view
 
 import hnsample
 from hnsample import _C, settings
 from hnsample import _reference as ref
-from hnsample.engine import CudaBackend, DeviceFacts, SelectionState, build_selection, registry
+from hnsample.engine import (
+    CudaBackend,
+    DeviceFacts,
+    MixedPrecisionProduct,
+    SelectionState,
+    build_selection,
+    product_for,
+    registry,
+    score_blocks,
+)
+from hnsample.engine.blocks import cosine_scale
 from hnsample.engine.cuda import KERNEL_TILE, WARPS_PER_SM, CudaDriver, list_capacity, plan_blocks
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -362,6 +372,66 @@ def test_cuda_driver_loop_on_emulated_kernels(rows, l2, name, kw):
     assert len(emulated.calls) == math.ceil(rows / plan.block_rows) * math.ceil(n / plan.block_cols)
     assert max(s for _, _, s in emulated.calls) == plan.segments
     assert (plan.segments > 1) == (rows == 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("rows,l2", [(300, 1 << 16), (5, 1 << 20)], ids=["row_blocks", "segments"])
+@pytest.mark.parametrize("name,kw", [SAMPLING[0], SAMPLING[2]], ids=["top", "softmax_stream_skip"])
+def test_two_pass_cosine_16bit_selects_on_the_raw_product(dtype, rows, l2, name, kw):
+    # 16-bit cosine on the two-pass path: the product leaves its scales to the select launcher, so the
+    # block the launcher gets is the raw product (no elementwise multiply went over it) and the scales
+    # come with it; the result is bit for bit the one of the product's own multiplications (as before)
+    # and the selection over the scores (acc * 1/|q_i|) * 1/|c_j|.
+    gen = torch.Generator().manual_seed(rows + 7)
+    n = 20_000
+    q, c = int_matrix(rows, 12, gen).to(dtype), int_matrix(n, 12, gen).to(dtype)
+    q[2] = 0  # a zero-norm query scores 0 with everything
+    c[9] = 0
+    kw = dict(kw, exclude=torch.randint(-1, n, (rows, 3), generator=gen))
+    raw = q.double() @ c.double().T  # exact: small integers
+    rs, cs = cosine_scale(q), cosine_scale(c)
+    want = hnsample.topk_from_scores(exact_fused_scores(q, c, "cosine"), 21, **kw)
+    for in_select in (True, False):
+        launchers = _HostLaunchers(record=True)
+        driver = CudaDriver(kernels=HostKernels(launchers, DeviceFacts(4, l2)),
+                            product=lambda queries, metric, s=in_select: HostMixedPrecisionProduct(metric, s))
+        sel = _cpu_state(torch.zeros(rows, n), 21, kw).sel
+        state = driver.run_two_pass(q, c, SelectionState(sel, rows, q.device, kernels=driver.kernels), "cosine",
+                                    1 << 24, 0)
+        got_s, got_j = state.finalize()
+        assert torch.equal(got_j, want.indices) and torch.equal(got_s.float(), want.scores), in_select
+        assert len(launchers.launches) == len(launchers.calls) > 1
+        for i0, j0, block, brs, bcs in launchers.launches:
+            i1, j1 = i0 + block.shape[0], j0 + block.shape[1]
+            if in_select:
+                assert torch.equal(block, raw[i0:i1, j0:j1].float())
+                assert torch.equal(brs, rs[i0:i1]) and torch.equal(bcs, cs[j0:j1])
+            else:
+                assert torch.equal(block, exact_fused_scores(q[i0:i1], c[j0:j1], "cosine"))
+                assert brs is None and bcs is None
+    assert (rows == 5) == (max(segments for _, _, segments in launchers.calls) > 1)
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_mixed_precision_product_scales_unless_asked_not_to(metric):
+    # Every user of the product but the two-pass select gets the scaled scores, as before; with
+    # scales_in_select the blocks are the raw products and the operands carry the scales.
+    gen = torch.Generator().manual_seed(8)
+    q, c = int_matrix(70, 16, gen).to(torch.bfloat16), int_matrix(90, 16, gen).to(torch.bfloat16)
+    raw = (q.double() @ c.double().T).float()
+    for in_select in (False, True):
+        product = HostMixedPrecisionProduct(metric, scales_in_select=in_select)
+        for blk in score_blocks(q, c, product, 32, 40):
+            i1, j1 = blk.i0 + blk.scores.shape[0], blk.j0 + blk.scores.shape[1]
+            if metric == "dot":
+                assert blk.queries.scale is None and blk.candidates.scale is None
+                assert torch.equal(blk.scores, raw[blk.i0:i1, blk.j0:j1])
+            elif in_select:
+                assert torch.equal(blk.scores, raw[blk.i0:i1, blk.j0:j1])
+                assert torch.equal(blk.queries.scale, cosine_scale(q)[blk.i0:i1])
+                assert torch.equal(blk.candidates.scale, cosine_scale(c)[blk.j0:j1])
+            else:
+                assert torch.equal(blk.scores, exact_fused_scores(q, c, "cosine")[blk.i0:i1, blk.j0:j1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -860,3 +930,36 @@ def test_fused_cosine_16bit_equals_two_pass(dtype):
         assert_same(want, hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1))
     assert driver.dense_calls == [8192]
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_two_pass_cosine_scales_in_select_equal_the_products_multiplications(dtype):
+    # On the device: the select kernel's (acc * 1/|q_i|) * 1/|c_j| in fp32 is bit for bit the block
+    # torch's two mul_s wrote, so the two-pass result is unchanged on random (inexact) scores too.
+    gen = torch.Generator().manual_seed(32)
+    q = torch.randn(300, 64, generator=gen).to(dtype).cuda()
+    c = torch.randn(30_000, 64, generator=gen).to(dtype).cuda()
+    c[5] = 0
+    default = CudaDriver().product(q, "cosine")
+    if not isinstance(default, MixedPrecisionProduct):
+        pytest.skip("this torch has no torch.mm(..., out_dtype=float32) for 16-bit inputs")
+    assert default.scales_in_select
+    kw = {"skip_top": 1, "sampling": "softmax", "seed": 3, "relative_margin": 0.01,
+          "positives": torch.randint(0, 30_000, (300, 1), generator=gen).cuda()}
+    results = []
+    for in_select in (True, False):
+        driver = CudaDriver(product=lambda queries, metric, s=in_select: product_for(queries, metric,
+                                                                                   scales_in_select=s))
+        with settings.override(cuda_path="two_pass"), registry.use("cuda", CudaBackend(driver)):
+            results.append(hnsample.topk_similarity(q, c, 40, metric="cosine", **kw))
+    assert_same(*results)
+
+
+@pytest.mark.gpu
+def test_select_block_scales_must_be_on_the_blocks_device():
+    scores = torch.zeros(4, 10, device="cuda")
+    state = SelectionState(_cpu_state(torch.zeros(4, 10), 3, {}).sel.on(scores.device), 4, scores.device)
+    kernels = state.kernels
+    with pytest.raises(ValueError, match="row_scale must be on the block's device"):
+        kernels.select_block(state.params, scores, 0, 0, row_scale=torch.ones(4), col_scale=torch.ones(10).cuda())
+    kernels.select_block(state.params, scores, 0, 0, row_scale=torch.ones(4).cuda(), col_scale=torch.ones(10).cuda())
