@@ -278,8 +278,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "topk_select_block_segments",
       [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
-         int64_t col_stride, int64_t row_offset, int64_t col_offset, int64_t segments, uintptr_t stream) {
-        const ScoreBlock b = make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset);
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, int64_t segments, uintptr_t stream,
+         uintptr_t row_scale, uintptr_t col_scale, int scale_dtype) {
+        const ScoreBlock b = make_scaled_block(data, dtype, rows, cols, row_stride, col_stride, row_offset,
+                                               col_offset, row_scale, col_scale, scale_dtype);
 #if defined(HNSAMPLE_WITH_CUDA)
         topk_select_block_segments_cuda(p, b, segments, as_ptr<void>(stream));
 #else
@@ -291,8 +293,11 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
       py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("segments"), py::arg("stream"),
+      py::arg("row_scale") = 0, py::arg("col_scale") = 0, py::arg("scale_dtype") = 0,
       py::call_guard<py::gil_scoped_release>(),
-      "Merges a CUDA block of scores into `segments` state copies, column range s into copy s.");
+      "Merges a CUDA block of scores into `segments` state copies, column range s into copy s. row_scale, "
+      "col_scale: float32 [rows] and [cols] cosine scales (both or neither; scale_dtype their dtype code): "
+      "the score of (r, c) is then (block[r, c] * row_scale[r]) * col_scale[c].");
 
   // ---- CUDA top-k selection, fused path: row bounds, tensor-core score filter, candidate lists ----
   m.def(

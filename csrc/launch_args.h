@@ -28,6 +28,17 @@ inline ScoreBlock make_block(uintptr_t data, int dtype, int64_t rows, int64_t co
   return b;
 }
 
+// A score block whose scores the select kernel scales (ScoreBlock::row_scale, col_scale; 0 = none).
+inline ScoreBlock make_scaled_block(uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+                                    int64_t col_stride, int64_t row_offset, int64_t col_offset, uintptr_t row_scale,
+                                    uintptr_t col_scale, int scale_dtype) {
+  ScoreBlock b = make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset);
+  b.row_scale = as_ptr<const float>(row_scale);
+  b.col_scale = as_ptr<const float>(col_scale);
+  b.scale_dtype = scale_dtype;
+  return b;
+}
+
 inline PairBlock make_pair_block(uintptr_t data, uintptr_t guide, int dtype, int64_t rows, int64_t cols,
                                  int64_t row_stride, int64_t col_stride, int64_t guide_row_stride,
                                  int64_t guide_col_stride, int64_t row_offset, int64_t col_offset) {

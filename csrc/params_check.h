@@ -60,8 +60,18 @@ inline void check_params(const TopkParams& p) {
   HN_CHECK_PARAM(p.noise_row_offset >= 0, "noise_row_offset must be >= 0");
 }
 
-inline void check_block(const TopkParams& p, const ScoreBlock& b) {
+// scales_allowed: the launcher applies the block's cosine scales (the CUDA select launcher); the others
+// refuse a block that has them rather than select on unscaled products.
+inline void check_block(const TopkParams& p, const ScoreBlock& b, bool scales_allowed = false) {
   HN_CHECK_PARAM(valid_float_dtype(b.dtype), "score block dtype code " + std::to_string(b.dtype) + " is not a float");
+  if (b.row_scale != nullptr || b.col_scale != nullptr) {
+    HN_CHECK_PARAM(scales_allowed, "this launcher does not apply score block scales (row_scale, col_scale)");
+    HN_CHECK_PARAM(b.row_scale != nullptr && b.col_scale != nullptr, "row_scale and col_scale go together");
+    HN_CHECK_PARAM(static_cast<DType>(b.scale_dtype) == DType::Float32,
+                   "row_scale and col_scale must be float32, got dtype code " + std::to_string(b.scale_dtype));
+    HN_CHECK_PARAM(aligned_to(b.row_scale, 4) && aligned_to(b.col_scale, 4),
+                   "row_scale and col_scale must be 4-byte aligned float32 buffers");
+  }
   HN_CHECK_PARAM(b.rows >= 0 && b.cols >= 0, "score block extents must be >= 0");
   HN_CHECK_PARAM(b.rows == 0 || b.cols == 0 || b.data != nullptr, "score block data is null");
   HN_CHECK_PARAM(b.row_offset >= 0 && b.row_offset + b.rows <= p.num_rows,

@@ -57,6 +57,12 @@ struct ScoreBlock {
   int64_t rows = 0, cols = 0;
   int64_t row_stride = 0, col_stride = 1;
   int64_t row_offset = 0, col_offset = 0;
+  // Cosine scales, both or neither (CUDA select launcher only; every other launcher refuses them): the
+  // block holds raw products x and the score of (r, c) is s = (x * row_scale[r]) * col_scale[c], in
+  // that order, in float (float and 16-bit blocks) or double (double blocks), before any test.
+  const float* row_scale = nullptr;  // [rows] or null, indexed by block row
+  const float* col_scale = nullptr;  // [cols] or null, indexed by block column
+  int scale_dtype = 0;               // dtype code of both scales: must be float32
 };
 
 // The per-row state a selection needs: the mode and the slots per row. sampling="top" keeps the best

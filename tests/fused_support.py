@@ -8,11 +8,12 @@ the kernels object that runs a launcher module (the emulator's ``_cuda_emu`` or 
 from __future__ import annotations
 
 import collections
+import ctypes
 from typing import Any
 
 import torch
 
-from hnsample.engine import CudaKernels, DeviceFacts, Operand
+from hnsample.engine import CudaKernels, DeviceFacts, MixedPrecisionProduct, Operand
 from hnsample.engine.blocks import cosine_scale
 
 
@@ -44,6 +45,26 @@ class ExactGemm:
 
     def scores(self, q: Operand, c: Operand, out: torch.Tensor) -> None:
         out.copy_(exact_fused_scores(q.rows, c.rows, self.metric))
+
+
+class HostMixedPrecisionProduct(MixedPrecisionProduct):
+    """MixedPrecisionProduct on CPU tensors (torch has no CPU mm with out_dtype): the 16-bit rows are
+    converted to fp32 (exactly) and multiplied by torch.mm in fp32, which for small integers is the
+    exact sum the tensor cores' fp32 accumulation gives. Everything else -- the operands' cosine scales,
+    whether ``scores`` applies them -- is the product's own code."""
+
+    @staticmethod
+    def matmul(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mm(q.float(), c.float().T, out=out)
+
+
+def host_view(ptr: int, dtype: torch.dtype, rows: int, cols: int, row_stride: int,
+              col_stride: int = 1) -> torch.Tensor:
+    """A tensor over the CPU memory at `ptr` (what a kernel sees through a launch's pointer and strides)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    span = (rows - 1) * row_stride + (cols - 1) * col_stride + 1 if rows and cols else 0
+    buf = (ctypes.c_uint8 * max(span * itemsize, itemsize)).from_address(ptr)
+    return torch.frombuffer(buf, dtype=dtype)[:span].as_strided((rows, cols), (row_stride, col_stride))
 
 
 class CountingModule:

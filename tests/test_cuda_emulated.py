@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fused_support import CountingModule, ExactGemm, HostKernels, exact_fused_scores
+from fused_support import CountingModule, ExactGemm, HostKernels, HostMixedPrecisionProduct, exact_fused_scores
 
 import hnsample
 from hnsample import _C, settings
@@ -249,6 +249,137 @@ def test_select_launcher_checks(emu):
         emu.topk_select_block_segments(state.params, scores.data_ptr(), 0, 4, 10, 10, 1, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="cuda"):
         emu.topk_finalize(state.params, 0, 0, False, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The select kernel with cosine scales: the block holds raw products, the kernel scales each score
+
+
+def prescaled(block: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """The block the product's mul_s would have written: (x * rs[r]) * cs[c] in float32 (float64 for a
+    float64 block), in that order."""
+    ct = torch.float64 if block.dtype == torch.float64 else torch.float32
+    return (block.to(ct) * rs.to(ct)[:, None]) * cs.to(ct)[None, :]
+
+
+def block_scales(b: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales whose two multiplication orders round differently, with zeros (zero-norm rows and columns
+    score 0; an inf times 0 is NaN)."""
+    rs, cs = torch.rand(b, generator=gen) + 0.5, torch.rand(n, generator=gen) * 3 + 0.1
+    rs[1] = 0.0  # row 1 holds an inf (score_matrix): NaN
+    rs[3] = 0.0
+    cs[11] = 0.0
+    cs[n // 2] = 0.0
+    return rs, cs
+
+
+def offer_scaled(emu, state: SelectionState, block: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor,
+                 row_offset: int, col_offset: int, segments: int = 1) -> None:
+    emu.topk_select_block_segments(state.params, block.data_ptr(), CODES[block.dtype], block.shape[0], block.shape[1],
+                                   block.stride(0), block.stride(1), row_offset, col_offset, segments, 0,
+                                   rs.data_ptr(), cs.data_ptr(), CODES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("sname,skw", SAMPLING, ids=[s[0] for s in SAMPLING])
+def test_select_block_scaled_equals_prescaled(emu, dtype, sname, skw):
+    # The kernel with row and column scales selects, bit for bit, what the CPU kernel selects on the
+    # block multiplied out first; with the filters, NaN and infinities of score_matrix, zero scales,
+    # a row and column offset, and a segmented launch.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"scaled/{dtype}/{sname}".encode()))
+    b, n, k = 19, 1300, 20
+    raw = score_matrix(b, n, dtype, gen)
+    rs, cs = block_scales(b, n, gen)
+    want_scores = prescaled(raw, rs, cs)
+    kw = dict(filters("masks_margin", b, n, gen), min_score=-2.5, max_score=4.0, **skw)
+    sel = selection(want_scores, k, kw)
+    want = SelectionState(sel, b, raw.device)
+    offer(want, want_scores, 0, 0)
+    state = SelectionState(sel, b, raw.device)
+    copies = SelectionState(sel, b, raw.device, copies=3)
+    offer_scaled(emu, state, raw[:, :700], rs, cs[:700], 0, 0)
+    offer_scaled(emu, copies, raw[5:, 700:], rs[5:], cs[700:], 5, 700, segments=3)
+    offer_scaled(emu, state, raw[:5, 700:], rs[:5], cs[700:], 0, 700)
+    for s in range(3):
+        emu.topk_merge(state.params, copies.copy_params(s), True, 0, 1)
+    assert_same(finalize(state, emu), finalize(want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("sname,skw", [SAMPLING[0], SAMPLING[2]], ids=["top", "softmax_stream_skip"])
+def test_select_block_scale_order_at_the_bound(emu, dtype, sname, skw):
+    # Each row's margin bound is exactly a score (x * rs) * cs that the other order, x * (rs cs), rounds
+    # above: that candidate is the row's best eligible one, and a kernel that scaled in the other order
+    # (in its vector tiles or for the survivors) would drop it or store another score.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"scale_order/{dtype}/{sname}".encode()))
+    b, n = 12, 1024  # aligned rows of whole tiles: every score goes through the vector loads
+    raw = (torch.randn(b, n, generator=gen, dtype=torch.float64) * 2).to(dtype)  # float64: all 53 bits
+    rs, cs = block_scales(b, n, gen)
+    rs[1] = rs[3] = 0.7
+    want_scores = prescaled(raw, rs, cs)
+    other = raw.to(want_scores.dtype) * (rs.to(want_scores.dtype)[:, None] * cs.to(want_scores.dtype)[None, :])
+    hits = other > want_scores
+    assert bool(hits.any(dim=1).all())
+    bound = torch.where(hits, want_scores, torch.full_like(want_scores, -math.inf)).amax(dim=1)
+    sel = build_selection(b, n, raw.device, 6, positive_scores=bound, absolute_margin=0.0, seed=skw.get("seed"),
+                          **{key: v for key, v in skw.items() if key != "seed"})
+    states = [SelectionState(sel, b, raw.device) for _ in range(2)]
+    offer(states[0], want_scores, 0, 0)
+    offer_scaled(emu, states[1], raw, rs, cs, 0, 0)
+    got, want = finalize(states[1], emu), finalize(states[0])
+    assert_same(got, want)
+    if sname == "top":
+        assert torch.equal(got[0][:, 0], bound.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["offset", "column_stride", "transposed", "scale_offset", "packed_ragged"])
+def test_select_block_scaled_any_layout(emu, dtype, layout):
+    # Rows that start off 16 bytes (a scalar head, then vector loads of scores and scales), strided
+    # columns (scalar loads), column scales not aligned for vector loads (the row takes scalar tiles: a
+    # misaligned vector load would fault in the emulator), and a packed block whose width is no multiple of 4.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"scaled_layout/{dtype}/{layout}".encode()))
+    base = score_matrix(300, 1100, dtype, gen)
+    raw = {"offset": base[3:40, 1:], "column_stride": base[:30, ::3], "transposed": base.T[:, :290],
+           "scale_offset": base[:25], "packed_ragged": base[:21, :1037].contiguous()}[layout]
+    b, n = raw.shape
+    rs, cs = block_scales(b, n, gen)
+    if layout == "scale_offset":
+        cs = torch.cat([torch.ones(1), cs])[1:]  # 4 bytes past a 16-byte boundary
+    want_scores = prescaled(raw, rs, cs)
+    sel = selection(want_scores, 15, {"sampling": "softmax", "seed": 4, "skip_top": 2, "max_score": 3.0})
+    states = [SelectionState(sel, b, raw.device) for _ in range(2)]
+    offer(states[0], want_scores, 0, 0)
+    offer_scaled(emu, states[1], raw, rs, cs, 0, 0)
+    assert_same(finalize(states[1], emu), finalize(states[0]))
+
+
+def test_select_scales_checks(emu):
+    # The launcher refuses scales it cannot use, naming them; CudaKernels.select_block checks what the
+    # launcher cannot see (extent, stride, dtype; the device: tests/test_topk_cuda.py on a GPU).
+    scores = torch.zeros(4, 10)
+    state = SelectionState(selection(scores, 3, {}), 4, scores.device)
+    rs, cs = torch.ones(4), torch.ones(10)
+    args = (state.params, scores.data_ptr(), 0, 4, 10, 10, 1, 0, 0, 1, 0)
+    with pytest.raises(_C.ParamError, match="row_scale and col_scale go together"):
+        emu.topk_select_block_segments(*args, rs.data_ptr(), 0, 0)
+    with pytest.raises(_C.ParamError, match="row_scale and col_scale go together"):
+        emu.topk_select_block_segments(*args, 0, cs.data_ptr(), 0)
+    with pytest.raises(_C.ParamError, match="must be float32, got dtype code 1"):
+        emu.topk_select_block_segments(*args, rs.data_ptr(), cs.data_ptr(), CODES[torch.float64])
+    with pytest.raises(_C.ParamError, match="4-byte aligned"):
+        emu.topk_select_block_segments(*args, rs.data_ptr(), cs.data_ptr() + 2, 0)
+    emu.topk_select_block_segments(*args, rs.data_ptr(), cs.data_ptr(), 0)  # valid: runs
+    kernels = HostKernels(emu)
+    for bad, err, message in [
+        ({"row_scale": torch.ones(5)}, ValueError, r"row_scale must be a 1-D tensor of 4 elements"),
+        ({"col_scale": torch.ones(20)[::2]}, ValueError, r"col_scale must be a 1-D tensor of 10 elements with unit"),
+        ({"col_scale": torch.ones(1, 10)}, ValueError, r"col_scale must be a 1-D tensor"),
+        ({"row_scale": torch.ones(4, dtype=torch.float64)}, TypeError, "row_scale must be float32"),
+        ({"row_scale": rs}, ValueError, "row_scale and col_scale go together"),
+    ]:
+        with pytest.raises(err, match=message):
+            kernels.select_block(state.params, scores, 0, 0, **bad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -781,18 +912,32 @@ def _driver_kwargs(spec: dict, b: int, n: int, gen: torch.Generator) -> dict:
     return kw
 
 
+def scales_in_select(queries: torch.Tensor, metric: str) -> HostMixedPrecisionProduct:
+    """The driver's 16-bit product factory on the CPU: the select kernel applies the cosine scales."""
+    return HostMixedPrecisionProduct(metric, scales_in_select=True)
+
+
+TWO_PASS = [("f32", torch.float32, "dot", None), ("bf16", torch.bfloat16, "dot", None),
+            ("bf16_cosine", torch.bfloat16, "cosine", scales_in_select),
+            ("f16_cosine", torch.float16, "cosine", scales_in_select)]
+
+
 @pytest.mark.parametrize("name,spec", DRIVER, ids=[x[0] for x in DRIVER])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_two_pass_driver_on_emulated_kernels(emu, name, spec, dtype):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{dtype}".encode()))
+@pytest.mark.parametrize("case,dtype,metric,product", TWO_PASS, ids=[x[0] for x in TWO_PASS])
+def test_two_pass_driver_on_emulated_kernels(emu, name, spec, case, dtype, metric, product):
+    # 16-bit cosine: the mixed-precision product's raw blocks, scaled by the emulated select kernel, give
+    # the selection over (acc * 1/|q_i|) * 1/|c_j| (small integers: acc exact), zero rows included.
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{dtype}".encode() + metric.encode()))
     b, n, d, k = 70, 5000, 32, 12
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
+    q[4], c[17] = 0, 0
     kw = _driver_kwargs(spec, b, n, gen)
-    want = hnsample.topk_similarity(q, c, k, **kw)
-    driver, calls = emulated_driver(emu)
-    sel = selection(q.float() @ c.float().T, k, kw)
+    exact = exact_fused_scores(q, c, metric)
+    want = hnsample.topk_from_scores(exact, k, **kw)
+    driver, calls = emulated_driver(emu, product=product)
     with settings.override(cuda_path="two_pass"):
-        state = driver.select(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), "dot", 1 << 16)
+        state = driver.select(q, c, SelectionState(selection(exact, k, kw), b, q.device, kernels=driver.kernels),
+                              metric, 1 << 16)
     got_s, got_j = finalize(state, emu)
     assert calls["topk_select_block_segments"] > 1
     assert torch.equal(got_j, want.indices)
@@ -814,16 +959,18 @@ def test_fused_driver_on_emulated_kernels(emu, name, spec, fname, dtype, metric)
     assert calls["topk_rescore_candidates"] == (4 if dtype == torch.float32 else 0)
 
 
-def run_fused_driver(emu, seed: str, spec: dict, dtype, metric: str, d: int, **overrides) -> collections.Counter:
+def run_fused_driver(emu, seed: str, spec: dict, dtype, metric: str, d: int, product=ExactGemm,
+                     **overrides) -> collections.Counter:
     """CudaDriver.run_fused over 40 queries x 2600 small-integer candidates (seed of 300 columns, then 4
-    chunks) on the emulated kernels with ExactGemm's score blocks, under settings.override(**overrides);
-    asserts the result equals the CPU op's over the exact scores and returns the launcher calls."""
+    chunks) on the emulated kernels with `product`'s score blocks (a factory; default ExactGemm's), under
+    settings.override(**overrides); asserts the result equals the CPU op's over the exact scores and
+    returns the launcher calls."""
     gen = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
     b, n, k = 40, 2600, 10
     q, c = int_matrix(b, d, gen).to(dtype), int_matrix(n, d, gen).to(dtype)
     kw = _driver_kwargs(spec, b, n, gen)
     want = hnsample.topk_from_scores(exact_fused_scores(q, c, metric), k, **kw)
-    driver, calls = emulated_driver(emu, product=ExactGemm)
+    driver, calls = emulated_driver(emu, product=product)
     sel = selection(exact_fused_scores(q, c, metric), k, kw)
     with settings.override(cuda_fused_seed_cols=300, **overrides):
         state = driver.run_fused(q, c, SelectionState(sel, b, q.device, kernels=driver.kernels), metric, 1 << 16, 0)
@@ -832,6 +979,45 @@ def run_fused_driver(emu, seed: str, spec: dict, dtype, metric: str, d: int, **o
     assert torch.equal(got_j, want.indices)
     assert torch.equal(got_s.float(), want.scores)
     return calls
+
+
+@pytest.mark.parametrize("name,spec", DRIVER[:3], ids=[x[0] for x in DRIVER[:3]])
+def test_fused_driver_cosine_seed_with_scales_in_select(emu, name, spec):
+    # The fused path's seed goes through the two-pass path, whose select kernel now applies the scales;
+    # the fused chunks' epilogue applies the same ones.
+    run_fused_driver(emu, f"{name}/scales_in_select", spec, torch.bfloat16, "cosine", 64, product=scales_in_select)
+
+
+def test_fused_driver_cosine_redo_with_scales_in_select(emu):
+    # Rows 140..150 see candidates that get better chunk after chunk (their cosines approach 1), so their
+    # lists overflow and their 128-row tile redoes each chunk on the two-pass path, whose queries start at
+    # row 128: the row scales are indexed by the block's row, the state rows by row_offset + row.
+    gen = torch.Generator().manual_seed(23)
+    b, n, d, k = 300, 2600, 32, 10
+    q, c = int_matrix(b, d, gen, 0, 4), int_matrix(n, d, gen, 0, 4)
+    q[:, 0] = 0
+    q[140:151, 0] = 64
+    c[:, 0] = 64 * (torch.arange(n) // 300)
+    q[200] = 0  # a zero-norm query: every score 0 (ties at its threshold: its list overflows too)
+    q, c = q.to(torch.bfloat16), c.to(torch.bfloat16)
+    exact = exact_fused_scores(q, c, "cosine")
+    want = hnsample.topk_from_scores(exact, k)
+    driver, calls = emulated_driver(emu, product=scales_in_select)
+    two_pass = []
+    plain = driver.run_two_pass
+
+    def recording(queries, candidates, state, metric, block_size, col_offset, row_offset=0):
+        two_pass.append((row_offset, queries.shape[0]))
+        return plain(queries, candidates, state, metric, block_size, col_offset, row_offset=row_offset)
+
+    driver.run_two_pass = recording
+    with settings.override(cuda_fused_seed_cols=300):
+        state = driver.run_fused(q, c, SelectionState(selection(exact, k, {}), b, q.device, kernels=driver.kernels),
+                                 "cosine", 1 << 16, 0)
+    got_s, got_j = finalize(state, emu)
+    assert two_pass == [(0, 300)] + [(128, 128)] * 4  # the seed, then tile 1 redoes every chunk
+    assert torch.equal(got_j, want.indices)
+    assert torch.equal(got_s.float(), want.scores)
 
 
 def test_fused_driver_redoes_overflowing_chunks(emu):

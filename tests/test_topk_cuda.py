@@ -10,19 +10,28 @@ shared selection code, segmented states merged exactly, and the block/segment pl
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import zlib
 from collections.abc import Iterator
 
 import pytest
 import torch
-from fused_support import ExactGemm, HostKernels, exact_fused_scores
+from fused_support import ExactGemm, HostKernels, HostMixedPrecisionProduct, exact_fused_scores, host_view
 
 import hnsample
 from hnsample import _C, settings
 from hnsample import _reference as ref
-from hnsample.engine import CudaBackend, DeviceFacts, SelectionState, build_selection, registry
+from hnsample.engine import (
+    CudaBackend,
+    DeviceFacts,
+    MixedPrecisionProduct,
+    SelectionState,
+    build_selection,
+    product_for,
+    registry,
+    score_blocks,
+)
+from hnsample.engine.blocks import cosine_scale
 from hnsample.engine.cuda import KERNEL_TILE, WARPS_PER_SM, CudaDriver, list_capacity, plan_blocks
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -267,20 +276,37 @@ def test_candidate_lists_merge_exactly(name, kw):
     assert torch.equal(got_s, want_s)
 
 
+_TORCH_DTYPES = {0: torch.float32, 1: torch.float64, 2: torch.float16, 3: torch.bfloat16}
+
+
 class _HostLaunchers:
     """hnsample._C's CUDA launchers emulated with its CPU kernels (the launcher module of HostKernels).
     topk_select_block_segments does what topk_select_block_segments_cuda does: column range s of the
-    block feeds state copy s, which starts s * num_rows rows past the params' state pointers. The fused
-    score kernel is `fused` (a Python emulation), when given."""
+    block feeds state copy s, which starts s * num_rows rows past the params' state pointers; with
+    scales, the kernel's scores (x * row_scale[r]) * col_scale[c] (float32, float64 for float64 blocks)
+    are selected on. With `record`, each launch's block, row scales and column scales (None without)
+    are copied to `launches` as (row_offset, col_offset, block, row_scale, col_scale). The fused score
+    kernel is `fused` (a Python emulation), when given."""
 
-    def __init__(self, fused=None):
-        self.fused = fused
+    def __init__(self, fused=None, record: bool = False):
+        self.fused, self.record = fused, record
         self.calls: list[tuple[int, int, int]] = []
+        self.launches: list[tuple] = []
 
     def topk_select_block_segments(self, p, data, dtype, rows, cols, row_stride, col_stride, row_offset,
-                                   col_offset, segments, stream):
+                                   col_offset, segments, stream, row_scale=0, col_scale=0, scale_dtype=0):
         self.calls.append((rows, cols, segments))
-        itemsize = {0: 4, 1: 8, 2: 2, 3: 2}[dtype]
+        block = host_view(data, _TORCH_DTYPES[dtype], rows, cols, row_stride, col_stride)
+        rs = host_view(row_scale, torch.float32, 1, rows, rows)[0] if row_scale else None
+        cs = host_view(col_scale, torch.float32, 1, cols, cols)[0] if col_scale else None
+        if self.record:
+            self.launches.append((row_offset, col_offset, block.clone(), None if rs is None else rs.clone(),
+                                  None if cs is None else cs.clone()))
+        if rs is not None:
+            ct = torch.float64 if dtype == 1 else torch.float32
+            block = (block.to(ct) * rs.to(ct)[:, None]) * cs.to(ct)[None, :]
+            data, dtype, row_stride, col_stride = block.data_ptr(), 1 if dtype == 1 else 0, cols, 1
+        itemsize = block.element_size()
         width = math.ceil(cols / segments)
         for s in range(segments):
             c0, c1 = s * width, min(cols, (s + 1) * width)
@@ -346,6 +372,66 @@ def test_cuda_driver_loop_on_emulated_kernels(rows, l2, name, kw):
     assert len(emulated.calls) == math.ceil(rows / plan.block_rows) * math.ceil(n / plan.block_cols)
     assert max(s for _, _, s in emulated.calls) == plan.segments
     assert (plan.segments > 1) == (rows == 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("rows,l2", [(300, 1 << 16), (5, 1 << 20)], ids=["row_blocks", "segments"])
+@pytest.mark.parametrize("name,kw", [SAMPLING[0], SAMPLING[2]], ids=["top", "softmax_stream_skip"])
+def test_two_pass_cosine_16bit_selects_on_the_raw_product(dtype, rows, l2, name, kw):
+    # 16-bit cosine on the two-pass path: the product leaves its scales to the select launcher, so the
+    # block the launcher gets is the raw product (no elementwise multiply went over it) and the scales
+    # come with it; the result is bit for bit the one of the product's own multiplications (as before)
+    # and the selection over the scores (acc * 1/|q_i|) * 1/|c_j|.
+    gen = torch.Generator().manual_seed(rows + 7)
+    n = 20_000
+    q, c = int_matrix(rows, 12, gen).to(dtype), int_matrix(n, 12, gen).to(dtype)
+    q[2] = 0  # a zero-norm query scores 0 with everything
+    c[9] = 0
+    kw = dict(kw, exclude=torch.randint(-1, n, (rows, 3), generator=gen))
+    raw = q.double() @ c.double().T  # exact: small integers
+    rs, cs = cosine_scale(q), cosine_scale(c)
+    want = hnsample.topk_from_scores(exact_fused_scores(q, c, "cosine"), 21, **kw)
+    for in_select in (True, False):
+        launchers = _HostLaunchers(record=True)
+        driver = CudaDriver(kernels=HostKernels(launchers, DeviceFacts(4, l2)),
+                            product=lambda queries, metric, s=in_select: HostMixedPrecisionProduct(metric, s))
+        sel = _cpu_state(torch.zeros(rows, n), 21, kw).sel
+        state = driver.run_two_pass(q, c, SelectionState(sel, rows, q.device, kernels=driver.kernels), "cosine",
+                                    1 << 24, 0)
+        got_s, got_j = state.finalize()
+        assert torch.equal(got_j, want.indices) and torch.equal(got_s.float(), want.scores), in_select
+        assert len(launchers.launches) == len(launchers.calls) > 1
+        for i0, j0, block, brs, bcs in launchers.launches:
+            i1, j1 = i0 + block.shape[0], j0 + block.shape[1]
+            if in_select:
+                assert torch.equal(block, raw[i0:i1, j0:j1].float())
+                assert torch.equal(brs, rs[i0:i1]) and torch.equal(bcs, cs[j0:j1])
+            else:
+                assert torch.equal(block, exact_fused_scores(q[i0:i1], c[j0:j1], "cosine"))
+                assert brs is None and bcs is None
+    assert (rows == 5) == (max(segments for _, _, segments in launchers.calls) > 1)
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_mixed_precision_product_scales_unless_asked_not_to(metric):
+    # Every user of the product but the two-pass select gets the scaled scores, as before; with
+    # scales_in_select the blocks are the raw products and the operands carry the scales.
+    gen = torch.Generator().manual_seed(8)
+    q, c = int_matrix(70, 16, gen).to(torch.bfloat16), int_matrix(90, 16, gen).to(torch.bfloat16)
+    raw = (q.double() @ c.double().T).float()
+    for in_select in (False, True):
+        product = HostMixedPrecisionProduct(metric, scales_in_select=in_select)
+        for blk in score_blocks(q, c, product, 32, 40):
+            i1, j1 = blk.i0 + blk.scores.shape[0], blk.j0 + blk.scores.shape[1]
+            if metric == "dot":
+                assert blk.queries.scale is None and blk.candidates.scale is None
+                assert torch.equal(blk.scores, raw[blk.i0:i1, blk.j0:j1])
+            elif in_select:
+                assert torch.equal(blk.scores, raw[blk.i0:i1, blk.j0:j1])
+                assert torch.equal(blk.queries.scale, cosine_scale(q)[blk.i0:i1])
+                assert torch.equal(blk.candidates.scale, cosine_scale(c)[blk.j0:j1])
+            else:
+                assert torch.equal(blk.scores, exact_fused_scores(q, c, "cosine")[blk.i0:i1, blk.j0:j1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,14 +516,6 @@ def test_rescore_candidates_cpu_is_the_exact_score():
         _C.topk_rescore_candidates(f, False, 0, 1)
 
 
-def _cpu_view(ptr: int, dtype: torch.dtype, rows: int, cols: int, stride: int) -> torch.Tensor:
-    """A tensor over the CPU memory at `ptr` (what a kernel sees through a FusedBlock pointer)."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    nbytes = ((rows - 1) * stride + cols) * itemsize if rows else 0
-    buf = (ctypes.c_uint8 * max(nbytes, itemsize)).from_address(ptr)
-    return torch.frombuffer(buf, dtype=dtype)[: max(nbytes // itemsize, 0)].as_strided((rows, cols), (stride, 1))
-
-
 class _EmulatedFused:
     """The fused kernel in torch, reading and writing through the FusedBlock's pointers: scores of
     tf32-rounded inputs (fp32) or exact products (16-bit), each pushed by `push` times the bound's
@@ -450,9 +528,9 @@ class _EmulatedFused:
     def __call__(self, f) -> None:
         self.launches += 1
         dtype = {0: torch.float32, 2: torch.float16, 3: torch.bfloat16}[f.dtype]
-        q = _cpu_view(f.queries, dtype, f.rows, f.dim, f.q_stride).float()
-        c = _cpu_view(f.candidates, dtype, f.cols, f.dim, f.c_stride).float()
-        vec = lambda ptr, n, dt=torch.float32: _cpu_view(ptr, dt, 1, n, n)[0] if ptr else None  # noqa: E731
+        q = host_view(f.queries, dtype, f.rows, f.dim, f.q_stride).float()
+        c = host_view(f.candidates, dtype, f.cols, f.dim, f.c_stride).float()
+        vec = lambda ptr, n, dt=torch.float32: host_view(ptr, dt, 1, n, n)[0] if ptr else None  # noqa: E731
         if f.dtype == 0:
             s = (to_tf32(q).double() @ to_tf32(c).double().T)
             acc_share = 2 * (f.dim + 2) * 2.0**-23
@@ -471,8 +549,8 @@ class _EmulatedFused:
             w = vec(f.row_slack, f.rows)[:, None] * vec(f.col_slack, f.cols)[None, :]
         lo, hi = vec(f.row_lo, f.rows), vec(f.row_hi, f.rows)
         keep = (s + w >= lo[:, None]) & (s - w <= hi[:, None])
-        scores = _cpu_view(f.cand_score, torch.float32, f.rows, f.cand_cap, f.cand_cap)
-        cols = _cpu_view(f.cand_col, torch.int32, f.rows, f.cand_cap, f.cand_cap)
+        scores = host_view(f.cand_score, torch.float32, f.rows, f.cand_cap, f.cand_cap)
+        cols = host_view(f.cand_col, torch.int32, f.rows, f.cand_cap, f.cand_cap)
         counts = vec(f.cand_count, f.rows, torch.int32)
         for i in range(f.rows):
             idx = keep[i].nonzero().flatten()
@@ -851,3 +929,37 @@ def test_fused_cosine_16bit_equals_two_pass(dtype):
     with _fused_path() as driver:
         assert_same(want, hnsample.topk_similarity(q, c, 30, metric="cosine", skip_top=1))
     assert driver.dense_calls == [8192]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_two_pass_cosine_scales_in_select_equal_the_products_multiplications(dtype):
+    # On the device: the select kernel's (acc * 1/|q_i|) * 1/|c_j| in fp32 is bit for bit the block
+    # torch's two mul_s wrote, so the two-pass result is unchanged on random (inexact) scores too.
+    gen = torch.Generator().manual_seed(32)
+    q = torch.randn(300, 64, generator=gen).to(dtype).cuda()
+    c = torch.randn(30_000, 64, generator=gen).to(dtype).cuda()
+    c[5] = 0
+    default = CudaDriver().product(q, "cosine")
+    if not isinstance(default, MixedPrecisionProduct):
+        pytest.skip("this torch has no torch.mm(..., out_dtype=float32) for 16-bit inputs")
+    assert default.scales_in_select
+    kw = {"skip_top": 1, "sampling": "softmax", "seed": 3, "relative_margin": 0.01,
+          "positives": torch.randint(0, 30_000, (300, 1), generator=gen).cuda()}
+    results = []
+    for in_select in (True, False):
+        driver = CudaDriver(product=lambda queries, metric, s=in_select: product_for(queries, metric,
+                                                                                   scales_in_select=s))
+        with settings.override(cuda_path="two_pass"), registry.use("cuda", CudaBackend(driver)):
+            results.append(hnsample.topk_similarity(q, c, 40, metric="cosine", **kw))
+    assert_same(*results)
+
+
+@pytest.mark.gpu
+def test_select_block_scales_must_be_on_the_blocks_device():
+    scores = torch.zeros(4, 10, device="cuda")
+    state = SelectionState(_cpu_state(torch.zeros(4, 10), 3, {}).sel.on(scores.device), 4, scores.device)
+    kernels = state.kernels
+    with pytest.raises(ValueError, match="row_scale must be on the block's device"):
+        kernels.select_block(state.params, scores, 0, 0, row_scale=torch.ones(4), col_scale=torch.ones(10).cuda())
+    kernels.select_block(state.params, scores, 0, 0, row_scale=torch.ones(4).cuda(), col_scale=torch.ones(10).cuda())

@@ -4,8 +4,10 @@
 // [lo, hi] (lo = max(running threshold, min_score), hi = min(max_score, margin bound)); one ballot per
 // 512 scores skips tiles without survivors. The rare survivors pass the stream gate and the id/label
 // masks in parallel lanes and go to a per-warp shared-memory queue that lane 0 flushes into the row's
-// state with the shared heap code of topk_select.h, so the state equals the CPU kernel's.
-// Memory: reads the score block once (evict-first), updates segment s of a [segments, B, capacity] state.
+// state with the shared heap code of topk_select.h, so the state equals the CPU kernel's. With cosine
+// scales, each score is scaled before any test (s = (x * row_scale[r]) * col_scale[c]).
+// Memory: reads the score block once (evict-first) and the column scales (cached), updates segment s of
+// a [segments, B, capacity] state.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -84,19 +86,49 @@ __device__ __forceinline__ void load_vector(const H* p, float* out) {
   }
 }
 
+// kN consecutive float32 column scales (kN = 2, 4 or 8, the scores of one vector load) with 8- or
+// 16-byte loads: the caller checked that p is aligned to min(4 kN, 16) bytes.
+template <int kN, typename C>
+__device__ __forceinline__ void load_scales(const float* p, C* out) {
+  if constexpr (kN == 2) {
+    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
+    out[0] = static_cast<C>(v.x);
+    out[1] = static_cast<C>(v.y);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; i += 4) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(p + i));
+      out[i] = static_cast<C>(v.x);
+      out[i + 1] = static_cast<C>(v.y);
+      out[i + 2] = static_cast<C>(v.z);
+      out[i + 3] = static_cast<C>(v.w);
+    }
+  }
+}
+
 // Window mode fits 64 registers on sm_90 (4 blocks, 32 warps per SM); sm_80 code spilled at 64 and
 // 80 registers and needs ~100 (2 blocks). The stream path's Philox and log would spill at 64 too (as
-// would 16 doubles per lane), so those trade occupancy for registers.
+// would 16 doubles per lane), so those trade occupancy for registers. Scaled window kernels hold a
+// tile's column scales beside its scores: at 64 registers they spilled 84-92 bytes on sm_90a, at 80
+// (3 blocks, 24 warps per SM) nothing.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define HN_SELECT_WINDOW_BLOCKS 2
+#define HN_SELECT_SCALED_BLOCKS 2
 #else
 #define HN_SELECT_WINDOW_BLOCKS 4
+#define HN_SELECT_SCALED_BLOCKS 3
 #endif
-template <typename T, bool kStream>
-__global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2 : HN_SELECT_WINDOW_BLOCKS)
+// kScaled: the block holds raw products and b.row_scale / b.col_scale the cosine scales; every score is
+// s = (x * row_scale[r]) * col_scale[c] in the compare type (float for float and 16-bit blocks: on a
+// float block exactly what torch's fp32 x.mul_(row).mul_(col) writes; double for double blocks), computed
+// before the bounds test and again, identically, for the survivors that reach the queue.
+template <typename T, bool kStream, bool kScaled>
+__global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2
+                                                  : kScaled ? HN_SELECT_SCALED_BLOCKS : HN_SELECT_WINDOW_BLOCKS)
     select_block_kernel(TopkParams p, ScoreBlock b, int64_t seg_cols) {
   using C = typename CompareType<T>::type;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  constexpr uintptr_t kScaleAlign = 4 * kVec < 16 ? 4 * kVec : 16;  // bytes of load_scales' loads
   __shared__ C q_score[kSelectWarps][kQueue];
   __shared__ int q_col[kSelectWarps][kQueue];
 
@@ -120,6 +152,13 @@ __global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2 
   const unsigned lanes_below = (1u << lane) - 1u;
   C* qs = q_score[warp];
   int* qc = q_col[warp];
+  C row_scale = 1;
+  if constexpr (kScaled) row_scale = static_cast<C>(__ldg(b.row_scale + r));
+  // The score of column c from its stored value x.
+  auto scaled = [&](C x, int64_t c) -> C {
+    if constexpr (kScaled) return (x * row_scale) * static_cast<C>(__ldg(b.col_scale + c));
+    return x;
+  };
 
   C lo, hi;
   const double hi_d = row_upper(p, row);
@@ -160,7 +199,7 @@ __global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2 
         const int e = __ffs(pass) - 1;
         pass &= pass - 1;
         c = vector_layout ? base + ((e / kVec) * 32 + lane) * kVec + (e % kVec) : base + e * 32 + lane;
-        s = load_score(data + c * b.col_stride);
+        s = scaled(load_score(data + c * b.col_stride), c);
         const double sd = static_cast<double>(s);
         const int64_t j = b.col_offset + c;
         if constexpr (kStream) want = stream_gate_admits(gate, sd, j, row_sample_key(p, row, sd, j));
@@ -192,15 +231,19 @@ __global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2 
 #pragma unroll
     for (int e = 0; e < kLaneElems; ++e) {
       const int64_t c = base + e * 32 + lane;
-      v[e] = c < end ? static_cast<C>(load_score(data + c * b.col_stride)) : static_cast<C>(NAN);
+      v[e] = c < end ? scaled(load_score(data + c * b.col_stride), c) : static_cast<C>(NAN);
     }
     test_tile(v, base, false);
   };
 
   int64_t c = c_begin;
   const uintptr_t addr = reinterpret_cast<uintptr_t>(data + c_begin);
-  if (b.col_stride == 1 && addr % sizeof(T) == 0) {
-    const int64_t head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(T));
+  const int64_t head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(T));
+  // Vector loads need the scores 16-byte aligned past the head and, when scaled, the column scales of
+  // the same columns aligned for load_scales; otherwise the row takes scalar tiles throughout.
+  const bool scales_aligned =
+      !kScaled || reinterpret_cast<uintptr_t>(b.col_scale + c_begin + head) % kScaleAlign == 0;
+  if (b.col_stride == 1 && addr % sizeof(T) == 0 && scales_aligned) {
     if (head > 0) {
       const int64_t end = c + head < c_end ? c + head : c_end;
       scalar_tile(c, end);
@@ -209,7 +252,16 @@ __global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2 
     for (; c + kTile <= c_end; c += kTile) {
       C v[kLaneElems];
 #pragma unroll
-      for (int u = 0; u < kLaneElems / kVec; ++u) load_vector(data + c + (u * 32 + lane) * kVec, v + u * kVec);
+      for (int u = 0; u < kLaneElems / kVec; ++u) {
+        const int64_t col = c + (u * 32 + lane) * kVec;
+        load_vector(data + col, v + u * kVec);
+        if constexpr (kScaled) {
+          C cs[kVec];
+          load_scales<kVec>(b.col_scale + col, cs);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) v[u * kVec + e] = (v[u * kVec + e] * row_scale) * cs[e];
+        }
+      }
       test_tile(v, c, true);
     }
   }
@@ -244,7 +296,7 @@ __global__ void merge_kernel(TopkParams p, TopkParams other) {
 void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& block, int64_t segments,
                                      void* stream) {
   check_params(p);
-  check_block(p, block);
+  check_block(p, block, /*scales_allowed=*/true);
   HN_CHECK_PARAM(segments >= 1 && segments <= 65535, "segments must be in [1, 65535]");
   if (block.rows == 0 || block.cols == 0 || p.k == 0) return;
   HN_CHECK(ceil_div(block.rows, kSelectWarps) < (int64_t{1} << 31), "too many rows in one block");
@@ -257,10 +309,13 @@ void topk_select_block_segments_cuda(const TopkParams& p, const ScoreBlock& bloc
       chunk.cols = block.cols - c0 < kMaxChunkCols ? block.cols - c0 : kMaxChunkCols;
       chunk.data = static_cast<const T*>(block.data) + c0 * block.col_stride;
       chunk.col_offset = block.col_offset + c0;
+      if (block.col_scale != nullptr) chunk.col_scale = block.col_scale + c0;
       const int64_t seg_cols = ceil_div(chunk.cols, segments);
       const dim3 grid(static_cast<unsigned>(ceil_div(block.rows, kSelectWarps)), static_cast<unsigned>(segments));
       HN_BOOL_SWITCH(p.mode == SelectMode::Stream, kStream, [&] {
-        HN_LAUNCH(grid, kSelectThreads, 0, s, select_block_kernel<T, kStream>)(p, chunk, seg_cols);
+        HN_BOOL_SWITCH(block.row_scale != nullptr, kScaled, [&] {
+          HN_LAUNCH(grid, kSelectThreads, 0, s, select_block_kernel<T, kStream, kScaled>)(p, chunk, seg_cols);
+        });
       });
       HN_CUDA_CHECK(cudaGetLastError());
     }

@@ -80,31 +80,45 @@ class MatmulProduct:
 
 class MixedPrecisionProduct:
     """16-bit inputs on the GPU: torch.mm(q, c^T, out_dtype=float32) (tensor cores, fp32 accumulation,
-    scores never rounded to 16 bits). Cosine multiplies the raw product by 1 / (|q_i| |c_j|) (norms in
-    fp32; zero vectors score 0), which equals the product of normalized fp32 rows up to fp32 rounding."""
+    scores never rounded to 16 bits). Cosine scores are s_ij = (acc_ij * 1/|q_i|) * 1/|c_j| in fp32 (norms
+    in fp32; zero vectors score 0), which equals the product of normalized fp32 rows up to fp32 rounding.
+
+    scales_in_select: False (default): ``scores`` writes s, multiplying the raw block by the operands'
+    scales (two elementwise passes over it). True: ``scores`` writes the raw products acc and leaves the
+    scales on the operands (``Operand.scale``) for the consumer to apply in that order -- the CUDA
+    select launcher does, in its compare (``CudaKernels.select_block``), giving the same s bit for bit.
+    Only a consumer that applies them may ask for that."""
 
     out_dtype = torch.float32
 
-    def __init__(self, metric: str):
+    def __init__(self, metric: str, scales_in_select: bool = False):
         self.metric = metric
+        self.scales_in_select = scales_in_select
 
     def operand(self, x: torch.Tensor, query_side: bool = False) -> Operand:
         return Operand(x.contiguous(), cosine_scale(x) if self.metric == "cosine" else None)
 
     def scores(self, q: Operand, c: Operand, out: torch.Tensor) -> None:
-        torch.mm(q.rows, c.rows.T, out_dtype=torch.float32, out=out)
-        if c.scale is not None:
+        self.matmul(q.rows, c.rows, out)
+        if c.scale is not None and not self.scales_in_select:
             out.mul_(q.scale[:, None]).mul_(c.scale[None, :])
 
+    @staticmethod
+    def matmul(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> None:
+        """out = q c^T accumulated in fp32 (out: fp32)."""
+        torch.mm(q, c.T, out_dtype=torch.float32, out=out)
 
-def product_for(x: torch.Tensor, metric: str, kernels: Any = None) -> MatmulProduct | MixedPrecisionProduct:
+
+def product_for(x: torch.Tensor, metric: str, kernels: Any = None, scales_in_select: bool = False
+                ) -> MatmulProduct | MixedPrecisionProduct:
     """The product today's engine uses for inputs like x: the mixed-precision GEMM for 16-bit inputs
-    on a GPU whose torch supports it, else torch.matmul in the compute dtype."""
+    on a GPU whose torch supports it (``scales_in_select`` passed on), else torch.matmul in the compute
+    dtype (which normalizes cosine rows first: no scales)."""
     half = x.dtype in (torch.float16, torch.bfloat16)
     if half and x.device.type == "cuda":
         kernels = kernels if kernels is not None else kernels_for(x.device)
         if kernels.mm_out_dtype_supported(x.device, x.dtype):
-            return MixedPrecisionProduct(metric)
+            return MixedPrecisionProduct(metric, scales_in_select)
     return MatmulProduct(x.dtype, metric)
 
 
@@ -221,20 +235,23 @@ def score_blocks(
         return flat[: r * c].view(r, c) if packed else flat.view(br, bc)[:r, :c]
 
     rel = getattr(product, "rel", None)
-    full = [view(buf, i1 - i0, bc) for i0, i1 in rows]  # views are made once: a view costs microseconds
+    # Views and row slices are made once, not per block: each costs microseconds of host time.
+    full = [view(buf, i1 - i0, bc) for i0, i1 in rows]
+    q_rows = [q[i0:i1] for i0, i1 in rows]
     gfull = [view(gbuf, i1 - i0, bc) for i0, i1 in rows] if gbuf is not None else None
+    gq_rows = [gq[i0:i1] for i0, i1 in rows] if gq is not None else None
     for j0 in range(0, n, bc):
         j1 = min(n, j0 + bc)
         c = product.operand(candidates[j0:j1], False)
         gc = guide[2].operand(guide[1][j0:j1], False) if guide is not None else None
         for r, (i0, i1) in enumerate(rows):
             out = full[r] if j1 - j0 == bc else view(buf, i1 - i0, j1 - j0)
-            product.scores(q[i0:i1], c, out)
+            product.scores(q_rows[r], c, out)
             gout = None
             if gbuf is not None:
                 gout = gfull[r] if j1 - j0 == bc else view(gbuf, i1 - i0, j1 - j0)
-                guide[2].scores(gq[i0:i1], gc, gout)
-            yield Block(i0, j0, out, q[i0:i1], c, gout, rel)
+                guide[2].scores(gq_rows[r], gc, gout)
+            yield Block(i0, j0, out, q_rows[r], c, gout, rel)
 
 
 def default_product(queries: torch.Tensor, metric: str) -> Any:

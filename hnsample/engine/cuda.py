@@ -3,9 +3,10 @@
 Two paths give the same result. **Two-pass**: the GEMM computes a block of scores (16-bit inputs through
 ``torch.mm(..., out_dtype=torch.float32)``: tensor cores accumulating in fp32), then the select kernel
 (csrc/cuda/topk_select.cu) merges it into the per-row state. Blocks are sized to stay in the L2 cache, so
-the scores go from the GEMM to the select kernel without a round trip through device memory; when a
-block has too few rows to fill the GPU with one warp per row, its columns are split into segments, each
-feeding its own copy of the state, merged exactly at the end (disjoint candidates). **Fused**: a
+the scores go from the GEMM to the select kernel without a round trip through device memory (16-bit
+cosine: the raw products, which the select kernel scales as it reads them); when a block has too few
+rows to fill the GPU with one warp per row, its columns are split into segments, each feeding its own
+copy of the state, merged exactly at the end (disjoint candidates). **Fused**: a
 tensor-core kernel scores and filters in one pass against per-row bounds taken from the state and
 appends only the survivors to per-row candidate lists (csrc/cuda/topk_fused*.cu). "auto" takes the fused
 path for states of at most ``cuda_fused_auto_max_capacity`` slots and N >= 4 seed widths, where the H200
@@ -204,9 +205,11 @@ class CudaDriver:
                           "device for this process", RuntimeWarning, stacklevel=4)
 
     def product(self, queries: torch.Tensor, metric: str) -> Any:
+        """The two-pass path's product: the factory's, or :func:`product_for`'s with the cosine scales
+        left to the select kernel (``scales_in_select``)."""
         if self._product is not None:
             return self._product(queries, metric)
-        return product_for(queries, metric, self.kernels)
+        return product_for(queries, metric, self.kernels, scales_in_select=True)
 
     def error_factor(self, dim: int) -> float:
         """e(d) of the tf32 score bound |s_tc - s| <= e(d) |q| |c| (csrc/topk_select.h)."""
@@ -263,9 +266,11 @@ class CudaDriver:
     def run_two_pass(self, queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str,
                      block_size: int, col_offset: int, row_offset: int = 0) -> SelectionState:
         """Two-pass path: score blocks from the product, each offered to the state (or, when the plan
-        splits columns into S > 1 segments, to S stacked copies of it, merged at the end). Extra memory:
-        one score block, one prepared candidate block and the S copies of the (B, capacity) state.
-        ``row_offset``: the queries are state rows row_offset.. (a part of the state: no segments)."""
+        splits columns into S > 1 segments, to S stacked copies of it, merged at the end). A product with
+        ``scales_in_select`` (16-bit cosine by default) writes raw products and the select kernel applies
+        the operands' scales, (acc * 1/|q_i|) * 1/|c_j| in fp32. Extra memory: one score block, one
+        prepared candidate block and the S copies of the (B, capacity) state. ``row_offset``: the queries
+        are state rows row_offset.. (a part of the state: no segments)."""
         b, n = queries.shape[0], candidates.shape[0]
         facts = self.kernels.device_facts(queries.device)
         row_bytes = state.capacity * (24 if state.sel.sampling != "top" else 16) + 16
@@ -278,9 +283,14 @@ class CudaDriver:
         if plan.segments > 1:
             target = SelectionState(state.sel, b, state.device, state.params.noise_row_offset, self.kernels,
                                     copies=plan.segments)
+        # A product with scales_in_select leaves the cosine scales on its operands: the select kernel
+        # applies them in its compare, (acc * row scale) * column scale, as the product would have.
+        scaled = getattr(product, "scales_in_select", False)
+        stream = self.kernels.stream(queries)
+        select, params, segments = self.kernels.select_block, target.params, plan.segments
         for blk in score_blocks(queries, candidates, product, plan.block_rows, plan.block_cols, packed=True):
-            self.kernels.select_block(target.params, blk.scores, row_offset + blk.i0, col_offset + blk.j0,
-                                      plan.segments)
+            rs, cs = (blk.queries.scale, blk.candidates.scale) if scaled else (None, None)
+            select(params, blk.scores, row_offset + blk.i0, col_offset + blk.j0, segments, rs, cs, stream)
         if target is not state:
             for s in range(plan.segments):
                 self.kernels.merge(state.params, target.copy_params(s), state.st_count)

@@ -20,12 +20,13 @@ import torch
 
 from .. import _C
 from .. import settings as _settings
-from .._ext import as_tensor, check_finite, check_ids, check_int, check_labels, dtype_code, ptr
+from .._ext import DTYPE_CODES, as_tensor, check_finite, check_ids, check_int, check_labels, dtype_code, ptr
 from . import registry
 
 METRICS = ("dot", "cosine")
 SAMPLINGS = tuple(_C.Sampling.__members__)  # ("top", "uniform", "softmax")
 SEED_LIMIT = 1 << 64
+FLOAT32_CODE = DTYPE_CODES[torch.float32]  # the dtype code of the select launcher's scales (Python checks them)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,14 +121,29 @@ class CudaKernels(CpuKernels):
         return torch.cuda.current_stream(t.device).cuda_stream
 
     def select_block(self, params: Any, block: torch.Tensor, row_offset: int, col_offset: int,
-                     segments: int = 1) -> None:
+                     segments: int = 1, row_scale: torch.Tensor | None = None,
+                     col_scale: torch.Tensor | None = None, stream: int | None = None) -> None:
         """As on the CPU; with segments > 1 the columns are split into that many ranges, range s feeding
-        the state copy s * B rows past params' state (a [segments, B, capacity] state)."""
-        if block.numel() == 0:
+        the state copy s * B rows past params' state (a [segments, B, capacity] state).
+
+        row_scale (rows,) and col_scale (cols,): float32 cosine scales on the block's device, both or
+        neither. With them the block holds raw products and the kernel selects on
+        s = (block[r, c] * row_scale[r]) * col_scale[c], computed in float32 in that order (float64 for a
+        float64 block): bit for bit the scores of ``block.mul_(row_scale[:, None]).mul_(col_scale[None, :])``
+        on a float32 block, without the two passes over it. stream: the CUDA stream handle to launch on
+        (default: the current stream of the block's device; a block loop looks it up once)."""
+        rows, cols = block.shape
+        if rows == 0 or cols == 0:
             return
+        # One block's host time matters here (about a thousand blocks per call): attribute reads are
+        # batched (shape, stride()) and the scale checks use the cheapest tensor queries.
+        row_stride, col_stride = block.stride()
+        device = (block.is_cuda, block.get_device())
         self.module.topk_select_block_segments(
-            params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
-            block.stride(1), row_offset, col_offset, segments, self.stream(block))
+            params, block.data_ptr(), DTYPE_CODES[block.dtype], rows, cols, row_stride, col_stride, row_offset,
+            col_offset, segments, self.stream(block) if stream is None else stream,
+            _scale_ptr("row_scale", row_scale, rows, device), _scale_ptr("col_scale", col_scale, cols, device),
+            FLOAT32_CODE)
 
     def fused_scores(self, block: Any, like: torch.Tensor) -> None:
         self.module.topk_fused_scores(block, self.stream(like))
@@ -148,6 +164,22 @@ class CudaKernels(CpuKernels):
 
     def mm_out_dtype_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
         return _mm_out_dtype_supported(device.index or 0, dtype)
+
+
+def _scale_ptr(name: str, scale: torch.Tensor | None, n: int, device: tuple[bool, int]) -> int:
+    """The data pointer of a block's per-row or per-column scales (0 for None) after the checks the
+    launcher cannot make: a contiguous 1-D float32 tensor of n elements on the block's device, given as
+    (is_cuda, get_device()). (The launcher checks the pair and the alignment.)"""
+    if scale is None:
+        return 0
+    if scale.ndim != 1 or scale.numel() != n or not scale.is_contiguous():
+        raise ValueError(f"{name} must be a 1-D tensor of {n} elements with unit stride, got shape "
+                         f"{tuple(scale.shape)}, strides {scale.stride()}")
+    if scale.dtype is not torch.float32:
+        raise TypeError(f"{name} must be float32, got {scale.dtype}")
+    if (scale.is_cuda, scale.get_device()) != device:
+        raise ValueError(f"{name} must be on the block's device, got {scale.device}")
+    return scale.data_ptr()
 
 
 @cache

@@ -90,14 +90,17 @@ PYBIND11_MODULE(_cuda_emu, m) {
   m.def(
       "topk_select_block_segments",
       [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
-         int64_t col_stride, int64_t row_offset, int64_t col_offset, int64_t segments, uintptr_t stream) {
+         int64_t col_stride, int64_t row_offset, int64_t col_offset, int64_t segments, uintptr_t stream,
+         uintptr_t row_scale, uintptr_t col_scale, int scale_dtype) {
         py::gil_scoped_release release;
-        topk_select_block_segments_cuda(
-            p, make_block(data, dtype, rows, cols, row_stride, col_stride, row_offset, col_offset), segments,
-            as_ptr<void>(stream));
+        topk_select_block_segments_cuda(p,
+                                        make_scaled_block(data, dtype, rows, cols, row_stride, col_stride, row_offset,
+                                                          col_offset, row_scale, col_scale, scale_dtype),
+                                        segments, as_ptr<void>(stream));
       },
       py::arg("params"), py::arg("data"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
-      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("segments"), py::arg("stream"));
+      py::arg("col_stride"), py::arg("row_offset"), py::arg("col_offset"), py::arg("segments"), py::arg("stream"),
+      py::arg("row_scale") = 0, py::arg("col_scale") = 0, py::arg("scale_dtype") = 0);
   m.def(
       "topk_filter_counts",
       [](const TopkParams& p, uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
