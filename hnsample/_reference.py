@@ -271,6 +271,75 @@ def topk_similarity(queries: torch.Tensor, candidates: torch.Tensor, k: int, *, 
 
 
 # ----------------------------------------------------------------------------------------------------
+# In-batch miners (hnsample.miners): the choices on the batch's scores against itself.
+
+
+def canonical_squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """D2_ij (float64): x_t = fl64(fl64(a_it - b_jt)^2), summed into eight lanes P_r over t = r, r + 8, ...
+    in that order, then D2 = ((P_0 + P_4) + (P_2 + P_6)) + ((P_1 + P_5) + (P_3 + P_7))."""
+    x, y = a.double(), b.double()
+    lanes = torch.zeros((x.shape[0], y.shape[0], 8), dtype=torch.float64)
+    for t in range(x.shape[1]):
+        diff = x[:, None, t] - y[None, :, t]
+        lanes[:, :, t % 8] += diff * diff
+    p = lanes.unbind(-1)
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
+
+
+def batch_scores(e: torch.Tensor, metric: str) -> torch.Tensor:
+    """(B, B) float64 scores the miners rank, NaN wherever either row holds NaN or inf. float32 / 16-bit:
+    "dot" / "cosine" the canonical scores (:func:`similarity`), "euclidean" -float32(sqrt(D2)) of
+    :func:`canonical_squared_distances`. float64: the rows' dot products (unit rows for cosine),
+    -torch.cdist(e, e) for "euclidean" (the float64 GEMM's scores, as the miners compute them)."""
+    if metric == "euclidean":
+        if e.dtype == torch.float64:
+            s = -torch.cdist(e, e)
+        else:
+            s = -canonical_squared_distances(e, e).sqrt().float()
+    else:
+        s = similarity(e, e, metric)
+    finite = e.isfinite().all(dim=1)
+    s = s.to(torch.float64)
+    return torch.where(finite[:, None] & finite[None, :], s, torch.full_like(s, math.nan))
+
+
+def batch_hard(e: torch.Tensor, labels: torch.Tensor, metric: str) -> list[tuple[int, int, int]]:
+    """(a, p, n) per anchor a in order: p = argmin s_ab over b != a with labels[b] == labels[a], n = argmax
+    s_ab over labels[b] != labels[a], NaN never chosen, ties to the lower index; anchors without both
+    are dropped."""
+    s = batch_scores(e, metric)
+    out = []
+    for a in range(e.shape[0]):
+        pos = [(float(s[a, j]), j) for j in range(e.shape[0]) if j != a and labels[j] == labels[a]]
+        neg = [(float(s[a, j]), j) for j in range(e.shape[0]) if labels[j] != labels[a]]
+        pos = [t for t in pos if not math.isnan(t[0])]
+        neg = [t for t in neg if not math.isnan(t[0])]
+        if pos and neg:
+            out.append((a, min(pos)[1], min(neg, key=lambda t: (-t[0], t[1]))[1]))
+    return out
+
+
+def semi_hard(e: torch.Tensor, labels: torch.Tensor, margin: float, metric: str,
+              negatives_per_pair: int | None) -> list[tuple[int, int, int]]:
+    """(a, p, n) for every pair a != p of one label (a ascending, then p) and the negatives n (another
+    label) with -margin <= fl64(s_an - s_ap) < 0 (comparisons of NaN fail), the hardest first (s_an
+    descending, ties to the lower index), at most negatives_per_pair of them (all for None)."""
+    s = batch_scores(e, metric)
+    b = e.shape[0]
+    out = []
+    for a in range(b):
+        for p in range(b):
+            if p == a or labels[p] != labels[a]:
+                continue
+            x = s[a] - s[a, p]  # float64 subtraction, elementwise
+            inside = (labels != labels[a]) & (x >= -margin) & (x < 0)
+            window = sorted(((float(s[a, n]), n) for n in inside.nonzero()[:, 0].tolist()),
+                            key=lambda t: (-t[0], t[1]))
+            out.extend((a, p, n) for _, n in window[:negatives_per_pair])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # info_nce: the literal full-matrix InfoNCE with every masking and weighting option (float64).
 
 

@@ -1,29 +1,49 @@
 """In-batch triplet miners (pytorch-metric-learning vocabulary) and the triplet margin loss.
 
-Both miners score the batch against itself once, s_ab = similarity(e_a, e_b), and make every choice
-with the fused selection :func:`hnsample.topk_from_scores` (label masks, exclusions, score windows), so
-ties and NaN follow one rule everywhere: ties go to the lower index and NaN scores are never chosen.
-A row of the batch holding NaN or inf takes part in no triplet (its scores are treated as NaN, whatever
-the metric would make of them), and :func:`triplet_margin_loss` reads only the rows its triplets use.
+Both miners score the batch against itself, s_ab = similarity(e_a, e_b), block by block of anchor rows,
+and make every choice with the fused selection :func:`hnsample.topk_from_scores` (label masks, score
+windows), so ties and NaN follow one rule everywhere: ties go to the lower index and NaN scores are never
+chosen. A row of the batch holding NaN or inf takes part in no triplet (its scores are treated as NaN,
+whatever the metric would make of them), and :func:`triplet_margin_loss` reads only the rows its
+triplets use.
 
-Metrics: "cosine" s = e_a . e_b / (|e_a| |e_b|), "dot" s = e_a . e_b, "euclidean" s = -|e_a - e_b|.
-The default here is "cosine", as in ``mine_hard_negatives`` and the samplers; the ops
+The choices rank **canonical scores** for float32 / float16 / bfloat16 inputs on the CPU, as every
+selection of hnsample does (docs/certified.md): the same triplets on every machine, thread count and
+block size, exact duplicates tying by index. A GEMM screens the batch with a proven error bound and only
+the pairs it cannot decide are rescored canonically: for "dot" / "cosine" through the engine's certified
+selection, for "euclidean" through certified intervals of the batch (hnsample.miner_choices).
+
+Metrics (a, b: two rows of the batch):
+
+* "cosine": s = float32(D_ab / (N_a N_b)), 0 for a zero vector; "dot": s = float32(D_ab), where D_ab is
+  the canonical float64 dot product (exact products, eight lanes summed in a fixed order) and
+  N_x = sqrt(D_xx) (csrc/canonical.h);
+* "euclidean": s = -float32(sqrt(D2_ab)), D2_ab the canonical squared distance: the same eight-lane
+  float64 sum of x_t = fl64(fl64(a_t - b_t)^2) (engine.intervals.canonical_distance_scores). Summing
+  squared differences has no cancellation (D2 is within (ceil(d/8) + 6) 2^-53 of |a - b|^2 relative),
+  where |a|^2 + |b|^2 - 2 a.b loses every digit for near duplicates.
+
+float64 inputs (and inputs on a GPU) keep the GEMM's scores in their compute dtype: s = e_a . e_b of the
+rows (unit rows for cosine), -|e_a - e_b| by torch.cdist for "euclidean". :func:`pairwise_similarity`
+and :func:`triplet_margin_loss` use these real-valued formulas in the compute dtype, differentiably:
+the canonical scores are their values rounded.
+
+The default metric here is "cosine", as in ``mine_hard_negatives`` and the samplers; the ops
 (``topk_similarity``, ``DynamicNegativeMiner``, ``NegativeQueue.mine``) default to "dot".
 Distances are d = -s, so "hard" means high similarity for negatives and low similarity for positives.
 pytorch-metric-learning's default distance (L2 on normalized embeddings, d = sqrt(2 - 2 cos)) ranks
-pairs exactly like "cosine"; its margins are distances, so equal margins only match with "euclidean" on
-normalized embeddings.
+pairs like "cosine" (up to its float32 rounding where two scores nearly tie); its margins are distances,
+so equal margins only match with "euclidean" on normalized embeddings.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
 
 from ._ext import as_tensor, check_finite, to_int64
-from .ops.topk import topk_from_scores
+from .miner_choices import hardest_pairs, semi_hard_triplets
 
 __all__ = ["Triplets", "batch_hard", "pairwise_similarity", "semi_hard", "triplet_margin_loss"]
 
@@ -90,39 +110,35 @@ def _paired_similarity(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.T
     return (a * b).sum(dim=1)
 
 
-def _batch_scores(e: torch.Tensor, metric: str) -> torch.Tensor:
-    """(B, B) detached similarities, NaN wherever either row holds a NaN or inf (with "dot" or
-    "euclidean" such a row would otherwise score +-inf and be the hardest choice)."""
-    e = e.detach()
-    s = pairwise_similarity(e, e, metric)
-    finite = e.isfinite().all(dim=1)
-    return torch.where(finite[:, None] & finite[None, :], s, torch.full_like(s, math.nan))
-
-
 def batch_hard(embeddings: Any, labels: Any, *, metric: str = "cosine") -> Triplets:
     """Batch-hard mining: for every anchor a, its hardest positive and its hardest negative.
 
     p(a) = argmin_{b != a, y_b = y_a} s_ab  (the least similar positive),
     n(a) = argmax_{b: y_b != y_a} s_ab      (the most similar negative),
     ties to the lower index, NaN scores (and rows holding NaN or inf) never chosen; anchors with no
-    positive or no negative are dropped. One triplet per remaining anchor, in anchor order.
+    positive or no negative are dropped. One triplet per remaining anchor, in anchor order. s is the
+    canonical score for float32 / 16-bit CPU inputs (see the module docstring), so the triplets are the
+    same on every machine, thread count and block size.
 
     This is pytorch-metric-learning's ``BatchHardMiner`` (pos_strategy = neg_strategy = "hard"):
     with its default distance (L2 of normalized embeddings) it picks the same triplets as
-    ``metric="cosine"`` here.
+    ``metric="cosine"`` here (up to its own float32 rounding where two scores nearly tie).
+
+    Memory: never B x B. "dot" / "cosine" (float32 / 16-bit, CPU): the engine's score blocks
+    (settings.block_size) and the scores of each anchor's positives; otherwise blocks of
+    settings.block_size / 4 float64 scores.
     """
     e, lab = _check_batch(embeddings, labels, metric)
-    b = e.shape[0]
     with torch.no_grad():
-        s = _batch_scores(e, metric)
-        same = lab.unsqueeze(0) == lab.unsqueeze(1)
-        nan = torch.full((), math.nan, dtype=s.dtype, device=s.device)
-        self_id = torch.arange(b, device=e.device)
-        # Lowest positive similarity = highest of -s over same-label columns; NaN hides the others.
-        pos = topk_from_scores(torch.where(same, -s, nan), 1, exclude=self_id).indices[:, 0]
-        neg = topk_from_scores(s, 1, query_labels=lab, candidate_labels=lab).indices[:, 0]
+        pos, neg = hardest_pairs(e.detach(), lab, metric, _exact_scorer(metric))
         keep = (pos >= 0) & (neg >= 0)
-    return Triplets(self_id[keep], pos[keep], neg[keep])
+        self_id = torch.arange(e.shape[0], device=e.device)
+    return Triplets(self_id[keep], pos[keep].to(e.device), neg[keep].to(e.device))
+
+
+def _exact_scorer(metric: str):
+    """The scores of inputs the certificate does not cover (float64, GPU): this module's formulas."""
+    return lambda a, b: pairwise_similarity(a, b, metric)
 
 
 def semi_hard(embeddings: Any, labels: Any, margin: float, *, metric: str = "cosine",
@@ -130,18 +146,23 @@ def semi_hard(embeddings: Any, labels: Any, margin: float, *, metric: str = "cos
     """Semi-hard mining: for every positive pair (a, p), negatives that are farther than p but within
     the margin,
 
-        0 < d_an - d_ap <= margin,   i.e.   s_ap - margin <= s_an < s_ap,
+        0 < d_an - d_ap <= margin,   i.e.   -margin <= fl64(s_an - s_ap) < 0
 
-    keeping the ``negatives_per_pair`` hardest of them (highest s_an; ties to the lower index), or all of
-    them for ``negatives_per_pair=None``. Pairs are enumerated anchor-major (a ascending, then p), and a
-    pair's triplets are in descending s_an. With ``negatives_per_pair=1`` this is FaceNet's choice of the
-    hardest semi-hard negative (a pair without one is dropped). Rows holding NaN or inf are in no triplet.
+    (the difference of the two scores taken in float64), keeping the ``negatives_per_pair`` hardest of
+    them (highest s_an; ties to the lower index), or all of them for ``negatives_per_pair=None``. Pairs
+    are enumerated anchor-major (a ascending, then p), and a pair's triplets are in descending s_an. With
+    ``negatives_per_pair=1`` this is FaceNet's choice of the hardest semi-hard negative (a pair without
+    one is dropped). Rows holding NaN or inf are in no triplet. s is the canonical score for float32 /
+    16-bit CPU inputs (s_ap included; see the module docstring), so the triplets are the same on every
+    machine, thread count and block size.
 
     With ``negatives_per_pair=None`` the set of triplets is exactly pytorch-metric-learning's
     ``TripletMarginMiner(margin, type_of_triplets="semihard")`` (which keeps every triplet with
-    0 < d_an - d_ap <= margin), for the matching distance.
+    0 < d_an - d_ap <= margin), for the matching distance (up to its float32 rounding at the edges).
 
-    Memory: one (P, B) score block for the P positive pairs of the batch.
+    Memory: never B x B. "dot" / "cosine" (float32 / 16-bit, CPU): the engine's selection for chunks of
+    positive pairs (queries and k slots per pair within settings.block_size / 4); otherwise blocks of
+    settings.block_size / 4 float64 scores (anchor rows x B, or positive pairs x B).
     """
     e, lab = _check_batch(embeddings, labels, metric)
     margin = check_finite("margin", margin)
@@ -151,23 +172,13 @@ def semi_hard(embeddings: Any, labels: Any, margin: float, *, metric: str = "cos
     k = negatives_per_pair
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"negatives_per_pair must be an int >= 1 or None, got {negatives_per_pair!r}")
-    k = b if k is None else k  # None: every semi-hard negative (an empty batch has none)
-    empty = torch.empty(0, dtype=torch.int64, device=e.device)
+    k = b if k is None else min(k, b)  # None: every semi-hard negative (an empty batch has none)
     with torch.no_grad():
-        s = _batch_scores(e, metric).to(torch.float64)
-        same = lab.unsqueeze(0) == lab.unsqueeze(1)
-        same.fill_diagonal_(False)
-        a, p = same.nonzero(as_tuple=True)
-        if a.numel() == 0:
-            return Triplets(empty, empty, empty)
-        # Scores relative to the pair's positive make the per-pair window a fixed one: x = s_an - s_ap
-        # in [-margin, 0). The largest float64 below zero turns the closed bound into a strict one.
-        rel = s[a] - s[a, p].unsqueeze(1)
-        top = topk_from_scores(rel, min(k, b), query_labels=lab[a], candidate_labels=lab,
-                               min_score=-margin, max_score=-math.ulp(0.0))
-        valid = top.indices >= 0
-        rows = valid.nonzero(as_tuple=True)[0]
-    return Triplets(a[rows], p[rows], top.indices[valid])
+        found = semi_hard_triplets(e.detach(), lab, margin, metric, k, _exact_scorer(metric))
+    if not found:
+        empty = torch.empty(0, dtype=torch.int64, device=e.device)
+        return Triplets(empty, empty, empty)
+    return Triplets(*(torch.cat(parts).to(e.device) for parts in zip(*found, strict=True)))
 
 
 def triplet_margin_loss(embeddings: torch.Tensor, triplets: Triplets | tuple, margin: float, *,

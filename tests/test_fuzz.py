@@ -368,15 +368,13 @@ def gradients(out: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------
-# Miners and the triplet loss. The rule is the docstrings' (there is no matrix op in the reference):
-# it is applied here by brute force to the miners' own scores (pairwise_similarity of the very tensor
-# given, rows holding NaN or inf scored NaN), so the choices are checked exactly.
+# Miners and the triplet loss. The rule is the docstrings', applied here by brute force to the scores
+# the miners rank (hnsample._reference.batch_scores: canonical for float32 / 16-bit, rows holding NaN or
+# inf scored NaN), so the choices are checked exactly.
 
 
 def batch_scores(e: torch.Tensor, metric: str) -> list[list[float]]:
-    s = pairwise_similarity(e.detach(), e.detach(), metric).to(torch.float64)
-    finite = e.detach().isfinite().all(dim=1)
-    return torch.where(finite[:, None] & finite[None, :], s, math.nan).tolist()
+    return R.batch_scores(e.detach(), metric).tolist()
 
 
 def draw_batch(data, dtype=None):
@@ -415,8 +413,9 @@ def test_semi_hard_matches_its_rule(data):
         for p in range(len(y)):
             if p == a or y[p] != y[a]:
                 continue
-            # 0 < d_an - d_ap <= margin with x = s_an - s_ap in float64: -margin <= x < 0.
-            window = sorted((-(s[a][n] - s[a][p]), n) for n in range(len(y))
+            # 0 < d_an - d_ap <= margin with x = s_an - s_ap in float64: -margin <= x < 0; the hardest
+            # (highest s_an) first.
+            window = sorted((-s[a][n], n) for n in range(len(y))
                             if y[n] != y[a] and -margin <= s[a][n] - s[a][p] < 0)
             want += [(a, p, n) for _, n in window[:per_pair]]
     got = hnsample.semi_hard(e, labels, margin, metric=metric, negatives_per_pair=per_pair)

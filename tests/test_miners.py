@@ -1,17 +1,21 @@
-"""In-batch miners and the triplet margin loss against brute-force definitions and, when installed,
-pytorch-metric-learning."""
+"""In-batch miners and the triplet margin loss against the reference (hnsample._reference: the miners'
+choices on canonical scores) and, when installed, pytorch-metric-learning."""
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
 import torch
 
-from hnsample import Triplets, batch_hard, semi_hard, triplet_margin_loss
+from hnsample import Triplets, batch_hard, semi_hard, settings, triplet_margin_loss
+from hnsample import _reference as R
+from hnsample.engine.intervals import BatchScores, canonical_distance_scores
 from hnsample.miners import pairwise_similarity
 
 METRICS = ["cosine", "dot", "euclidean"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "bf16", "f16"]
+MARGINS = {"cosine": 0.4, "dot": 1.5, "euclidean": 0.5}
 
 
 def _batch(b=24, d=6, classes=6, seed=0, dtype=torch.float32):
@@ -19,42 +23,82 @@ def _batch(b=24, d=6, classes=6, seed=0, dtype=torch.float32):
     return torch.randn(b, d, generator=g, dtype=dtype), torch.randint(0, classes, (b,), generator=g)
 
 
-def _brute_batch_hard(e, lab, metric):
-    s = pairwise_similarity(e, e, metric).double()
-    out = []
-    for a in range(len(lab)):
-        pos = [(s[a, j].item(), j) for j in range(len(lab)) if j != a and lab[j] == lab[a]]
-        neg = [(s[a, j].item(), j) for j in range(len(lab)) if lab[j] != lab[a]]
-        pos = [t for t in pos if not math.isnan(t[0])]
-        neg = [t for t in neg if not math.isnan(t[0])]
-        if pos and neg:
-            out.append((a, min(pos, key=lambda t: (t[0], t[1]))[1], min(neg, key=lambda t: (-t[0], t[1]))[1]))
-    return out
-
-
-def _brute_semi_hard(e, lab, margin, metric, per_pair):
-    s = pairwise_similarity(e, e, metric).double()
-    out = []
-    for a in range(len(lab)):
-        for p in range(len(lab)):
-            if p == a or lab[p] != lab[a]:
-                continue
-            cands = [(s[a, n].item(), n) for n in range(len(lab))
-                     if lab[n] != lab[a] and s[a, p] - margin <= s[a, n] < s[a, p]]
-            cands.sort(key=lambda t: (-t[0], t[1]))
-            out.extend((a, p, n) for _, n in (cands if per_pair is None else cands[:per_pair]))
-    return out
-
-
 def _triples(t: Triplets):
     return list(zip(t.anchors.tolist(), t.positives.tolist(), t.negatives.tolist(), strict=True))
+
+
+def hostile_batch(rng: np.random.Generator, b: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch holding what breaks approximate scores: exact duplicates (of one label and of others), rows
+    one ulp apart, norms from 1e-30 to 1e30, cancelling terms, zero vectors, NaN and inf rows."""
+    e = rng.standard_normal((b, d)).astype(np.float32)
+    e[1:5] = e[0]  # exact duplicates
+    e[5] = e[0]
+    e[5, 0] = np.nextafter(e[0, 0], np.float32(np.inf))  # one ulp apart
+    e[6] = e[0]
+    e[6, d - 1] = np.nextafter(e[0, d - 1], np.float32(-np.inf))
+    e[7] = -e[0]
+    e[8:14] *= (np.float32(10.0) ** rng.integers(-30, 31, 6).astype(np.float32))[:, None]
+    e[14, : d // 2], e[14, d // 2:] = 1e6, -1e6  # huge terms, small dot products
+    e[14, 0] += 1.0
+    e[15] = e[16] = 0  # zero vectors
+    e[17, 2] = np.nan
+    e[18, 0] = np.inf
+    e[19:23] = e[23]  # a second group of duplicates
+    labels = rng.integers(0, 4, b)
+    labels[[0, 1, 2]] = [0, 0, 1]  # duplicates that are positives and negatives of each other
+    return torch.from_numpy(e).to(dtype), torch.from_numpy(labels)
+
+
+def tied_batch(m: int, d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Groups of six rows whose scores tie exactly while their float32 sums differ: an anchor x symmetric
+    in its two halves (x_t = x_{t+h}); a close positive; a far positive f (about -x) and f' = f with its
+    halves swapped; negatives g (near x) and g' = g swapped (another label). x.f = x.f' and x.g = x.g' exactly (the same
+    products in another order), so their canonical scores tie as well (float64 sums of the same
+    products), while a float32 GEMM, adding in another order, rounds them apart about half the time.
+    Returns (embeddings, labels, m); group i's rows are i, m + i, ..., 5m + i."""
+    rng = np.random.default_rng(3)
+    h = d // 2
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    x[:, h:2 * h] = x[:, :h]
+
+    def swapped(y):
+        z = y.copy()
+        z[:, :h], z[:, h:2 * h] = y[:, h:2 * h], y[:, :h]
+        return z
+
+    close = x + np.float32(0.02) * rng.standard_normal((m, d)).astype(np.float32)
+    far = -x + rng.standard_normal((m, d)).astype(np.float32)
+    neg = x + np.float32(0.1) * rng.standard_normal((m, d)).astype(np.float32)
+    e = np.concatenate([x, close, far, swapped(far), neg, swapped(neg)])
+    labels = np.concatenate([np.arange(m)] * 4 + [m + np.arange(m)] * 2)
+    return torch.from_numpy(e), torch.from_numpy(labels), m
+
+
+# (screening product, block size, threads): every one must give the reference's triplets.
+SETUPS = (("fp32", None, 1), ("fp32", 997, 2), ("fp32", 4001, 1), ("bf16", None, 2), ("bf16", 997, 1))
+
+
+def assert_miners_equal_reference(e, lab, metric, setups=SETUPS):
+    """batch_hard and semi_hard (1, 3 and all negatives per pair) equal the reference triplet for triplet,
+    for every screening product, block size and thread count given."""
+    margin = MARGINS[metric]
+    want = {"hard": R.batch_hard(e, lab, metric)}
+    for k in (1, 3, None):
+        want[k] = R.semi_hard(e, lab, margin, metric, k)
+    for product, block, threads in setups:
+        with settings.override(block_size=block or settings.current().block_size, cpu_threads=threads,
+                               screen_product=product):
+            assert _triples(batch_hard(e, lab, metric=metric)) == want["hard"], (product, block, threads)
+            for k in (1, 3, None):
+                got = _triples(semi_hard(e, lab, margin, metric=metric, negatives_per_pair=k))
+                assert got == want[k], (product, block, threads, k)
 
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_batch_hard_matches_definition(metric, dtype):
     e, lab = _batch(dtype=dtype)
-    assert _triples(batch_hard(e, lab, metric=metric)) == _brute_batch_hard(e, lab, metric)
+    assert _triples(batch_hard(e, lab, metric=metric)) == R.batch_hard(e, lab, metric)
 
 
 def test_batch_hard_ties_nan_and_lonely_anchors():
@@ -71,18 +115,19 @@ def test_batch_hard_non_contiguous_and_empty():
     e, lab = _batch()
     wide = torch.stack([e, 2 * e], dim=2)[..., 0]
     assert not wide.is_contiguous()
-    assert _triples(batch_hard(wide, lab)) == _brute_batch_hard(e, lab, "cosine")
+    assert _triples(batch_hard(wide, lab)) == R.batch_hard(e, lab, "cosine")
     empty = batch_hard(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64))
     assert all(t.numel() == 0 for t in empty)
 
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("per_pair", [1, 3, None])
-def test_semi_hard_matches_definition(metric, per_pair):
-    e, lab = _batch(seed=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_semi_hard_matches_definition(metric, per_pair, dtype):
+    e, lab = _batch(seed=1, dtype=dtype)
     margin = 0.4 if metric != "dot" else 1.5
     got = _triples(semi_hard(e, lab, margin, metric=metric, negatives_per_pair=per_pair))
-    assert got == _brute_semi_hard(e, lab, margin, metric, per_pair)
+    assert got == R.semi_hard(e, lab, margin, metric, per_pair)
     assert got
 
 
@@ -94,6 +139,118 @@ def test_semi_hard_window_is_half_open():
     lab = torch.tensor([0, 0, 1, 2, 3, 4])
     t = semi_hard(e, lab, 0.3, metric="dot", negatives_per_pair=None)
     assert [x for x in _triples(t) if x[:2] == (0, 1)] == [(0, 1, 3), (0, 1, 4)]
+
+
+def test_semi_hard_window_edges_on_canonical_scores():
+    """float32 scores exactly on both edges: s_ap = 0.5, negatives at 0.5 (not farther), 0.25 (inside),
+    0.125 = s_ap - margin (on the closed edge: inside), 0.0625 (outside). Every product here is exact."""
+    e = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.5, 2.0], [0.25, 0.0], [0.125, 0.0], [0.0625, 0.0]])
+    lab = torch.tensor([0, 0, 1, 2, 3, 4])
+    for dtype in DTYPES:
+        t = semi_hard(e.to(dtype), lab, 0.375, metric="dot", negatives_per_pair=None)
+        assert [x for x in _triples(t) if x[:2] == (0, 1)] == [(0, 1, 3), (0, 1, 4)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Canonical scores: the same triplets whatever the GEMM, thread count and block size
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_random_batches_equal_the_canonical_reference(metric, dtype):
+    e, lab = _batch(b=40, d=19, classes=5, seed=7)
+    assert_miners_equal_reference(e.to(dtype), lab, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_hostile_batches_equal_the_canonical_reference(metric, dtype):
+    e, lab = hostile_batch(np.random.default_rng(5), 40, 20, dtype)
+    assert_miners_equal_reference(e, lab, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_near_ties_go_to_the_lower_index_whatever_the_gemm(metric):
+    """Scores that tie exactly (the same products summed in another order) resolve to the lower index.
+    The float32 GEMM the miners used to rank rounds about half of these ties apart, so its choices
+    differed from these (and between BLAS builds)."""
+    e, lab, m = tied_batch(32, 37)
+    s = R.batch_scores(e, metric)
+    group = torch.arange(m)
+    far_tie = s[group, 2 * m + group] == s[group, 3 * m + group]
+    neg_tie = s[group, 4 * m + group] == s[group, 5 * m + group]
+    assert far_tie.sum() >= m // 2 and neg_tie.sum() >= m // 2  # the construction makes ties
+    t = batch_hard(e, lab, metric=metric)
+    assert t.anchors[:m].tolist() == list(range(m))
+    # Wherever the least similar positive is f or f' (they tie), it is f; the same for the most similar
+    # negative and g, g' (by construction most anchors have them as their hardest).
+    pos, neg = t.positives[:m], t.negatives[:m]
+    far = far_tie & ((pos == 2 * m + group) | (pos == 3 * m + group))
+    near = neg_tie & ((neg == 4 * m + group) | (neg == 5 * m + group))
+    assert far.sum() >= m // 4 and near.sum() >= m // 4
+    assert (pos[far] == (2 * m + group)[far]).all() and (neg[near] == (4 * m + group)[near]).all()
+    # semi-hard (x, close): where g or g' is the hardest semi-hard negative, it is g.
+    one = _triples(semi_hard(e, lab, 1e3, metric=metric))
+    hardest = [n for a, p, n in one if a < m and p == m + a and n in (4 * m + a, 5 * m + a) and neg_tie[a]]
+    assert len(hardest) >= m // 8 and all(n < 5 * m for n in hardest)
+    assert_miners_equal_reference(e, lab, metric, setups=(("fp32", None, 2), ("fp32", 40_001, 1)))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_many_exact_duplicates_tie_by_index_in_every_block(metric):
+    """300 identical rows of two labels and five other rows: for a duplicate, every other duplicate scores
+    the same (the most similar rows), so its hardest negative is the first duplicate of the other label
+    and its hardest positive (its positives all tie) the first other duplicate of its label."""
+    rng = np.random.default_rng(2)
+    e = np.concatenate([np.repeat(rng.standard_normal((1, 24)).astype(np.float32), 300, axis=0),
+                        rng.standard_normal((5, 24)).astype(np.float32)])
+    lab = torch.cat([torch.arange(300) % 2, torch.full((5,), 2)])
+    e = torch.from_numpy(e)
+    for block in (None, 3001, 700):
+        with settings.override(block_size=block or settings.current().block_size):
+            t = batch_hard(e, lab, metric=metric)
+        first = {0: 0, 1: 1}
+        for a, p, n in _triples(t)[:300]:
+            y = a % 2
+            assert n == first[1 - y]
+            assert p == (first[y] if a != first[y] else first[y] + 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The certificate itself
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("product", ["fp32", "bf16"])
+def test_intervals_hold_the_canonical_scores(metric, dtype, product):
+    """lower <= s <= upper and the estimate inside, for every pair of random and hostile batches; a pair
+    rescored holds s itself."""
+    for e, _ in (_batch(b=30, d=19, seed=3, dtype=dtype), hostile_batch(np.random.default_rng(1), 30, 20, dtype)):
+        s = R.batch_scores(e, metric)
+        with settings.override(screen_product=product, block_size=400):
+            scores = BatchScores(e, metric, lambda x, y: pairwise_similarity(x, y, metric))
+            for blk in scores.blocks():
+                want = s[blk.i0:blk.i1]
+                known = want.isfinite()
+                assert (blk.lower.isnan() == want.isnan()).all()
+                assert (blk.lower[known] <= want[known]).all() and (want[known] <= blk.upper[known]).all()
+                bounded = known & blk.lower.isfinite() & blk.upper.isfinite()
+                assert (blk.lower[bounded] <= blk.values[bounded]).all()
+                assert (blk.values[bounded] <= blk.upper[bounded]).all()
+                every = torch.ones_like(known)
+                scores.settle(blk, every)
+                assert torch.equal(blk.values[~want.isnan()], want[~want.isnan()])
+
+
+def test_canonical_distance_matches_the_reference_bit_for_bit():
+    e, _ = hostile_batch(np.random.default_rng(4), 30, 21, torch.float32)
+    e = e[e.isfinite().all(dim=1)]
+    a, b = e.repeat_interleave(e.shape[0], 0), e.repeat(e.shape[0], 1)
+    got = canonical_distance_scores(a, b).reshape(e.shape[0], e.shape[0])
+    want = -R.canonical_squared_distances(e, e).sqrt().float()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert (got.diagonal() == 0).all()
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -201,16 +201,31 @@ def canonical_pair_scores(queries: torch.Tensor, rows_of: Any, ids: torch.Tensor
         return out.to(queries.device)
     d = queries.shape[1]
     step = max(1, chunk // max(1, n_pos * d))
-    cosine = metric == "cosine"
     for i0 in range(0, b, step):
         q = raw_rows(queries[i0:i0 + step].cpu())
         sl = ids[i0:i0 + step]
         c = raw_rows(rows_of(sl.reshape(-1)).to("cpu", queries.dtype))
         local = torch.arange(c.shape[0], dtype=torch.int64).reshape(sl.shape)
-        qn = canonical_norms(q) if cosine else None
-        cn = canonical_norms(c) if cosine else None
-        part = out[i0:i0 + step]
-        _C.canonical_pairs(q.data_ptr(), q.stride(0), c.data_ptr(), c.stride(0), dtype_code(q), d,
-                           local.data_ptr(), part.shape[0], n_pos, qn.data_ptr() if cosine else 0,
-                           cn.data_ptr() if cosine else 0, part.data_ptr(), _threads())
+        out[i0:i0 + step] = canonical_scores_at(q, c, local, metric)
     return out.to(queries.device)
+
+
+def canonical_scores_at(queries: torch.Tensor, candidates: torch.Tensor, ids: torch.Tensor, metric: str,
+                        q_norms: torch.Tensor | None = None, c_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, P) float32 canonical scores ("dot" or "cosine") of query row i with candidate row ids[i, p];
+    an id of -1 gives NaN. queries / candidates: CPU rows as :func:`raw_rows` returns them, of one dtype;
+    q_norms / c_norms: their canonical norms for cosine (computed here when None)."""
+    rows, cols = ids.shape
+    out = torch.empty((rows, cols), dtype=torch.float32)
+    if rows == 0 or cols == 0:
+        return out
+    ids = ids.contiguous()
+    cosine = metric == "cosine"
+    if cosine:
+        q_norms = canonical_norms(queries) if q_norms is None else q_norms.contiguous()
+        c_norms = canonical_norms(candidates) if c_norms is None else c_norms.contiguous()
+    _C.canonical_pairs(queries.data_ptr(), queries.stride(0), candidates.data_ptr(), candidates.stride(0),
+                       dtype_code(queries), queries.shape[1], ids.data_ptr(), rows, cols,
+                       q_norms.data_ptr() if cosine else 0, c_norms.data_ptr() if cosine else 0, out.data_ptr(),
+                       _threads())
+    return out

@@ -1,0 +1,225 @@
+"""The choices of the in-batch miners (hnsample.miners), made on the scores the module docstring there
+defines: canonical for float32 / 16-bit CPU inputs, the GEMM's otherwise.
+
+Two ways, with the same results:
+
+* "dot" / "cosine" on float32 / 16-bit CPU rows: the engine's certified selection (``topk_similarity``,
+  screened GEMM + canonical rescoring in C++) over the rows without NaN or inf (a subset in the same order,
+  so ties still go to the lower index), and canonical scores of the few positive pairs of each anchor
+  (its label's other rows).
+* "euclidean", and inputs the certificate does not cover (float64, GPU): :class:`engine.intervals.
+  BatchScores` blocks of anchor rows (certified intervals for "euclidean", exact scores otherwise),
+  rescoring the pairs the intervals cannot decide.
+
+Every function takes detached embeddings e (B, d) and int64 labels (B,) on e's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from . import settings as _settings
+from .engine.certify import SCREENED_DTYPES, canonical_pair_scores
+from .engine.intervals import BatchScores, IntervalBlock, hardest_candidates, overlapping
+from .ops.topk import topk_from_scores, topk_similarity
+
+Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def by_engine(e: torch.Tensor, metric: str) -> bool:
+    """Whether the choices go through the engine's certified selection (canonical dot / cosine)."""
+    return metric in ("dot", "cosine") and e.dtype in SCREENED_DTYPES and e.device.type == "cpu" and e.shape[1] > 0
+
+
+def _block_budget() -> int:
+    """Elements a temporary block may hold (settings.block_size / 4: float64 blocks, a few at a time)."""
+    return max(1, _settings.current().block_size // 4)
+
+
+class LabelGroups:
+    """Rows grouped by label: row i's positives are the other rows of its label, ascending."""
+
+    def __init__(self, labels: torch.Tensor):
+        b = labels.shape[0]
+        self.order = torch.argsort(labels, stable=True)  # ascending index within a label
+        ordered = labels[self.order]
+        starts = torch.ones(b, dtype=torch.bool, device=labels.device)
+        starts[1:] = ordered[1:] != ordered[:-1]
+        group = torch.cumsum(starts.to(torch.int64), 0) - 1
+        first = starts.nonzero()[:, 0]
+        size = torch.diff(first, append=first.new_tensor([b]))
+        of_row = torch.empty_like(group)
+        of_row[self.order] = group
+        self.start, self.size = first[of_row], size[of_row]
+        self.width = int(size.max()) if b else 0
+
+    def positives(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), width) ids of each row's positives, ascending, -1 for none (its own slot and the
+        padding)."""
+        slot = torch.arange(self.width, device=rows.device)
+        at = (self.start[rows, None] + slot).clamp_max(self.order.shape[0] - 1)
+        ids = torch.where(slot < self.size[rows, None], self.order[at], -1)
+        return torch.where(ids == rows[:, None], -1, ids)
+
+
+def _pair_scores(x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, metric: str) -> torch.Tensor:
+    """(R, W) float64 canonical scores of x[rows[r]] with x[ids[r, w]], NaN where ids is -1."""
+    s = canonical_pair_scores(x[rows], lambda j: x[j], ids.clamp_min(0), metric).to(torch.float64)
+    return torch.where(ids >= 0, s, math.nan)
+
+
+def _mapped(keep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Ids into the kept rows turned into ids into the batch (-1 stays -1)."""
+    return torch.where(ids >= 0, keep[ids.clamp_min(0)], -1)
+
+
+def _finite_rows(e: torch.Tensor) -> torch.Tensor:
+    return e.isfinite().all(dim=1).nonzero()[:, 0]
+
+
+def hardest_pairs(e: torch.Tensor, labels: torch.Tensor, metric: str, exact: Scorer) -> tuple[torch.Tensor, ...]:
+    """(positive, negative) per row: the least similar other row of its label and the most similar row
+    of another label (ties to the lower index, NaN and rows with NaN or inf never chosen), -1 for none.
+    exact(a, b): the scores of inputs the certificate does not cover."""
+    if not by_engine(e, metric):
+        return _hardest_pairs_blocks(e, labels, metric, exact)
+    b = e.shape[0]
+    pos = torch.full((b,), -1, dtype=torch.int64)
+    neg = pos.clone()
+    keep = _finite_rows(e)
+    if keep.numel() == 0:
+        return pos, neg
+    x, y = e[keep], labels[keep]
+    top = topk_similarity(x, x, 1, metric=metric, query_labels=y, candidate_labels=y)
+    neg[keep] = _mapped(keep, top.indices[:, 0])
+    groups = LabelGroups(y)
+    step = max(1, _block_budget() // max(1, groups.width))
+    for i0 in range(0, x.shape[0], step):
+        rows = torch.arange(i0, min(x.shape[0], i0 + step))
+        ids = groups.positives(rows)
+        pick = topk_from_scores(-_pair_scores(x, rows, ids, metric), 1).indices[:, 0]  # the largest -s
+        chosen = torch.where(pick >= 0, ids.gather(1, pick.clamp_min(0)[:, None])[:, 0], -1)
+        pos[keep[rows]] = _mapped(keep, chosen)
+    return pos, neg
+
+
+def semi_hard_triplets(e: torch.Tensor, labels: torch.Tensor, margin: float, metric: str, k: int,
+                       exact: Scorer) -> list[tuple[torch.Tensor, ...]]:
+    """(anchors, positives, negatives) parts, in order, of the semi-hard triplets: pairs (a, p) of one
+    label (a ascending, then p), negatives n of another label with -margin <= fl64(s_an - s_ap) < 0, the
+    k with the highest s_an (ties to the lower index), in that order."""
+    if not by_engine(e, metric):
+        return _semi_hard_blocks(e, labels, margin, metric, k, exact)
+    keep = _finite_rows(e)
+    if keep.numel() == 0:
+        return []
+    x, y = e[keep], labels[keep]
+    n = x.shape[0]
+    groups = LabelGroups(y)
+    found = []
+    # Pairs per selection call: its state holds k slots per pair, its queries d elements per pair.
+    pairs_per_call = max(1, _block_budget() // max(k, x.shape[1]))
+    step = max(1, _block_budget() // max(1, groups.width))
+    for i0 in range(0, n, step):
+        rows = torch.arange(i0, min(n, i0 + step))
+        ids = groups.positives(rows)
+        s_pair = _pair_scores(x, rows, ids, metric)
+        r, w = (ids >= 0).nonzero(as_tuple=True)
+        a, p, s_ap = rows[r], ids[r, w], s_pair[r, w]
+        for c0 in range(0, a.numel(), pairs_per_call):
+            ac, pc, sc = a[c0:c0 + pairs_per_call], p[c0:c0 + pairs_per_call], s_ap[c0:c0 + pairs_per_call]
+            # s_an < s_ap for float32 scores is s_an <= the float32 below s_ap: the engine's margin
+            # bound with positive_scores = that and margin 0. Its k best below s_ap, by s_an, are the
+            # window's k best once those below the lower edge (a suffix: x grows with s_an) are cut.
+            below = torch.nextafter(sc.float(), torch.tensor(-math.inf)).double()
+            top = topk_similarity(x[ac], x, min(k, n), metric=metric, query_labels=y[ac], candidate_labels=y,
+                                  positive_scores=below, absolute_margin=0.0)
+            inside = (top.indices >= 0) & ((top.scores.double() - sc[:, None]) >= -margin)
+            which = inside.nonzero(as_tuple=True)[0]
+            found.append((keep[ac[which]], keep[pc[which]], keep[top.indices[inside]]))
+    return found
+
+
+def _hardest_pairs_blocks(e: torch.Tensor, labels: torch.Tensor, metric: str,
+                          exact: Scorer) -> tuple[torch.Tensor, ...]:
+    b = e.shape[0]
+    pos = torch.full((b,), -1, dtype=torch.int64, device=e.device)
+    neg = pos.clone()
+    scores = BatchScores(e, metric, exact)
+    for blk in scores.blocks():
+        rows = torch.arange(blk.i0, blk.i1, device=e.device)
+        ok = blk.lower.isnan().logical_not()
+        same = labels[rows, None] == labels[None, :]
+        positive = same & ok & (rows[:, None] != torch.arange(b, device=e.device)[None, :])
+        negative = ok & ~same
+        if not blk.exact:
+            # The least similar positive is the largest -s: its interval is [-upper, -lower].
+            scores.settle(blk, hardest_candidates(negative, blk.lower, blk.upper)
+                          | hardest_candidates(positive, -blk.upper, -blk.lower))
+        nan = torch.full_like(blk.values, math.nan)
+        pos[rows] = topk_from_scores(torch.where(positive, -blk.values, nan), 1).indices[:, 0]
+        neg[rows] = topk_from_scores(torch.where(negative, blk.values, nan), 1).indices[:, 0]
+    return pos, neg
+
+
+def _semi_hard_needs(blk: IntervalBlock, a: torch.Tensor, p: torch.Tensor, negative: torch.Tensor,
+                     margin: float, k: int, need: torch.Tensor, members: torch.Tensor) -> None:
+    """Marks in ``need`` (int32, > 0: marked) the scores the semi-hard choice of the pairs (a, p) (block
+    rows a) cannot decide from the intervals, and in ``members`` (int32 counts) the negatives that may be
+    among a pair's k hardest semi-hard ones.
+
+    With x = fl64(s_an - s_ap) (rounding is monotone, so bounds of s give bounds of x): n is certainly
+    outside the window if fl64(U_an - L_ap) < -margin or L_an >= U_ap, certainly inside if
+    fl64(L_an - U_ap) >= -margin and U_an < L_ap. lambda = the k-th largest L_an of the certainly inside;
+    a negative with U_an < lambda ranks below k of them. Of the others (the members), one whose side of
+    the window is uncertain needs s_an and s_ap; members whose intervals meet need theirs
+    (engine.intervals.overlapping, applied by the caller over each anchor's members of all its pairs).
+    """
+    lower, upper = blk.lower, blk.upper
+    lo_p, hi_p = lower[a, p][:, None], upper[a, p][:, None]
+    lo_n, hi_n = lower[a], upper[a]
+    candidate = negative[a]
+    outside = ((hi_n - lo_p) < -margin) | (lo_n >= hi_p)
+    inside = candidate & ((lo_n - hi_p) >= -margin) & (hi_n < lo_p)
+    possible = candidate & ~outside
+    if k < negative.shape[1]:
+        lam = torch.where(inside, lo_n, -math.inf).topk(k, dim=1).values[:, -1:]
+        possible &= hi_n >= lam
+    uncertain = possible & ~inside
+    members.index_add_(0, a, possible.to(torch.int32))
+    need.index_add_(0, a, uncertain.to(torch.int32))
+    pairs = uncertain.any(dim=1)
+    need[a[pairs], p[pairs]] = 1
+
+
+def _semi_hard_blocks(e: torch.Tensor, labels: torch.Tensor, margin: float, metric: str, k: int,
+                      exact: Scorer) -> list[tuple[torch.Tensor, ...]]:
+    b = e.shape[0]
+    found = []
+    scores = BatchScores(e, metric, exact)
+    chunk = max(1, _block_budget() // max(1, b))
+    for blk in scores.blocks():
+        rows = torch.arange(blk.i0, blk.i1, device=e.device)
+        ok = blk.lower.isnan().logical_not()
+        same = labels[rows, None] == labels[None, :]
+        negative = ok & ~same
+        a, p = (same & ok & (rows[:, None] != torch.arange(b, device=e.device)[None, :])).nonzero(as_tuple=True)
+        if not blk.exact:
+            need = torch.zeros(negative.shape, dtype=torch.int32)
+            members = torch.zeros_like(need)
+            for c0 in range(0, a.numel(), chunk):
+                _semi_hard_needs(blk, a[c0:c0 + chunk], p[c0:c0 + chunk], negative, margin, k, need, members)
+            scores.settle(blk, (need > 0) | overlapping(members > 0, blk.lower, blk.upper))
+        for c0 in range(0, a.numel(), chunk):
+            ac, pc = a[c0:c0 + chunk], p[c0:c0 + chunk]
+            s_an = blk.values[ac]
+            x = s_an - blk.values[ac, pc].unsqueeze(1)
+            window = negative[ac] & (x >= -margin) & (x < 0)
+            top = topk_from_scores(torch.where(window, s_an, torch.full_like(s_an, math.nan)), k).indices
+            valid = top >= 0
+            which = valid.nonzero(as_tuple=True)[0]
+            found.append((rows[ac[which]], pc[which], top[valid]))
+    return found
