@@ -9,7 +9,8 @@ Two ways, with the same results:
   (its label's other rows).
 * "euclidean", and inputs the certificate does not cover (float64, GPU): :class:`engine.intervals.
   BatchScores` blocks of anchor rows (certified intervals for "euclidean", exact scores otherwise),
-  rescoring the pairs the intervals cannot decide.
+  rescoring the pairs the intervals cannot decide. batch_hard "euclidean" filters each block first with
+  :class:`engine.distance_screen.DistanceScreen` (one float32 pass) and rescores only what it keeps.
 
 Every function takes detached embeddings e (B, d) and int64 labels (B,) on e's device.
 """
@@ -23,7 +24,8 @@ import torch
 
 from . import settings as _settings
 from .engine.certify import SCREENED_DTYPES, canonical_pair_scores
-from .engine.intervals import BatchScores, IntervalBlock, hardest_candidates, overlapping
+from .engine.distance_screen import DistanceScreen
+from .engine.intervals import BatchScores, IntervalBlock, canonical_distance_scores, hardest_candidates, overlapping
 from .ops.topk import topk_from_scores, topk_similarity
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -149,8 +151,12 @@ def _hardest_pairs_blocks(e: torch.Tensor, labels: torch.Tensor, metric: str,
     pos = torch.full((b,), -1, dtype=torch.int64, device=e.device)
     neg = pos.clone()
     scores = BatchScores(e, metric, exact)
-    for blk in scores.blocks():
-        rows = torch.arange(blk.i0, blk.i1, device=e.device)
+    for i0 in range(0, b, scores.rows):
+        i1 = min(b, i0 + scores.rows)
+        rows = torch.arange(i0, i1, device=e.device)
+        if scores.certified and metric == "euclidean" and _screened_extremes(scores, labels, rows, pos, neg):
+            continue
+        blk = scores.block(i0, i1)
         ok = blk.lower.isnan().logical_not()
         same = labels[rows, None] == labels[None, :]
         positive = same & ok & (rows[:, None] != torch.arange(b, device=e.device)[None, :])
@@ -163,6 +169,44 @@ def _hardest_pairs_blocks(e: torch.Tensor, labels: torch.Tensor, metric: str,
         pos[rows] = topk_from_scores(torch.where(positive, -blk.values, nan), 1).indices[:, 0]
         neg[rows] = topk_from_scores(torch.where(negative, blk.values, nan), 1).indices[:, 0]
     return pos, neg
+
+
+def _screened_extremes(scores: BatchScores, labels: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                       neg: torch.Tensor) -> bool:
+    """batch_hard's choices for anchor rows ``rows`` of a certified "euclidean" batch through the float32
+    filter (engine.distance_screen): the canonical scores of the columns it keeps, the extreme of each row
+    among them (ties to the lower index). False, with nothing written, when it keeps more than a quarter
+    of the block's pairs (hostile inputs): the caller then takes the intervals' way."""
+    b = scores.n
+    i0, i1 = int(rows[0]), int(rows[-1]) + 1
+    screen = DistanceScreen(scores, i0, i1)
+    ok = scores.finite[i0:i1, None] & scores.finite[None, :]
+    same = labels[rows, None] == labels[None, :]
+    positive = same & ok & (rows[:, None] != torch.arange(b)[None, :])
+    keep_neg = screen.candidates(ok & ~same, largest_score=True)
+    keep_pos = screen.candidates(positive, largest_score=False)
+    if int(keep_neg.sum()) + int(keep_pos.sum()) > keep_neg.numel() // 4:
+        return False
+    neg[rows] = _extreme_of_kept(scores.raw, i0, keep_neg, largest=True)
+    pos[rows] = _extreme_of_kept(scores.raw, i0, keep_pos, largest=False)
+    return True
+
+
+def _extreme_of_kept(raw: torch.Tensor, i0: int, keep: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Per row of ``keep`` (rows, B), the kept column with the largest (or smallest) canonical distance
+    score, ties to the lower index, -1 for none: the kept columns of a row, ascending, in a padded block."""
+    r, j = keep.nonzero(as_tuple=True)
+    counts = keep.sum(dim=1)
+    if r.numel() == 0:
+        return torch.full((keep.shape[0],), -1, dtype=torch.int64)
+    s = canonical_distance_scores(raw[i0 + r], raw[j]).double()
+    slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
+    block = torch.full((keep.shape[0], int(counts.max())), math.nan, dtype=torch.float64)
+    block[r, slot] = s if largest else -s
+    ids = torch.full_like(block, -1, dtype=torch.int64)
+    ids[r, slot] = j
+    pick = topk_from_scores(block, 1).indices[:, 0]
+    return torch.where(pick >= 0, ids.gather(1, pick.clamp_min(0)[:, None])[:, 0], -1)
 
 
 def _semi_hard_needs(blk: IntervalBlock, a: torch.Tensor, p: torch.Tensor, negative: torch.Tensor,

@@ -72,6 +72,20 @@ def canonical_distance_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def distance_rho(dim: int) -> float:
+    """rho = (ceil(d/8) + 6) 2^-53, rounded up: |fl64(N^2) - |x|^2| <= rho |x|^2 and |D2 - |a - b|^2| <=
+    rho |a - b|^2 (:func:`euclidean_intervals`)."""
+    return (math.ceil(dim / LANES) + 6) * U64 * SAFETY
+
+
+def distance_error(width, sq, norms, mag, rho: float, rounding: float):
+    """W2 of :func:`euclidean_intervals`: a bound on |Delta - |a - b|^2|, Delta = N_q^2 + N_c^2 - 2 S^
+    (exact, or rounded to float64), from the screening bound ``width`` (|S^ - s_dot| <= w), ``sq`` =
+    fl64(N_q^2) + fl64(N_c^2), ``norms`` >= |q| |c|, ``mag`` >= |S^|. Every term is non-decreasing in each
+    argument, so upper bounds of them (tensors or floats, broadcast) give an upper bound of W2."""
+    return (2 * (width + rounding * norms + 2.0**-150) + (rho + 16 * U64) * (sq + 2 * mag)) * SAFETY
+
+
 def euclidean_intervals(approx: torch.Tensor, width: torch.Tensor, sq_q: torch.Tensor, sq_c: torch.Tensor,
                         dim: int, rounding: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(estimate, lower, upper) of s = -float32(sqrt(D2)) from the dot product's screening block.
@@ -90,11 +104,10 @@ def euclidean_intervals(approx: torch.Tensor, width: torch.Tensor, sq_q: torch.T
     root and the rounding to float32 are monotone, -float32(sqrt(hi)) <= s <= -float32(sqrt(lo)). The
     estimate is -float32(sqrt(max(Delta^, 0))), inside that interval. A non-finite S^ or w gives
     (NaN, -inf, inf)."""
-    rho = (math.ceil(dim / LANES) + 6) * U64 * SAFETY
+    rho = distance_rho(dim)
     sq = sq_q[:, None] + sq_c[None, :]
-    mag = approx.abs()
-    norms = (sq_q.sqrt() * SAFETY)[:, None] * (sq_c.sqrt() * SAFETY)[None, :]
-    w2 = (2 * (width + rounding * norms + 2.0**-150) + (rho + 16 * U64) * (sq + 2 * mag)) * SAFETY
+    w2 = distance_error(width, sq, (sq_q.sqrt() * SAFETY)[:, None] * (sq_c.sqrt() * SAFETY)[None, :],
+                        approx.abs(), rho, rounding)
     delta = sq - 2 * approx
     lo = (delta - w2).clamp_min(0) * (1 - 2 * rho)
     hi = ((delta + w2) * (1 + 2 * rho)).clamp_min(0)

@@ -1,0 +1,112 @@
+"""A cheap first filter for choices of the largest or smallest "euclidean" score of each anchor row (the
+hardest negative / positive of batch_hard): one float32 pass over the screening GEMM's block, no float64
+pass over the pairs. It keeps, per row, every eligible column whose canonical score s = -float32(sqrt(D2))
+may be the row's extreme (ties included); the caller rescores the kept pairs canonically and chooses among
+them, which equals the choice over all pairs (docs/certified.md, "In-batch miners").
+
+Proof (every constant below is rounded up by SAFETY = 1 + 2^-20, which covers the few float64 roundings
+of computing it). With S^ the GEMM's block, sq = fl64(N^2) of the canonical norms and E = |a - b|^2:
+
+1. t = float32(float32(sq_c) - 2 S^) (one rounding after an exact product by 2; fused or not) satisfies
+   |t - (sq_c - 2 S^)| <= T = 2^-24 (3 sq_c + 2 |S^|) + 2^-148 (the rounding of sq_c to float32 and of the
+   difference, 2^-150 absolute each where subnormal).
+2. |sq_q + sq_c - 2 S^ - E| <= W2 (engine.intervals.distance_error: its first step, before Delta is rounded
+   to float64). W2 grows with w, N_c^2, |q| |c| and |S^|, so its value at a row's maxima over the finite
+   columns bounds every pair of the row: w_max = the product's factors at their column maxima; |S^| <=
+   |S| + w <= |q| |c| + w0 + rel |S^|, so |S^| <= mag = (|q| |c|_max + w0) / (1 - rel).
+   Hence E in [sq_q + t - G, sq_q + t + G], G = W2_max + T_max, and D2 = E (1 + phi), |phi| <= rho.
+3. Strict order of s: for x, y >= 0 with y <= 2^126 and x >= y (1 + 2^-21) + 2^-147, float32(fl64(sqrt))
+   of x^2 exceeds that of y^2: fl64(sqrt) moves each by at most 2^-53 relatively, float32 rounding by
+   2^-24 relatively plus 2^-150 absolute (x may overflow to inf: still larger), and
+   (1 + 2^-21)(1 - 2^-53)(1 - 2^-24) > (1 + 2^-53)(1 + 2^-24). So -float32(sqrt) is strictly smaller.
+4. Largest s (smallest D2): m = the row's least finite eligible t, attained by j*; D2_j* <= H =
+   (sq_q + m + G)(1 + rho) =: y^2. A column with (sq_q + t - G)(1 - rho) >= (y (1 + 2^-21) + 2^-147)^2
+   scores strictly below j* (3.), so it is never the row's choice, nor tied with it: dropped when
+   t >= theta = that bound solved for t, if y <= 2^126.
+   Smallest s (largest D2): M = the largest finite eligible t, attained by j*; D2_j* >= (sq_q + M - G)
+   (1 - rho) =: x^2. A column with y_j^2 = (sq_q + t + G)(1 + rho), y_j <= Y = min((x - 2^-147) /
+   (1 + 2^-21), 2^126), scores strictly above j*: dropped when t <= phi = Y^2 / (1 + rho) - G - sq_q.
+   theta is computed rounded up and phi rounded down (each sum carries 2^-49 of its terms' magnitudes,
+   more than its float64 roundings), then rounded to float32 outward. A column with a non-finite t is
+   always kept; a row with a non-finite bound keeps all its eligible columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .certify import SAFETY
+from .intervals import BatchScores, distance_error, distance_rho
+
+U32 = 2.0**-24
+SLACK = 2.0**-49  # per sum: more than its float64 roundings
+STEP = 1 + 2.0**-21
+TINY = 2.0**-147
+LARGEST_Y = 2.0**126
+
+
+class DistanceScreen:
+    """The float32 keys t (rows, B) of anchor rows [i0, i1) of a certified "euclidean" :class:`BatchScores`
+    and each row's error bound G (float64): E = |a - b|^2 lies in [sq_q + t - G, sq_q + t + G] wherever t
+    is finite (module docstring, 1. and 2.)."""
+
+    def __init__(self, scores: BatchScores, i0: int, i1: int):
+        q, c, fin = scores.q[i0:i1], scores.c, scores.finite
+        approx = torch.empty((i1 - i0, scores.n), dtype=scores.product.out_dtype)
+        scores.product.scores(q, c, approx)
+        self.t = torch.add(scores.sq.float()[None, :], approx.float(), alpha=-2)
+        self.sq_q = scores.sq[i0:i1]
+
+        def col_max(v):
+            return 0.0 if v is None or not bool(fin.any()) else float(v[fin].max())
+
+        sq_max = col_max(scores.sq)
+        w0 = q.first * col_max(c.first) + col_max(c.floor) + 2.0**-150
+        if q.second is not None:
+            w0 = w0 + q.second * col_max(c.second)
+        if q.floor is not None:
+            w0 = w0 + q.floor
+        norms = (self.sq_q.sqrt() * SAFETY) * (math.sqrt(sq_max) * SAFETY)
+        rel = scores.product.rel
+        mag = (norms + w0) / (1 - rel) * SAFETY
+        w_max = (w0 + rel * mag) * SAFETY
+        self.rho = distance_rho(scores.e.shape[1])
+        w2 = distance_error(w_max, self.sq_q + sq_max, norms, mag, self.rho, scores.rounding)
+        self.g = (w2 + (U32 * (3 * sq_max + 2 * mag) + 2.0**-148) * SAFETY) * SAFETY
+
+    def candidates(self, eligible: torch.Tensor, largest_score: bool) -> torch.Tensor:
+        """(rows, B) bool: the eligible columns that may hold the row's largest score (largest_score) or
+        its smallest, ties included (module docstring, 4.)."""
+        t, sq, g, rho = self.t, self.sq_q, self.g, self.rho
+        known = eligible & t.isfinite()
+        if largest_score:
+            m = torch.where(known, t, math.inf).amin(dim=1).double()
+            h = (sq + m + g + SLACK * (sq + m.abs() + g)).clamp_min(0) * (1 + rho) * SAFETY
+            y = h.sqrt() * SAFETY
+            lam = (y * STEP * SAFETY + TINY) ** 2 * SAFETY
+            p = lam * SAFETY / (1 - rho)
+            bound = p + g - sq + SLACK * (p + g + sq)
+            usable = bound.isfinite() & (y <= LARGEST_Y)
+            cut = _float32_outward(bound, up=True)
+            drop = known & (t >= cut[:, None]) & usable[:, None]
+        else:
+            m = torch.where(known, t, -math.inf).amax(dim=1).double()
+            low = (sq + m - g - SLACK * (sq + m.abs() + g)) * (1 - rho) / SAFETY
+            x = low.clamp_min(0).sqrt() / SAFETY
+            y = torch.clamp_max((x - TINY) / STEP / SAFETY, LARGEST_Y)
+            p = y * y / SAFETY / (1 + rho) / SAFETY
+            bound = p - g - sq - SLACK * (p + g + sq)
+            usable = bound.isfinite() & (y > 0)
+            cut = _float32_outward(bound, up=False)
+            drop = known & (t <= cut[:, None]) & usable[:, None]
+        return eligible & ~drop
+
+
+def _float32_outward(v: torch.Tensor, up: bool) -> torch.Tensor:
+    """float32 values >= v (up) or <= v, elementwise (NaN stays NaN)."""
+    f = v.float()
+    if up:
+        return torch.where(f.double() < v, torch.nextafter(f, torch.tensor(math.inf)), f)
+    return torch.where(f.double() > v, torch.nextafter(f, torch.tensor(-math.inf)), f)
