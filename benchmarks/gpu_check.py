@@ -233,6 +233,17 @@ def run_paths(name, b, n, d, dtype, k, extra, reps, ceil, results, knobs=()):
         for label, share in knobs:
             with settings.override(cuda_l2_share=share):
                 row[f"two_pass_{label}_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
+    # The certified path (settings.cuda_certified, docs/certified.md): GEMM screen + canonical rescoring
+    # on the device; its bits against the CPU are the gpu tests' job, here its speed and a sanity check.
+    try:
+        with settings.override(cuda_certified=True):
+            got = hnsample.topk_similarity(q, c, k, **kw)
+            row["certified_check"] = (check_rows(q, c, got, k, kw) if extra.get("sampling", "top") == "top"
+                                      else {"ok": True})
+            del got
+            row["certified_ms"] = events_time(lambda: hnsample.topk_similarity(q, c, k, **kw), reps)
+    except (RuntimeError, ValueError) as e:  # report it, go on with the rest
+        row["certified_check"] = {"ok": False, "error": str(e)[:300]}
     if DEVICE == "cuda" and fused_applies(q, c, k, kw):
         # wgmma takes 16-bit inputs only (a wgmma choice raises for fp32, as documented)
         kernels = [x for x in fused_kernels() if dtype != torch.float32 or not x.startswith("wgmma")]
@@ -307,13 +318,13 @@ def print_table(results: list[dict], ceil: dict) -> None:
         paths = [("default", r["default_ms"]), ("two_pass", r["two_pass_ms"])]
         paths += [(key[9:-3], r[key]) for key in r
                   if key.startswith("two_pass_") and key.endswith("_ms") and key != "two_pass_ms"]
-        paths += [(key[:-3], r[key]) for key in r if key.startswith("fused_") and key.endswith("_ms")]
+        paths += [(key[:-3], r[key]) for key in r if key.startswith(("fused_", "certified")) and key.endswith("_ms")]
         paths += [(key[:-6] + " FAILED", math.nan) for key in r
-                  if key.startswith("fused_") and key.endswith("_check") and key[:-6] + "_ms" not in r]
+                  if key.startswith(("fused_", "certified")) and key.endswith("_check") and key[:-6] + "_ms" not in r]
         floor = max(r["floor_compute_ms"], r["floor_memory_ms"])
         for label, ms in paths:
             naive_ratio = f"{r['naive_ms'] / ms:.2f}" if "naive_ms" in r else "-"
-            key = f"{label}_check" if label.startswith(("fused", "two_pass")) else "check"
+            key = f"{label}_check" if label.startswith(("fused", "two_pass", "certified")) else "check"
             ok = r.get(key, r.get("check", {})).get("ok")
             print("{:<17}{:>4} {:<16}{:>9.2f}{:>9.0f}{:>9.2f}{:>9}{:>11.2f}{:>9.2f}".format(
                 r["shape"], "y" if ok else "N", label, ms, r["flop"] / ms / 1e9,

@@ -222,12 +222,17 @@ PYBIND11_MODULE(_C, m) {
   pointer_field(screen, "q_norms", &ScreenBlock::q_norms);
   pointer_field(screen, "c_norms", &ScreenBlock::c_norms);
   pointer_field(screen, "rescored", &ScreenBlock::rescored);
+  pointer_field(screen, "col_max", &ScreenBlock::col_max);
   m.def(
       "topk_screen_block",
       [](const TopkParams& p, const ScreenBlock& s, bool cuda, uintptr_t stream, int threads) {
         if (!cuda) return topk_screen_block_cpu(p, s, threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_screen_block_cuda(p, s, as_ptr<void>(stream));
+#else
         (void)stream;
-        throw Error("hnsample: certified screening runs on the CPU only in this build");
+        throw Error("hnsample was built without CUDA");
+#endif
       },
       py::arg("params"), py::arg("screen"), py::arg("cuda"), py::arg("stream"), py::arg("threads"),
       py::call_guard<py::gil_scoped_release>(),
@@ -235,31 +240,56 @@ PYBIND11_MODULE(_C, m) {
       "rescored canonically and offered exactly.");
   m.def(
       "topk_screen_filter_counts",
-      [](const TopkParams& p, const ScreenBlock& s, uintptr_t counts, int threads) {
-        topk_screen_filter_counts_cpu(p, s, as_ptr<int64_t>(counts), threads);
+      [](const TopkParams& p, const ScreenBlock& s, uintptr_t counts, int threads, bool cuda, uintptr_t stream) {
+        if (!cuda) return topk_screen_filter_counts_cpu(p, s, as_ptr<int64_t>(counts), threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_screen_filter_counts_cuda(p, s, as_ptr<int64_t>(counts), as_ptr<void>(stream));
+#else
+        (void)stream;
+        throw Error("hnsample was built without CUDA");
+#endif
       },
-      py::arg("params"), py::arg("screen"), py::arg("counts"), py::arg("threads"),
+      py::arg("params"), py::arg("screen"), py::arg("counts"), py::arg("threads"), py::arg("cuda") = false,
+      py::arg("stream") = 0,
       py::call_guard<py::gil_scoped_release>(),
       "Adds the per-filter counts of a screened block by the canonical scores (see topk_filter_counts).");
   m.def(
       "canonical_norms",
-      [](uintptr_t x, int dtype, int64_t rows, int64_t dim, int64_t stride, uintptr_t out, int threads) {
-        canonical_norms_cpu(as_ptr<const void>(x), dtype, rows, dim, stride, as_ptr<double>(out), threads);
+      [](uintptr_t x, int dtype, int64_t rows, int64_t dim, int64_t stride, uintptr_t out, int threads, bool cuda,
+         uintptr_t stream) {
+        if (!cuda)
+          return canonical_norms_cpu(as_ptr<const void>(x), dtype, rows, dim, stride, as_ptr<double>(out), threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        canonical_norms_cuda(as_ptr<const void>(x), dtype, rows, dim, stride, as_ptr<double>(out), as_ptr<void>(stream));
+#else
+        (void)stream;
+        throw Error("hnsample was built without CUDA");
+#endif
       },
       py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"), py::arg("stride"), py::arg("out"),
-      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("threads"), py::arg("cuda") = false, py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
       "Canonical norms sqrt(D(x, x)) of rows with unit column stride (float64 out).");
   m.def(
       "canonical_pairs",
       [](uintptr_t q, int64_t q_stride, uintptr_t c, int64_t c_stride, int dtype, int64_t dim, uintptr_t ids,
-         int64_t rows, int64_t cols, uintptr_t q_norms, uintptr_t c_norms, uintptr_t out, int threads) {
-        canonical_pairs_cpu(as_ptr<const void>(q), q_stride, as_ptr<const void>(c), c_stride, dtype, dim,
-                            as_ptr<const int64_t>(ids), rows, cols, as_ptr<const double>(q_norms),
-                            as_ptr<const double>(c_norms), as_ptr<float>(out), threads);
+         int64_t rows, int64_t cols, uintptr_t q_norms, uintptr_t c_norms, uintptr_t out, int threads, bool cuda,
+         uintptr_t stream) {
+        if (!cuda)
+          return canonical_pairs_cpu(as_ptr<const void>(q), q_stride, as_ptr<const void>(c), c_stride, dtype, dim,
+                                     as_ptr<const int64_t>(ids), rows, cols, as_ptr<const double>(q_norms),
+                                     as_ptr<const double>(c_norms), as_ptr<float>(out), threads);
+#if defined(HNSAMPLE_WITH_CUDA)
+        canonical_pairs_cuda(as_ptr<const void>(q), q_stride, as_ptr<const void>(c), c_stride, dtype, dim,
+                             as_ptr<const int64_t>(ids), rows, cols, as_ptr<const double>(q_norms),
+                             as_ptr<const double>(c_norms), as_ptr<float>(out), as_ptr<void>(stream));
+#else
+        (void)stream;
+        throw Error("hnsample was built without CUDA");
+#endif
       },
       py::arg("q"), py::arg("q_stride"), py::arg("c"), py::arg("c_stride"), py::arg("dtype"), py::arg("dim"),
       py::arg("ids"), py::arg("rows"), py::arg("cols"), py::arg("q_norms"), py::arg("c_norms"), py::arg("out"),
-      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("threads"), py::arg("cuda") = false, py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
       "Canonical scores of query i with candidate ids[i, p] (float32 [rows, cols]; -1 gives NaN).");
   m.def("canonical_rounding_factor", &canonical_rounding_factor, py::arg("dim"),
         "Bound on the canonical score's distance to the exact real score, relative to |q| |c|.");

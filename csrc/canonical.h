@@ -33,8 +33,14 @@ HN_HD double canonical_dot(const T* q, int64_t q_step, const T* c, int64_t c_ste
     for (int r = 0; r < kCanonicalLanes; ++r)
       p[r] += static_cast<double>(to_float(q[(t + r) * q_step])) * static_cast<double>(to_float(c[(t + r) * c_step]));
   }
-  for (int r = 0; t + r < d; ++r)
-    p[r] += static_cast<double>(to_float(q[(t + r) * q_step])) * static_cast<double>(to_float(c[(t + r) * c_step]));
+  // The tail: lane r takes element t + r if there is one (constant indices keep p in registers on a GPU).
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < kCanonicalLanes; ++r) {
+    if (t + r < d)
+      p[r] += static_cast<double>(to_float(q[(t + r) * q_step])) * static_cast<double>(to_float(c[(t + r) * c_step]));
+  }
   return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
 }
 

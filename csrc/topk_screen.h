@@ -35,6 +35,9 @@ struct ScreenBlock {
   const double* q_norms = nullptr;  // [rows] canonical norms: cosine; null: dot
   const double* c_norms = nullptr;  // [cols]
   int64_t* rescored = nullptr;      // [state rows]: counts canonical rescorings (statistics), or null
+  // [3]: the largest col_b, col_f and col_h of the block (0 for absent factors; NaN or inf make the
+  // bulk test keep everything). The CUDA launcher needs it; the CPU computes its own when null.
+  const double* col_max = nullptr;
 };
 
 // The error bound of one pair (float64, rounded outward by the caller's factors).
@@ -56,6 +59,82 @@ HN_HD float screen_rescore(const ScreenBlock& s, int64_t r, int64_t c) {
   return canonical_score(dot, cosine, cosine ? s.q_norms[r] : 0.0, cosine ? s.c_norms[c] : 0.0);
 }
 
+HN_HD bool screen_finite(double x) { return x - x == 0; }  // false for NaN and +-inf
+
+// The row's largest error bound over the block, without the relative term, from the column maxima.
+HN_HD double screen_row_width(const ScreenBlock& s, double max_b, double max_f, double max_h, int64_t r) {
+  double w = s.row_a[r] * max_b;
+  if (s.row_e != nullptr) w += s.row_e[r] * max_f;
+  if (s.row_g != nullptr) w += s.row_g[r];
+  return w + max_h;
+}
+
+// Bulk bounds on S^: a score below `low` has S^ + w < lo, one above `high` has S^ - w > hi, for every
+// w <= width + rel |S^|; rounded outward (two float64 steps, then to float). A width that is not
+// finite keeps everything.
+HN_HD void screen_bulk_bounds(double lo, double hi, double width, double rel, float& low, float& high) {
+  if (!screen_finite(width)) {
+    low = -INFINITY;
+    high = INFINITY;
+    return;
+  }
+  double y = lo - width;
+  y = y > 0 ? y / (1 + rel) : y / (1 - rel);
+  y = nextafter(nextafter(y, -INFINITY), -INFINITY);
+  double z = hi + width;
+  z = z < 0 ? z / (1 + rel) : z / (1 - rel);
+  z = nextafter(nextafter(z, INFINITY), INFINITY);
+  low = float_round_down(y);
+  high = float_round_up(z);
+}
+
+// How a score known to lie in [lower, upper] fares against the closed bound s <= bound.
+enum class Side { Pass, Fail, Unknown };
+
+HN_HD Side screen_at_most(double lower, double upper, double bound) {
+  if (bound != bound || lower > bound) return Side::Fail;  // NaN bound: nothing passes
+  return upper <= bound ? Side::Pass : Side::Unknown;
+}
+
+// Counts block row r's candidates by their canonical scores, in first_failed_filter's order, into
+// counts[f - 1] (the row's kScoreFilters counters). A filter is decided by the interval when it lies
+// wholly on one side of its bound (a finite S^ comes from finite inputs, so the canonical score is not
+// NaN); the first undecided one sends the candidate to rescore(c) (its canonical score) and the exact
+// rule. Every backend counts with this function, so the statistics agree bit for bit.
+template <typename A, typename Rescore>
+HN_HD void screen_count_row(const TopkParams& p, const ScreenBlock& s, int64_t r, int64_t* counts,
+                            const Rescore& rescore) {
+  const ScoreBlock& b = s.approx;
+  const int64_t row = b.row_offset + r;
+  const A* approx = static_cast<const A*>(b.data) + r * b.row_stride;
+  const double margin = p.upper != nullptr ? p.upper[row] : INFINITY;
+  for (int64_t c = 0; c < b.cols; ++c) {
+    const int64_t j = b.col_offset + c;
+    if (id_banned(p, row, j)) continue;
+    if (!label_allowed(p, row, j)) {
+      ++counts[static_cast<int>(Filter::Labels) - 1];
+      continue;
+    }
+    const float a = to_float(approx[c * b.col_stride]);
+    const double w = screen_finite(a) ? screen_width(s, r, c, a) : INFINITY;
+    Filter failed = Filter::None;
+    bool known = screen_finite(w);
+    if (known) {
+      const double lower = a - w, upper = a + w;
+      // min_score: s >= min  <=>  -s <= -min.
+      const Side sides[3] = {screen_at_most(-upper, -lower, -p.min_score), screen_at_most(lower, upper, p.max_score),
+                             screen_at_most(lower, upper, margin)};
+      const Filter names[3] = {Filter::MinScore, Filter::MaxScore, Filter::Margin};
+      for (int t = 0; t < 3 && known && failed == Filter::None; ++t) {
+        if (sides[t] == Side::Unknown) known = false;
+        if (sides[t] == Side::Fail) failed = names[t];
+      }
+    }
+    if (!known) failed = first_failed_filter(p, row, j, static_cast<double>(rescore(c)));
+    if (failed != Filter::None) ++counts[static_cast<int>(failed) - 1];
+  }
+}
+
 // Launchers (csrc/cpu/topk_screen.cpp, csrc/cuda/topk_screen.cu).
 void topk_screen_block_cpu(const TopkParams& p, const ScreenBlock& s, int threads);
 // Adds the per-filter counts of the block's candidates by their canonical scores (see
@@ -69,7 +148,14 @@ void canonical_pairs_cpu(const void* q, int64_t q_stride, const void* c, int64_t
                          const int64_t* ids, int64_t rows, int64_t cols, const double* q_norms,
                          const double* c_norms, float* out, int threads);
 #if defined(HNSAMPLE_WITH_CUDA)
+// The same on the device (one warp per row; s.col_max required), with the same results bit for bit.
 void topk_screen_block_cuda(const TopkParams& p, const ScreenBlock& s, void* stream);
+void topk_screen_filter_counts_cuda(const TopkParams& p, const ScreenBlock& s, int64_t* counts, void* stream);
+void canonical_norms_cuda(const void* x, int dtype, int64_t rows, int64_t dim, int64_t stride, double* out,
+                          void* stream);
+void canonical_pairs_cuda(const void* q, int64_t q_stride, const void* c, int64_t c_stride, int dtype, int64_t dim,
+                          const int64_t* ids, int64_t rows, int64_t cols, const double* q_norms,
+                          const double* c_norms, float* out, void* stream);
 #endif
 
 }  // namespace hnsample

@@ -1,13 +1,16 @@
 """The choices of the in-batch miners (hnsample.miners), made on the scores the module docstring there
-defines: canonical for float32 / 16-bit CPU inputs, the GEMM's otherwise.
+defines: canonical for float32 / 16-bit CPU inputs (and CUDA inputs with settings.cuda_certified for "dot"
+and "cosine"), the GEMM's otherwise.
 
 Two ways, with the same results:
 
-* "dot" / "cosine" on float32 / 16-bit CPU rows: the engine's certified selection (``topk_similarity``,
+* "dot" / "cosine" on float32 / 16-bit rows the engine certifies (engine.blocks.certified: CPU rows, and
+  CUDA rows with settings.cuda_certified): the engine's certified selection (``topk_similarity``,
   screened GEMM + canonical rescoring in C++) over the rows without NaN or inf (a subset in the same order,
   so ties still go to the lower index), and canonical scores of the few positive pairs of each anchor
   (its label's other rows).
-* "euclidean", and inputs the certificate does not cover (float64, GPU): :class:`engine.intervals.
+* "euclidean", and inputs the certificate does not cover (float64, GPU without cuda_certified, GPU
+  "euclidean"): :class:`engine.intervals.
   BatchScores` blocks of anchor rows (certified intervals for "euclidean", exact scores otherwise),
   rescoring the pairs the intervals cannot decide. batch_hard "euclidean" filters each block first with
   :class:`engine.distance_screen.DistanceScreen` (one float32 pass) and rescores only what it keeps.
@@ -23,7 +26,8 @@ from collections.abc import Callable
 import torch
 
 from . import settings as _settings
-from .engine.certify import SCREENED_DTYPES, canonical_pair_scores
+from .engine.blocks import certified
+from .engine.certify import canonical_pair_scores
 from .engine.distance_screen import DistanceScreen
 from .engine.intervals import BatchScores, IntervalBlock, canonical_distance_scores, hardest_candidates, overlapping
 from .ops.topk import topk_from_scores, topk_similarity
@@ -33,7 +37,7 @@ Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def by_engine(e: torch.Tensor, metric: str) -> bool:
     """Whether the choices go through the engine's certified selection (canonical dot / cosine)."""
-    return metric in ("dot", "cosine") and e.dtype in SCREENED_DTYPES and e.device.type == "cpu" and e.shape[1] > 0
+    return metric in ("dot", "cosine") and certified(e) and e.shape[1] > 0
 
 
 def _block_budget() -> int:

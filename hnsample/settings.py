@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 CUDA_PATHS = ("auto", "two_pass", "fused")
-SCREEN_PRODUCTS = ("auto", "fp32", "bf16")
+SCREEN_PRODUCTS = ("auto", "fp32", "bf16", "mixed")
 FUSED_KERNEL_NAMES = ("auto", "mma", "wgmma", "wgmma_256x128", "wgmma_128x256")
 
 
@@ -39,7 +39,14 @@ class Settings:
     after the other, so sharing the budget never oversubscribes)."""
     screen_product: str = "auto"
     """The GEMM that screens float32 / 16-bit inputs before the canonical rescoring (docs/certified.md):
-    "fp32", "bf16" (fast on CPUs with AMX), or "auto": the fastest by a one-time probe."""
+    "fp32", "bf16" (fast on CPUs with AMX; CPU only), "mixed" (16-bit inputs on a GPU: the 16-bit tensor
+    core GEMM with float32 output; "fp32" for float32 inputs), or "auto": on the CPU the fastest by a
+    one-time probe, on CUDA "mixed" for 16-bit inputs and "fp32" for float32."""
+    cuda_certified: bool = False
+    """Whether selections over float32 / 16-bit CUDA inputs rank canonical scores (docs/certified.md): the
+    GPU GEMM screens, the CUDA screen kernel rescores the survivors canonically, and the results equal
+    the CPU's bit for bit. Off (the GPU GEMM's float32 scores, the two-pass / fused paths of
+    docs/cuda.md) until a device check has timed it; the kernels are tested on the CPU emulator."""
     interrupt_seconds: float = 0.25
     """A kernel call on a given score matrix (topk_from_scores) is split into row chunks of about this
     much work, so Ctrl-C is seen between chunks."""

@@ -178,5 +178,5 @@ def test_product_choice_is_a_known_product():
     from hnsample.engine.certify import PRODUCTS
 
     times = dict(probe_times(torch.float32, rows=32, cols=128, dim=32))
-    assert set(times) == set(PRODUCTS) and all(t > 0 and math.isfinite(t) for t in times.values())
+    assert set(times) == set(PRODUCTS) - {"mixed"} and all(t > 0 and math.isfinite(t) for t in times.values())
     assert probe_fastest("cpu", torch.float32) in PRODUCTS

@@ -80,30 +80,12 @@ ColumnMaxima column_maxima(const ScreenBlock& s) {
   return m;
 }
 
-// The row's largest error bound over the block, without the relative term.
 double row_width(const ScreenBlock& s, const ColumnMaxima& m, int64_t r) {
-  double w = s.row_a[r] * m.b;
-  if (s.row_e != nullptr) w += s.row_e[r] * m.f;
-  if (s.row_g != nullptr) w += s.row_g[r];
-  return w + m.h;
+  return screen_row_width(s, m.b, m.f, m.h, r);
 }
 
-// Bulk bounds on S^: a score below `low` has S^ + w < lo, one above `high` has S^ - w > hi, for every
-// w <= width + rel |S^|; rounded outward (two float64 steps, then to float).
 void bulk_bounds(double lo, double hi, double width, double rel, float& low, float& high) {
-  if (!std::isfinite(width)) {
-    low = -std::numeric_limits<float>::infinity();
-    high = std::numeric_limits<float>::infinity();
-    return;
-  }
-  double y = lo - width;
-  y = y > 0 ? y / (1 + rel) : y / (1 - rel);
-  y = std::nextafter(std::nextafter(y, -kInf), -kInf);
-  double z = hi + width;
-  z = z < 0 ? z / (1 + rel) : z / (1 - rel);
-  z = std::nextafter(std::nextafter(z, kInf), kInf);
-  low = float_round_down(y);
-  high = float_round_up(z);
+  screen_bulk_bounds(lo, hi, width, rel, low, high);
 }
 
 // `n` float64 slots of scratch space.
@@ -261,49 +243,9 @@ void screen_block(const TopkParams& p, const ScreenBlock& s, int threads) {
   });
 }
 
-// How a score known to lie in [lower, upper] fares against the closed bound s <= bound.
-enum class Side { Pass, Fail, Unknown };
-
-Side at_most(double lower, double upper, double bound) {
-  if (bound != bound || lower > bound) return Side::Fail;  // NaN bound: nothing passes
-  return upper <= bound ? Side::Pass : Side::Unknown;
-}
-
-// Counts one row's candidates by their canonical scores, in first_failed_filter's order. A filter
-// is decided by the interval when it lies wholly on one side of its bound (a finite S^ comes from
-// finite inputs, so the canonical score is not NaN); the first undecided one sends the candidate to
-// the canonical rescoring and the exact rule.
 template <typename A, typename T>
 void count_row(const TopkParams& p, const ScreenBlock& s, int64_t r, int64_t* counts) {
-  const ScoreBlock& b = s.approx;
-  const int64_t row = b.row_offset + r;
-  const A* approx = static_cast<const A*>(b.data) + r * b.row_stride;
-  const double margin = p.upper != nullptr ? p.upper[row] : kInf;
-  for (int64_t c = 0; c < b.cols; ++c) {
-    const int64_t j = b.col_offset + c;
-    if (id_banned(p, row, j)) continue;
-    if (!label_allowed(p, row, j)) {
-      ++counts[static_cast<int>(Filter::Labels) - 1];
-      continue;
-    }
-    const float a = to_float(approx[c * b.col_stride]);
-    const double w = std::isfinite(a) ? screen_width(s, r, c, a) : kInf;
-    Filter failed = Filter::None;
-    bool known = std::isfinite(w);
-    if (known) {
-      const double lower = a - w, upper = a + w;
-      // min_score: s >= min  <=>  -s <= -min.
-      const Side sides[3] = {at_most(-upper, -lower, -p.min_score), at_most(lower, upper, p.max_score),
-                             at_most(lower, upper, margin)};
-      const Filter names[3] = {Filter::MinScore, Filter::MaxScore, Filter::Margin};
-      for (int t = 0; t < 3 && known && failed == Filter::None; ++t) {
-        if (sides[t] == Side::Unknown) known = false;
-        if (sides[t] == Side::Fail) failed = names[t];
-      }
-    }
-    if (!known) failed = first_failed_filter(p, row, j, static_cast<double>(rescore<T>(s, r, c)));
-    if (failed != Filter::None) ++counts[static_cast<int>(failed) - 1];
-  }
+  screen_count_row<A>(p, s, r, counts, [&](int64_t c) { return rescore<T>(s, r, c); });
 }
 
 }  // namespace

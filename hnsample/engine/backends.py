@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from . import registry
-from .blocks import select_blocks
+from .blocks import certified, select_blocks
 from .cuda import CudaDriver
 from .selection import CPU_KERNELS, CpuKernels, CudaKernels, Selection, SelectionState
 
@@ -29,8 +29,9 @@ class CpuBackend:
 
 
 class CudaBackend:
-    """CUDA: the :class:`~hnsample.engine.cuda.CudaDriver`'s paths; with on_block (which must see every
-    score block) the generic block loop on the CUDA kernels."""
+    """CUDA: the :class:`~hnsample.engine.cuda.CudaDriver`'s paths; the generic block loop on the CUDA
+    kernels with on_block (which must see every score block) and for certified selections
+    (settings.cuda_certified: a screening product and the CUDA screen kernel, docs/certified.md)."""
 
     def __init__(self, driver: CudaDriver | None = None):
         self.driver = driver if driver is not None else CudaDriver()
@@ -38,7 +39,7 @@ class CudaBackend:
 
     def select(self, queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str,
                block_size: int, col_offset: int = 0, on_block: OnBlock | None = None) -> SelectionState:
-        if on_block is not None:
+        if on_block is not None or certified(queries):
             return select_blocks(queries, candidates, state, metric, block_size, col_offset, on_block)
         return self.driver.select(queries, candidates, state, metric, block_size, col_offset)
 

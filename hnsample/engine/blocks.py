@@ -122,13 +122,24 @@ def product_for(x: torch.Tensor, metric: str, kernels: Any = None, scales_in_sel
     return MatmulProduct(x.dtype, metric)
 
 
-def screen_product(dtype: torch.dtype, metric: str, dim: int, device: torch.device) -> Any:
-    """The screening product for inputs of this dtype on this device: settings.screen_product, or with
-    "auto" the fastest by a one-time timed probe (cached per device type and dtype)."""
+def screen_product(dtype: torch.dtype, metric: str, dim: int, device: torch.device, kernels: Any = None) -> Any:
+    """The screening product for inputs of this dtype on this device (its kernels: default the
+    registered backend's): settings.screen_product, or with "auto" the fastest by a one-time timed probe
+    on the CPU (cached per dtype); on CUDA "auto" is the 16-bit tensor-core GEMM ("mixed") for 16-bit
+    inputs where torch has it, else "fp32"."""
+    kernels = kernels if kernels is not None else kernels_for(device)
     choice = _settings.current().screen_product
-    if choice == "auto":
+    half = dtype in (torch.float16, torch.bfloat16)
+    if kernels.cuda:
+        if choice == "bf16":
+            raise ValueError('settings.screen_product="bf16" is a CPU product; on CUDA use "auto", "fp32" or "mixed"')
+        if choice == "auto":
+            choice = "mixed" if half and kernels.mm_out_dtype_supported(device, dtype) else "fp32"
+    elif choice == "auto":
         choice = probe_fastest(device.type, dtype)
-    return PRODUCTS[choice](dtype, metric, dim, device)
+    if choice == "mixed" and not half:
+        choice = "fp32"  # float32 inputs have no 16-bit product: "mixed" means "fp32" for them
+    return PRODUCTS[choice](dtype, metric, dim, device, kernels)
 
 
 @cache
@@ -152,6 +163,8 @@ def probe_times(dtype: torch.dtype, rows: int = 64, cols: int = 4096, dim: int =
     out = []
     fastest = math.inf
     for name, cls in PRODUCTS.items():
+        if name == "mixed":  # a GPU product (16-bit tensor cores); on the CPU it is the fp32 GEMM again
+            continue
         product = cls(dtype, "dot", dim, torch.device("cpu"))
         best = warm = math.inf
         for attempt in range(3):
@@ -254,11 +267,20 @@ def score_blocks(
             yield Block(i0, j0, out, q_rows[r], c, gout, rel)
 
 
-def default_product(queries: torch.Tensor, metric: str) -> Any:
-    """The CPU's product for inputs like `queries`: a certified screening product for float32 / 16-bit
-    inputs (scores are canonical, engine.certify), torch.matmul in float64 for float64 inputs."""
-    if queries.dtype in SCREENED_DTYPES and queries.device.type == "cpu":
-        return screen_product(queries.dtype, metric, queries.shape[1], queries.device)
+def certified(x: torch.Tensor) -> bool:
+    """Whether selections over inputs like x rank canonical scores: float32 / 16-bit inputs on the CPU,
+    and on CUDA with settings.cuda_certified (docs/certified.md)."""
+    if x.dtype not in SCREENED_DTYPES:
+        return False
+    return x.device.type == "cpu" or (x.device.type == "cuda" and _settings.current().cuda_certified)
+
+
+def default_product(queries: torch.Tensor, metric: str, kernels: Any = None) -> Any:
+    """The product for inputs like `queries`: a certified screening product where :func:`certified`
+    (scores are canonical, engine.certify), else torch.matmul in the compute dtype (float64 for float64
+    inputs)."""
+    if certified(queries):
+        return screen_product(queries.dtype, metric, queries.shape[1], queries.device, kernels)
     return MatmulProduct(queries.dtype, metric)
 
 
@@ -272,7 +294,7 @@ def select_blocks(
     computed (default: default_product); a screening product's blocks are offered certified."""
     if state.sel.k == 0:
         return state
-    product = product if product is not None else default_product(queries, metric)
+    product = product if product is not None else default_product(queries, metric, state.kernels)
     br, bc = block_shape(queries.shape[0], candidates.shape[0], block_size)
     for blk in score_blocks(queries, candidates, product, br, bc):
         if blk.rel is not None:
@@ -288,9 +310,9 @@ def selection_pair_scores(
     queries: torch.Tensor, rows_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, metric: str,
 ) -> torch.Tensor:
     """The (B, P) scores a selection ranks for query i and candidate ids[i, p] (e.g. the positives' scores
-    p_i is made of): canonical for float32 / 16-bit CPU inputs, as every score the CPU selects; else the
-    float64 product's (pair_similarities)."""
-    if queries.dtype in SCREENED_DTYPES and queries.device.type == "cpu":
+    p_i is made of): canonical where :func:`certified`, as every score those selections rank; else the
+    product's (pair_similarities)."""
+    if certified(queries):
         return canonical_pair_scores(queries, rows_of, ids, metric)
     return pair_similarities(queries, rows_of, ids, metric)
 

@@ -66,7 +66,14 @@ class CpuKernels:
         self.module.topk_screen_block(params, screen, self.cuda, 0, self.threads())
 
     def screen_filter_counts(self, params: Any, screen: Any, counts: torch.Tensor) -> None:
-        self.module.topk_screen_filter_counts(params, screen, ptr(counts), self.threads())
+        self.module.topk_screen_filter_counts(params, screen, ptr(counts), self.threads(), self.cuda,
+                                              self.stream(counts))
+
+    @staticmethod
+    def matmul_f32(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> None:
+        """out = q c^T with float32 accumulation and output for 16-bit q, c (engine.certify's "mixed"
+        product): here torch's float32 GEMM of the exactly converted rows."""
+        torch.matmul(q.float(), c.float().T, out=out)
 
     def finalize(self, params: Any, out_scores: torch.Tensor, out_indices: torch.Tensor) -> None:
         self.module.topk_finalize(params, ptr(out_scores), ptr(out_indices), self.cuda, self.stream(out_scores),
@@ -164,6 +171,11 @@ class CudaKernels(CpuKernels):
 
     def mm_out_dtype_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
         return _mm_out_dtype_supported(device.index or 0, dtype)
+
+    @staticmethod
+    def matmul_f32(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> None:
+        """out = q c^T of 16-bit rows on the tensor cores, float32 accumulation and output."""
+        torch.mm(q, c.T, out_dtype=torch.float32, out=out)
 
 
 def _scale_ptr(name: str, scale: torch.Tensor | None, n: int, device: tuple[bool, int]) -> int:
@@ -456,6 +468,8 @@ class SelectionState:
         if block.scores.numel():
             screen = screen_block(block, col_offset)
             screen.rescored = ptr(self.rescored)
+            if self.kernels.cuda:
+                screen.col_max = ptr(block.candidates.maxima())
             self.kernels.screen_block(self.params, screen)
 
     def count_filters(self, block: Any, col_offset: int, counts: torch.Tensor) -> None:

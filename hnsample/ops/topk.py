@@ -224,7 +224,8 @@ _DOC_SEMANTICS = """
       canonical score, float64 products summed in a fixed order of eight lanes and rounded once to
       float32 (docs/certified.md): the same bits on every machine, whatever the blocking or threads;
       a fast GEMM only screens candidates under a proven error bound. float64 inputs: the float64
-      GEMM's scores. (CUDA inputs: the GPU GEMM's float32 scores, until the certified CUDA path lands.)
+      GEMM's scores. CUDA inputs: the same canonical scores with ``settings.cuda_certified``; without it
+      (the default until a device check has timed it) the GPU GEMM's float32 scores.
       ``topk_from_scores`` ranks the scores it is given.
     * Positive score: p_i = positive_scores[i] if given, else the minimum of s_ij over the row's valid
       positives (ids != -1); a NaN among them makes p_i NaN. A row with neither has no margin filter.

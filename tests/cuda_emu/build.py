@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 # The kernels that run on the emulator, each with the extra flags of its translation unit: the wgmma
 # kernel's device code exists only under the sm_90a feature macro (as in nvcc's sm_90a pass).
-KERNELS = {"topk_select.cu": [], "topk_fused.cu": [], "info_nce.cu": [],
+KERNELS = {"topk_select.cu": [], "topk_screen.cu": [], "topk_fused.cu": [], "info_nce.cu": [],
            "topk_fused_sm90.cu": ["-D__CUDA_ARCH_FEAT_SM90_ALL"]}
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-DHNSAMPLE_CUDA_EMU", "-DHNSAMPLE_WITH_CUDA", "-Wall",
          "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Wno-unused-function"]

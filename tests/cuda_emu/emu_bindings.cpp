@@ -12,6 +12,7 @@
 #include "info_nce.h"
 #include "launch_args.h"
 #include "topk_fused_sm90.h"
+#include "topk_screen.h"
 #include "topk_select.h"
 
 namespace py = pybind11;
@@ -165,6 +166,43 @@ PYBIND11_MODULE(_cuda_emu, m) {
         topk_rescore_candidates_cuda(f, as_ptr<void>(stream));
       },
       py::arg("block"), py::arg("cuda"), py::arg("stream"), py::arg("threads"));
+  m.def(
+      "topk_screen_block",
+      [](const TopkParams& p, const ScreenBlock& s, bool cuda, uintptr_t stream, int) {
+        need_cuda(cuda);
+        topk_screen_block_cuda(p, s, as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("screen"), py::arg("cuda"), py::arg("stream"), py::arg("threads"));
+  m.def(
+      "topk_screen_filter_counts",
+      [](const TopkParams& p, const ScreenBlock& s, uintptr_t counts, int, bool cuda, uintptr_t stream) {
+        need_cuda(cuda);
+        topk_screen_filter_counts_cuda(p, s, as_ptr<int64_t>(counts), as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("screen"), py::arg("counts"), py::arg("threads"), py::arg("cuda") = false,
+      py::arg("stream") = 0);
+  m.def(
+      "canonical_norms",
+      [](uintptr_t x, int dtype, int64_t rows, int64_t dim, int64_t stride, uintptr_t out, int, bool cuda,
+         uintptr_t stream) {
+        need_cuda(cuda);
+        canonical_norms_cuda(as_ptr<const void>(x), dtype, rows, dim, stride, as_ptr<double>(out), as_ptr<void>(stream));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("dim"), py::arg("stride"), py::arg("out"),
+      py::arg("threads"), py::arg("cuda") = false, py::arg("stream") = 0);
+  m.def(
+      "canonical_pairs",
+      [](uintptr_t q, int64_t q_stride, uintptr_t c, int64_t c_stride, int dtype, int64_t dim, uintptr_t ids,
+         int64_t rows, int64_t cols, uintptr_t q_norms, uintptr_t c_norms, uintptr_t out, int, bool cuda,
+         uintptr_t stream) {
+        need_cuda(cuda);
+        canonical_pairs_cuda(as_ptr<const void>(q), q_stride, as_ptr<const void>(c), c_stride, dtype, dim,
+                             as_ptr<const int64_t>(ids), rows, cols, as_ptr<const double>(q_norms),
+                             as_ptr<const double>(c_norms), as_ptr<float>(out), as_ptr<void>(stream));
+      },
+      py::arg("q"), py::arg("q_stride"), py::arg("c"), py::arg("c_stride"), py::arg("dtype"), py::arg("dim"),
+      py::arg("ids"), py::arg("rows"), py::arg("cols"), py::arg("q_norms"), py::arg("c_norms"), py::arg("out"),
+      py::arg("threads"), py::arg("cuda") = false, py::arg("stream") = 0);
   m.def("topk_fused_supported", &topk_fused_supported, py::arg("device"));
   m.def("topk_fused_wgmma_available", &topk_fused_wgmma_available, py::arg("device"));
   m.def("topk_fused_wgmma_ctas_per_sm", &topk_fused_wgmma_ctas_per_sm, py::arg("device"), py::arg("kernel"));
