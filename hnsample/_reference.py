@@ -461,6 +461,22 @@ def margin_mse(queries: torch.Tensor, candidates: list[torch.Tensor], teacher_ma
     return torch.stack(terms).mean()
 
 
+def margin_mse_multi(queries: torch.Tensor, positives: list[torch.Tensor], negatives: list[torch.Tensor],
+                     teacher_scores: torch.Tensor) -> torch.Tensor:
+    """mean over rows i, positives p with a teacher score (not NaN) and negatives j of
+    ((s_ip - s_ij) - (T_ip - T_i,P+j))^2; teacher_scores (B, P + k) of [positives, negatives]."""
+    terms = []
+    n_pos = len(positives)
+    for i in range(queries.shape[0]):
+        for p, pos in enumerate(positives):
+            if torch.isnan(teacher_scores[i, p]):
+                continue
+            for j, neg in enumerate(negatives):
+                margin = torch.dot(queries[i], pos[i]) - torch.dot(queries[i], neg[i])
+                terms.append((margin - (teacher_scores[i, p] - teacher_scores[i, n_pos + j])) ** 2)
+    return torch.stack(terms).mean()
+
+
 def listwise_kl(queries: torch.Tensor, candidates: list[torch.Tensor], teacher_scores: torch.Tensor,
                 student_temperature: float, teacher_temperature: float) -> torch.Tensor:
     """student_temperature^2 * mean over rows of KL(softmax(T_i / t_T) || softmax(s_i / t_S))."""

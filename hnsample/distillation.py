@@ -27,29 +27,48 @@ def _pair_scores(queries: torch.Tensor, candidates: list[torch.Tensor]) -> torch
     return torch.stack([(queries * c).sum(dim=-1) for c in candidates], dim=1)
 
 
-def margin_mse(queries: torch.Tensor, positives: torch.Tensor, negatives: list[torch.Tensor],
+def margin_mse(queries: torch.Tensor, positives: torch.Tensor | list[torch.Tensor], negatives: list[torch.Tensor],
                teacher: torch.Tensor) -> torch.Tensor:
-    r"""MarginMSE (Hofstätter et al.): with ``s_i+ = q_i . p_i`` and ``s_ij = q_i . n_j[i]``,
+    r"""MarginMSE (Hofstätter et al.): with ``s_ip = q_i . p_p[i]`` for each positive column p and
+    ``s_ij = q_i . n_j[i]``,
 
-        loss = mean_{i, j} ((s_i+ - s_ij) - t_ij)^2
+        loss = mean over valid (i, p, j) of ((s_ip - s_ij) - t_ipj)^2
 
-    ``teacher``: the teacher's margins ``t`` (B,) for one negative column or (B, k), or the teacher's
-    scores (B, 1 + k) of [positive, negatives], turned into ``t_ij = T_i0 - T_ij``. No gradient reaches
-    ``teacher``. Equal to sentence-transformers' ``MarginMSELoss`` (dot-product scores)."""
+    ``positives``: one column (a tensor), or a list of P columns for multi-positive rows, each pair with
+    its own teacher score (e.g. mining's ``positive_pair_scores``), so each positive gets its own margin.
+    ``teacher``: one positive column: the teacher's margins ``t`` (B,) for one negative column or (B, k),
+    or its scores (B, 1 + k) of [positive, negatives], turned into ``t_ij = T_i0 - T_ij``. P columns:
+    scores (B, P + k) of [positives, negatives] (``t_ipj = T_ip - T_i,P+j``) or margins (B, P, k). A NaN
+    teacher score of a positive (or NaN margins) marks a padded pair: it is left out of the mean (a row
+    with fewer positives than P); every row needs at least one. No gradient reaches ``teacher``. With one
+    positive column: equal to sentence-transformers' ``MarginMSELoss`` (dot-product scores); with P: the
+    mean of that loss over the valid (query, positive) pairs, weighted by their count of negatives."""
     if not negatives:
         raise ValueError("margin_mse needs at least one negative column")
-    b, k = queries.shape[0], len(negatives)
+    pos = [positives] if isinstance(positives, torch.Tensor) else list(positives)
+    if not pos:
+        raise ValueError("margin_mse needs at least one positive column")
+    b, k, n_pos = queries.shape[0], len(negatives), len(pos)
     t = torch.as_tensor(teacher).detach().to(device=queries.device)
-    if t.shape == (b, k + 1):
-        t = t[:, :1] - t[:, 1:]
-    elif t.shape == (b,):
-        t = t.unsqueeze(1)
-    if t.shape != (b, k):
-        raise ValueError(f"teacher must have shape ({b},{' ' if k == 1 else ''}) margins, ({b}, {k}) margins or "
-                         f"({b}, {k + 1}) scores, got {tuple(t.shape)}")
-    scores = _pair_scores(queries, [positives, *negatives])
-    margins = scores[:, :1] - scores[:, 1:]
-    return ((margins - t.to(margins.dtype)) ** 2).mean()
+    if t.shape == (b, k + n_pos):
+        t = t[:, :n_pos, None] - t[:, None, n_pos:]
+    elif n_pos == 1 and t.shape == (b,):
+        t = t[:, None, None]
+    elif n_pos == 1 and t.shape == (b, k):
+        t = t[:, None, :]
+    if t.shape != (b, n_pos, k):
+        forms = (f"({b},{' ' if k == 1 else ''}) margins, ({b}, {k}) margins or ({b}, {k + 1}) scores" if n_pos == 1
+                 else f"({b}, {n_pos + k}) scores of [positives, negatives] or ({b}, {n_pos}, {k}) margins")
+        raise ValueError(f"teacher must have shape {forms}, got {tuple(t.shape)}")
+    scores = _pair_scores(queries, [*pos, *negatives])
+    margins = scores[:, :n_pos, None] - scores[:, None, n_pos:]  # (B, P, k)
+    if n_pos == 1:
+        return ((margins - t.to(margins.dtype)) ** 2).mean()
+    valid = ~t.isnan()
+    if not bool(valid.any(dim=(1, 2)).all()):
+        raise ValueError("teacher: every row needs at least one positive with a teacher score (NaN marks padding)")
+    err = torch.where(valid, margins - torch.nan_to_num(t.to(margins.dtype)), 0.0)
+    return (err**2).sum() / valid.sum()
 
 
 def listwise_kl(queries: torch.Tensor, candidates: list[torch.Tensor], teacher_scores: torch.Tensor, *,
@@ -121,16 +140,28 @@ class _SentenceTransformerDistillation(nn.Module, abc.ABC):
 
 class SentenceTransformerMarginMSELoss(_SentenceTransformerDistillation):
     """sentence-transformers' ``MarginMSELoss`` (dot-product scores) on :func:`margin_mse`; columns
-    (query, positive, negative_1, ...), labels the teacher's margins or scores. ``mini_batch_size``:
-    GradCache, as in ``SentenceTransformerInfoNCELoss``."""
+    (query, positive, negative_1, ...), labels the teacher's margins or scores. ``num_positives=P``: the
+    columns are (query, positive_1..P, negative_1, ...) and the labels the teacher's scores (B, P + k) or
+    margins (B, P, k), NaN for a row's missing positives (per-pair margins, see :func:`margin_mse`).
+    ``mini_batch_size``: GradCache, as in ``SentenceTransformerInfoNCELoss``."""
 
-    def __init__(self, model: nn.Module, *, mini_batch_size: int | None = None):
+    def __init__(self, model: nn.Module, *, num_positives: int = 1, mini_batch_size: int | None = None):
         super().__init__(model, mini_batch_size)
+        if isinstance(num_positives, bool) or not isinstance(num_positives, int) or num_positives < 1:
+            raise ValueError(f"num_positives must be an int >= 1, got {num_positives!r}")
+        self.num_positives = num_positives
 
     def _loss(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        if len(embeddings) < 3:
-            raise ValueError(f"sentence_features needs query, positive and negative columns, got {len(embeddings)}")
-        return margin_mse(embeddings[0], embeddings[1], embeddings[2:], labels)
+        p = self.num_positives
+        if len(embeddings) < 2 + p:
+            raise ValueError(f"sentence_features needs a query, {p} positive column(s) and negative columns, "
+                             f"got {len(embeddings)} columns")
+        positives = embeddings[1] if p == 1 else embeddings[1:1 + p]
+        return margin_mse(embeddings[0], positives, embeddings[1 + p:], labels)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        extra = {} if self.num_positives == 1 else {"num_positives": self.num_positives}
+        return {**extra, **super().get_config_dict()}
 
 
 class SentenceTransformerDistillKLDivLoss(_SentenceTransformerDistillation):
