@@ -169,7 +169,11 @@ class Fp32Screen:
             # S^ is not finite, which the kernels rescore anyway.
             bounds = torch.where(norms > 2.0**126, math.inf, self.unit_bound).to(torch.float64)
             return raw, raw.float() * inv[:, None], norms, bounds
-        return raw, raw.float(), None, norms * SAFETY  # |x| <= N (1 + 2^-20) for d < 2^30
+        return raw, self._gemm_rows(raw), None, norms * SAFETY  # |x| <= N (1 + 2^-20) for d < 2^30
+
+    def _gemm_rows(self, raw: torch.Tensor) -> torch.Tensor:
+        """The rows the GEMM reads for "dot": float32 (exact for 16-bit inputs)."""
+        return raw.float()
 
     def operand(self, x: torch.Tensor, query_side: bool) -> ScreenOperand:
         raw, rows, norms, bounds = self._rows(x)
@@ -245,9 +249,7 @@ class Mixed16Screen(Fp32Screen):
 
     def operand(self, x: torch.Tensor, query_side: bool) -> ScreenOperand:
         if self.metric != "cosine":
-            op = super().operand(x, query_side)
-            op.rows = op.raw  # the GEMM reads the 16-bit rows themselves (the bound is the same)
-            return op
+            return super().operand(x, query_side)
         raw = raw_rows(x)
         norms = canonical_norms(raw, self.kernels)
         zero, huge = norms == 0, norms > 2.0**126
@@ -263,6 +265,9 @@ class Mixed16Screen(Fp32Screen):
         second = (3 * self.dim * SUBNORMAL + 2.0**-148) * SAFETY * inv_bound
         floor = sqrt_d * inv_bound + 2.0**-150 * (inv_bound * (1 + U32) + 1) * (1 + self.rel) * SAFETY
         return ScreenOperand(raw, raw, norms, first, second, torch.where(zero, 0.0, floor), inv=inv_n.float())
+
+    def _gemm_rows(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw  # the GEMM reads the 16-bit rows themselves (the bound is the float32 one with u = 0)
 
     def scores(self, q: ScreenOperand, c: ScreenOperand, out: torch.Tensor) -> None:
         self.kernels.matmul_f32(q.rows, c.rows, out)
@@ -286,7 +291,7 @@ def canonical_pair_scores(queries: torch.Tensor, rows_of: Any, ids: torch.Tensor
     for i0 in range(0, b, step):
         q = raw_rows(queries[i0:i0 + step])
         sl = ids[i0:i0 + step]
-        c = raw_rows(rows_of(sl.reshape(-1).to(queries.device)).to(queries.device, queries.dtype))
+        c = raw_rows(rows_of(sl.reshape(-1)).to(queries.device, queries.dtype))
         local = torch.arange(c.shape[0], dtype=torch.int64, device=queries.device).reshape(sl.shape)
         out[i0:i0 + step] = canonical_scores_at(q, c, local, metric, kernels=kernels)
     return out
