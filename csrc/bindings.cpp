@@ -239,6 +239,20 @@ PYBIND11_MODULE(_C, m) {
       "Merges a block of approximate scores into the state: candidates the error bound cannot rule out are "
       "rescored canonically and offered exactly.");
   m.def(
+      "topk_screen_block_segments",
+      [](const TopkParams& p, const ScreenBlock& s, int64_t segments, uintptr_t stream) {
+#if defined(HNSAMPLE_WITH_CUDA)
+        topk_screen_block_segments_cuda(p, s, segments, as_ptr<void>(stream));
+#else
+        (void)p, (void)s, (void)segments, (void)stream;
+        throw Error("hnsample was built without CUDA");
+#endif
+      },
+      py::arg("params"), py::arg("screen"), py::arg("segments"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "CUDA: topk_screen_block with the block's columns split into `segments` ranges, range s feeding the "
+      "state copy s * B rows past the params' state.");
+  m.def(
       "topk_screen_filter_counts",
       [](const TopkParams& p, const ScreenBlock& s, uintptr_t counts, int threads, bool cuda, uintptr_t stream) {
         if (!cuda) return topk_screen_filter_counts_cpu(p, s, as_ptr<int64_t>(counts), threads);

@@ -150,6 +150,9 @@ void canonical_pairs_cpu(const void* q, int64_t q_stride, const void* c, int64_t
 #if defined(HNSAMPLE_WITH_CUDA)
 // The same on the device (one warp per row; s.col_max required), with the same results bit for bit.
 void topk_screen_block_cuda(const TopkParams& p, const ScreenBlock& s, void* stream);
+// The block's columns split into `segments` ranges, range s feeding the state copy s * B rows past p's
+// state (a [segments, B, capacity] state the caller merges), as topk_select_block_segments_cuda.
+void topk_screen_block_segments_cuda(const TopkParams& p, const ScreenBlock& s, int64_t segments, void* stream);
 void topk_screen_filter_counts_cuda(const TopkParams& p, const ScreenBlock& s, int64_t* counts, void* stream);
 void canonical_norms_cuda(const void* x, int dtype, int64_t rows, int64_t dim, int64_t stride, double* out,
                           void* stream);

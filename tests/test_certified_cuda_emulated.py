@@ -269,7 +269,7 @@ def test_the_launcher_checks_col_max(emu):
     prod = screen_product(q.dtype, "dot", 8, q.device, kernels)
     for blk in score_blocks(q, c, prod, 4, 50):
         with pytest.raises(ValueError, match="col_max"):
-            kernels.screen_block(state.params, screen_block(blk, 0))
+            kernels.screen_block(state.params, screen_block(blk, 0), blk.scores)
 
 
 def test_cuda_product_choice(emu):
@@ -286,6 +286,40 @@ def test_cuda_product_choice(emu):
     on_gpu = screen_product(torch.float32, "dot", 64, cpu, kernels)
     on_cpu = screen_product(torch.float32, "dot", 64, cpu)
     assert on_gpu.gamma == pytest.approx(4 * on_cpu.gamma, rel=1e-3)
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+@pytest.mark.parametrize("name,kw", SAMPLINGS, ids=[s[0] for s in SAMPLINGS])
+def test_the_driver_path_with_column_segments(emu, metric, name, kw):
+    # Few rows: the driver splits each block's columns over state copies (one warp per row and segment)
+    # and merges them; the result is still the canonical reference's, bit for bit.
+    rng = np.random.default_rng(12)
+    q, c = adversarial(rng, 5, 3000, 24, torch.bfloat16)
+    c[2000:2100] = c[0]  # duplicates in another segment
+    pos = torch.from_numpy(rng.integers(-1, 3000, (5, 2)))
+    filters = dict(kw, positives=pos, relative_margin=0.05)
+    want = R.topk_similarity(q, c, 7, metric=metric, **filters)
+    driver, calls = test_cuda_emulated.emulated_driver(emu)
+    kernels = driver.kernels
+
+    def positive_values(p):
+        return canonical_pair_scores(q, c.__getitem__, p, metric, kernels=kernels).double()
+
+    sel = build_selection(5, 3000, q.device, 7, positives=pos, exclude=None, query_labels=None,
+                          candidate_labels=None, positive_scores=None, absolute_margin=None, relative_margin=0.05,
+                          min_score=None, max_score=None, skip_top=kw.get("skip_top", 0), pool=kw.get("pool"),
+                          sampling=kw.get("sampling", "top"), temperature=kw.get("temperature", 1.0),
+                          generator=None, seed=kw.get("seed"), positive_values=positive_values)
+    state = SelectionState(sel, 5, q.device, kernels=kernels)
+    state.rescored = torch.zeros(5, dtype=torch.int64)
+    with settings.override(cuda_min_segment_cols=256):
+        driver.run_certified(q, c, state, metric, 5 * 1024)
+    out_s = torch.empty((5, 7), dtype=torch.float64)
+    out_j = torch.empty((5, 7), dtype=torch.int64)
+    kernels.finalize(state.params, out_s, out_j)
+    assert calls["topk_screen_block_segments"] > 0 and calls["topk_merge"] > 0
+    assert_bits((out_s.float(), out_j), want)
+    assert int(state.rescored.sum()) > 0  # counted across segments (row 3 has a NaN: nothing to rescore)
 
 
 # ----------------------------------------------------------------------------------------------------

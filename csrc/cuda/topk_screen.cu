@@ -11,7 +11,8 @@
 // The state only ever takes exact canonical scores, and its result does not depend on the order of
 // the offers, so it equals the CPU kernel's. (The CPU also pre-selects within a block on lower
 // bounds; that only saves rescorings, and the count of rescorings is the one thing that differs.)
-// Memory: reads the block once, the raw rows of the survivors, and updates the state in place.
+// Memory: reads the block once, the raw rows of the survivors, and updates the state in place (or, with
+// segments, column range s of the block updates state copy s).
 #include <cuda_runtime.h>
 
 #include "../params_check.h"
@@ -34,8 +35,10 @@ __device__ __forceinline__ float approx_at(const bf16_bits* p) {
   return to_float(bf16_bits{__ldcs(reinterpret_cast<const unsigned short*>(p))});
 }
 
+// Columns [blockIdx.y seg_cols, ...) of the block feed state copy blockIdx.y (a [segments, B, capacity]
+// state, merged by the caller), so that few rows still fill the GPU.
 template <typename A, typename T>
-__global__ void __launch_bounds__(kScreenThreads, 3) screen_block_kernel(TopkParams p, ScreenBlock s) {
+__global__ void __launch_bounds__(kScreenThreads, 3) screen_block_kernel(TopkParams p, ScreenBlock s, int64_t seg_cols) {
   __shared__ float q_score[kScreenWarps][kQueue];
   __shared__ int q_col[kScreenWarps][kQueue];
 
@@ -43,6 +46,14 @@ __global__ void __launch_bounds__(kScreenThreads, 3) screen_block_kernel(TopkPar
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kScreenWarps + warp;
   if (r >= b.rows) return;  // whole warps leave; nothing below synchronizes the block
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * seg_cols;
+  const int64_t c_end = c_begin + seg_cols < b.cols ? c_begin + seg_cols : b.cols;
+  if (c_begin >= c_end) return;
+  const int64_t seg_rows = static_cast<int64_t>(blockIdx.y) * p.num_rows;  // state copy blockIdx.y
+  p.st_score += seg_rows * p.capacity;
+  p.st_index += seg_rows * p.capacity;
+  if (p.st_key != nullptr) p.st_key += seg_rows * p.capacity;
+  p.st_count += seg_rows * 2;
   const int64_t row = b.row_offset + r;
   const RowState st = row_state(p, row);
   const double hi = row_upper(p, row);
@@ -74,8 +85,10 @@ __global__ void __launch_bounds__(kScreenThreads, 3) screen_block_kernel(TopkPar
     for (int i = lane; i < count; i += 32) qs[i] = screen_rescore<T>(s, r, qc[i]);
     __syncwarp();
     if (lane == 0) {
+      // Segments of one row count into the same slot.
+      if (s.rescored != nullptr)
+        atomicAdd(reinterpret_cast<unsigned long long*>(s.rescored + row), static_cast<unsigned long long>(count));
       for (int i = 0; i < count; ++i) {
-        if (s.rescored != nullptr) ++s.rescored[row];
         const double score = static_cast<double>(qs[i]);
         if (score >= p.min_score && score <= hi) offer_candidate(p, st, row, score, b.col_offset + qc[i]);
       }
@@ -85,12 +98,12 @@ __global__ void __launch_bounds__(kScreenThreads, 3) screen_block_kernel(TopkPar
     refresh();
   };
 
-  for (int64_t base = 0; base < b.cols; base += kTile) {
+  for (int64_t base = c_begin; base < c_end; base += kTile) {
     uint32_t pass = 0;
 #pragma unroll
     for (int e = 0; e < kLaneElems; ++e) {
       const int64_t c = base + e * 32 + lane;
-      if (c < b.cols) {
+      if (c < c_end) {
         const float a = approx_at(approx + c * b.col_stride);
         if ((a >= low && a <= high) || !screen_finite(a)) pass |= 1u << e;
       }
@@ -174,11 +187,13 @@ void dispatch_screen(const ScreenBlock& s, const F& f) {
 struct BlockLaunch {
   const TopkParams& p;
   const ScreenBlock& s;
+  int64_t segments;
   cudaStream_t stream;
   template <typename A, typename T>
   void run() const {
-    const unsigned grid = static_cast<unsigned>(ceil_div(s.approx.rows, kScreenWarps));
-    HN_LAUNCH(grid, kScreenThreads, 0, stream, screen_block_kernel<A, T>)(p, s);
+    const int64_t seg_cols = ceil_div(s.approx.cols, segments);
+    const dim3 grid(static_cast<unsigned>(ceil_div(s.approx.rows, kScreenWarps)), static_cast<unsigned>(segments));
+    HN_LAUNCH(grid, kScreenThreads, 0, stream, screen_block_kernel<A, T>)(p, s, seg_cols);
     HN_CUDA_CHECK(cudaGetLastError());
   }
 };
@@ -206,11 +221,16 @@ void check_device_screen(const TopkParams& p, const ScreenBlock& s) {
 
 }  // namespace
 
-void topk_screen_block_cuda(const TopkParams& p, const ScreenBlock& s, void* stream) {
+void topk_screen_block_segments_cuda(const TopkParams& p, const ScreenBlock& s, int64_t segments, void* stream) {
   check_device_screen(p, s);
+  HN_CHECK_PARAM(segments >= 1 && segments <= 65535, "segments must be in [1, 65535]");
   if (s.approx.rows == 0 || s.approx.cols == 0 || p.k == 0) return;
   HN_CHECK(ceil_div(s.approx.rows, kScreenWarps) < (int64_t{1} << 31), "too many rows in one block");
-  dispatch_screen(s, BlockLaunch{p, s, static_cast<cudaStream_t>(stream)});
+  dispatch_screen(s, BlockLaunch{p, s, segments, static_cast<cudaStream_t>(stream)});
+}
+
+void topk_screen_block_cuda(const TopkParams& p, const ScreenBlock& s, void* stream) {
+  topk_screen_block_segments_cuda(p, s, 1, stream);
 }
 
 void topk_screen_filter_counts_cuda(const TopkParams& p, const ScreenBlock& s, int64_t* counts, void* stream) {

@@ -29,9 +29,9 @@ class CpuBackend:
 
 
 class CudaBackend:
-    """CUDA: the :class:`~hnsample.engine.cuda.CudaDriver`'s paths; the generic block loop on the CUDA
-    kernels with on_block (which must see every score block) and for certified selections
-    (settings.cuda_certified: a screening product and the CUDA screen kernel, docs/certified.md)."""
+    """CUDA: the :class:`~hnsample.engine.cuda.CudaDriver`'s paths (its certified path for float32 / 16-bit
+    inputs with settings.cuda_certified, docs/certified.md); with on_block (which must see every score
+    block) the generic block loop on the CUDA kernels (certified there too)."""
 
     def __init__(self, driver: CudaDriver | None = None):
         self.driver = driver if driver is not None else CudaDriver()
@@ -39,8 +39,10 @@ class CudaBackend:
 
     def select(self, queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str,
                block_size: int, col_offset: int = 0, on_block: OnBlock | None = None) -> SelectionState:
-        if on_block is not None or certified(queries):
+        if on_block is not None:
             return select_blocks(queries, candidates, state, metric, block_size, col_offset, on_block)
+        if certified(queries):
+            return self.driver.run_certified(queries, candidates, state, metric, block_size, col_offset)
         return self.driver.select(queries, candidates, state, metric, block_size, col_offset)
 
 

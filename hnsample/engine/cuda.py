@@ -30,7 +30,7 @@ import torch
 from .. import _C
 from .. import settings as _settings
 from .._ext import dtype_code, ptr
-from .blocks import cosine_scale, product_for, score_blocks
+from .blocks import cosine_scale, product_for, score_blocks, screen_product
 from .selection import CUDA_KERNELS, CudaKernels, Selection, SelectionState
 
 # Select-kernel facts (csrc/cuda/topk_select.cu): scores per warp per tile, resident warps per SM in
@@ -277,12 +277,7 @@ class CudaDriver:
         product = self.product(queries, metric)
         plan = plan_blocks(b, n, block_size, facts.multiprocessors, facts.l2_bytes, row_bytes,
                            product.out_dtype.itemsize)
-        if row_offset or b != state.rows:
-            plan = dataclasses.replace(plan, segments=1)
-        target = state
-        if plan.segments > 1:
-            target = SelectionState(state.sel, b, state.device, state.params.noise_row_offset, self.kernels,
-                                    copies=plan.segments)
+        plan, target = self._segmented(state, plan, whole=not row_offset and b == state.rows)
         # A product with scales_in_select leaves the cosine scales on its operands: the select kernel
         # applies them in its compare, (acc * row scale) * column scale, as the product would have.
         scaled = getattr(product, "scales_in_select", False)
@@ -291,10 +286,48 @@ class CudaDriver:
         for blk in score_blocks(queries, candidates, product, plan.block_rows, plan.block_cols, packed=True):
             rs, cs = (blk.queries.scale, blk.candidates.scale) if scaled else (None, None)
             select(params, blk.scores, row_offset + blk.i0, col_offset + blk.j0, segments, rs, cs, stream)
+        return self._merge_segments(state, target)
+
+    def _segmented(self, state: SelectionState, plan: CudaPlan, whole: bool) -> tuple[CudaPlan, SelectionState]:
+        """(plan, the state blocks are offered to): with plan.segments > 1, a new state of that many stacked
+        copies (one per column range), which _merge_segments folds into `state`; one segment when the
+        blocks cover only part of the state's rows (``whole`` false)."""
+        if not whole:
+            plan = dataclasses.replace(plan, segments=1)
+        if plan.segments == 1:
+            return plan, state
+        target = SelectionState(state.sel, state.rows, state.device, state.params.noise_row_offset, self.kernels,
+                                copies=plan.segments)
+        target.rescored = state.rescored
+        return plan, target
+
+    def _merge_segments(self, state: SelectionState, target: SelectionState) -> SelectionState:
+        """Folds the segment copies of `target` into `state` (exact: their candidates are disjoint)."""
         if target is not state:
-            for s in range(plan.segments):
+            for s in range(target.st_score.shape[0] // target.rows):
                 self.kernels.merge(state.params, target.copy_params(s), state.st_count)
         return state
+
+    def run_certified(self, queries: torch.Tensor, candidates: torch.Tensor, state: SelectionState, metric: str,
+                      block_size: int, col_offset: int = 0) -> SelectionState:
+        """Certified path (settings.cuda_certified, docs/certified.md): blocks of the screening product
+        (``screen_product``: the float32 GEMM, or the 16-bit tensor-core GEMM for 16-bit inputs), shaped
+        and segmented as the two-pass path's, each merged by the CUDA screen kernel, which rescores
+        canonically what the product's bound cannot rule out. Same results as the CPU, bit for bit. Extra
+        memory: one score block, one prepared candidate block (with its canonical norms and bound
+        factors) and the segment copies of the state."""
+        b, n = queries.shape[0], candidates.shape[0]
+        if b == 0 or n == 0 or state.sel.k == 0:
+            return state
+        facts = self.kernels.device_facts(queries.device)
+        row_bytes = state.capacity * (24 if state.sel.sampling != "top" else 16) + 16
+        product = screen_product(queries.dtype, metric, queries.shape[1], queries.device, self.kernels)
+        plan = plan_blocks(b, n, block_size, facts.multiprocessors, facts.l2_bytes, row_bytes,
+                           product.out_dtype.itemsize)
+        plan, target = self._segmented(state, plan, whole=b == state.rows)
+        for blk in score_blocks(queries, candidates, product, plan.block_rows, plan.block_cols, packed=True):
+            target.offer_screened(blk, col_offset + blk.j0, plan.segments)
+        return self._merge_segments(state, target)
 
     def launch_fused(self, f: Any, like: torch.Tensor) -> None:
         """The fused score kernel over one FusedBlock."""

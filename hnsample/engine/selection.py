@@ -62,8 +62,13 @@ class CpuKernels:
             params, block.data_ptr(), dtype_code(block), block.shape[0], block.shape[1], block.stride(0),
             block.stride(1), row_offset, col_offset, ptr(counts), self.cuda, self.stream(block), self.threads())
 
-    def screen_block(self, params: Any, screen: Any) -> None:
-        self.module.topk_screen_block(params, screen, self.cuda, 0, self.threads())
+    def screen_block(self, params: Any, screen: Any, like: torch.Tensor, segments: int = 1) -> None:
+        """Merges a ScreenBlock (engine.certify) into the state, on the stream of `like` (the approximate
+        scores). segments > 1 (CUDA): as select_block's, column range s feeding state copy s."""
+        if segments > 1:
+            self.module.topk_screen_block_segments(params, screen, segments, self.stream(like))
+        else:
+            self.module.topk_screen_block(params, screen, self.cuda, self.stream(like), self.threads())
 
     def screen_filter_counts(self, params: Any, screen: Any, counts: torch.Tensor) -> None:
         self.module.topk_screen_filter_counts(params, screen, ptr(counts), self.threads(), self.cuda,
@@ -462,15 +467,16 @@ class SelectionState:
             return
         self.kernels.select_block(self.params, block, row_offset, col_offset)
 
-    def offer_screened(self, block: Any, col_offset: int) -> None:
+    def offer_screened(self, block: Any, col_offset: int, segments: int = 1) -> None:
         """Merges a block of a screening product (engine.certify): only candidates its error bound cannot
-        rule out are rescored canonically and offered. block: an engine.blocks.Block of ScreenOperands."""
+        rule out are rescored canonically and offered. block: an engine.blocks.Block of ScreenOperands.
+        segments > 1 (CUDA, a state of that many copies): column range s of the block feeds copy s."""
         if block.scores.numel():
             screen = screen_block(block, col_offset)
             screen.rescored = ptr(self.rescored)
             if self.kernels.cuda:
                 screen.col_max = ptr(block.candidates.maxima())
-            self.kernels.screen_block(self.params, screen)
+            self.kernels.screen_block(self.params, screen, block.scores, segments)
 
     def count_filters(self, block: Any, col_offset: int, counts: torch.Tensor) -> None:
         """Adds to counts (int64 (B, 5)) what each score filter of this selection removes from a block

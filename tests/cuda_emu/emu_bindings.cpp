@@ -174,6 +174,12 @@ PYBIND11_MODULE(_cuda_emu, m) {
       },
       py::arg("params"), py::arg("screen"), py::arg("cuda"), py::arg("stream"), py::arg("threads"));
   m.def(
+      "topk_screen_block_segments",
+      [](const TopkParams& p, const ScreenBlock& s, int64_t segments, uintptr_t stream) {
+        topk_screen_block_segments_cuda(p, s, segments, as_ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("screen"), py::arg("segments"), py::arg("stream"));
+  m.def(
       "topk_screen_filter_counts",
       [](const TopkParams& p, const ScreenBlock& s, uintptr_t counts, int, bool cuda, uintptr_t stream) {
         need_cuda(cuda);
