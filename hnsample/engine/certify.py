@@ -31,10 +31,10 @@ from .selection import kernels_for
 
 U32 = 2.0**-24  # unit roundoff of float32
 U_BF16 = 2.0**-8  # of bfloat16 (8 significant bits)
-# Per-addition relative error assumed for a GPU GEMM's float32 accumulation: tensor cores align the
-# terms of each multi-term addition to the largest exponent and truncate (no round-to-nearest), and
-# cuBLAS may pick any order or split; 2^-22 (four float32 unit roundoffs) covers truncation with a factor
-# two of room, as the fused kernels' TF32 slack does (docs/certified.md, "On the GPU").
+# Per-element relative error assumed for a GPU GEMM's float32 accumulation: tensor cores align the terms
+# of each multi-term addition to the largest exponent and truncate (no round-to-nearest), and cuBLAS may
+# pick any order or split; with at least 23 fraction bits kept after alignment, d (1 + 1/k) 2^-23 <=
+# d 2^-22 covers groups of any size k (docs/certified.md, "On the GPU"; an assumption, not a spec).
 U_GPU_ACC = 2.0**-22
 SAFETY = 1 + 2.0**-20  # rounds every computed bound up past the float64 roundings of computing it
 SUBNORMAL = 2.0**-126  # smallest normal float32: what flushing a subnormal can lose
