@@ -127,6 +127,15 @@ HN_HD double sample_key(Sampling sampling, double score, double inv_temperature,
 // ---------------------------------------------------------------------------------------------------
 // Eligibility of candidate `col` for state row `row`, beyond the score bounds (which the scans test
 // first, in bulk): not a banned id (binary search in the sorted row) and not of the query's label.
+// Points p's state at stacked copy `copy` of it (copy * B rows further on: the CUDA column segments).
+HN_HD void point_at_state_copy(TopkParams& p, int64_t copy) {
+  const int64_t rows = copy * p.num_rows;
+  p.st_score += rows * p.capacity;
+  p.st_index += rows * p.capacity;
+  if (p.st_key != nullptr) p.st_key += rows * p.capacity;
+  p.st_count += rows * 2;
+}
+
 HN_HD bool id_banned(const TopkParams& p, int64_t row, int64_t col) {
   if (p.banned_cols == 0) return false;
   const int64_t* ids = p.banned + row * p.banned_stride;

@@ -80,14 +80,6 @@ ColumnMaxima column_maxima(const ScreenBlock& s) {
   return m;
 }
 
-double row_width(const ScreenBlock& s, const ColumnMaxima& m, int64_t r) {
-  return screen_row_width(s, m.b, m.f, m.h, r);
-}
-
-void bulk_bounds(double lo, double hi, double width, double rel, float& low, float& high) {
-  screen_bulk_bounds(lo, hi, width, rel, low, high);
-}
-
 // `n` float64 slots of scratch space.
 double* upper_scratch(std::vector<double>& scratch, int64_t n) {
   if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(static_cast<size_t>(n));
@@ -154,7 +146,7 @@ void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& c
   const int64_t row = b.row_offset + r;
   const RowState st = row_state(p, row);
   const double hi = row_upper(p, row);
-  const double width = row_width(s, cm, r);
+  const double width = screen_row_width(s, cm.b, cm.f, cm.h, r);
   const bool stream = p.mode == SelectMode::Stream;
   const A* approx = static_cast<const A*>(b.data) + r * b.row_stride;
   auto value = [&](int64_t c) { return to_float(approx[c * b.col_stride]); };
@@ -166,7 +158,7 @@ void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& c
   double lo = std::max(row_entry_threshold(p, st), p.min_score);
   if (!(lo <= hi)) return;  // an empty interval (or a NaN bound): nothing can be taken
   float low, high;
-  bulk_bounds(lo, hi, width, s.rel, low, high);
+  screen_bulk_bounds(lo, hi, width, s.rel, low, high);
   cols.resize(static_cast<size_t>(b.cols));
   int64_t kept = keep_columns(approx, b.cols, b.col_stride, low, high, cols.data());
 
@@ -191,7 +183,7 @@ void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& c
       std::nth_element(bounds.begin(), nth, bounds.end());
       if (!(*nth > lo)) break;
       lo = *nth;
-      bulk_bounds(lo, hi, width, s.rel, low, high);
+      screen_bulk_bounds(lo, hi, width, s.rel, low, high);
       int64_t n = 0;
       if (stride > 1) {  // most of the row goes: the vector scan of the whole row is cheaper than the list
         n = keep_columns(approx, b.cols, b.col_stride, low, high, cols.data());

@@ -49,11 +49,7 @@ __global__ void __launch_bounds__(kScreenThreads, 3) screen_block_kernel(TopkPar
   const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * seg_cols;
   const int64_t c_end = c_begin + seg_cols < b.cols ? c_begin + seg_cols : b.cols;
   if (c_begin >= c_end) return;
-  const int64_t seg_rows = static_cast<int64_t>(blockIdx.y) * p.num_rows;  // state copy blockIdx.y
-  p.st_score += seg_rows * p.capacity;
-  p.st_index += seg_rows * p.capacity;
-  if (p.st_key != nullptr) p.st_key += seg_rows * p.capacity;
-  p.st_count += seg_rows * 2;
+  point_at_state_copy(p, blockIdx.y);
   const int64_t row = b.row_offset + r;
   const RowState st = row_state(p, row);
   const double hi = row_upper(p, row);

@@ -139,12 +139,7 @@ __global__ void __launch_bounds__(kSelectThreads, kStream || sizeof(T) == 8 ? 2
   const int64_t c_end = c_begin + seg_cols < b.cols ? c_begin + seg_cols : b.cols;
   if (c_begin >= c_end) return;
 
-  // Segment s of the state lives s * B rows further on.
-  const int64_t seg_rows = static_cast<int64_t>(blockIdx.y) * p.num_rows;
-  p.st_score += seg_rows * p.capacity;
-  p.st_index += seg_rows * p.capacity;
-  if (p.st_key != nullptr) p.st_key += seg_rows * p.capacity;
-  p.st_count += seg_rows * 2;
+  point_at_state_copy(p, blockIdx.y);  // segment s feeds the state copy s * B rows further on
 
   const int64_t row = b.row_offset + r;
   const RowState st = row_state(p, row);

@@ -186,8 +186,6 @@ class Fp32Screen:
 
     def scores(self, q: ScreenOperand, c: ScreenOperand, out: torch.Tensor) -> None:
         torch.matmul(q.rows, c.rows.T, out=out)
-        if q.inv is not None:
-            out.mul_(q.inv[:, None]).mul_(c.inv[None, :])
 
 
 class Bf16Screen(Fp32Screen):
