@@ -223,6 +223,22 @@ PYBIND11_MODULE(_C, m) {
   pointer_field(screen, "c_norms", &ScreenBlock::c_norms);
   pointer_field(screen, "rescored", &ScreenBlock::rescored);
   pointer_field(screen, "col_max", &ScreenBlock::col_max);
+  screen.def_readwrite("defer_slots", &ScreenBlock::defer_slots);
+  pointer_field(screen, "defer_ids", &ScreenBlock::defer_ids);
+  pointer_field(screen, "defer_upper", &ScreenBlock::defer_upper);
+  pointer_field(screen, "defer_count", &ScreenBlock::defer_count);
+  pointer_field(screen, "defer_lower", &ScreenBlock::defer_lower);
+  pointer_field(screen, "defer_lower_count", &ScreenBlock::defer_lower_count);
+  m.def(
+      "topk_screen_flush",
+      [](const TopkParams& p, const ScreenBlock& s, uintptr_t table, int64_t blocks, int threads) {
+        topk_screen_flush_cpu(p, s, as_ptr<int64_t>(table), blocks, threads);
+      },
+      py::arg("params"), py::arg("screen"), py::arg("table"), py::arg("blocks"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "CPU: rescores and offers the deferred survivors of the screen's rows (queries at screen.queries) and "
+      "empties their lists; table: int64 [blocks, 4] (first id, rows address, row stride, norms address or 0) "
+      "of the candidate blocks they came from, ascending first ids.");
   m.def(
       "topk_screen_block",
       [](const TopkParams& p, const ScreenBlock& s, bool cuda, uintptr_t stream, int threads) {

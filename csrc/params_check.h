@@ -131,6 +131,18 @@ inline void check_pair_block(const InfoNceParams& p, const PairBlock& b) {
   HN_CHECK_PARAM((b.guide != nullptr) == (p.guide_upper != nullptr), "a guide block goes with guide_upper");
 }
 
+// A screen's deferred rescoring lists (ScreenBlock::defer_*): all present when defer_slots > 0, for a
+// window selection only.
+inline void check_deferred(const TopkParams& p, const ScreenBlock& s) {
+  HN_CHECK_PARAM(s.defer_slots >= 0, "defer_slots must be >= 0");
+  if (s.defer_slots == 0) return;
+  HN_CHECK_PARAM(p.mode == SelectMode::Window,
+                 "deferred rescoring needs a window selection (sampling 'top' or from a bounded pool)");
+  HN_CHECK_PARAM(s.defer_ids != nullptr && s.defer_upper != nullptr && s.defer_count != nullptr &&
+                     (p.capacity == 0 || s.defer_lower != nullptr) && s.defer_lower_count != nullptr,
+                 "deferred rescoring lists are null");
+}
+
 inline void check_screen(const TopkParams& p, const ScreenBlock& s) {
   check_block(p, s.approx);
   const auto approx = static_cast<DType>(s.approx.dtype);
@@ -151,6 +163,7 @@ inline void check_screen(const TopkParams& p, const ScreenBlock& s) {
   const uintptr_t item = raw == DType::Float32 ? 4 : 2;
   HN_CHECK_PARAM(!work || (aligned_to(s.queries, item) && aligned_to(s.candidates, item)),
                  "raw rows must be aligned to their element size");
+  check_deferred(p, s);
 }
 
 // A block of candidate lists: scores and ids of the same [rows, cols] extent, both present when the

@@ -38,6 +38,16 @@ struct ScreenBlock {
   // [3]: the largest col_b, col_f and col_h of the block (0 for absent factors; NaN or inf make the
   // bulk test keep everything). The CUDA launcher needs it; the CPU computes its own when null.
   const double* col_max = nullptr;
+  // Deferred rescoring (CPU, window mode; topk_screen_flush_cpu), by state row; defer_slots == 0: every
+  // survivor is rescored in its block. Survivors wait as (id, upper bound) across the blocks of a pass
+  // and are rescored once at its end, beside a min-heap of the `capacity` largest lower bounds known to be
+  // reached by distinct eligible candidates (certainly eligible waiting ones, exact scores offered).
+  int64_t defer_slots = 0;
+  int64_t* defer_ids = nullptr;          // [rows, defer_slots] global candidate ids
+  float* defer_upper = nullptr;          // [rows, defer_slots] their upper bounds, rounded up
+  int64_t* defer_count = nullptr;        // [rows]
+  double* defer_lower = nullptr;         // [rows, capacity] the heap of lower bounds
+  int64_t* defer_lower_count = nullptr;  // [rows]
 };
 
 // The error bound of one pair (float64, rounded outward by the caller's factors).
@@ -137,6 +147,12 @@ HN_HD void screen_count_row(const TopkParams& p, const ScreenBlock& s, int64_t r
 
 // Launchers (csrc/cpu/topk_screen.cpp, csrc/cuda/topk_screen.cu).
 void topk_screen_block_cpu(const TopkParams& p, const ScreenBlock& s, int threads);
+// Rescores and offers the waiting survivors of state rows [s.approx.row_offset, + s.approx.rows) (their
+// queries at s.queries, q_norms) and empties their deferred lists. table: int64 [blocks, 4] rows (first
+// global id, raw rows address, row stride in elements, canonical norms address or 0), ascending first
+// ids: the candidate blocks the ids came from, whose rows must still be alive.
+void topk_screen_flush_cpu(const TopkParams& p, const ScreenBlock& s, const int64_t* table, int64_t blocks,
+                           int threads);
 // Adds the per-filter counts of the block's candidates by their canonical scores (see
 // topk_filter_counts_cpu), rescoring only those whose interval straddles a filter bound.
 void topk_screen_filter_counts_cpu(const TopkParams& p, const ScreenBlock& s, int64_t* counts, int threads);

@@ -5,10 +5,18 @@
 // least `capacity` certainly better candidates outrank. The survivors are rescored canonically from
 // the raw rows and offered exactly. Rows are split over threads; a row touches its approximate scores,
 // its state and the raw rows of its survivors.
+//
+// Deferred rescoring (window mode, when the caller gives the lists): a row's survivors wait as (id,
+// upper bound) across the blocks of a pass and are rescored once at its end (topk_screen_flush_cpu).
+// Rescored in their block, most of the ~capacity * ln(N / block) candidates that enter a running top-k
+// would be evicted by a later block; waiting, they are dropped for free when `capacity` certainly
+// better ones are known (Deferred::lambda).
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../params_check.h"
@@ -80,42 +88,143 @@ ColumnMaxima column_maxima(const ScreenBlock& s) {
   return m;
 }
 
-// `n` float64 slots of scratch space.
-double* upper_scratch(std::vector<double>& scratch, int64_t n) {
-  if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(static_cast<size_t>(n));
-  return scratch.data();
-}
+// Per-thread scratch space of the screen.
+struct Scratch {
+  std::vector<int32_t> cols;
+  std::vector<double> bounds, norms, scores;
+  std::vector<const void*> rows;
+  std::vector<int64_t> ids;
+  std::vector<std::pair<float, int64_t>> order;
 
-// Canonical scores of block row r against the listed columns, two at a time where the vector unit can.
+  // Room for n listed candidates (rows, norms, scores, ids).
+  void reserve_list(int64_t n) {
+    const auto m = static_cast<size_t>(n);
+    if (rows.size() < m) {
+      rows.resize(m);
+      norms.resize(m);
+      scores.resize(m);
+      ids.resize(m);
+    }
+  }
+};
+
+// Canonical scores of query row q (canonical norm q_norm: cosine) against n listed candidate rows
+// (norms[t]: their canonical norms), two at a time where the vector unit can, every cache line of the
+// next pair requested while this pair is summed (a listed row is usually out of the near caches).
 template <typename T>
-void rescore_into(const ScreenBlock& s, int64_t r, const int32_t* cols, int64_t n, double* out) {
+void rescore_rows(const T* q, double q_norm, bool cosine, const void* const* rows, const double* norms, int64_t n,
+                  int64_t dim, double* out) {
+  auto row = [&](int64_t t) { return static_cast<const T*>(rows[t]); };
   int64_t t = 0;
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     if (screen_has_avx2()) {
-      const float* q = static_cast<const float*>(s.queries) + r * s.q_stride;
-      const float* base = static_cast<const float*>(s.candidates);
-      const bool cosine = s.q_norms != nullptr;
-      // Every cache line of the next pair's rows is requested while this pair is summed: a row the GEMM
-      // streamed through is usually out of the near caches by now.
+      constexpr int64_t kAhead = 2;
       auto prefetch = [&](int64_t u) {
-        const char* row = reinterpret_cast<const char*>(base + cols[u] * s.c_stride);
-        for (int64_t off = 0; off < s.dim * 4; off += 64) __builtin_prefetch(row + off);
+        const char* bytes = static_cast<const char*>(rows[u]);
+        for (int64_t off = 0; off < dim * 4; off += 64) __builtin_prefetch(bytes + off);
       };
-      if (n > 0) prefetch(0);
-      if (n > 1) prefetch(1);
+      for (int64_t u = 0; u < std::min<int64_t>(n, kAhead); ++u) prefetch(u);
       for (; t + 2 <= n; t += 2) {
-        if (t + 2 < n) prefetch(t + 2);
-        if (t + 3 < n) prefetch(t + 3);
+        if (t + kAhead < n) prefetch(t + kAhead);
+        if (t + kAhead + 1 < n) prefetch(t + kAhead + 1);
         double d1, d2;
-        canonical_dot2_f32_avx2(q, base + cols[t] * s.c_stride, base + cols[t + 1] * s.c_stride, s.dim, &d1, &d2);
-        out[t] = canonical_score(d1, cosine, cosine ? s.q_norms[r] : 0.0, cosine ? s.c_norms[cols[t]] : 0.0);
-        out[t + 1] = canonical_score(d2, cosine, cosine ? s.q_norms[r] : 0.0, cosine ? s.c_norms[cols[t + 1]] : 0.0);
+        canonical_dot2_f32_avx2(q, row(t), row(t + 1), dim, &d1, &d2);
+        out[t] = canonical_score(d1, cosine, q_norm, cosine ? norms[t] : 0.0);
+        out[t + 1] = canonical_score(d2, cosine, q_norm, cosine ? norms[t + 1] : 0.0);
       }
     }
   }
 #endif
-  for (; t < n; ++t) out[t] = rescore<T>(s, r, cols[t]);
+  for (; t < n; ++t) out[t] = canonical_score(fast_dot(q, row(t), dim), cosine, q_norm, cosine ? norms[t] : 0.0);
+}
+
+// Canonical scores of block row r against the listed block columns, into sc.scores.
+template <typename T>
+void rescore_into(const ScreenBlock& s, int64_t r, const int32_t* cols, int64_t n, Scratch& sc) {
+  sc.reserve_list(n);
+  const bool cosine = s.q_norms != nullptr;
+  const T* base = static_cast<const T*>(s.candidates);
+  for (int64_t t = 0; t < n; ++t) {
+    sc.rows[t] = base + cols[t] * s.c_stride;
+    sc.norms[t] = cosine ? s.c_norms[cols[t]] : 0.0;
+  }
+  rescore_rows<T>(static_cast<const T*>(s.queries) + r * s.q_stride, cosine ? s.q_norms[r] : 0.0, cosine,
+                  sc.rows.data(), sc.norms.data(), n, s.dim, sc.scores.data());
+}
+
+// A state row's deferred survivors (ScreenBlock::defer_*; inactive when slots == 0).
+struct Deferred {
+  int64_t* ids = nullptr;
+  float* upper = nullptr;
+  int64_t* count = nullptr;
+  double* lower = nullptr;  // min-heap of the cap largest lower bounds recorded by reach()
+  int64_t* lower_count = nullptr;
+  int64_t slots = 0, cap = 0;
+
+  // lambda: `cap` distinct eligible candidates certainly score at least this (-inf until cap are known).
+  // A candidate whose upper bound is below it can never be taken (the window keeps `cap`).
+  double lambda() const { return cap > 0 && *lower_count == cap ? lower[0] : -kInf; }
+
+  // Records that an eligible candidate, waiting here (never one in the state: the heap and the state
+  // must count distinct candidates), certainly scores at least v.
+  void reach(double v) const {
+    if (cap == 0) return;
+    int64_t i = *lower_count;
+    if (i < cap) {
+      lower[i] = v;
+      *lower_count = i + 1;
+      while (i > 0 && lower[i] < lower[(i - 1) / 2]) {
+        std::swap(lower[i], lower[(i - 1) / 2]);
+        i = (i - 1) / 2;
+      }
+      return;
+    }
+    if (!(v > lower[0])) return;
+    lower[0] = v;
+    for (i = 0;;) {
+      int64_t m = 2 * i + 1;
+      if (m >= cap) break;
+      if (m + 1 < cap && lower[m + 1] < lower[m]) ++m;
+      if (!(lower[m] < lower[i])) break;
+      std::swap(lower[i], lower[m]);
+      i = m;
+    }
+  }
+
+  // Drops the waiting candidates whose upper bound is below t.
+  void prune(double t) const {
+    int64_t n = 0;
+    for (int64_t i = 0; i < *count; ++i) {
+      if (static_cast<double>(upper[i]) < t) continue;
+      ids[n] = ids[i];
+      upper[n++] = upper[i];
+    }
+    *count = n;
+  }
+
+  // Queues candidate j with upper bound `up`; false when the list is full even after pruning it by t.
+  bool wait(int64_t j, double up, double t) const {
+    if (*count == slots) prune(t);
+    if (*count == slots) return false;
+    ids[*count] = j;
+    upper[*count] = float_round_up(up);
+    ++*count;
+    return true;
+  }
+};
+
+Deferred deferred(const TopkParams& p, const ScreenBlock& s, int64_t row) {
+  Deferred d;
+  if (s.defer_slots == 0) return d;
+  d.slots = s.defer_slots;
+  d.cap = p.capacity;
+  d.ids = s.defer_ids + row * s.defer_slots;
+  d.upper = s.defer_upper + row * s.defer_slots;
+  d.count = s.defer_count + row;
+  d.lower = s.defer_lower + row * p.capacity;
+  d.lower_count = s.defer_lower_count + row;
+  return d;
 }
 
 // Offers a rescored candidate: its canonical score against the exact bounds, then the exact state.
@@ -141,7 +250,9 @@ void certain_range(double lo, double hi, double width, double rel, float& low, f
 
 template <typename A, typename T>
 void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& cm, int64_t r,
-                std::vector<int32_t>& cols, std::vector<double>& bounds) {
+                Scratch& sc) {
+  std::vector<int32_t>& cols = sc.cols;
+  std::vector<double>& bounds = sc.bounds;
   const ScoreBlock& b = s.approx;
   const int64_t row = b.row_offset + r;
   const RowState st = row_state(p, row);
@@ -155,7 +266,8 @@ void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& c
     return !id_banned(p, row, j) && label_allowed(p, row, j);
   };
 
-  double lo = std::max(row_entry_threshold(p, st), p.min_score);
+  const Deferred def = stream ? Deferred{} : deferred(p, s, row);
+  double lo = std::max({row_entry_threshold(p, st), p.min_score, def.lambda()});
   if (!(lo <= hi)) return;  // an empty interval (or a NaN bound): nothing can be taken
   float low, high;
   screen_bulk_bounds(lo, hi, width, s.rel, low, high);
@@ -177,7 +289,10 @@ void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& c
         const float a = value(cols[t]);
         if (a >= cert_low && a <= cert_high && eligible_id(cols[t])) bounds.push_back(lower_bound(a, width, s.rel));
       }
+      // The state and the deferred heap hold distinct candidates (a waiting one enters the state only
+      // when the heap is emptied), and this block's are in neither.
       for (int64_t t = 0; t < st.count[0]; ++t) bounds.push_back(st.skip_or_window.s[t]);
+      if (def.slots > 0) bounds.insert(bounds.end(), def.lower, def.lower + *def.lower_count);
       if (static_cast<int64_t>(bounds.size()) < p.capacity) break;
       const auto nth = bounds.end() - p.capacity;
       std::nth_element(bounds.begin(), nth, bounds.end());
@@ -199,7 +314,8 @@ void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& c
   }
 
   // Candidates the bounds cannot rule out against the state as it is now (a superset of what it will
-  // take: its threshold only rises), rescored two at a time, then offered exactly in column order.
+  // take: its threshold only rises): deferred (window mode with a deferred list that has room), or
+  // rescored two at a time and offered exactly in column order.
   int64_t n = 0;
   const double now = stream ? lo : std::max(lo, row_entry_threshold(p, st));
   for (int64_t t = 0; t < kept; ++t) {
@@ -217,21 +333,77 @@ void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& c
       offer_scored(p, st, row, hi, j, static_cast<double>(rescore<T>(s, r, c)), s.rescored);
       continue;
     }
+    if (def.slots > 0 && def.wait(b.col_offset + c, upper, std::max(now, def.lambda()))) {
+      if (known && lower >= p.min_score && upper <= hi) def.reach(lower);  // certainly eligible
+      continue;
+    }
     cols[n++] = static_cast<int32_t>(c);
   }
   if (stream || n == 0) return;
-  double* scores = upper_scratch(bounds, n);
-  rescore_into<T>(s, r, cols.data(), n, scores);
-  for (int64_t t = 0; t < n; ++t) offer_scored(p, st, row, hi, b.col_offset + cols[t], scores[t], s.rescored);
+  rescore_into<T>(s, r, cols.data(), n, sc);
+  for (int64_t t = 0; t < n; ++t) offer_scored(p, st, row, hi, b.col_offset + cols[t], sc.scores[t], s.rescored);
 }
 
 template <typename A, typename T>
 void screen_block(const TopkParams& p, const ScreenBlock& s, int threads) {
   const ColumnMaxima cm = column_maxima(s);
   parallel_rows(s.approx.rows, threads, [&](int64_t r0, int64_t r1) {
-    std::vector<int32_t> cols;
-    std::vector<double> bounds;
-    for (int64_t r = r0; r < r1; ++r) screen_row<A, T>(p, s, cm, r, cols, bounds);
+    Scratch sc;
+    for (int64_t r = r0; r < r1; ++r) screen_row<A, T>(p, s, cm, r, sc);
+  });
+}
+
+// The block of the flush table holding candidate id j (table rows: first id, rows address, stride,
+// norms address; ascending first ids).
+const int64_t* table_block(const int64_t* table, int64_t blocks, int64_t j) {
+  int64_t lo = 0, hi = blocks;  // the last block whose first id is <= j
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    (table[mid * 4] <= j ? lo : hi) = mid;
+  }
+  HN_CHECK_PARAM(blocks > 0 && table[lo * 4] <= j, "a deferred candidate id is in no block of the flush table");
+  return table + lo * 4;
+}
+
+template <typename T>
+void flush_rows(const TopkParams& p, const ScreenBlock& s, const int64_t* table, int64_t blocks, int threads) {
+  const bool cosine = s.q_norms != nullptr;
+  parallel_rows(s.approx.rows, threads, [&](int64_t r0, int64_t r1) {
+    Scratch sc;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t row = s.approx.row_offset + r;
+      const Deferred def = deferred(p, s, row);
+      const RowState st = row_state(p, row);
+      const double hi = row_upper(p, row);
+      // Highest upper bound first, a few at a time: once the state holds `capacity` exact scores, a
+      // candidate whose upper bound is below its entry threshold cannot enter, nor can any after it.
+      double lambda = std::max(def.lambda(), row_entry_threshold(p, st));
+      std::vector<std::pair<float, int64_t>>& order = sc.order;
+      order.clear();
+      for (int64_t i = 0; i < *def.count; ++i) {
+        if (!(static_cast<double>(def.upper[i]) < lambda)) order.emplace_back(def.upper[i], def.ids[i]);
+      }
+      std::sort(order.begin(), order.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+      constexpr int64_t kChunk = 16;
+      sc.reserve_list(kChunk);
+      for (size_t at = 0; at < order.size() && !(static_cast<double>(order[at].first) < lambda);) {
+        int64_t n = 0;
+        for (; at < order.size() && n < kChunk && !(static_cast<double>(order[at].first) < lambda); ++at) {
+          const int64_t j = order[at].second;
+          const int64_t* blk = table_block(table, blocks, j);
+          const int64_t off = j - blk[0];
+          sc.rows[n] = reinterpret_cast<const T*>(static_cast<uintptr_t>(blk[1])) + off * blk[2];
+          sc.norms[n] = cosine ? reinterpret_cast<const double*>(static_cast<uintptr_t>(blk[3]))[off] : 0.0;
+          sc.ids[n++] = j;
+        }
+        rescore_rows<T>(static_cast<const T*>(s.queries) + r * s.q_stride, cosine ? s.q_norms[r] : 0.0, cosine,
+                        sc.rows.data(), sc.norms.data(), n, s.dim, sc.scores.data());
+        for (int64_t t = 0; t < n; ++t) offer_scored(p, st, row, hi, sc.ids[t], sc.scores[t], s.rescored);
+        lambda = std::max(lambda, row_entry_threshold(p, st));
+      }
+      *def.count = 0;
+      *def.lower_count = 0;
+    }
   });
 }
 
@@ -254,6 +426,35 @@ void topk_screen_block_cpu(const TopkParams& p, const ScreenBlock& s, int thread
       return bf16 ? screen_block<bf16_bits, bf16_bits>(p, s, threads) : screen_block<float, bf16_bits>(p, s, threads);
     default:
       return bf16 ? screen_block<bf16_bits, half_bits>(p, s, threads) : screen_block<float, half_bits>(p, s, threads);
+  }
+}
+
+void topk_screen_flush_cpu(const TopkParams& p, const ScreenBlock& s, const int64_t* table, int64_t blocks,
+                           int threads) {
+  check_params(p);
+  check_deferred(p, s);
+  HN_CHECK_PARAM(s.defer_slots > 0, "nothing to flush: defer_slots is 0");
+  HN_CHECK_PARAM(s.approx.rows >= 0 && s.approx.row_offset >= 0 && s.approx.row_offset + s.approx.rows <= p.num_rows,
+                 "flushed rows are outside the state's " + std::to_string(p.num_rows) + " rows");
+  const auto raw = static_cast<DType>(s.dtype);
+  HN_CHECK_PARAM(raw == DType::Float32 || raw == DType::Float16 || raw == DType::BFloat16,
+                 "rescored rows must be float32, float16 or bfloat16");
+  HN_CHECK_PARAM(s.dim >= 0 && (s.approx.rows <= 1 || s.q_stride >= s.dim), "q_stride must be >= dim");
+  HN_CHECK_PARAM(blocks >= 0 && (blocks == 0 || table != nullptr), "the flush table is null");
+  for (int64_t b = 0; b < blocks; ++b) {
+    HN_CHECK_PARAM((table[b * 4 + 1] != 0 || s.dim == 0) && table[b * 4 + 2] >= s.dim && table[b * 4] >= 0,
+                   "flush table row " + std::to_string(b) + " has no rows, a stride below dim or a negative id");
+    HN_CHECK_PARAM(b == 0 || table[b * 4] > table[(b - 1) * 4], "flush table first ids must ascend");
+    HN_CHECK_PARAM((table[b * 4 + 3] != 0) == (s.q_norms != nullptr), "cosine needs the blocks' norms");
+  }
+  HN_CHECK_PARAM(s.approx.rows == 0 || s.dim == 0 || s.queries != nullptr, "the queries' rows are null");
+  switch (static_cast<DType>(s.dtype)) {
+    case DType::Float32:
+      return flush_rows<float>(p, s, table, blocks, threads);
+    case DType::BFloat16:
+      return flush_rows<bf16_bits>(p, s, table, blocks, threads);
+    default:
+      return flush_rows<half_bits>(p, s, table, blocks, threads);
   }
 }
 

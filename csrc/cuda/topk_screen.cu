@@ -213,6 +213,7 @@ void check_device_screen(const TopkParams& p, const ScreenBlock& s) {
   HN_CHECK_PARAM(s.approx.rows == 0 || s.approx.cols == 0 || s.col_max != nullptr,
                  "col_max (the block's largest col_b, col_f, col_h) is required on CUDA");
   HN_CHECK_PARAM(s.approx.cols < (int64_t{1} << 31), "a screened block has at most 2^31 - 1 columns");
+  HN_CHECK_PARAM(s.defer_slots == 0, "deferred rescoring (defer_slots) is a CPU feature");
 }
 
 }  // namespace

@@ -20,7 +20,7 @@ import torch
 
 from .. import settings as _settings
 from .certify import PRODUCTS, SCREENED_DTYPES, canonical_pair_scores
-from .selection import SelectionState, build_selection, kernels_for
+from .selection import ScreenedPass, SelectionState, build_selection, kernels_for
 
 # Rows of the positive-pair helpers hold at most this many gathered elements at a time.
 PAIR_CHUNK = 1 << 22
@@ -173,8 +173,9 @@ def probe_times(dtype: torch.dtype, rows: int = 64, cols: int = 4096, dim: int =
                 break
             state = SelectionState(sel, rows, torch.device("cpu"))
             t0 = time.perf_counter()
-            for blk in score_blocks(q, c, product, rows, 1024):
-                state.offer_screened(blk, blk.j0)
+            with ScreenedPass(state) as screened:
+                for blk in score_blocks(q, c, product, rows, 1024):
+                    screened.offer(blk, blk.j0)
             elapsed = time.perf_counter() - t0
             if attempt:
                 best = min(best, elapsed)
@@ -296,13 +297,14 @@ def select_blocks(
         return state
     product = product if product is not None else default_product(queries, metric, state.kernels)
     br, bc = block_shape(queries.shape[0], candidates.shape[0], block_size)
-    for blk in score_blocks(queries, candidates, product, br, bc):
-        if blk.rel is not None:
-            state.offer_screened(blk, col_offset + blk.j0)
-        else:
-            state.offer(blk.scores, blk.i0, col_offset + blk.j0)
-        if on_block is not None:
-            on_block(blk, col_offset + blk.j0)
+    with ScreenedPass(state) as screened:
+        for blk in score_blocks(queries, candidates, product, br, bc):
+            if blk.rel is not None:
+                screened.offer(blk, col_offset + blk.j0)
+            else:
+                state.offer(blk.scores, blk.i0, col_offset + blk.j0)
+            if on_block is not None:
+                on_block(blk, col_offset + blk.j0)
     return state
 
 

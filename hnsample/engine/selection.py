@@ -400,6 +400,15 @@ def screen_block(block: Any, col_offset: int) -> Any:
     return s
 
 
+# Deferred rescoring (ScreenedPass): a row's list holds DEFER_SLOTS_PER_CAPACITY capacity +
+# DEFER_EXTRA_SLOTS waiting survivors (a full list is pruned; survivors that still find no room are
+# rescored in their block); states whose lists would take more than DEFER_MAX_BYTES rescore every survivor
+# in its block instead.
+DEFER_SLOTS_PER_CAPACITY = 4
+DEFER_EXTRA_SLOTS = 64
+DEFER_MAX_BYTES = 256 << 20
+
+
 class SelectionState:
     """Running per-row top-k state on one device: ``offer`` score blocks, ``merge`` states over other
     candidates, then ``finalize``.
@@ -433,6 +442,7 @@ class SelectionState:
         self.params = self._params_at(p, 0)
         # (B,) int64: canonical rescorings per row of screened blocks, when a caller wants the statistic.
         self.rescored: torch.Tensor | None = None
+        self._deferred: tuple[torch.Tensor, ...] | None = None  # ScreenedPass's lists, made on first use
 
     def _params_at(self, p: Any, row0: int) -> Any:
         """p with its state pointers at row `row0` of the stacked state tensors."""
@@ -467,16 +477,62 @@ class SelectionState:
             return
         self.kernels.select_block(self.params, block, row_offset, col_offset)
 
-    def offer_screened(self, block: Any, col_offset: int, segments: int = 1) -> None:
+    def offer_screened(self, block: Any, col_offset: int, segments: int = 1, defer: bool = False) -> None:
         """Merges a block of a screening product (engine.certify): only candidates its error bound cannot
         rule out are rescored canonically and offered. block: an engine.blocks.Block of ScreenOperands.
-        segments > 1 (CUDA, a state of that many copies): column range s of the block feeds copy s."""
+        segments > 1 (CUDA, a state of that many copies): column range s of the block feeds copy s.
+        defer: survivors wait in the deferred lists (``deferred_lists``) for ``flush_deferred``."""
         if block.scores.numel():
             screen = screen_block(block, col_offset)
             screen.rescored = ptr(self.rescored)
             if self.kernels.cuda:
                 screen.col_max = ptr(block.candidates.maxima())
+            if defer:
+                self._point_at_deferred(screen)
             self.kernels.screen_block(self.params, screen, block.scores, segments)
+
+    def deferred_lists(self) -> tuple[torch.Tensor, ...] | None:
+        """The per-row lists of deferred rescoring (csrc/cpu/topk_screen.cpp), made on first use: ids
+        (B, S) int64, upper bounds (B, S) float32, counts (B,) int64, the heap of lower bounds
+        (B, capacity) float64 and its counts (B,) int64, with S = DEFER_SLOTS_PER_CAPACITY capacity +
+        DEFER_EXTRA_SLOTS (at least 1). None where deferral does not apply: the CUDA kernels, stream
+        sampling, capacity 0, or lists that would take more than DEFER_MAX_BYTES."""
+        if self._deferred is None:
+            cap, rows = self.capacity, self.rows
+            slots = max(1, DEFER_SLOTS_PER_CAPACITY * cap + DEFER_EXTRA_SLOTS)
+            fits = rows * (slots * 12 + cap * 8 + 16) <= DEFER_MAX_BYTES
+            if self.kernels.cuda or self.params.mode != _C.SelectMode.window or cap == 0 or not fits:
+                self._deferred = ()
+            else:
+                self._deferred = (
+                    torch.empty((rows, slots), dtype=torch.int64), torch.empty((rows, slots), dtype=torch.float32),
+                    torch.zeros(rows, dtype=torch.int64), torch.empty((rows, cap), dtype=torch.float64),
+                    torch.zeros(rows, dtype=torch.int64))
+        return self._deferred or None
+
+    def _point_at_deferred(self, screen: Any) -> None:
+        ids, upper, count, lower, lower_count = self.deferred_lists()
+        screen.defer_slots = ids.shape[1]
+        screen.defer_ids, screen.defer_upper, screen.defer_count = ptr(ids), ptr(upper), ptr(count)
+        screen.defer_lower, screen.defer_lower_count = ptr(lower), ptr(lower_count)
+
+    def flush_deferred(self, queries: Any, row_offset: int, table: torch.Tensor) -> None:
+        """Rescores and offers the deferred survivors of state rows [row_offset, + len(queries.raw)) and
+        empties their lists. queries: the rows' ScreenOperand; table: int64 (blocks, 4) of the candidate
+        blocks the survivors came from (ScreenedPass.finish)."""
+        s = _C.ScreenBlock()
+        s.set_approx(0, DTYPE_CODES[torch.float32], queries.raw.shape[0], 0, 0, 1, row_offset, 0)
+        s.queries, s.q_stride = ptr(queries.raw), queries.raw.stride(0)
+        s.dtype, s.dim, s.q_norms = dtype_code(queries.raw), queries.raw.shape[1], ptr(queries.norms)
+        s.rescored = ptr(self.rescored)
+        self._point_at_deferred(s)
+        self.kernels.module.topk_screen_flush(self.params, s, ptr(table), table.shape[0], self.kernels.threads())
+
+    def clear_deferred(self) -> None:
+        """Drops every deferred survivor unrescored (a pass that did not finish)."""
+        if self.deferred_lists() is not None:
+            self._deferred[2].zero_()
+            self._deferred[4].zero_()
 
     def count_filters(self, block: Any, col_offset: int, counts: torch.Tensor) -> None:
         """Adds to counts (int64 (B, 5)) what each score filter of this selection removes from a block
@@ -501,3 +557,55 @@ class SelectionState:
         if self.rows and self.sel.k:
             self.kernels.finalize(self.params, out_s, out_j)
         return out_s, out_j
+
+
+class ScreenedPass:
+    """One pass of screened blocks (engine.certify) over a set of candidates into a SelectionState.
+    On the CPU, for window selections, a row's survivors wait across the pass and are rescored once at its
+    end (csrc/cpu/topk_screen.cpp): most candidates that would enter a running top-k only to be evicted by
+    a later block are never rescored. The result is the same either way (every selection is exact).
+
+    ``offer`` each block, then ``finish`` while the candidates are alive; the pass keeps the blocks' raw
+    rows and norms (views of the inputs, or their copies) until then. As a context manager it finishes
+    on success and drops the waiting survivors on an exception (the state is then incomplete anyway)::
+
+        with ScreenedPass(state) as screened:
+            for blk in score_blocks(...):
+                screened.offer(blk, col_offset + blk.j0)
+    """
+
+    def __init__(self, state: SelectionState):
+        self.state = state
+        self.active = state.deferred_lists() is not None
+        self._cols: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # first global id -> (raw, norms)
+        self._rows: dict[int, Any] = {}  # first state row -> the rows' query operand
+
+    def offer(self, block: Any, col_offset: int) -> None:
+        """Offers a Block of ScreenOperands whose first candidate has global id col_offset."""
+        self.state.offer_screened(block, col_offset, defer=self.active)
+        if self.active and block.scores.numel():
+            c = block.candidates
+            self._cols.setdefault(col_offset, (c.raw, c.norms))
+            self._rows.setdefault(block.i0, block.queries)
+
+    def finish(self) -> None:
+        """Rescores and offers every waiting survivor; the state is then complete for this pass."""
+        if self._cols:
+            # A one-row block's stride is never used (it may be anything, e.g. 0 for an expanded row).
+            table = torch.tensor([[j0, ptr(raw), raw.stride(0) if raw.shape[0] > 1 else raw.shape[1], ptr(norms)]
+                                  for j0, (raw, norms) in sorted(self._cols.items())], dtype=torch.int64)
+            for i0, queries in self._rows.items():
+                self.state.flush_deferred(queries, i0, table)
+        self._cols.clear()
+        self._rows.clear()
+
+    def __enter__(self) -> ScreenedPass:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.finish()
+        elif self.active:
+            self.state.clear_deferred()
+            self._cols.clear()
+            self._rows.clear()
