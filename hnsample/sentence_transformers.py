@@ -11,6 +11,7 @@ before filtering. See docs/mining.md for every difference.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,13 @@ SAMPLING_STRATEGIES = {"top": "top", "random": "uniform", "softmax": "softmax"}
 
 
 def _texts(name: str, values: Any) -> list[str]:
+    if not isinstance(values, (list, tuple, str)):
+        # A datasets Column iterated goes row by row through the dataset's formatter (100x slower than
+        # reading the column at once, which a full slice does); a plain iterable has no slice.
+        try:
+            values = values[:]
+        except (TypeError, KeyError, IndexError, AttributeError):
+            pass
     out = list(values)
     bad = next((i for i, v in enumerate(out) if not isinstance(v, str)), None)
     if bad is not None:
@@ -232,8 +240,8 @@ def mine_hard_negatives(
         # With include_positives the positives are candidates, so the pair scores (and the margins'
         # p_i) come from the embeddings here rather than from the selection's positives.
         pair = _pair_scores(q_emb, c_emb, positives) if include_positives else None
-        result = _mine(q_emb, c_emb, None if include_positives else positives, num_negatives=num_negatives,
-                       exclude=exclude, positive_scores=None if pair is None else _row_min(pair),
+        result = _mine(q_emb, c_emb, None if include_positives else _padded(positives), num_negatives=num_negatives,
+                       exclude=_padded(exclude), positive_scores=None if pair is None else _row_min(pair),
                        metric="dot", query_batch_size=faiss_batch_size, device=device, progress=verbose,
                        verbose=False, **select)
         if pair is not None:
@@ -260,11 +268,13 @@ def mine_hard_negatives(
 
 
 def _padded(rows: list[list[int]]) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    t = torch.full((len(rows), width), -1, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        t[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
-    return t
+    """(len(rows), longest row) int64: the rows' ids, padded with -1."""
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    width = int(lens.max()) if len(rows) else 0
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    out[np.arange(width) < lens[:, None]] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
+                                                        count=int(lens.sum()))
+    return torch.from_numpy(out)
 
 
 def _pair_scores(q: np.ndarray, c: np.ndarray, positives: list[list[int]]) -> torch.Tensor:

@@ -20,16 +20,16 @@ def positive_duplicates(positives: Sequence[Sequence[int]], corpus: Sequence[str
     """For each query, the corpus rows whose normalized text (:func:`normalize_text`) equals that of one
     of its positives, the positives themselves left out: candidates that are the positive written again
     (other spacing or case), which no score margin reliably removes."""
-    wanted = {normalize_text(corpus[j]) for row in positives for j in row if j >= 0}
+    keys = list(map(normalize_text, corpus))
+    wanted = {keys[j] for row in positives for j in row if j >= 0}
     groups: dict[str, list[int]] = {}
-    for j, text in enumerate(corpus):
-        key = normalize_text(text)
+    for j, key in enumerate(keys):
         if key in wanted:
             groups.setdefault(key, []).append(j)
     out = []
     for row in positives:
         own = {j for j in row if j >= 0}
-        dups = {d for j in own for d in groups.get(normalize_text(corpus[j]), ()) if d not in own}
+        dups = {d for j in own for d in groups[keys[j]] if d not in own}
         out.append(sorted(dups))
     return out
 

@@ -404,3 +404,17 @@ def test_cache_is_keyed_on_the_weights(tmp_path, data):
     mine_hard_negatives(dataset, m, num_negatives=1, verbose=False, cache_folder=str(tmp_path))
     assert len(list(tmp_path.glob("*.npy"))) == 2 * len(files)
     assert math.isfinite(float(np.load(tmp_path / files[0]).sum()))
+
+
+def test_text_columns_and_id_rows_are_read_whole():
+    from hnsample.sentence_transformers import _padded, _texts
+
+    ds = datasets.Dataset.from_dict({"q": ["a", "b", "c"], "n": [1, 2, 3]}).shuffle(seed=1)
+    assert _texts("column 'q'", ds["q"]) == [r["q"] for r in ds]  # a Column, in the dataset's row order
+    assert _texts("corpus", (t for t in ["x", "y"])) == ["x", "y"]  # an iterable without slices
+    assert _texts("corpus", np.array(["x", "y"])) == ["x", "y"]
+    with pytest.raises(TypeError, match=r"column 'n' must hold strings, got int at row 0"):
+        _texts("column 'n'", ds["n"])
+    rows = [[3, 1], [], [7], [0, 2, 5]]
+    assert _padded(rows).tolist() == [[3, 1, -1], [-1, -1, -1], [7, -1, -1], [0, 2, 5]]
+    assert _padded([[], []]).shape == (2, 0) and _padded([]).shape == (0, 0)
