@@ -237,8 +237,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("params"), py::arg("screen"), py::arg("table"), py::arg("blocks"), py::arg("threads"),
       py::call_guard<py::gil_scoped_release>(),
       "CPU: rescores and offers the deferred survivors of the screen's rows (queries at screen.queries) and "
-      "empties their lists; table: int64 [blocks, 4] (first id, rows address, row stride, norms address or 0) "
-      "of the candidate blocks they came from, ascending first ids.");
+      "empties their lists; table: int64 [blocks, 5] (first id, rows, rows address, row stride, norms address "
+      "or 0) of the candidate blocks they came from, ascending and not overlapping.");
   m.def(
       "topk_screen_block",
       [](const TopkParams& p, const ScreenBlock& s, bool cuda, uintptr_t stream, int threads) {

@@ -148,9 +148,9 @@ HN_HD void screen_count_row(const TopkParams& p, const ScreenBlock& s, int64_t r
 // Launchers (csrc/cpu/topk_screen.cpp, csrc/cuda/topk_screen.cu).
 void topk_screen_block_cpu(const TopkParams& p, const ScreenBlock& s, int threads);
 // Rescores and offers the waiting survivors of state rows [s.approx.row_offset, + s.approx.rows) (their
-// queries at s.queries, q_norms) and empties their deferred lists. table: int64 [blocks, 4] rows (first
-// global id, raw rows address, row stride in elements, canonical norms address or 0), ascending first
-// ids: the candidate blocks the ids came from, whose rows must still be alive.
+// queries at s.queries, q_norms) and empties their deferred lists. table: int64 [blocks, 5] rows (first
+// global id, rows, raw rows address, row stride in elements, canonical norms address or 0), ascending
+// and not overlapping: the candidate blocks the ids came from, whose rows must still be alive.
 void topk_screen_flush_cpu(const TopkParams& p, const ScreenBlock& s, const int64_t* table, int64_t blocks,
                            int threads);
 // Adds the per-filter counts of the block's candidates by their canonical scores (see

@@ -141,13 +141,18 @@ def test_bad_flush_tables_are_refused():
     for blk in score_blocks(q, c, product, 3, 200):
         screened.offer(blk, blk.j0)
     operand = product.operand(q, True)
-    good = torch.tensor([[0, c.data_ptr(), c.stride(0), 0], [200, c[200:].data_ptr(), c.stride(0), 0]])
+    good = torch.tensor([[0, 200, c.data_ptr(), c.stride(0), 0], [200, 200, c[200:].data_ptr(), c.stride(0), 0]])
     with pytest.raises(ValueError, match="ascend"):
         state.flush_deferred(operand, 0, good.flip(0).contiguous())
+    with pytest.raises(ValueError, match="ascend"):  # overlapping blocks
+        state.flush_deferred(operand, 0, torch.tensor([[0, 300, c.data_ptr(), c.stride(0), 0], good[1].tolist()]))
     with pytest.raises(ValueError, match="no block"):
         state.flush_deferred(operand, 0, good[1:].contiguous())
+    with pytest.raises(ValueError, match="no block"):  # ids past a block's rows
+        state.flush_deferred(operand, 0, torch.tensor([[0, 100, c.data_ptr(), c.stride(0), 0],
+                                                       [250, 150, c[250:].data_ptr(), c.stride(0), 0]]))
     with pytest.raises(ValueError, match="stride below dim"):
-        state.flush_deferred(operand, 0, torch.tensor([[0, c.data_ptr(), 3, 0]]))
+        state.flush_deferred(operand, 0, torch.tensor([[0, 400, c.data_ptr(), 3, 0]]))
     state.flush_deferred(operand, 0, good)
     want = R.topk_similarity(q, c, 2, metric="dot")
     s, j = state.finalize()

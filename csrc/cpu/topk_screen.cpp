@@ -353,16 +353,19 @@ void screen_block(const TopkParams& p, const ScreenBlock& s, int threads) {
   });
 }
 
-// The block of the flush table holding candidate id j (table rows: first id, rows address, stride,
-// norms address; ascending first ids).
+// The flush table's row for the block holding candidate id j (kTableCols columns: first id, rows,
+// rows address, row stride, norms address; ascending first ids).
+constexpr int64_t kTableCols = 5;
 const int64_t* table_block(const int64_t* table, int64_t blocks, int64_t j) {
   int64_t lo = 0, hi = blocks;  // the last block whose first id is <= j
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
-    (table[mid * 4] <= j ? lo : hi) = mid;
+    (table[mid * kTableCols] <= j ? lo : hi) = mid;
   }
-  HN_CHECK_PARAM(blocks > 0 && table[lo * 4] <= j, "a deferred candidate id is in no block of the flush table");
-  return table + lo * 4;
+  const int64_t* blk = table + lo * kTableCols;
+  HN_CHECK_PARAM(blocks > 0 && blk[0] <= j && j - blk[0] < blk[1],
+                 "deferred candidate " + std::to_string(j) + " is in no block of the flush table");
+  return blk;
 }
 
 template <typename T>
@@ -392,8 +395,8 @@ void flush_rows(const TopkParams& p, const ScreenBlock& s, const int64_t* table,
           const int64_t j = order[at].second;
           const int64_t* blk = table_block(table, blocks, j);
           const int64_t off = j - blk[0];
-          sc.rows[n] = reinterpret_cast<const T*>(static_cast<uintptr_t>(blk[1])) + off * blk[2];
-          sc.norms[n] = cosine ? reinterpret_cast<const double*>(static_cast<uintptr_t>(blk[3]))[off] : 0.0;
+          sc.rows[n] = reinterpret_cast<const T*>(static_cast<uintptr_t>(blk[2])) + off * blk[3];
+          sc.norms[n] = cosine ? reinterpret_cast<const double*>(static_cast<uintptr_t>(blk[4]))[off] : 0.0;
           sc.ids[n++] = j;
         }
         rescore_rows<T>(static_cast<const T*>(s.queries) + r * s.q_stride, cosine ? s.q_norms[r] : 0.0, cosine,
@@ -442,10 +445,13 @@ void topk_screen_flush_cpu(const TopkParams& p, const ScreenBlock& s, const int6
   HN_CHECK_PARAM(s.dim >= 0 && (s.approx.rows <= 1 || s.q_stride >= s.dim), "q_stride must be >= dim");
   HN_CHECK_PARAM(blocks >= 0 && (blocks == 0 || table != nullptr), "the flush table is null");
   for (int64_t b = 0; b < blocks; ++b) {
-    HN_CHECK_PARAM((table[b * 4 + 1] != 0 || s.dim == 0) && table[b * 4 + 2] >= s.dim && table[b * 4] >= 0,
-                   "flush table row " + std::to_string(b) + " has no rows, a stride below dim or a negative id");
-    HN_CHECK_PARAM(b == 0 || table[b * 4] > table[(b - 1) * 4], "flush table first ids must ascend");
-    HN_CHECK_PARAM((table[b * 4 + 3] != 0) == (s.q_norms != nullptr), "cosine needs the blocks' norms");
+    const int64_t* t = table + b * kTableCols;
+    HN_CHECK_PARAM(t[0] >= 0 && t[1] >= 1 && (t[2] != 0 || s.dim == 0) && (t[1] == 1 || t[3] >= s.dim),
+                   "flush table row " + std::to_string(b) +
+                       " has a negative first id, no rows, a null address or a stride below dim");
+    HN_CHECK_PARAM(b == 0 || t[0] >= t[-kTableCols] + t[1 - kTableCols],
+                   "flush table blocks must ascend without overlap");
+    HN_CHECK_PARAM((t[4] != 0) == (s.q_norms != nullptr), "cosine needs the blocks' norms");
   }
   HN_CHECK_PARAM(s.approx.rows == 0 || s.dim == 0 || s.queries != nullptr, "the queries' rows are null");
   switch (static_cast<DType>(s.dtype)) {

@@ -518,8 +518,9 @@ class SelectionState:
 
     def flush_deferred(self, queries: Any, row_offset: int, table: torch.Tensor) -> None:
         """Rescores and offers the deferred survivors of state rows [row_offset, + len(queries.raw)) and
-        empties their lists. queries: the rows' ScreenOperand; table: int64 (blocks, 4) of the candidate
-        blocks the survivors came from (ScreenedPass.finish)."""
+        empties their lists. queries: the rows' ScreenOperand; table: int64 (blocks, 5) rows (first id,
+        rows, rows address, row stride, norms address or 0) of the candidate blocks the survivors came
+        from (ScreenedPass.finish)."""
         s = _C.ScreenBlock()
         s.set_approx(0, DTYPE_CODES[torch.float32], queries.raw.shape[0], 0, 0, 1, row_offset, 0)
         s.queries, s.q_stride = ptr(queries.raw), queries.raw.stride(0)
@@ -592,8 +593,8 @@ class ScreenedPass:
         """Rescores and offers every waiting survivor; the state is then complete for this pass."""
         if self._cols:
             # A one-row block's stride is never used (it may be anything, e.g. 0 for an expanded row).
-            table = torch.tensor([[j0, ptr(raw), raw.stride(0) if raw.shape[0] > 1 else raw.shape[1], ptr(norms)]
-                                  for j0, (raw, norms) in sorted(self._cols.items())], dtype=torch.int64)
+            table = torch.tensor([[j0, raw.shape[0], ptr(raw), raw.stride(0) if raw.shape[0] > 1 else raw.shape[1],
+                                   ptr(norms)] for j0, (raw, norms) in sorted(self._cols.items())], dtype=torch.int64)
             for i0, queries in self._rows.items():
                 self.state.flush_deferred(queries, i0, table)
         self._cols.clear()
