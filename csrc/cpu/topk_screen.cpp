@@ -279,7 +279,7 @@ void screen_row(const TopkParams& p, const ScreenBlock& s, const ColumnMaxima& c
   // reach, so anything whose upper bound stays below it can never be taken. With many candidates (a
   // row's first blocks) the set is a sample (every stride-th) and the round repeats on what survives,
   // so each round sorts a few hundred values instead of the whole block.
-  if (!stream && p.capacity > 0 && std::isfinite(width)) {
+  if (!stream && p.capacity > 0 && std::isfinite(width) && kept >= 16) {
     float cert_low, cert_high;
     certain_range(p.min_score, hi, width, s.rel, cert_low, cert_high);
     for (int round = 0; round < 3 && kept >= 16; ++round) {
