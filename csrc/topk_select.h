@@ -125,8 +125,6 @@ HN_HD double sample_key(Sampling sampling, double score, double inv_temperature,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Eligibility of candidate `col` for state row `row`, beyond the score bounds (which the scans test
-// first, in bulk): not a banned id (binary search in the sorted row) and not of the query's label.
 // Points p's state at stacked copy `copy` of it (copy * B rows further on: the CUDA column segments).
 HN_HD void point_at_state_copy(TopkParams& p, int64_t copy) {
   const int64_t rows = copy * p.num_rows;
@@ -136,6 +134,8 @@ HN_HD void point_at_state_copy(TopkParams& p, int64_t copy) {
   p.st_count += rows * 2;
 }
 
+// Eligibility of candidate `col` for state row `row`, beyond the score bounds (which the scans test
+// first, in bulk): not a banned id (binary search in the sorted row) and not of the query's label.
 HN_HD bool id_banned(const TopkParams& p, int64_t row, int64_t col) {
   if (p.banned_cols == 0) return false;
   const int64_t* ids = p.banned + row * p.banned_stride;

@@ -5,6 +5,7 @@ directory lives in :mod:`hnsample.checkpoint`, the result files in :mod:`hnsampl
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -230,6 +231,16 @@ def read_qrels(path: PathLike, num_queries: int, num_corpus: int, query_ids: lis
     return out
 
 
+def padded_id_rows(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(len(rows), longest row) int64 CPU tensor of integer id rows, padded with -1."""
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    width = int(lens.max()) if len(rows) else 0
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    out[np.arange(width) < lens[:, None]] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
+                                                        count=int(lens.sum()))
+    return torch.from_numpy(out)
+
+
 def positives_tensor(name: str, positives: Any, rows: int, n: int) -> torch.Tensor | None:
     """(rows, P) int64 CPU tensor from a tensor/array of ids (-1 = padding; 1-D means one per row) or
     a list of lists of ids (ragged rows padded with -1). Ids must lie in [0, n)."""
@@ -261,11 +272,7 @@ def positives_tensor(name: str, positives: Any, rows: int, n: int) -> torch.Tens
                 lists.append(vals)
             else:
                 raise TypeError(f"{name} rows must be lists of integer ids, got {type(r).__name__}")
-        width = max((len(r) for r in lists), default=0)
-        t = torch.full((len(lists), width), -1, dtype=torch.int64)
-        for i, r in enumerate(lists):
-            if r:
-                t[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        t = padded_id_rows(lists)
     else:
         raise TypeError(f"{name} must be a tensor/array of ids, a list of lists or a qrels path, "
                         f"got {type(positives).__name__}")

@@ -11,7 +11,6 @@ before filtering. See docs/mining.md for every difference.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from .encoding import Encoder, encode_texts, is_sentence_transformer, model_identity
 from .mining import DEFAULT_TEMPERATURE, ST_FORMATS
 from .mining import mine_hard_negatives as _mine
+from .mining_io import padded_id_rows
 from .rerank import rerank_hard_negatives
 from .texts import positive_duplicates
 
@@ -240,12 +240,12 @@ def mine_hard_negatives(
         # With include_positives the positives are candidates, so the pair scores (and the margins'
         # p_i) come from the embeddings here rather than from the selection's positives.
         pair = _pair_scores(q_emb, c_emb, positives) if include_positives else None
-        result = _mine(q_emb, c_emb, None if include_positives else _padded(positives), num_negatives=num_negatives,
-                       exclude=_padded(exclude), positive_scores=None if pair is None else _row_min(pair),
+        result = _mine(q_emb, c_emb, None if include_positives else padded_id_rows(positives), num_negatives=num_negatives,
+                       exclude=padded_id_rows(exclude), positive_scores=None if pair is None else _row_min(pair),
                        metric="dot", query_batch_size=faiss_batch_size, device=device, progress=verbose,
                        verbose=False, **select)
         if pair is not None:
-            result.positive_pair_scores, result.positives = pair, _padded(positives)
+            result.positive_pair_scores, result.positives = pair, padded_id_rows(positives)
     else:
         ce_pool = None
         if use_multi_process and hasattr(cross_encoder, "start_multi_process_pool"):
@@ -267,20 +267,10 @@ def mine_hard_negatives(
     return out
 
 
-def _padded(rows: list[list[int]]) -> torch.Tensor:
-    """(len(rows), longest row) int64: the rows' ids, padded with -1."""
-    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    width = int(lens.max()) if len(rows) else 0
-    out = np.full((len(rows), width), -1, dtype=np.int64)
-    out[np.arange(width) < lens[:, None]] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
-                                                        count=int(lens.sum()))
-    return torch.from_numpy(out)
-
-
 def _pair_scores(q: np.ndarray, c: np.ndarray, positives: list[list[int]]) -> torch.Tensor:
     """(B, P) float32 dot products of each query with each of its positives (NaN at padding), the
     score every (query, positive) row of the output carries."""
-    pos = _padded(positives)
+    pos = padded_id_rows(positives)
     out = torch.full(pos.shape, float("nan"), dtype=torch.float32)
     rows, cols = torch.nonzero(pos >= 0, as_tuple=True)
     if rows.numel():

@@ -407,7 +407,8 @@ def test_cache_is_keyed_on_the_weights(tmp_path, data):
 
 
 def test_text_columns_and_id_rows_are_read_whole():
-    from hnsample.sentence_transformers import _padded, _texts
+    from hnsample.mining_io import padded_id_rows
+    from hnsample.sentence_transformers import _texts
 
     ds = datasets.Dataset.from_dict({"q": ["a", "b", "c"], "n": [1, 2, 3]}).shuffle(seed=1)
     assert _texts("column 'q'", ds["q"]) == [r["q"] for r in ds]  # a Column, in the dataset's row order
@@ -416,5 +417,5 @@ def test_text_columns_and_id_rows_are_read_whole():
     with pytest.raises(TypeError, match=r"column 'n' must hold strings, got int at row 0"):
         _texts("column 'n'", ds["n"])
     rows = [[3, 1], [], [7], [0, 2, 5]]
-    assert _padded(rows).tolist() == [[3, 1, -1], [-1, -1, -1], [7, -1, -1], [0, 2, 5]]
-    assert _padded([[], []]).shape == (2, 0) and _padded([]).shape == (0, 0)
+    assert padded_id_rows(rows).tolist() == [[3, 1, -1], [-1, -1, -1], [7, -1, -1], [0, 2, 5]]
+    assert padded_id_rows([[], []]).shape == (2, 0) and padded_id_rows([]).shape == (0, 0)

@@ -531,9 +531,11 @@ class SelectionState:
 
     def clear_deferred(self) -> None:
         """Drops every deferred survivor unrescored (a pass that did not finish)."""
-        if self.deferred_lists() is not None:
-            self._deferred[2].zero_()
-            self._deferred[4].zero_()
+        lists = self.deferred_lists()
+        if lists is not None:
+            _, _, count, _, lower_count = lists
+            count.zero_()
+            lower_count.zero_()
 
     def count_filters(self, block: Any, col_offset: int, counts: torch.Tensor) -> None:
         """Adds to counts (int64 (B, 5)) what each score filter of this selection removes from a block
@@ -606,7 +608,8 @@ class ScreenedPass:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.finish()
-        elif self.active:
+            return
+        if self.active:
             self.state.clear_deferred()
-            self._cols.clear()
-            self._rows.clear()
+        self._cols.clear()
+        self._rows.clear()
