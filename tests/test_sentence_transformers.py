@@ -205,6 +205,21 @@ def test_never_short_where_sentence_transformers_runs_out(model, data):
     assert full.to_list() == ours.to_list()  # the best eligible, whatever range_max
 
 
+def test_the_same_rows_whichever_screening_product_runs(model, data):
+    """The screening product is picked by a timed probe (bfloat16 where the CPU multiplies it fastest,
+    e.g. with AMX; float32 elsewhere): the drop-in's rows and scores are bit-identical either way."""
+    from hnsample import settings
+
+    kw = dict(corpus=data[1], verbose=False, num_negatives=4, range_min=1, relative_margin=0.05,
+              output_format="n-tuple", output_scores=True)
+    rows = {}
+    for product in ("fp32", "bf16"):
+        with settings.override(screen_product=product):
+            rows[product] = mine_hard_negatives(data[0], model, **kw).to_list()
+    assert len(rows["fp32"]) == len(data[0])
+    assert rows["bf16"] == rows["fp32"]
+
+
 def test_duplicates_of_a_positives_text_are_never_negatives(model, data):
     dataset, extra = data
     answer = dataset["answer"][0]
