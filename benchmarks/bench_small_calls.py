@@ -47,6 +47,8 @@ MINER_CASES = [
     ("miners semi_hard B=4096 d=384 cosine", "semi_hard", 4096, 384, "cosine"),
     ("miners batch_hard B=1024 d=384 euclidean", "batch_hard", 1024, 384, "euclidean"),
     ("miners batch_hard B=4096 d=384 euclidean", "batch_hard", 4096, 384, "euclidean"),
+    ("miners semi_hard B=1024 d=384 euclidean", "semi_hard", 1024, 384, "euclidean"),
+    ("miners semi_hard B=4096 d=384 euclidean", "semi_hard", 4096, 384, "euclidean"),
 ]
 SEMI_HARD_MARGIN = 0.2
 

@@ -321,6 +321,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ids"), py::arg("rows"), py::arg("cols"), py::arg("q_norms"), py::arg("c_norms"), py::arg("out"),
       py::arg("threads"), py::arg("cuda") = false, py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
       "Canonical scores of query i with candidate ids[i, p] (float32 [rows, cols]; -1 gives NaN).");
+  m.def(
+      "canonical_distances",
+      [](uintptr_t a, int64_t a_stride, int64_t a_rows, uintptr_t b, int64_t b_stride, int64_t b_rows, int dtype,
+         int64_t dim, uintptr_t a_ids, uintptr_t b_ids, int64_t n, uintptr_t out, int threads) {
+        canonical_distances_cpu(as_ptr<const void>(a), a_stride, a_rows, as_ptr<const void>(b), b_stride, b_rows,
+                                dtype, dim, as_ptr<const int64_t>(a_ids), as_ptr<const int64_t>(b_ids), n,
+                                as_ptr<float>(out), threads);
+      },
+      py::arg("a"), py::arg("a_stride"), py::arg("a_rows"), py::arg("b"), py::arg("b_stride"), py::arg("b_rows"),
+      py::arg("dtype"), py::arg("dim"), py::arg("a_ids"), py::arg("b_ids"), py::arg("n"), py::arg("out"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Canonical euclidean scores -float32(sqrt(D2)) of rows a[a_ids[t]], b[b_ids[t]] (float32 [n]; CPU).");
   m.def("canonical_rounding_factor", &canonical_rounding_factor, py::arg("dim"),
         "Bound on the canonical score's distance to the exact real score, relative to |q| |c|.");
   m.def("uniform_noise", &uniform_noise, py::arg("seed"), py::arg("row"), py::arg("col"),

@@ -163,6 +163,11 @@ void canonical_norms_cpu(const void* x, int dtype, int64_t rows, int64_t dim, in
 void canonical_pairs_cpu(const void* q, int64_t q_stride, const void* c, int64_t c_stride, int dtype, int64_t dim,
                          const int64_t* ids, int64_t rows, int64_t cols, const double* q_norms,
                          const double* c_norms, float* out, int threads);
+// out[t] = -float32(sqrt(D2(a row a_ids[t], b row b_ids[t]))), the canonical "euclidean" score of n listed
+// pairs (csrc/cpu/distance.cpp); float32 / float16 / bfloat16 rows; ids outside the rows are refused.
+void canonical_distances_cpu(const void* a, int64_t a_stride, int64_t a_rows, const void* b, int64_t b_stride,
+                             int64_t b_rows, int dtype, int64_t dim, const int64_t* a_ids, const int64_t* b_ids,
+                             int64_t n, float* out, int threads);
 #if defined(HNSAMPLE_WITH_CUDA)
 // The same on the device (one warp per row; s.col_max required), with the same results bit for bit.
 void topk_screen_block_cuda(const TopkParams& p, const ScreenBlock& s, void* stream);

@@ -12,8 +12,9 @@ Two ways, with the same results:
 * "euclidean", and inputs the certificate does not cover (float64, GPU without cuda_certified, GPU
   "euclidean"): :class:`engine.intervals.
   BatchScores` blocks of anchor rows (certified intervals for "euclidean", exact scores otherwise),
-  rescoring the pairs the intervals cannot decide. batch_hard "euclidean" filters each block first with
-  :class:`engine.distance_screen.DistanceScreen` (one float32 pass) and rescores only what it keeps.
+  rescoring the pairs the intervals cannot decide. batch_hard "euclidean", and semi_hard "euclidean" with
+  fewer negatives per pair than rows, filter each block first with
+  :class:`engine.distance_screen.DistanceScreen` (float32 keys) and rescore only what they keep.
 
 Every function takes detached embeddings e (B, d) and int64 labels (B,) on e's device.
 """
@@ -28,8 +29,8 @@ import torch
 from . import settings as _settings
 from .engine.blocks import certified
 from .engine.certify import canonical_pair_scores
-from .engine.distance_screen import DistanceScreen
-from .engine.intervals import BatchScores, IntervalBlock, canonical_distance_scores, hardest_candidates, overlapping
+from .engine.distance_screen import DistanceScreen, above_cut, below_cut
+from .engine.intervals import BatchScores, IntervalBlock, canonical_distance_scores_at, hardest_candidates, overlapping
 from .ops.topk import topk_from_scores, topk_similarity
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -203,7 +204,7 @@ def _extreme_of_kept(raw: torch.Tensor, i0: int, keep: torch.Tensor, largest: bo
     counts = keep.sum(dim=1)
     if r.numel() == 0:
         return torch.full((keep.shape[0],), -1, dtype=torch.int64)
-    s = canonical_distance_scores(raw[i0 + r], raw[j]).double()
+    s = canonical_distance_scores_at(raw, i0 + r, raw, j).double()
     slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
     block = torch.full((keep.shape[0], int(counts.max())), math.nan, dtype=torch.float64)
     block[r, slot] = s if largest else -s
@@ -246,11 +247,16 @@ def _semi_hard_needs(blk: IntervalBlock, a: torch.Tensor, p: torch.Tensor, negat
 def _semi_hard_blocks(e: torch.Tensor, labels: torch.Tensor, margin: float, metric: str, k: int,
                       exact: Scorer) -> list[tuple[torch.Tensor, ...]]:
     b = e.shape[0]
-    found = []
+    found: list[tuple[torch.Tensor, ...]] = []
     scores = BatchScores(e, metric, exact)
     chunk = max(1, _block_budget() // max(1, b))
-    for blk in scores.blocks():
-        rows = torch.arange(blk.i0, blk.i1, device=e.device)
+    screened = scores.certified and metric == "euclidean" and k < b
+    for i0 in range(0, b, scores.rows):
+        i1 = min(b, i0 + scores.rows)
+        rows = torch.arange(i0, i1, device=e.device)
+        if screened and _screened_semi_hard(scores, labels, rows, margin, k, found):
+            continue
+        blk = scores.block(i0, i1)
         ok = blk.lower.isnan().logical_not()
         same = labels[rows, None] == labels[None, :]
         negative = ok & ~same
@@ -271,3 +277,92 @@ def _semi_hard_blocks(e: torch.Tensor, labels: torch.Tensor, margin: float, metr
             which = valid.nonzero(as_tuple=True)[0]
             found.append((rows[ac[which]], pc[which], top[valid]))
     return found
+
+
+def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, rows: torch.Tensor, margin: float, k: int,
+                        found: list) -> bool:
+    """semi_hard's triplets for anchor rows ``rows`` of a certified "euclidean" batch (k < B negatives per
+    pair) through the float32 keys of :class:`engine.distance_screen.DistanceScreen`, appended to
+    ``found``. False, with nothing appended, where a key of an eligible pair is not finite or the filter
+    keeps more than a quarter of the block's pairs: the caller then takes the intervals' way.
+
+    In distances u = -s (u_ap = v exactly: the positive pairs are scored canonically), the window is
+    v < u_an and fl64(v - u_an) >= -margin, and a pair's k best are the k smallest u_an > v (ties to the
+    lower index) less those past the margin (a suffix). For each pair a negative is kept when its key t
+    lies strictly between two cuts (engine.distance_screen.below_cut / above_cut):
+
+    * t <= below_cut(v): u_an <= v, never in the window;
+    * t >= above_cut(v - r) with r = the float64 below -margin: u_an > v - r, so fl64(v - u_an) <= r <
+      -margin, past the window (and so are all larger distances);
+    * t >= above_cut(y), y >= sqrt(D2) of the pair's k-th smallest key among the negatives certainly past
+      v (t >= above_cut(v)): u_an is strictly above k negatives with u > v, so it is not among the k best.
+
+    The kept pairs (3.4 per positive pair for k = 1 on random unit rows, B = 4096, d = 384) are rescored
+    canonically and the window's k best taken among them: everything dropped is outside the window or strictly behind k kept candidates, so these
+    are the k best of the whole window (docs/certified.md, "In-batch miners")."""
+    b = scores.n
+    i0, i1 = int(rows[0]), int(rows[-1]) + 1
+    ok = scores.finite[i0:i1, None] & scores.finite[None, :]
+    same = labels[rows, None] == labels[None, :]
+    a, p = (same & ok & (rows[:, None] != torch.arange(b)[None, :])).nonzero(as_tuple=True)
+    if a.numel() == 0:
+        return True
+    screen = DistanceScreen(scores, i0, i1)
+    negative = ok & ~same
+    t = torch.where(negative, screen.t, math.nan)  # NaN fails every comparison: only negatives are kept
+    if bool((t.isinf() | (negative & t.isnan())).any()):
+        return False
+    s_ap = canonical_distance_scores_at(scores.raw, i0 + a, scores.raw, p)
+    v = (-s_ap).double()
+    sq, g, rho = screen.sq_q[a], screen.g[a], screen.rho
+    lo, lo_ok = below_cut(sq, g, rho, v)
+    lo = torch.where(lo_ok, lo, -math.inf)
+    past = -math.nextafter(-margin, -math.inf)  # -r
+    hi, hi_ok = above_cut(sq, g, rho, (v + past) * (1 + 2.0**-50))
+    hi = torch.where(hi_ok, hi, math.inf)
+    inside, inside_ok = above_cut(sq, g, rho, v)
+    inside = torch.where(inside_ok, inside, math.inf)
+    chunk = max(1, _block_budget() // b)
+    pairs, cols = [], []
+    for c0 in range(0, a.numel(), chunk):
+        c1 = min(a.numel(), c0 + chunk)
+        tt = t[a[c0:c1]]
+        beyond = torch.where(tt >= inside[c0:c1, None], tt, math.inf)
+        m = (beyond.amin(dim=1) if k == 1 else beyond.topk(k, dim=1, largest=False).values[:, -1]).double()
+        cut, cut_ok = above_cut(sq[c0:c1], g[c0:c1], rho, screen.root_bound(m, sq[c0:c1], g[c0:c1]))
+        top = torch.minimum(hi[c0:c1], torch.where(cut_ok, cut, math.inf))
+        keep = (tt > lo[c0:c1, None]) & (tt < top[:, None])
+        pr, col = keep.nonzero(as_tuple=True)
+        pairs.append(pr + c0)
+        cols.append(col)
+        if sum(x.numel() for x in pairs) > (i1 - i0) * b // 4:
+            return False
+    pair, col = torch.cat(pairs), torch.cat(cols)
+    need = torch.zeros((i1 - i0, b), dtype=torch.bool)
+    need[a[pair], col] = True
+    r, j = need.nonzero(as_tuple=True)
+    values = torch.full((i1 - i0, b), math.nan, dtype=torch.float32)
+    values[r, j] = canonical_distance_scores_at(scores.raw, i0 + r, scores.raw, j)
+    s_an = values[a[pair], col].double()
+    x = s_an - s_ap.double()[pair]
+    win = (x >= -margin) & (x < 0)
+    pair, col, s_an = pair[win], col[win], s_an[win]
+    # The window's members of each pair, columns ascending, in a padded block of pairs; a chunk of pairs at
+    # a time keeps the block within the budget.
+    edges = list(range(0, a.numel(), chunk)) + [a.numel()]
+    starts = torch.searchsorted(pair, torch.tensor(edges)).tolist()
+    for c0, s0, s1 in zip(edges, starts[:-1], starts[1:], strict=False):
+        if s0 == s1:
+            continue
+        local = pair[s0:s1] - c0
+        counts = torch.bincount(local)
+        slot = torch.arange(s1 - s0) - (torch.cumsum(counts, 0) - counts)[local]
+        block = torch.full((counts.numel(), int(counts.max())), math.nan, dtype=torch.float64)
+        block[local, slot] = s_an[s0:s1]
+        ids = torch.full_like(block, -1, dtype=torch.int64)
+        ids[local, slot] = col[s0:s1]
+        top = topk_from_scores(block, min(k, block.shape[1])).indices
+        valid = top >= 0
+        which = valid.nonzero(as_tuple=True)[0]
+        found.append((rows[a[c0 + which]], p[c0 + which], ids.gather(1, top.clamp_min(0))[valid]))
+    return True

@@ -9,7 +9,12 @@ import torch
 
 from hnsample import Triplets, batch_hard, semi_hard, settings, triplet_margin_loss
 from hnsample import _reference as R
-from hnsample.engine.intervals import BatchScores, canonical_distance_scores
+from hnsample.engine.intervals import (
+    BatchScores,
+    canonical_distance_scores,
+    canonical_distance_scores_at,
+    canonical_distance_scores_torch,
+)
 from hnsample.miners import pairwise_similarity
 
 METRICS = ["cosine", "dot", "euclidean"]
@@ -251,6 +256,83 @@ def test_canonical_distance_matches_the_reference_bit_for_bit():
     want = -R.canonical_squared_distances(e, e).sqrt().float()
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert (got.diagonal() == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", [0, 1, 7, 8, 9, 21, 384])
+def test_compiled_canonical_distances_equal_the_tensor_formula(dtype, d):
+    """The C++ kernel (AVX2 for float32 rows, portable otherwise) gives the tensor formula's and the
+    reference's bits on hostile rows (duplicates, one ulp apart, norms 1e-30..1e30, subnormals, zeros), with
+    rows read in place through ids and a row stride above the width."""
+    rng = np.random.default_rng(d)
+    if d >= 20:
+        e, _ = hostile_batch(rng, 30, d, dtype)
+        e = e[e.isfinite().all(dim=1)]
+    else:
+        e = torch.from_numpy(rng.standard_normal((12, d)).astype(np.float32)).to(dtype)
+        if d:
+            e[3] = e[2]
+            e[4, 0] = 1e-41 if dtype == torch.float32 else 0  # a subnormal term
+    padded = torch.zeros((e.shape[0], d + 5), dtype=dtype)
+    padded[:, :d] = e
+    view = padded[:, :d]  # row stride d + 5
+    n = e.shape[0]
+    a, b = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
+    got = canonical_distance_scores_at(view, a, view, b)
+    torch_formula = canonical_distance_scores_torch(e[a], e[b])
+    want = -R.canonical_squared_distances(e, e).sqrt().float().reshape(-1)
+    assert torch.equal(got.view(torch.int32), torch_formula.view(torch.int32))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_compiled_canonical_distances_refuse_bad_pairs():
+    from hnsample import _C
+    from hnsample._ext import dtype_code
+
+    x = torch.randn(4, 3)
+    out = torch.empty(1)
+    for ids in ([4], [-1]):
+        i = torch.tensor(ids)
+        with pytest.raises(ValueError, match="outside"):
+            canonical_distance_scores_at(x, i, x, torch.tensor([0]))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        canonical_distance_scores_at(x.double(), torch.tensor([0]), x.double(), torch.tensor([1]))
+    with pytest.raises(ValueError, match="strides"):
+        _C.canonical_distances(x.data_ptr(), 2, 4, x.data_ptr(), 3, 4, dtype_code(x), 3,
+                               torch.zeros(1, dtype=torch.int64).data_ptr(), torch.zeros(1, dtype=torch.int64).data_ptr(),
+                               1, out.data_ptr(), 1)
+
+
+def test_screened_semi_hard_euclidean_runs_and_falls_back(monkeypatch):
+    """The float32 filter of semi_hard "euclidean" decides ordinary blocks (and rescores a few pairs per
+    positive pair); blocks it cannot bound (huge norms: non-finite keys) take the intervals' way. Both give
+    the reference's triplets."""
+    import hnsample.miner_choices as mc
+
+    taken = []
+    original = mc._screened_semi_hard
+
+    def spy(*args):
+        taken.append(original(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(mc, "_screened_semi_hard", spy)
+    g = torch.Generator().manual_seed(11)
+    e = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1)
+    lab = torch.randint(0, 40, (300,), generator=g)
+    for k in (1, 3):
+        with settings.override(block_size=300 * 4 * 64):
+            taken.clear()
+            got = _triples(semi_hard(e, lab, 0.3, metric="euclidean", negatives_per_pair=k))
+        assert got == R.semi_hard(e, lab, 0.3, "euclidean", k)
+        assert taken and all(taken)
+    huge = e.clone()
+    huge[::7] *= 1e19  # |a - b|^2 overflows float32 keys
+    with settings.override(block_size=300 * 4 * 64):
+        taken.clear()
+        got = _triples(semi_hard(huge, lab, 0.3, metric="euclidean"))
+    assert got == R.semi_hard(huge, lab, 0.3, "euclidean", 1)
+    assert False in taken
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -83,25 +83,46 @@ class DistanceScreen:
         known = eligible & t.isfinite()
         if largest_score:
             m = torch.where(known, t, math.inf).amin(dim=1).double()
-            h = (sq + m + g + SLACK * (sq + m.abs() + g)).clamp_min(0) * (1 + rho) * SAFETY
-            y = h.sqrt() * SAFETY
-            lam = (y * STEP * SAFETY + TINY) ** 2 * SAFETY
-            p = lam * SAFETY / (1 - rho)
-            bound = p + g - sq + SLACK * (p + g + sq)
-            usable = bound.isfinite() & (y <= LARGEST_Y)
-            cut = _float32_outward(bound, up=True)
+            cut, usable = above_cut(sq, g, rho, self.root_bound(m, sq, g))
             drop = known & (t >= cut[:, None]) & usable[:, None]
         else:
             m = torch.where(known, t, -math.inf).amax(dim=1).double()
             low = (sq + m - g - SLACK * (sq + m.abs() + g)) * (1 - rho) / SAFETY
-            x = low.clamp_min(0).sqrt() / SAFETY
-            y = torch.clamp_max((x - TINY) / STEP / SAFETY, LARGEST_Y)
-            p = y * y / SAFETY / (1 + rho) / SAFETY
-            bound = p - g - sq - SLACK * (p + g + sq)
-            usable = bound.isfinite() & (y > 0)
-            cut = _float32_outward(bound, up=False)
+            cut, usable = below_cut(sq, g, rho, low.clamp_min(0).sqrt() / SAFETY)
             drop = known & (t <= cut[:, None]) & usable[:, None]
         return eligible & ~drop
+
+    def root_bound(self, m: torch.Tensor, sq: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """y >= sqrt(D2) for a column of key m (float64) in rows of sq = fl64(N_a^2), bound g: D2 <=
+        (sq + m + g)(1 + rho), computed rounded up (inf for m = inf)."""
+        h = (sq + m + g + SLACK * (sq + m.abs() + g)).clamp_min(0) * (1 + self.rho) * SAFETY
+        return h.sqrt() * SAFETY
+
+
+def above_cut(sq: torch.Tensor, g: torch.Tensor, rho: float, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cut, usable), float32 and bool, elementwise for rows of sq = fl64(N_a^2) and bound g: a column of
+    key t >= cut (where usable) has float32(fl64(sqrt(D2))) > y(1 + 2^-22), so its score is strictly below
+    that of any pair whose sqrt(D2) <= y (module docstring, 3. and 4.), and its distance strictly above y
+    when y >= 0 is any float64 (float32 rounding moves by less than 2^-24 relative + 2^-150).
+    (N_a^2 + t - G)(1 - rho) >= (y(1 + 2^-21) + 2^-147)^2 solved for t, rounded up; not usable for
+    y > 2^126 or a non-finite bound."""
+    lam = (y * STEP * SAFETY + TINY) ** 2 * SAFETY
+    p = lam * SAFETY / (1 - rho)
+    bound = p + g - sq + SLACK * (p + g + sq)
+    usable = bound.isfinite() & (y <= LARGEST_Y)
+    return _float32_outward(bound, up=True), usable
+
+
+def below_cut(sq: torch.Tensor, g: torch.Tensor, rho: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cut, usable) as :func:`above_cut`, the other way: a column of key t <= cut (where usable) has
+    sqrt(D2) <= (x - 2^-147) / (1 + 2^-21), so its score is strictly above that of any pair whose
+    sqrt(D2) >= x, and its distance float32(fl64(sqrt(D2))) <= x for a float32 x. Not usable for
+    x <= 2^-147 or a non-finite bound."""
+    y = torch.clamp_max((x - TINY) / STEP / SAFETY, LARGEST_Y)
+    p = y * y / SAFETY / (1 + rho) / SAFETY
+    bound = p - g - sq - SLACK * (p + g + sq)
+    usable = bound.isfinite() & (y > 0)
+    return _float32_outward(bound, up=False), usable
 
 
 def _float32_outward(v: torch.Tensor, up: bool) -> torch.Tensor:

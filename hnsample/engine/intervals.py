@@ -28,9 +28,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .. import _C
 from .. import settings as _settings
+from .._ext import dtype_code
 from .blocks import screen_product
 from .certify import SAFETY, SCREENED_DTYPES, canonical_norms, canonical_scores_at
+from .selection import kernels_for
 
 U64 = 2.0**-53  # unit roundoff of float64
 LANES = 8  # lanes of the canonical sum (csrc/canonical.h)
@@ -55,8 +58,37 @@ def canonical_distance_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(n,) float32 s_t = -float32(sqrt(D2(a_t, b_t))) for rows a, b (n, d) of a float32 / 16-bit dtype:
     x_t = fl64(fl64(a_t - b_t)^2), lanes P_r = ((0 + x_r) + x_{r+8}) + ..., t ascending,
     D2 = ((P_0 + P_4) + (P_2 + P_6)) + ((P_1 + P_5) + (P_3 + P_7)). Every step is one IEEE float64
-    operation in a fixed order (never fused: each is its own tensor operation), so the bits are the same
-    on every machine."""
+    operation in a fixed order (never fused), so the bits are the same on every machine. CPU rows go to
+    the compiled kernel (csrc/cpu/distance.cpp), others through :func:`canonical_distance_scores_torch`."""
+    if a.device.type != "cpu":
+        return canonical_distance_scores_torch(a, b)
+    ids = torch.arange(a.shape[0])
+    return canonical_distance_scores_at(a, ids, b, ids)
+
+
+def canonical_distance_scores_at(x: torch.Tensor, x_ids: torch.Tensor, y: torch.Tensor,
+                                 y_ids: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 canonical distance scores (:func:`canonical_distance_scores`) of the CPU rows
+    x[x_ids[t]] and y[y_ids[t]], without gathering them; x and y of one dtype and width."""
+    out = torch.empty(x_ids.shape[0], dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    x, y = _rows(x), _rows(y)
+    x_ids, y_ids = x_ids.to(torch.int64).contiguous(), y_ids.to(torch.int64).contiguous()
+    _C.canonical_distances(x.data_ptr(), x.stride(0), x.shape[0], y.data_ptr(), y.stride(0), y.shape[0],
+                           dtype_code(x), x.shape[1], x_ids.data_ptr(), y_ids.data_ptr(), out.numel(),
+                           out.data_ptr(), kernels_for(x.device).threads())
+    return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with unit column stride and a row stride the kernel accepts (at least one row's width)."""
+    return x if x.stride(1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
+
+
+def canonical_distance_scores_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`canonical_distance_scores` in tensor operations (each step its own operation: no fused
+    multiply-add), on any device."""
     n, d = a.shape
     out = torch.empty(n, dtype=torch.float32, device=a.device)
     width = math.ceil(d / LANES) * LANES
@@ -197,7 +229,7 @@ class BatchScores:
             return
         self.rescored += r.numel()
         if self.metric == "euclidean":
-            s = canonical_distance_scores(self.raw[blk.i0 + r], self.raw[j])
+            s = canonical_distance_scores_at(self.raw, blk.i0 + r, self.raw, j)
         else:
             counts = need.sum(dim=1)
             slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
