@@ -333,6 +333,28 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("dim"), py::arg("a_ids"), py::arg("b_ids"), py::arg("n"), py::arg("out"),
       py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
       "Canonical euclidean scores -float32(sqrt(D2)) of rows a[a_ids[t]], b[b_ids[t]] (float32 [n]; CPU).");
+  m.def(
+      "pair_kth_key",
+      [](uintptr_t t, int64_t rows, int64_t cols, int64_t stride, uintptr_t pair_rows, uintptr_t floor,
+         int64_t pairs, int64_t k, uintptr_t out, int threads) {
+        pair_kth_key_cpu(as_ptr<const float>(t), rows, cols, stride, as_ptr<const int64_t>(pair_rows),
+                         as_ptr<const float>(floor), pairs, k, as_ptr<float>(out), threads);
+      },
+      py::arg("t"), py::arg("rows"), py::arg("cols"), py::arg("stride"), py::arg("pair_rows"), py::arg("floor"),
+      py::arg("pairs"), py::arg("k"), py::arg("out"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Per pair, the k-th smallest float32 key >= floor[p] of its row (+inf when fewer than k).");
+  m.def(
+      "pair_key_columns",
+      [](uintptr_t t, int64_t rows, int64_t cols, int64_t stride, uintptr_t pair_rows, uintptr_t lo, uintptr_t hi,
+         int64_t pairs, int64_t capacity, uintptr_t out_pairs, uintptr_t out_cols, int threads) {
+        return pair_key_columns_cpu(as_ptr<const float>(t), rows, cols, stride, as_ptr<const int64_t>(pair_rows),
+                                    as_ptr<const float>(lo), as_ptr<const float>(hi), pairs, capacity,
+                                    as_ptr<int64_t>(out_pairs), as_ptr<int64_t>(out_cols), threads);
+      },
+      py::arg("t"), py::arg("rows"), py::arg("cols"), py::arg("stride"), py::arg("pair_rows"), py::arg("lo"),
+      py::arg("hi"), py::arg("pairs"), py::arg("capacity"), py::arg("out_pairs"), py::arg("out_cols"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "The (pair, column) of every key with lo[p] < t < hi[p] (written when at most capacity); returns the count.");
   m.def("canonical_rounding_factor", &canonical_rounding_factor, py::arg("dim"),
         "Bound on the canonical score's distance to the exact real score, relative to |q| |c|.");
   m.def("uniform_noise", &uniform_noise, py::arg("seed"), py::arg("row"), py::arg("col"),

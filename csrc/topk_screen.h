@@ -168,6 +168,16 @@ void canonical_pairs_cpu(const void* q, int64_t q_stride, const void* c, int64_t
 void canonical_distances_cpu(const void* a, int64_t a_stride, int64_t a_rows, const void* b, int64_t b_stride,
                              int64_t b_rows, int dtype, int64_t dim, const int64_t* a_ids, const int64_t* b_ids,
                              int64_t n, float* out, int threads);
+// semi_hard's float32 key filter (hnsample/miner_choices.py), over a key block t (rows x cols, row stride
+// `stride`; NaN keys never count) and pairs naming a row each:
+// out[p] = the k-th smallest key >= floor[p] of row pair_rows[p] (+inf when fewer than k), 1 <= k <= cols;
+void pair_kth_key_cpu(const float* t, int64_t rows, int64_t cols, int64_t stride, const int64_t* pair_rows,
+                      const float* floor, int64_t pairs, int64_t k, float* out, int threads);
+// the (pair, column) of every key with lo[p] < t < hi[p], pairs ascending and columns ascending within
+// one, written to out_pairs / out_cols when there are at most `capacity` of them; returns how many.
+int64_t pair_key_columns_cpu(const float* t, int64_t rows, int64_t cols, int64_t stride, const int64_t* pair_rows,
+                             const float* lo, const float* hi, int64_t pairs, int64_t capacity, int64_t* out_pairs,
+                             int64_t* out_cols, int threads);
 #if defined(HNSAMPLE_WITH_CUDA)
 // The same on the device (one warp per row; s.col_max required), with the same results bit for bit.
 void topk_screen_block_cuda(const TopkParams& p, const ScreenBlock& s, void* stream);

@@ -29,7 +29,7 @@ import torch
 from . import settings as _settings
 from .engine.blocks import certified
 from .engine.certify import canonical_pair_scores
-from .engine.distance_screen import DistanceScreen, above_cut, below_cut
+from .engine.distance_screen import DistanceScreen, above_cut, below_cut, key_columns, kth_key
 from .engine.intervals import BatchScores, IntervalBlock, canonical_distance_scores_at, hardest_candidates, overlapping
 from .ops.topk import topk_from_scores, topk_similarity
 
@@ -298,8 +298,10 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, rows: torch.T
       v (t >= above_cut(v)): u_an is strictly above k negatives with u > v, so it is not among the k best.
 
     The kept pairs (3.4 per positive pair for k = 1 on random unit rows, B = 4096, d = 384) are rescored
-    canonically and the window's k best taken among them: everything dropped is outside the window or strictly behind k kept candidates, so these
-    are the k best of the whole window (docs/certified.md, "In-batch miners")."""
+    canonically and the window's k best taken among them: everything dropped is outside the window or
+    strictly behind k kept candidates, so these are the k best of the whole window (docs/certified.md,
+    "In-batch miners"). The per-pair passes over the keys run in C++ (engine.distance_screen.kth_key,
+    key_columns)."""
     b = scores.n
     i0, i1 = int(rows[0]), int(rows[-1]) + 1
     ok = scores.finite[i0:i1, None] & scores.finite[None, :]
@@ -309,7 +311,7 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, rows: torch.T
         return True
     screen = DistanceScreen(scores, i0, i1)
     negative = ok & ~same
-    t = torch.where(negative, screen.t, math.nan)  # NaN fails every comparison: only negatives are kept
+    t = torch.where(negative, screen.t, math.nan)  # NaN keys never count: only negatives are kept
     if bool((t.isinf() | (negative & t.isnan())).any()):
         return False
     s_ap = canonical_distance_scores_at(scores.raw, i0 + a, scores.raw, p)
@@ -322,22 +324,13 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, rows: torch.T
     hi = torch.where(hi_ok, hi, math.inf)
     inside, inside_ok = above_cut(sq, g, rho, v)
     inside = torch.where(inside_ok, inside, math.inf)
-    chunk = max(1, _block_budget() // b)
-    pairs, cols = [], []
-    for c0 in range(0, a.numel(), chunk):
-        c1 = min(a.numel(), c0 + chunk)
-        tt = t[a[c0:c1]]
-        beyond = torch.where(tt >= inside[c0:c1, None], tt, math.inf)
-        m = (beyond.amin(dim=1) if k == 1 else beyond.topk(k, dim=1, largest=False).values[:, -1]).double()
-        cut, cut_ok = above_cut(sq[c0:c1], g[c0:c1], rho, screen.root_bound(m, sq[c0:c1], g[c0:c1]))
-        top = torch.minimum(hi[c0:c1], torch.where(cut_ok, cut, math.inf))
-        keep = (tt > lo[c0:c1, None]) & (tt < top[:, None])
-        pr, col = keep.nonzero(as_tuple=True)
-        pairs.append(pr + c0)
-        cols.append(col)
-        if sum(x.numel() for x in pairs) > (i1 - i0) * b // 4:
-            return False
-    pair, col = torch.cat(pairs), torch.cat(cols)
+    kth = kth_key(t, a, inside, k).double()
+    cut, cut_ok = above_cut(sq, g, rho, screen.root_bound(kth, sq, g))
+    top = torch.minimum(hi, torch.where(cut_ok, cut, math.inf))
+    kept = key_columns(t, a, lo, top, (i1 - i0) * b // 4)
+    if kept is None:
+        return False
+    pair, col = kept
     need = torch.zeros((i1 - i0, b), dtype=torch.bool)
     need[a[pair], col] = True
     r, j = need.nonzero(as_tuple=True)
@@ -349,6 +342,7 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, rows: torch.T
     pair, col, s_an = pair[win], col[win], s_an[win]
     # The window's members of each pair, columns ascending, in a padded block of pairs; a chunk of pairs at
     # a time keeps the block within the budget.
+    chunk = max(1, _block_budget() // b)
     edges = list(range(0, a.numel(), chunk)) + [a.numel()]
     starts = torch.searchsorted(pair, torch.tensor(edges)).tolist()
     for c0, s0, s1 in zip(edges, starts[:-1], starts[1:], strict=False):
@@ -361,8 +355,8 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, rows: torch.T
         block[local, slot] = s_an[s0:s1]
         ids = torch.full_like(block, -1, dtype=torch.int64)
         ids[local, slot] = col[s0:s1]
-        top = topk_from_scores(block, min(k, block.shape[1])).indices
-        valid = top >= 0
+        best = topk_from_scores(block, min(k, block.shape[1])).indices
+        valid = best >= 0
         which = valid.nonzero(as_tuple=True)[0]
-        found.append((rows[a[c0 + which]], p[c0 + which], ids.gather(1, top.clamp_min(0))[valid]))
+        found.append((rows[a[c0 + which]], p[c0 + which], ids.gather(1, best.clamp_min(0))[valid]))
     return True

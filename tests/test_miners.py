@@ -303,6 +303,71 @@ def test_compiled_canonical_distances_refuse_bad_pairs():
                                1, out.data_ptr(), 1)
 
 
+KEY_KERNEL_CHECK = """
+import math, torch
+from hnsample.engine.distance_screen import key_columns, kth_key
+g = torch.Generator().manual_seed(5)
+for cols in (1, 8, 37, 200):
+    t = torch.randn(7, cols + 3, generator=g)[:, :cols]  # row stride above the width
+    t[t > 1.5] = math.nan
+    t[0, :: 5] = math.inf
+    t[1, :: 4] = -math.inf
+    t[2] = torch.round(t[2] * 2) / 2  # ties
+    a = torch.randint(0, 7, (20,), generator=g)
+    floor = torch.randn(20, generator=g)
+    floor[3] = -math.inf
+    floor[4] = t[a[4], cols // 2]  # a floor equal to a key: that key counts
+    for k in sorted({1, min(2, cols), min(5, cols), cols}):
+        want = []
+        for p in range(20):
+            row = t[a[p]]
+            v = row[row >= floor[p]].sort().values
+            want.append(float(v[k - 1]) if v.numel() >= k else math.inf)
+        assert kth_key(t, a, floor, k).tolist() == want, (cols, k)
+    lo, hi = torch.randn(20, generator=g) - 0.5, torch.randn(20, generator=g) + 0.5
+    hi[0] = math.inf
+    lo[1], hi[2] = t[a[1], cols - 1], t[a[2], 0]  # bounds equal to keys: those keys are left out
+    lo[5], hi[5] = -math.inf, math.inf
+    inside = (t[a] > lo[:, None]) & (t[a] < hi[:, None])
+    pr, col = inside.nonzero(as_tuple=True)
+    got = key_columns(t, a, lo, hi, pr.numel())
+    assert torch.equal(got[0], pr) and torch.equal(got[1], col), cols
+    assert key_columns(t, a, lo, hi, pr.numel() - 1) is None or pr.numel() == 0
+print("keys ok")
+"""
+
+
+def test_key_filter_kernels_equal_their_definition():
+    """kth_key / key_columns (C++, AVX2 where the CPU has it) against the same selections in tensor
+    operations: NaN keys never count, +-inf keys do, ties, rows of every tail length, a row stride above
+    the width, a capacity one short."""
+    exec(KEY_KERNEL_CHECK, {})
+
+
+def test_key_filter_kernels_portable_path():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HNSAMPLE_CPU_ISA="scalar")
+    proc = subprocess.run([sys.executable, "-c", KEY_KERNEL_CHECK], capture_output=True, text=True, env=env, cwd="/")
+    assert proc.returncode == 0 and "keys ok" in proc.stdout, proc.stderr
+
+
+def test_key_filter_kernels_refuse_bad_arguments():
+    from hnsample.engine.distance_screen import key_columns, kth_key
+
+    t = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="outside 3 rows"):
+        kth_key(t, torch.tensor([3]), torch.zeros(1), 1)
+    with pytest.raises(ValueError, match=r"k must lie in \[1, cols\]"):
+        kth_key(t, torch.tensor([0]), torch.zeros(1), 5)
+    with pytest.raises(ValueError, match="outside 3 rows"):
+        key_columns(t, torch.tensor([-1]), torch.zeros(1), torch.ones(1), 4)
+    with pytest.raises(TypeError, match="float32 CPU tensor"):
+        kth_key(t.double(), torch.tensor([0]), torch.zeros(1), 1)
+
+
 def test_screened_semi_hard_euclidean_runs_and_falls_back(monkeypatch):
     """The float32 filter of semi_hard "euclidean" decides ordinary blocks (and rescores a few pairs per
     positive pair); blocks it cannot bound (huge norms: non-finite keys) take the intervals' way. Both give

@@ -37,8 +37,10 @@ import math
 
 import torch
 
+from .. import _C
 from .certify import SAFETY
 from .intervals import BatchScores, distance_error, distance_rho
+from .selection import kernels_for
 
 U32 = 2.0**-24
 SLACK = 2.0**-49  # per sum: more than its float64 roundings
@@ -131,3 +133,36 @@ def _float32_outward(v: torch.Tensor, up: bool) -> torch.Tensor:
     if up:
         return torch.where(f.double() < v, torch.nextafter(f, torch.tensor(math.inf)), f)
     return torch.where(f.double() > v, torch.nextafter(f, torch.tensor(-math.inf)), f)
+
+
+def kth_key(t: torch.Tensor, pair_rows: torch.Tensor, floor: torch.Tensor, k: int) -> torch.Tensor:
+    """(P,) float32: per pair p, the k-th smallest key >= floor[p] in row pair_rows[p] of the CPU float32
+    key block t (rows, cols) (NaN keys never count), +inf when there are fewer than k (csrc/cpu/distance.cpp)."""
+    t, pair_rows, floor = _keys(t), pair_rows.contiguous(), floor.float().contiguous()
+    out = torch.empty(pair_rows.shape[0], dtype=torch.float32)
+    if out.numel():
+        _C.pair_kth_key(t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), pair_rows.data_ptr(), floor.data_ptr(),
+                        out.numel(), k, out.data_ptr(), kernels_for(t.device).threads())
+    return out
+
+
+def key_columns(t: torch.Tensor, pair_rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                capacity: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(pairs, columns), int64: every key of row pair_rows[p] of t with lo[p] < key < hi[p], pairs ascending
+    and columns ascending within one; None when there are more than ``capacity``."""
+    t, pair_rows = _keys(t), pair_rows.contiguous()
+    lo, hi = lo.float().contiguous(), hi.float().contiguous()
+    pairs = torch.empty(capacity, dtype=torch.int64)
+    cols = torch.empty(capacity, dtype=torch.int64)
+    n = 0
+    if pair_rows.numel():
+        n = _C.pair_key_columns(t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), pair_rows.data_ptr(),
+                                lo.data_ptr(), hi.data_ptr(), pair_rows.numel(), capacity, pairs.data_ptr(),
+                                cols.data_ptr(), kernels_for(t.device).threads())
+    return None if n > capacity else (pairs[:n], cols[:n])
+
+
+def _keys(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise TypeError(f"keys must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    return t if t.stride(1) == 1 else t.contiguous()
