@@ -55,19 +55,15 @@ class DistanceScreen:
     is finite (module docstring, 1. and 2.)."""
 
     def __init__(self, scores: BatchScores, i0: int, i1: int):
-        q, c, fin = scores.q[i0:i1], scores.c, scores.finite
+        q, c = scores.q[i0:i1], scores.c
         approx = torch.empty((i1 - i0, scores.n), dtype=scores.product.out_dtype)
         scores.product.scores(q, c, approx)
         self.t = torch.add(scores.sq.float()[None, :], approx.float(), alpha=-2)
         self.sq_q = scores.sq[i0:i1]
-
-        def col_max(v):
-            return 0.0 if v is None or not bool(fin.any()) else float(v[fin].max())
-
-        sq_max = col_max(scores.sq)
-        w0 = q.first * col_max(c.first) + col_max(c.floor) + 2.0**-150
+        sq_max, first_max, floor_max, second_max = _column_maxima(scores)
+        w0 = q.first * first_max + floor_max + 2.0**-150
         if q.second is not None:
-            w0 = w0 + q.second * col_max(c.second)
+            w0 = w0 + q.second * second_max
         if q.floor is not None:
             w0 = w0 + q.floor
         norms = (self.sq_q.sqrt() * SAFETY) * (math.sqrt(sq_max) * SAFETY)
@@ -99,6 +95,22 @@ class DistanceScreen:
         (sq + m + g)(1 + rho), computed rounded up (inf for m = inf)."""
         h = (sq + m + g + SLACK * (sq + m.abs() + g)).clamp_min(0) * (1 + self.rho) * SAFETY
         return h.sqrt() * SAFETY
+
+
+def _column_maxima(scores: BatchScores) -> tuple[float, float, float, float]:
+    """The maxima over the finite columns of sq, and of the candidate operand's first, floor and second
+    bound terms (0 for a missing term or no finite column); once per batch (kept in ``scores.derived``)."""
+    cached = scores.derived.get("distance_maxima")
+    if cached is None:
+        fin, c = scores.finite, scores.c
+        any_finite = bool(fin.any())
+
+        def col_max(v):
+            return 0.0 if v is None or not any_finite else float(v[fin].max())
+
+        cached = (col_max(scores.sq), col_max(c.first), col_max(c.floor), col_max(c.second))
+        scores.derived["distance_maxima"] = cached
+    return cached
 
 
 def above_cut(sq: torch.Tensor, g: torch.Tensor, rho: float, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

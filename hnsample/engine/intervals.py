@@ -175,6 +175,7 @@ class BatchScores:
             self.sq = self.norms * self.norms
             self.rounding = self.product.rounding
         self.rescored = 0
+        self.derived: dict[str, object] = {}  # per-batch values the screens derive once (engine.distance_screen)
 
     def blocks(self) -> Iterator[IntervalBlock]:
         """The blocks, anchor rows ascending."""
