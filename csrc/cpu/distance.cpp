@@ -12,15 +12,14 @@
 // engine.intervals.canonical_distance_scores and _reference.canonical_squared_distances. Unlike the dot
 // product's, the squares are rounded, so a fused multiply-add of a square and a lane would change bits:
 // this file is compiled with -ffp-contract=off (CMakeLists.txt), and the AVX2 path is built without FMA.
-#include <algorithm>
 #include <cmath>
-#include <limits>
-#include <queue>
-#include <vector>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <queue>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -163,6 +162,7 @@ __attribute__((target("avx2"))) float min_at_least_avx2(const float* row, int64_
   return out;
 }
 
+// (Every CPU with AVX2 has POPCNT and BMI1, which the bit counting below uses.)
 __attribute__((target("avx2,popcnt,bmi"))) int64_t columns_between_avx2(const float* row, int64_t cols, float a,
                                                                        float b, int64_t p, int64_t* out_pairs,
                                                                        int64_t* out_cols) {
