@@ -239,13 +239,14 @@ def mine_hard_negatives(
     if cross_encoder is None:
         # With include_positives the positives are candidates, so the pair scores (and the margins'
         # p_i) come from the embeddings here rather than from the selection's positives.
-        pair = _pair_scores(q_emb, c_emb, positives) if include_positives else None
-        result = _mine(q_emb, c_emb, None if include_positives else padded_id_rows(positives), num_negatives=num_negatives,
+        pos = padded_id_rows(positives)
+        pair = _pair_scores(q_emb, c_emb, pos) if include_positives else None
+        result = _mine(q_emb, c_emb, None if include_positives else pos, num_negatives=num_negatives,
                        exclude=padded_id_rows(exclude), positive_scores=None if pair is None else _row_min(pair),
                        metric="dot", query_batch_size=faiss_batch_size, device=device, progress=verbose,
                        verbose=False, **select)
         if pair is not None:
-            result.positive_pair_scores, result.positives = pair, padded_id_rows(positives)
+            result.positive_pair_scores, result.positives = pair, pos
     else:
         ce_pool = None
         if use_multi_process and hasattr(cross_encoder, "start_multi_process_pool"):
@@ -267,10 +268,9 @@ def mine_hard_negatives(
     return out
 
 
-def _pair_scores(q: np.ndarray, c: np.ndarray, positives: list[list[int]]) -> torch.Tensor:
-    """(B, P) float32 dot products of each query with each of its positives (NaN at padding), the
-    score every (query, positive) row of the output carries."""
-    pos = padded_id_rows(positives)
+def _pair_scores(q: np.ndarray, c: np.ndarray, pos: torch.Tensor) -> torch.Tensor:
+    """(B, P) float32 dot products of each query with each of its positives (pos: (B, P) ids, -1 for
+    padding; NaN there), the score every (query, positive) row of the output carries."""
     out = torch.full(pos.shape, float("nan"), dtype=torch.float32)
     rows, cols = torch.nonzero(pos >= 0, as_tuple=True)
     if rows.numel():

@@ -181,8 +181,9 @@ __attribute__((target("avx2,popcnt,bmi"))) int64_t columns_between_avx2(const fl
       out_cols[n++] = j + __builtin_ctz(mask);
     }
   }
-  if (out_cols == nullptr) return n + columns_between_scalar(row, j, cols, a, b, p, nullptr, nullptr);
-  return n + columns_between_scalar(row, j, cols, a, b, p, out_pairs + n, out_cols + n);
+  const bool write = out_cols != nullptr;
+  return n + columns_between_scalar(row, j, cols, a, b, p, write ? out_pairs + n : nullptr,
+                                    write ? out_cols + n : nullptr);
 }
 #endif
 
