@@ -1,6 +1,6 @@
 """hnsample.grad_cache against the uncached step: the same mini-batches embedded with autograd (same
 RNG seed, dropout on) and the loss on their concatenation. Loss and every parameter gradient must agree
-to a relative 1e-5 in float32."""
+to a relative 1e-5 in float32 (per element, or of the tensor's largest element where that is larger)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,10 @@ def _assert_equal_step(loss_fn, encoders, columns, modules, mini=MINI, seed=3, r
     torch.testing.assert_close(got_loss, want_loss, rtol=rtol, atol=atol)
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+        # An element that is a difference of larger terms (a weight whose contributions cancel) carries
+        # the rounding of those terms, and the two steps sum them in different orders (the GEMM kernels
+        # block them differently on different CPUs): its tolerance is relative to the tensor's scale.
+        torch.testing.assert_close(g, w, rtol=rtol, atol=max(atol, rtol * float(w.abs().max())))
     return want
 
 
