@@ -29,7 +29,16 @@ import torch
 from . import settings as _settings
 from .engine.blocks import certified
 from .engine.certify import canonical_pair_scores
-from .engine.distance_screen import DistanceScreen, above_cut, below_cut, key_columns, kth_key
+from .engine.distance_screen import (
+    DistanceScreen,
+    ScoreScreen,
+    above_cut,
+    below_cut,
+    key_columns,
+    kth_key,
+    score_cuts,
+    score_rank_cut,
+)
 from .engine.intervals import BatchScores, IntervalBlock, canonical_distance_scores_at, hardest_candidates, overlapping
 from .ops.topk import topk_from_scores, topk_similarity
 
@@ -118,7 +127,9 @@ def semi_hard_triplets(e: torch.Tensor, labels: torch.Tensor, margin: float, met
     """(anchors, positives, negatives) parts, in order, of the semi-hard triplets: pairs (a, p) of one
     label (a ascending, then p), negatives n of another label with -margin <= fl64(s_an - s_ap) < 0, the
     k with the highest s_an (ties to the lower index), in that order."""
-    if not by_engine(e, metric):
+    if not by_engine(e, metric) or (e.device.type == "cpu" and k < e.shape[0]):
+        # The CPU's blocks share each anchor's GEMM row among its pairs (the float32 key filter, with the
+        # intervals' way where it cannot decide); the engine below takes one query row per pair.
         return _semi_hard_blocks(e, labels, margin, metric, k, exact)
     keep = _finite_rows(e)
     if keep.numel() == 0:
@@ -250,11 +261,12 @@ def _semi_hard_blocks(e: torch.Tensor, labels: torch.Tensor, margin: float, metr
     found: list[tuple[torch.Tensor, ...]] = []
     scores = BatchScores(e, metric, exact)
     chunk = max(1, _block_budget() // max(1, b))
-    screened = scores.certified and metric == "euclidean" and k < b
+    screened = scores.certified and k < b
+    groups = LabelGroups(labels) if screened else None
     for i0 in range(0, b, scores.rows):
         i1 = min(b, i0 + scores.rows)
         rows = torch.arange(i0, i1, device=e.device)
-        if screened and _screened_semi_hard(scores, labels, rows, margin, k, found):
+        if screened and _screened_semi_hard(scores, labels, groups, rows, margin, k, found):
             continue
         blk = scores.block(i0, i1)
         ok = blk.lower.isnan().logical_not()
@@ -279,64 +291,76 @@ def _semi_hard_blocks(e: torch.Tensor, labels: torch.Tensor, margin: float, metr
     return found
 
 
-def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, rows: torch.Tensor, margin: float, k: int,
-                        found: list) -> bool:
-    """semi_hard's triplets for anchor rows ``rows`` of a certified "euclidean" batch (k < B negatives per
-    pair) through the float32 keys of :class:`engine.distance_screen.DistanceScreen`, appended to
-    ``found``. False, with nothing appended, where a key of an eligible pair is not finite or the filter
-    keeps more than a quarter of the block's pairs: the caller then takes the intervals' way.
+def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, groups: LabelGroups, rows: torch.Tensor,
+                        margin: float, k: int, found: list) -> bool:
+    """semi_hard's triplets for anchor rows ``rows`` of a certified batch (k < B negatives per pair)
+    through float32 keys that ascend as scores descend, appended to ``found``: squared distances
+    (:class:`engine.distance_screen.DistanceScreen`) for "euclidean", -S^ (:class:`ScoreScreen`) for
+    "dot" and "cosine". False, with nothing appended, where a key of an eligible pair or a row's bound is
+    not finite or the filter keeps more than a quarter of the block's pairs: the caller then takes the
+    intervals' way.
 
-    In distances u = -s (u_ap = v exactly: the positive pairs are scored canonically), the window is
-    v < u_an and fl64(v - u_an) >= -margin, and a pair's k best are the k smallest u_an > v (ties to the
-    lower index) less those past the margin (a suffix). For each pair a negative is kept when its key t
-    lies strictly between two cuts (engine.distance_screen.below_cut / above_cut):
+    The positive pairs are scored canonically (v = s_ap exactly); the window is s_an < v and
+    fl64(s_an - v) >= -margin, and a pair's k best are its k highest s_an below v (ties to the lower
+    index) less those past the margin (a suffix). For each pair a negative is kept when its key t lies
+    strictly between two cuts:
 
-    * t <= below_cut(v): u_an <= v, never in the window;
-    * t >= above_cut(v - r) with r = the float64 below -margin: u_an > v - r, so fl64(v - u_an) <= r <
-      -margin, past the window (and so are all larger distances);
-    * t >= above_cut(y), y >= sqrt(D2) of the pair's k-th smallest key among the negatives certainly past
-      v (t >= above_cut(v)): u_an is strictly above k negatives with u > v, so it is not among the k best.
+    * t <= the lower cut: s_an >= v, never in the window;
+    * t >= the margin cut: fl64(s_an - v) <= r, r the float64 below -margin: past the window (and so are
+      all larger keys);
+    * t >= the rank cut, from the pair's k-th smallest key among the negatives certainly below v: s_an is
+      strictly below k negatives below v, so it is not among the k best.
 
-    The kept pairs (3.4 per positive pair for k = 1 on random unit rows, B = 4096, d = 384) are rescored
-    canonically and the window's k best taken among them: everything dropped is outside the window or
-    strictly behind k kept candidates, so these are the k best of the whole window (docs/certified.md,
-    "In-batch miners"). The per-pair passes over the keys run in C++ (engine.distance_screen.kth_key,
-    key_columns)."""
+    Euclidean (in distances u = -s, u_ap = -v): the cuts are engine.distance_screen.below_cut(-v),
+    above_cut(-v - r) and above_cut(root bound of the k-th key), the certainly-below keys those >=
+    above_cut(-v). Dot / cosine, with the row's bound W: engine.distance_screen.score_cuts and
+    score_rank_cut. The kept pairs (about 3.4 per positive pair for k = 1 on random unit rows, B = 4096,
+    d = 384, "euclidean") are rescored canonically and the window's k best taken among them: everything
+    dropped is outside the window or strictly behind k candidates of the window, so these are the k best
+    of the whole window (docs/certified.md, "In-batch miners"). The per-pair passes over the keys run in
+    C++ (engine.distance_screen.kth_key, key_columns)."""
     b = scores.n
     i0, i1 = int(rows[0]), int(rows[-1]) + 1
-    ok = scores.finite[i0:i1, None] & scores.finite[None, :]
-    same = labels[rows, None] == labels[None, :]
-    a, p = (same & ok & (rows[:, None] != torch.arange(b)[None, :])).nonzero(as_tuple=True)
+    ids = groups.positives(rows)
+    r, w = (ids >= 0).nonzero(as_tuple=True)
+    a, p = r, ids[r, w]  # anchors (block rows) ascending, then positives ascending
+    fin = scores.finite[i0 + a] & scores.finite[p]
+    a, p = a[fin], p[fin]
     if a.numel() == 0:
         return True
-    screen = DistanceScreen(scores, i0, i1)
-    negative = ok & ~same
-    t = torch.where(negative, screen.t, math.nan)  # NaN keys never count: only negatives are kept
-    if bool((t.isinf() | (negative & t.isnan())).any()):
+    euclidean = scores.metric == "euclidean"
+    screen = DistanceScreen(scores, i0, i1) if euclidean else ScoreScreen(scores, i0, i1)
+    negative = (labels[rows, None] != labels[None, :]) & scores.finite[i0:i1, None] & scores.finite[None, :]
+    if bool((negative & ~screen.t.isfinite()).any()):
         return False
-    s_ap = canonical_distance_scores_at(scores.raw, i0 + a, scores.raw, p)
-    v = (-s_ap).double()
-    sq, g, rho = screen.sq_q[a], screen.g[a], screen.rho
-    lo, lo_ok = below_cut(sq, g, rho, v)
-    lo = torch.where(lo_ok, lo, -math.inf)
-    past = -math.nextafter(-margin, -math.inf)  # -r
-    hi, hi_ok = above_cut(sq, g, rho, (v + past) * (1 + 2.0**-50))
-    hi = torch.where(hi_ok, hi, math.inf)
-    inside, inside_ok = above_cut(sq, g, rho, v)
-    inside = torch.where(inside_ok, inside, math.inf)
-    kth = kth_key(t, a, inside, k).double()
-    cut, cut_ok = above_cut(sq, g, rho, screen.root_bound(kth, sq, g))
-    top = torch.minimum(hi, torch.where(cut_ok, cut, math.inf))
+    t = torch.where(negative, screen.t, math.nan)  # NaN keys never count: only negatives are kept
+    s_ap = scores.canonical_at(i0 + a, p)
+    v = s_ap.double()
+    if euclidean:
+        sq, g, rho = screen.sq_q[a], screen.g[a], screen.rho
+        lo, lo_ok = below_cut(sq, g, rho, -v)
+        lo = torch.where(lo_ok, lo, -math.inf)
+        past = -math.nextafter(-margin, -math.inf)  # -r
+        hi, hi_ok = above_cut(sq, g, rho, (-v + past) * (1 + 2.0**-50))
+        hi = torch.where(hi_ok, hi, math.inf)
+        inside, inside_ok = above_cut(sq, g, rho, -v)
+        inside = torch.where(inside_ok, inside, math.inf)
+        kth = kth_key(t, a, inside, k).double()
+        cut, cut_ok = above_cut(sq, g, rho, screen.root_bound(kth, sq, g))
+        top = torch.minimum(hi, torch.where(cut_ok, cut, math.inf))
+    else:
+        w = screen.w[a]
+        if not bool(w.isfinite().all()):
+            return False
+        lo, hi, inside = score_cuts(w, v, margin)
+        top = torch.minimum(hi, score_rank_cut(w, kth_key(t, a, inside, k).double()))
     kept = key_columns(t, a, lo, top, (i1 - i0) * b // 4)
     if kept is None:
         return False
     pair, col = kept
-    need = torch.zeros((i1 - i0, b), dtype=torch.bool)
-    need[a[pair], col] = True
-    r, j = need.nonzero(as_tuple=True)
-    values = torch.full((i1 - i0, b), math.nan, dtype=torch.float32)
-    values[r, j] = canonical_distance_scores_at(scores.raw, i0 + r, scores.raw, j)
-    s_an = values[a[pair], col].double()
+    # Pairs ascending, so their anchors too; a column kept for several pairs of one anchor is rescored
+    # once per pair (a few per pair: cheaper than a pass over the block to share them).
+    s_an = scores.canonical_at(i0 + a[pair], col).double()
     x = s_an - s_ap.double()[pair]
     win = (x >= -margin) & (x < 0)
     pair, col, s_an = pair[win], col[win], s_an[win]

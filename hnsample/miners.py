@@ -160,8 +160,11 @@ def semi_hard(embeddings: Any, labels: Any, margin: float, *, metric: str = "cos
     ``TripletMarginMiner(margin, type_of_triplets="semihard")`` (which keeps every triplet with
     0 < d_an - d_ap <= margin), for the matching distance (up to its float32 rounding at the edges).
 
-    Memory: never B x B. "dot" / "cosine" (float32 / 16-bit, CPU): the engine's selection for chunks of
-    positive pairs (queries and k slots per pair within settings.block_size / 4); otherwise blocks of
+    Memory: never B x B. float32 / 16-bit rows on the CPU with fewer negatives per pair than rows: blocks of
+    anchor rows x B within settings.block_size / 4 (float32 keys, per-pair cuts, canonical rescoring of
+    what they keep; float64 intervals for a block they cannot decide). "dot" / "cosine" with every
+    negative (None), and on a GPU with certified scores: the engine's selection for chunks of positive
+    pairs (queries and k slots per pair within settings.block_size / 4). Otherwise blocks of
     settings.block_size / 4 float64 scores (anchor rows x B, or positive pairs x B).
     """
     e, lab = _check_batch(embeddings, labels, metric)

@@ -368,13 +368,11 @@ def test_key_filter_kernels_refuse_bad_arguments():
         kth_key(t.double(), torch.tensor([0]), torch.zeros(1), 1)
 
 
-def test_screened_semi_hard_euclidean_runs_and_falls_back(monkeypatch):
-    """The float32 filter of semi_hard "euclidean" decides ordinary blocks (and rescores a few pairs per
-    positive pair); blocks it cannot bound (huge norms: non-finite keys) take the intervals' way. Both give
-    the reference's triplets."""
+def _spy_on_the_key_filter(monkeypatch) -> list[bool]:
+    """The list that will hold, call by call, whether semi_hard's float32 key filter decided a block."""
     import hnsample.miner_choices as mc
 
-    taken = []
+    taken: list[bool] = []
     original = mc._screened_semi_hard
 
     def spy(*args):
@@ -382,22 +380,80 @@ def test_screened_semi_hard_euclidean_runs_and_falls_back(monkeypatch):
         return taken[-1]
 
     monkeypatch.setattr(mc, "_screened_semi_hard", spy)
+    return taken
+
+
+@pytest.mark.parametrize("metric, huge", [("euclidean", 1e19), ("dot", 1e20), ("cosine", 1e38)])
+def test_screened_semi_hard_runs_and_falls_back(monkeypatch, metric, huge):
+    """The float32 filter of semi_hard decides ordinary blocks (and rescores a few pairs per positive
+    pair); blocks it cannot bound take the intervals' way: non-finite keys (|a - b|^2 or a . b overflow
+    float32) or an infinite bound (cosine rows whose norm passes 2^126). Both give the reference's
+    triplets."""
+    taken = _spy_on_the_key_filter(monkeypatch)
     g = torch.Generator().manual_seed(11)
     e = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1)
     lab = torch.randint(0, 40, (300,), generator=g)
     for k in (1, 3):
         with settings.override(block_size=300 * 4 * 64):
             taken.clear()
-            got = _triples(semi_hard(e, lab, 0.3, metric="euclidean", negatives_per_pair=k))
-        assert got == R.semi_hard(e, lab, 0.3, "euclidean", k)
-        assert taken and all(taken)
-    huge = e.clone()
-    huge[::7] *= 1e19  # |a - b|^2 overflows float32 keys
+            got = _triples(semi_hard(e, lab, 0.3, metric=metric, negatives_per_pair=k))
+        assert got == R.semi_hard(e, lab, 0.3, metric, k)
+        assert len(taken) == 5 and all(taken)
+    big = e.clone()
+    big[::7] *= huge
     with settings.override(block_size=300 * 4 * 64):
         taken.clear()
-        got = _triples(semi_hard(huge, lab, 0.3, metric="euclidean"))
-    assert got == R.semi_hard(huge, lab, 0.3, "euclidean", 1)
+        got = _triples(semi_hard(big, lab, 0.3, metric=metric))
+    assert got == R.semi_hard(big, lab, 0.3, metric, 1)
     assert False in taken
+
+
+def _near_tied_batch(seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """80 random anchors and 80 negatives (40 labels x 4), 8 of them one vector plus noise of 1e-6: their
+    scores against any anchor lie within the GEMM's bound of each other, so only exact scores order them
+    (few enough that the key filter keeps them all and decides every block)."""
+    g = torch.Generator().manual_seed(seed)
+    anchors = torch.randn(80, 24, generator=g)
+    tied = torch.randn(1, 24, generator=g) + 1e-6 * torch.randn(8, 24, generator=g)
+    return torch.cat([anchors, tied, torch.randn(72, 24, generator=g)]), torch.arange(160) // 4
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "dot", "cosine"])
+def test_screened_semi_hard_with_a_gemm_error_anywhere_inside_the_bound(monkeypatch, metric):
+    """The key filter's cuts hold for any GEMM within its certificate: a product whose S^ sits anywhere
+    inside its bound (half of the pairs at its edges) on near-tied negatives, ranked among themselves and
+    cut by the window's lower edge, gives the reference's triplets; shown a bound a quarter of the true
+    one (the control), the same filter gets some wrong."""
+    from noisy_product import NoisyProduct
+
+    import hnsample.engine.intervals as iv
+    taken = _spy_on_the_key_filter(monkeypatch)
+    e, lab = _near_tied_batch()
+    # Anchor 0's positive (row 1) just closer to it than the near-tied negatives (rows 80-87), and a margin
+    # that puts the window's lower edge on one of them: the edge cuts through the ties.
+    e[1] = e[80] + 0.01 * (e[0] - e[80])
+    s = R.batch_scores(e, metric)
+    ties = s[0, 80:88].sort().values
+    edge_margin = float(s[0, 1] - ties[4])
+    real = iv.screen_product
+    wrong = 0
+    for k, margin in ((1, 2.0), (3, 2.0), (8, edge_margin)):
+        want = R.semi_hard(e, lab, margin, metric, k)
+        assert k < 8 or sum(1 for t in want if t[:2] == (0, 1) and 80 <= t[2] < 88) == 4
+        for seed in range(3):
+            for shrink in (1.0, 0.25):
+                monkeypatch.setattr(iv, "screen_product", lambda dtype, m, dim, device, shrink=shrink, seed=seed:
+                                    NoisyProduct(real(dtype, m, dim, device), m, 1.0, seed, shrink))
+                taken.clear()
+                with settings.override(block_size=160 * 4 * 32):
+                    got = _triples(semi_hard(e, lab, margin, metric=metric, negatives_per_pair=k))
+                if shrink == 1.0:
+                    assert got == want
+                    assert taken and all(taken)
+                    taken.clear()
+                else:
+                    wrong += got != want
+    assert wrong > 0
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

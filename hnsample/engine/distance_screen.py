@@ -97,6 +97,59 @@ class DistanceScreen:
         return h.sqrt() * SAFETY
 
 
+class ScoreScreen:
+    """The float32 keys t = -S^ (rows, B) of anchor rows [i0, i1) of a certified "dot" / "cosine"
+    :class:`BatchScores` and each row's bound W (float64): the canonical score s_ij lies in
+    [-t_ij - W_i, -t_ij + W_i] wherever t_ij is finite (keys ascend as scores descend, as distances do).
+
+    W_i = a_i max b + e_i max f + g_i + max h + rel max_j |S^_ij| over the finite columns: every term of
+    w_ij (engine.certify) is non-negative and at most its row's maximum, so w_ij <= W_i. A row whose W is
+    not finite (an operand with an infinite bound: huge norms) has no usable cuts."""
+
+    def __init__(self, scores: BatchScores, i0: int, i1: int):
+        q, c = scores.q[i0:i1], scores.c
+        approx = torch.empty((i1 - i0, scores.n), dtype=scores.product.out_dtype)
+        scores.product.scores(q, c, approx)
+        self.t = approx.float().neg_()
+        _, first_max, floor_max, second_max = _column_maxima(scores)
+        w = q.first * first_max + floor_max
+        if q.second is not None:
+            w = w + q.second * second_max
+        if q.floor is not None:
+            w = w + q.floor
+        rel = scores.product.rel
+        if rel:
+            mag = torch.where(scores.finite[None, :], self.t.abs(), 0.0).amax(dim=1).double()
+            w = w + rel * mag
+        self.w = w * SAFETY
+
+
+def score_cuts(w: torch.Tensor, v: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cuts on the keys t = -S^ of a :class:`ScoreScreen` row (bound w, float64) for a positive pair of
+    exact score v (float64 of a float32 canonical score), float32 each, computed outward (each sum carries
+    SLACK of its terms' magnitudes, more than its float64 roundings):
+
+    * ``lo``: t <= lo gives s >= -t - w >= v: the negative is never below v;
+    * ``past``: t >= past gives s <= -t + w <= v + r, r the float64 below -margin, so fl64(s - v) <= r
+      (fl64 is monotone): past the margin;
+    * ``below``: t >= below gives s <= -t + w < v: certainly below v (strictly: one float32 step past
+      the rounded-up bound)."""
+    r = math.nextafter(-margin, -math.inf)
+    lo = -v - w - SLACK * (v.abs() + w)
+    past = w - v - r + SLACK * (w + v.abs() + abs(r))
+    below = w - v + SLACK * (w + v.abs())
+    up = _float32_outward(below, up=True)
+    return (_float32_outward(lo, up=False), _float32_outward(past, up=True),
+            torch.nextafter(up, torch.tensor(math.inf)))
+
+
+def score_rank_cut(w: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+    """float32: a key t >= the cut has s <= -t + w < -kth - w, below the score of every column whose key is
+    at most kth (s >= -kth - w there): strictly behind each of them (inf for kth = inf)."""
+    up = _float32_outward(kth + 2 * w + SLACK * (kth.abs() + 2 * w), up=True)
+    return torch.nextafter(up, torch.tensor(math.inf))
+
+
 def _column_maxima(scores: BatchScores) -> tuple[float, float, float, float]:
     """The maxima over the finite columns of sq, and of the candidate operand's first, floor and second
     bound terms (0 for a missing term or no finite column); once per batch (kept in ``scores.derived``)."""

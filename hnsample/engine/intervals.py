@@ -219,6 +219,21 @@ class BatchScores:
             w = w + self.product.rel * approx.abs()
         return w
 
+    def canonical_at(self, r: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """float32 canonical scores, in the batch's metric, of the listed pairs: batch rows r (ascending)
+        with columns j (certified batches)."""
+        if self.metric == "euclidean":
+            return canonical_distance_scores_at(self.raw, r, self.raw, j)
+        if r.numel() == 0:
+            return torch.empty(0, dtype=torch.float32)
+        rows, inv, counts = torch.unique_consecutive(r, return_inverse=True, return_counts=True)
+        slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[inv]
+        ids = torch.full((rows.numel(), int(counts.max())), -1, dtype=torch.int64)
+        ids[inv, slot] = j
+        cosine = self.metric == "cosine"
+        return canonical_scores_at(self.raw[rows], self.raw, ids, self.metric,
+                                   self.norms[rows] if cosine else None, self.norms if cosine else None)[inv, slot]
+
     def settle(self, blk: IntervalBlock, need: torch.Tensor) -> None:
         """Rescores the marked pairs (rows, B) bool of a block canonically: their value, lower and upper
         become the canonical score. Pairs with a NaN or inf row are left alone."""
@@ -229,17 +244,7 @@ class BatchScores:
         if r.numel() == 0:
             return
         self.rescored += r.numel()
-        if self.metric == "euclidean":
-            s = canonical_distance_scores_at(self.raw, blk.i0 + r, self.raw, j)
-        else:
-            counts = need.sum(dim=1)
-            slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
-            ids = torch.full((need.shape[0], int(counts.max())), -1, dtype=torch.int64)
-            ids[r, slot] = j
-            q_norms = self.norms[blk.i0:blk.i1] if self.metric == "cosine" else None
-            s = canonical_scores_at(self.raw[blk.i0:blk.i1], self.raw, ids, self.metric, q_norms,
-                                    self.norms)[r, slot]
-        s = s.double()
+        s = self.canonical_at(blk.i0 + r, j).double()
         blk.values[r, j] = s
         blk.lower[r, j] = s
         blk.upper[r, j] = s
