@@ -36,6 +36,7 @@ from .engine.distance_screen import (
     below_cut,
     key_columns,
     kth_key,
+    nonfinite_key,
     score_cuts,
     score_rank_cut,
 )
@@ -191,33 +192,38 @@ def _screened_extremes(scores: BatchScores, labels: torch.Tensor, rows: torch.Te
                        neg: torch.Tensor) -> bool:
     """batch_hard's choices for anchor rows ``rows`` of a certified "euclidean" batch through the float32
     filter (engine.distance_screen): the canonical scores of the columns it keeps, the extreme of each row
-    among them (ties to the lower index). False, with nothing written, when it keeps more than a quarter
-    of the block's pairs (hostile inputs): the caller then takes the intervals' way."""
+    among them (ties to the lower index). False, with nothing written, when an eligible key is not finite
+    or it keeps more than a quarter of the block's pairs (hostile inputs): the caller then takes the
+    intervals' way."""
     b = scores.n
     i0, i1 = int(rows[0]), int(rows[-1]) + 1
     screen = DistanceScreen(scores, i0, i1)
     ok = scores.finite[i0:i1, None] & scores.finite[None, :]
     same = labels[rows, None] == labels[None, :]
-    positive = same & ok & (rows[:, None] != torch.arange(b)[None, :])
-    keep_neg = screen.candidates(ok & ~same, largest_score=True)
-    keep_pos = screen.candidates(positive, largest_score=False)
-    if int(keep_neg.sum()) + int(keep_pos.sum()) > keep_neg.numel() // 4:
+    capacity = (i1 - i0) * b // 4
+    kept_neg = screen.extreme_candidates(ok & ~same, True, capacity)
+    if kept_neg is None:
         return False
-    neg[rows] = _extreme_of_kept(scores.raw, i0, keep_neg, largest=True)
-    pos[rows] = _extreme_of_kept(scores.raw, i0, keep_pos, largest=False)
+    positive = same & ok & (rows[:, None] != torch.arange(b)[None, :])
+    kept_pos = screen.extreme_candidates(positive, False, capacity - kept_neg[0].numel())
+    if kept_pos is None:
+        return False
+    neg[rows] = _extreme_of_kept(scores.raw, i0, i1 - i0, *kept_neg, largest=True)
+    pos[rows] = _extreme_of_kept(scores.raw, i0, i1 - i0, *kept_pos, largest=False)
     return True
 
 
-def _extreme_of_kept(raw: torch.Tensor, i0: int, keep: torch.Tensor, largest: bool) -> torch.Tensor:
-    """Per row of ``keep`` (rows, B), the kept column with the largest (or smallest) canonical distance
-    score, ties to the lower index, -1 for none: the kept columns of a row, ascending, in a padded block."""
-    r, j = keep.nonzero(as_tuple=True)
-    counts = keep.sum(dim=1)
+def _extreme_of_kept(raw: torch.Tensor, i0: int, rows: int, r: torch.Tensor, j: torch.Tensor,
+                     largest: bool) -> torch.Tensor:
+    """Per block row (``rows`` of them), the kept column with the largest (or smallest) canonical distance
+    score, ties to the lower index, -1 for none; the kept pairs (r, j) with r ascending and j ascending
+    within a row, gathered in a padded block."""
     if r.numel() == 0:
-        return torch.full((keep.shape[0],), -1, dtype=torch.int64)
+        return torch.full((rows,), -1, dtype=torch.int64)
+    counts = torch.bincount(r, minlength=rows)
     s = canonical_distance_scores_at(raw, i0 + r, raw, j).double()
     slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
-    block = torch.full((keep.shape[0], int(counts.max())), math.nan, dtype=torch.float64)
+    block = torch.full((rows, int(counts.max())), math.nan, dtype=torch.float64)
     block[r, slot] = s if largest else -s
     ids = torch.full_like(block, -1, dtype=torch.int64)
     ids[r, slot] = j
@@ -331,7 +337,7 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, groups: Label
     euclidean = scores.metric == "euclidean"
     screen = DistanceScreen(scores, i0, i1) if euclidean else ScoreScreen(scores, i0, i1)
     negative = (labels[rows, None] != labels[None, :]) & scores.finite[i0:i1, None] & scores.finite[None, :]
-    if bool((negative & ~screen.t.isfinite()).any()):
+    if nonfinite_key(screen, negative):
         return False
     t = torch.where(negative, screen.t, math.nan)  # NaN keys never count: only negatives are kept
     s_ap = scores.canonical_at(i0 + a, p)

@@ -456,6 +456,47 @@ def test_screened_semi_hard_with_a_gemm_error_anywhere_inside_the_bound(monkeypa
     assert wrong > 0
 
 
+def test_screened_batch_hard_euclidean_runs_falls_back_and_holds_inside_the_bound(monkeypatch):
+    """batch_hard "euclidean" decides ordinary blocks through the float32 filter and leaves blocks with
+    overflowing keys to the intervals; with a GEMM whose error sits anywhere inside its bound, on
+    near-tied negatives and positives (rows 80-87: two labels of one vector plus noise of 1e-6), the
+    filter still gives the reference's choices (and, shown a quarter of the bound, it does not: the
+    control)."""
+    from noisy_product import NoisyProduct
+
+    import hnsample.engine.intervals as iv
+    import hnsample.miner_choices as mc
+
+    taken: list[bool] = []
+    original = mc._screened_extremes
+    monkeypatch.setattr(mc, "_screened_extremes", lambda *a: taken.append(original(*a)) or taken[-1])
+    e, lab = _near_tied_batch()
+    with settings.override(block_size=160 * 4 * 32):
+        assert _triples(batch_hard(e, lab, metric="euclidean")) == R.batch_hard(e, lab, "euclidean")
+        assert len(taken) == 5 and all(taken)
+        big = e.clone()
+        big[::9] *= 1e19
+        taken.clear()
+        assert _triples(batch_hard(big, lab, metric="euclidean")) == R.batch_hard(big, lab, "euclidean")
+        assert False in taken
+    real = iv.screen_product
+    wrong = 0
+    want = R.batch_hard(e, lab, "euclidean")
+    for seed in range(4):
+        for shrink in (1.0, 0.25):
+            monkeypatch.setattr(iv, "screen_product", lambda dtype, m, dim, device, shrink=shrink, seed=seed:
+                                NoisyProduct(real(dtype, m, dim, device), m, 1.0, seed, shrink))
+            taken.clear()
+            with settings.override(block_size=160 * 4 * 32):
+                got = _triples(batch_hard(e, lab, metric="euclidean"))
+            if shrink == 1.0:
+                assert got == want
+                assert taken and all(taken)
+            else:
+                wrong += got != want
+    assert wrong > 0
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"margin": 0.0}, ValueError, "margin"),
     ({"margin": float("inf")}, ValueError, "margin"),

@@ -74,21 +74,28 @@ class DistanceScreen:
         w2 = distance_error(w_max, self.sq_q + sq_max, norms, mag, self.rho, scores.rounding)
         self.g = (w2 + (U32 * (3 * sq_max + 2 * mag) + 2.0**-148) * SAFETY) * SAFETY
 
-    def candidates(self, eligible: torch.Tensor, largest_score: bool) -> torch.Tensor:
-        """(rows, B) bool: the eligible columns that may hold the row's largest score (largest_score) or
-        its smallest, ties included (module docstring, 4.)."""
+    def extreme_candidates(self, eligible: torch.Tensor, largest_score: bool,
+                           capacity: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, columns), int64, rows ascending and columns ascending within one: the eligible columns
+        ((rows, B) bool) that may hold the row's largest score (largest_score) or its smallest, ties
+        included (module docstring, 4.), found by the C++ passes over the keys (kth_key for the row's
+        least / greatest key, key_columns for the cut). None where an eligible key is not finite or more
+        than ``capacity`` are kept: the caller takes its slower way."""
         t, sq, g, rho = self.t, self.sq_q, self.g, self.rho
-        known = eligible & t.isfinite()
-        if largest_score:
-            m = torch.where(known, t, math.inf).amin(dim=1).double()
-            cut, usable = above_cut(sq, g, rho, self.root_bound(m, sq, g))
-            drop = known & (t >= cut[:, None]) & usable[:, None]
-        else:
-            m = torch.where(known, t, -math.inf).amax(dim=1).double()
+        if nonfinite_key(self, eligible):
+            return None
+        keys = torch.where(eligible, t if largest_score else -t, math.nan)  # NaN keys never count
+        rows = torch.arange(t.shape[0])
+        least = kth_key(keys, rows, torch.full((t.shape[0],), -math.inf), 1).double()  # +inf: no column
+        if largest_score:  # drop t >= cut: keep t < cut
+            cut, usable = above_cut(sq, g, rho, self.root_bound(least, sq, g))
+            hi = torch.where(usable, cut, math.inf)
+        else:  # drop t <= cut: keep -t < -cut
+            m = -least
             low = (sq + m - g - SLACK * (sq + m.abs() + g)) * (1 - rho) / SAFETY
             cut, usable = below_cut(sq, g, rho, low.clamp_min(0).sqrt() / SAFETY)
-            drop = known & (t <= cut[:, None]) & usable[:, None]
-        return eligible & ~drop
+            hi = torch.where(usable, -cut, math.inf)
+        return key_columns(keys, rows, torch.full((t.shape[0],), -math.inf), hi, capacity)
 
     def root_bound(self, m: torch.Tensor, sq: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """y >= sqrt(D2) for a column of key m (float64) in rows of sq = fl64(N_a^2), bound g: D2 <=
@@ -122,6 +129,17 @@ class ScoreScreen:
             mag = torch.where(scores.finite[None, :], self.t.abs(), 0.0).amax(dim=1).double()
             w = w + rel * mag
         self.w = w * SAFETY
+
+
+def nonfinite_key(screen: DistanceScreen | ScoreScreen, eligible: torch.Tensor) -> bool:
+    """Whether a key of the screen's block is not finite where ``eligible`` ((rows, B) bool) holds; the
+    block's non-finite keys are found once per screen (usually none: then no further pass)."""
+    found = getattr(screen, "_nonfinite", None)
+    if found is None:
+        found = ~screen.t.isfinite()
+        found = found if bool(found.any()) else False
+        screen._nonfinite = found
+    return found is not False and bool((eligible & found).any())
 
 
 def score_cuts(w: torch.Tensor, v: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
