@@ -368,18 +368,19 @@ def test_key_filter_kernels_refuse_bad_arguments():
         kth_key(t.double(), torch.tensor([0]), torch.zeros(1), 1)
 
 
-def _spy_on_the_key_filter(monkeypatch) -> list[bool]:
-    """The list that will hold, call by call, whether semi_hard's float32 key filter decided a block."""
+def _spy_on_the_key_filter(monkeypatch, name: str = "_screened_semi_hard") -> list[bool]:
+    """The list that will hold, call by call, whether a miner's float32 key filter (semi_hard's, or
+    batch_hard's "_screened_extremes") decided a block."""
     import hnsample.miner_choices as mc
 
     taken: list[bool] = []
-    original = mc._screened_semi_hard
+    original = getattr(mc, name)
 
     def spy(*args):
         taken.append(original(*args))
         return taken[-1]
 
-    monkeypatch.setattr(mc, "_screened_semi_hard", spy)
+    monkeypatch.setattr(mc, name, spy)
     return taken
 
 
@@ -418,15 +419,40 @@ def _near_tied_batch(seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([anchors, tied, torch.randn(72, 24, generator=g)]), torch.arange(160) // 4
 
 
+def _wrong_under_noise(monkeypatch, taken: list[bool], want: list, seeds: int, run) -> int:
+    """Runs ``run`` (in blocks of 32 anchor rows of the 160-row batch) with a GEMM whose error sits
+    anywhere inside its bound (engine.intervals' screening product replaced by tests/noisy_product.py,
+    ``seeds`` draws): each gives ``want`` with the key filter deciding every block. Returns how many draws
+    of the control (the filter shown a quarter of the bound) got something else."""
+    from noisy_product import NoisyProduct
+
+    import hnsample.engine.intervals as iv
+
+    real = iv.screen_product
+    wrong = 0
+    for seed in range(seeds):
+        for shrink in (1.0, 0.25):
+            monkeypatch.setattr(iv, "screen_product", lambda dtype, m, dim, device, shrink=shrink, seed=seed:
+                                NoisyProduct(real(dtype, m, dim, device), m, 1.0, seed, shrink))
+            taken.clear()
+            with settings.override(block_size=160 * 4 * 32):
+                got = run()
+            if shrink == 1.0:
+                assert got == want
+                assert taken and all(taken)
+            else:
+                wrong += got != want
+    monkeypatch.setattr(iv, "screen_product", real)
+    return wrong
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "dot", "cosine"])
 def test_screened_semi_hard_with_a_gemm_error_anywhere_inside_the_bound(monkeypatch, metric):
     """The key filter's cuts hold for any GEMM within its certificate: a product whose S^ sits anywhere
     inside its bound (half of the pairs at its edges) on near-tied negatives, ranked among themselves and
     cut by the window's lower edge, gives the reference's triplets; shown a bound a quarter of the true
     one (the control), the same filter gets some wrong."""
-    from noisy_product import NoisyProduct
 
-    import hnsample.engine.intervals as iv
     taken = _spy_on_the_key_filter(monkeypatch)
     e, lab = _near_tied_batch()
     # Anchor 0's positive (row 1) just closer to it than the near-tied negatives (rows 80-87), and a margin
@@ -435,24 +461,12 @@ def test_screened_semi_hard_with_a_gemm_error_anywhere_inside_the_bound(monkeypa
     s = R.batch_scores(e, metric)
     ties = s[0, 80:88].sort().values
     edge_margin = float(s[0, 1] - ties[4])
-    real = iv.screen_product
     wrong = 0
     for k, margin in ((1, 2.0), (3, 2.0), (8, edge_margin)):
         want = R.semi_hard(e, lab, margin, metric, k)
         assert k < 8 or sum(1 for t in want if t[:2] == (0, 1) and 80 <= t[2] < 88) == 4
-        for seed in range(3):
-            for shrink in (1.0, 0.25):
-                monkeypatch.setattr(iv, "screen_product", lambda dtype, m, dim, device, shrink=shrink, seed=seed:
-                                    NoisyProduct(real(dtype, m, dim, device), m, 1.0, seed, shrink))
-                taken.clear()
-                with settings.override(block_size=160 * 4 * 32):
-                    got = _triples(semi_hard(e, lab, margin, metric=metric, negatives_per_pair=k))
-                if shrink == 1.0:
-                    assert got == want
-                    assert taken and all(taken)
-                    taken.clear()
-                else:
-                    wrong += got != want
+        wrong += _wrong_under_noise(monkeypatch, taken, want, 3, lambda k=k, margin=margin: _triples(
+            semi_hard(e, lab, margin, metric=metric, negatives_per_pair=k)))
     assert wrong > 0
 
 
@@ -462,14 +476,7 @@ def test_screened_batch_hard_euclidean_runs_falls_back_and_holds_inside_the_boun
     near-tied negatives and positives (rows 80-87: two labels of one vector plus noise of 1e-6), the
     filter still gives the reference's choices (and, shown a quarter of the bound, it does not: the
     control)."""
-    from noisy_product import NoisyProduct
-
-    import hnsample.engine.intervals as iv
-    import hnsample.miner_choices as mc
-
-    taken: list[bool] = []
-    original = mc._screened_extremes
-    monkeypatch.setattr(mc, "_screened_extremes", lambda *a: taken.append(original(*a)) or taken[-1])
+    taken = _spy_on_the_key_filter(monkeypatch, "_screened_extremes")
     e, lab = _near_tied_batch()
     with settings.override(block_size=160 * 4 * 32):
         assert _triples(batch_hard(e, lab, metric="euclidean")) == R.batch_hard(e, lab, "euclidean")
@@ -479,22 +486,8 @@ def test_screened_batch_hard_euclidean_runs_falls_back_and_holds_inside_the_boun
         taken.clear()
         assert _triples(batch_hard(big, lab, metric="euclidean")) == R.batch_hard(big, lab, "euclidean")
         assert False in taken
-    real = iv.screen_product
-    wrong = 0
     want = R.batch_hard(e, lab, "euclidean")
-    for seed in range(4):
-        for shrink in (1.0, 0.25):
-            monkeypatch.setattr(iv, "screen_product", lambda dtype, m, dim, device, shrink=shrink, seed=seed:
-                                NoisyProduct(real(dtype, m, dim, device), m, 1.0, seed, shrink))
-            taken.clear()
-            with settings.override(block_size=160 * 4 * 32):
-                got = _triples(batch_hard(e, lab, metric="euclidean"))
-            if shrink == 1.0:
-                assert got == want
-                assert taken and all(taken)
-            else:
-                wrong += got != want
-    assert wrong > 0
+    assert _wrong_under_noise(monkeypatch, taken, want, 4, lambda: _triples(batch_hard(e, lab, metric="euclidean")))
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
