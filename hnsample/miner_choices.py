@@ -168,10 +168,12 @@ def _hardest_pairs_blocks(e: torch.Tensor, labels: torch.Tensor, metric: str,
     pos = torch.full((b,), -1, dtype=torch.int64, device=e.device)
     neg = pos.clone()
     scores = BatchScores(e, metric, exact)
+    screened = scores.certified and metric == "euclidean"
+    groups = LabelGroups(labels) if screened else None
     for i0 in range(0, b, scores.rows):
         i1 = min(b, i0 + scores.rows)
         rows = torch.arange(i0, i1, device=e.device)
-        if scores.certified and metric == "euclidean" and _screened_extremes(scores, labels, rows, pos, neg):
+        if screened and _screened_extremes(scores, labels, groups, rows, pos, neg):
             continue
         blk = scores.block(i0, i1)
         ok = blk.lower.isnan().logical_not()
@@ -188,13 +190,17 @@ def _hardest_pairs_blocks(e: torch.Tensor, labels: torch.Tensor, metric: str,
     return pos, neg
 
 
-def _screened_extremes(scores: BatchScores, labels: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
-                       neg: torch.Tensor) -> bool:
+RESCORE_ALL_POSITIVES = 64  # label groups up to this size: every positive pair is rescored, no filter
+
+
+def _screened_extremes(scores: BatchScores, labels: torch.Tensor, groups: LabelGroups, rows: torch.Tensor,
+                       pos: torch.Tensor, neg: torch.Tensor) -> bool:
     """batch_hard's choices for anchor rows ``rows`` of a certified "euclidean" batch through the float32
     filter (engine.distance_screen): the canonical scores of the columns it keeps, the extreme of each row
-    among them (ties to the lower index). False, with nothing written, when an eligible key is not finite
-    or it keeps more than a quarter of the block's pairs (hostile inputs): the caller then takes the
-    intervals' way."""
+    among them (ties to the lower index). With label groups of at most RESCORE_ALL_POSITIVES rows (P x K
+    batches) every positive pair is rescored instead of filtered. False, with nothing written, when an
+    eligible key is not finite or the filter keeps more than a quarter of the block's pairs (hostile
+    inputs): the caller then takes the intervals' way."""
     b = scores.n
     i0, i1 = int(rows[0]), int(rows[-1]) + 1
     screen = DistanceScreen(scores, i0, i1)
@@ -204,10 +210,17 @@ def _screened_extremes(scores: BatchScores, labels: torch.Tensor, rows: torch.Te
     kept_neg = screen.extreme_candidates(ok & ~same, True, capacity)
     if kept_neg is None:
         return False
-    positive = same & ok & (rows[:, None] != torch.arange(b)[None, :])
-    kept_pos = screen.extreme_candidates(positive, False, capacity - kept_neg[0].numel())
-    if kept_pos is None:
-        return False
+    if groups.width <= RESCORE_ALL_POSITIVES:
+        ids = groups.positives(rows)
+        r, w = (ids >= 0).nonzero(as_tuple=True)
+        j = ids[r, w]  # rows ascending, then positives ascending
+        fin = scores.finite[i0 + r] & scores.finite[j]
+        kept_pos = (r[fin], j[fin])
+    else:
+        positive = same & ok & (rows[:, None] != torch.arange(b)[None, :])
+        kept_pos = screen.extreme_candidates(positive, False, capacity - kept_neg[0].numel())
+        if kept_pos is None:
+            return False
     neg[rows] = _extreme_of_kept(scores.raw, i0, i1 - i0, *kept_neg, largest=True)
     pos[rows] = _extreme_of_kept(scores.raw, i0, i1 - i0, *kept_pos, largest=False)
     return True

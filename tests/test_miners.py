@@ -470,12 +470,17 @@ def test_screened_semi_hard_with_a_gemm_error_anywhere_inside_the_bound(monkeypa
     assert wrong > 0
 
 
-def test_screened_batch_hard_euclidean_runs_falls_back_and_holds_inside_the_bound(monkeypatch):
+@pytest.mark.parametrize("rescore_all", [64, 0], ids=["positives_rescored", "positives_filtered"])
+def test_screened_batch_hard_euclidean_runs_falls_back_and_holds_inside_the_bound(monkeypatch, rescore_all):
     """batch_hard "euclidean" decides ordinary blocks through the float32 filter and leaves blocks with
     overflowing keys to the intervals; with a GEMM whose error sits anywhere inside its bound, on
     near-tied negatives and positives (rows 80-87: two labels of one vector plus noise of 1e-6), the
     filter still gives the reference's choices (and, shown a quarter of the bound, it does not: the
-    control)."""
+    control). Label groups up to RESCORE_ALL_POSITIVES rows have every positive rescored; 0 makes the
+    positives go through the filter too (as larger groups do)."""
+    import hnsample.miner_choices as mc
+
+    monkeypatch.setattr(mc, "RESCORE_ALL_POSITIVES", rescore_all)
     taken = _spy_on_the_key_filter(monkeypatch, "_screened_extremes")
     e, lab = _near_tied_batch()
     with settings.override(block_size=160 * 4 * 32):
