@@ -36,7 +36,6 @@ from .engine.distance_screen import (
     below_cut,
     key_columns,
     kth_key,
-    nonfinite_key,
     score_cuts,
     score_rank_cut,
 )
@@ -233,15 +232,22 @@ def _extreme_of_kept(raw: torch.Tensor, i0: int, rows: int, r: torch.Tensor, j: 
     within a row, gathered in a padded block."""
     if r.numel() == 0:
         return torch.full((rows,), -1, dtype=torch.int64)
-    counts = torch.bincount(r, minlength=rows)
     s = canonical_distance_scores_at(raw, i0 + r, raw, j).double()
+    return _best_listed(r, j, s if largest else -s, rows, 1)[:, 0]
+
+
+def _best_listed(r: torch.Tensor, j: torch.Tensor, values: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """(rows, min(k, the most pairs of a row)) int64: per row, the columns j of its listed pairs (r
+    ascending, j ascending within a row; at least one pair) with the k largest float64 values (NaN
+    never), ties to the lower column, -1 where there are fewer; the pairs gathered in a padded block."""
+    counts = torch.bincount(r, minlength=rows)
     slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
     block = torch.full((rows, int(counts.max())), math.nan, dtype=torch.float64)
-    block[r, slot] = s if largest else -s
+    block[r, slot] = values
     ids = torch.full_like(block, -1, dtype=torch.int64)
     ids[r, slot] = j
-    pick = topk_from_scores(block, 1).indices[:, 0]
-    return torch.where(pick >= 0, ids.gather(1, pick.clamp_min(0)[:, None])[:, 0], -1)
+    best = topk_from_scores(block, min(k, block.shape[1])).indices
+    return torch.where(best >= 0, ids.gather(1, best.clamp_min(0)), -1)
 
 
 def _semi_hard_needs(blk: IntervalBlock, a: torch.Tensor, p: torch.Tensor, negative: torch.Tensor,
@@ -350,23 +356,18 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, groups: Label
     euclidean = scores.metric == "euclidean"
     screen = DistanceScreen(scores, i0, i1) if euclidean else ScoreScreen(scores, i0, i1)
     negative = (labels[rows, None] != labels[None, :]) & scores.finite[i0:i1, None] & scores.finite[None, :]
-    if nonfinite_key(screen, negative):
+    if screen.nonfinite_key(negative):
         return False
     t = torch.where(negative, screen.t, math.nan)  # NaN keys never count: only negatives are kept
     s_ap = scores.canonical_at(i0 + a, p)
     v = s_ap.double()
     if euclidean:
         sq, g, rho = screen.sq_q[a], screen.g[a], screen.rho
-        lo, lo_ok = below_cut(sq, g, rho, -v)
-        lo = torch.where(lo_ok, lo, -math.inf)
+        lo = below_cut(sq, g, rho, -v)
         past = -math.nextafter(-margin, -math.inf)  # -r
-        hi, hi_ok = above_cut(sq, g, rho, (-v + past) * (1 + 2.0**-50))
-        hi = torch.where(hi_ok, hi, math.inf)
-        inside, inside_ok = above_cut(sq, g, rho, -v)
-        inside = torch.where(inside_ok, inside, math.inf)
-        kth = kth_key(t, a, inside, k).double()
-        cut, cut_ok = above_cut(sq, g, rho, screen.root_bound(kth, sq, g))
-        top = torch.minimum(hi, torch.where(cut_ok, cut, math.inf))
+        hi = above_cut(sq, g, rho, (-v + past) * (1 + 2.0**-50))
+        kth = kth_key(t, a, above_cut(sq, g, rho, -v), k).double()
+        top = torch.minimum(hi, above_cut(sq, g, rho, screen.root_bound(kth, sq, g)))
     else:
         w = screen.w[a]
         if not bool(w.isfinite().all()):
@@ -380,7 +381,7 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, groups: Label
     # Pairs ascending, so their anchors too; a column kept for several pairs of one anchor is rescored
     # once per pair (a few per pair: cheaper than a pass over the block to share them).
     s_an = scores.canonical_at(i0 + a[pair], col).double()
-    x = s_an - s_ap.double()[pair]
+    x = s_an - v[pair]
     win = (x >= -margin) & (x < 0)
     pair, col, s_an = pair[win], col[win], s_an[win]
     # The window's members of each pair, columns ascending, in a padded block of pairs; a chunk of pairs at
@@ -392,14 +393,8 @@ def _screened_semi_hard(scores: BatchScores, labels: torch.Tensor, groups: Label
         if s0 == s1:
             continue
         local = pair[s0:s1] - c0
-        counts = torch.bincount(local)
-        slot = torch.arange(s1 - s0) - (torch.cumsum(counts, 0) - counts)[local]
-        block = torch.full((counts.numel(), int(counts.max())), math.nan, dtype=torch.float64)
-        block[local, slot] = s_an[s0:s1]
-        ids = torch.full_like(block, -1, dtype=torch.int64)
-        ids[local, slot] = col[s0:s1]
-        best = topk_from_scores(block, min(k, block.shape[1])).indices
+        best = _best_listed(local, col[s0:s1], s_an[s0:s1], int(local[-1]) + 1, k)
         valid = best >= 0
         which = valid.nonzero(as_tuple=True)[0]
-        found.append((rows[a[c0 + which]], p[c0 + which], ids.gather(1, best.clamp_min(0))[valid]))
+        found.append((rows[a[c0 + which]], p[c0 + which], best[valid]))
     return True

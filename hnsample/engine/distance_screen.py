@@ -49,23 +49,50 @@ TINY = 2.0**-147
 LARGEST_Y = 2.0**126
 
 
-class DistanceScreen:
+class _KeyBlock:
+    """What both screens share: the float32 keys t of anchor rows [i0, i1) of a certified
+    :class:`BatchScores` (from the screening product's block), the row part of the product's bound at the
+    candidate side's maxima, and the block's non-finite keys, looked for once."""
+
+    t: torch.Tensor
+    _nonfinite: torch.Tensor | bool | None = None  # the block's non-finite keys (False: none), once found
+
+    @staticmethod
+    def _approx(scores: BatchScores, i0: int, i1: int) -> torch.Tensor:
+        approx = torch.empty((i1 - i0, scores.n), dtype=scores.product.out_dtype)
+        scores.product.scores(scores.q[i0:i1], scores.c, approx)
+        return approx.float()
+
+    @staticmethod
+    def _row_bound(scores: BatchScores, i0: int, i1: int) -> torch.Tensor:
+        """a_i max b + e_i max f + g_i + max h (float64), the maxima over the finite columns."""
+        q = scores.q[i0:i1]
+        _, first_max, floor_max, second_max = _column_maxima(scores)
+        w = q.first * first_max + floor_max
+        if q.second is not None:
+            w = w + q.second * second_max
+        if q.floor is not None:
+            w = w + q.floor
+        return w
+
+    def nonfinite_key(self, eligible: torch.Tensor) -> bool:
+        """Whether a key is not finite where ``eligible`` ((rows, B) bool) holds."""
+        if self._nonfinite is None:
+            found = ~self.t.isfinite()
+            self._nonfinite = found if bool(found.any()) else False
+        return self._nonfinite is not False and bool((eligible & self._nonfinite).any())
+
+
+class DistanceScreen(_KeyBlock):
     """The float32 keys t (rows, B) of anchor rows [i0, i1) of a certified "euclidean" :class:`BatchScores`
     and each row's error bound G (float64): E = |a - b|^2 lies in [sq_q + t - G, sq_q + t + G] wherever t
     is finite (module docstring, 1. and 2.)."""
 
     def __init__(self, scores: BatchScores, i0: int, i1: int):
-        q, c = scores.q[i0:i1], scores.c
-        approx = torch.empty((i1 - i0, scores.n), dtype=scores.product.out_dtype)
-        scores.product.scores(q, c, approx)
-        self.t = torch.add(scores.sq.float()[None, :], approx.float(), alpha=-2)
+        self.t = torch.add(scores.sq.float()[None, :], self._approx(scores, i0, i1), alpha=-2)
         self.sq_q = scores.sq[i0:i1]
-        sq_max, first_max, floor_max, second_max = _column_maxima(scores)
-        w0 = q.first * first_max + floor_max + 2.0**-150
-        if q.second is not None:
-            w0 = w0 + q.second * second_max
-        if q.floor is not None:
-            w0 = w0 + q.floor
+        sq_max = _column_maxima(scores)[0]
+        w0 = self._row_bound(scores, i0, i1) + 2.0**-150
         norms = (self.sq_q.sqrt() * SAFETY) * (math.sqrt(sq_max) * SAFETY)
         rel = scores.product.rel
         mag = (norms + w0) / (1 - rel) * SAFETY
@@ -82,19 +109,17 @@ class DistanceScreen:
         least / greatest key, key_columns for the cut). None where an eligible key is not finite or more
         than ``capacity`` are kept: the caller takes its slower way."""
         t, sq, g, rho = self.t, self.sq_q, self.g, self.rho
-        if nonfinite_key(self, eligible):
+        if self.nonfinite_key(eligible):
             return None
         keys = torch.where(eligible, t if largest_score else -t, math.nan)  # NaN keys never count
         rows = torch.arange(t.shape[0])
         least = kth_key(keys, rows, torch.full((t.shape[0],), -math.inf), 1).double()  # +inf: no column
         if largest_score:  # drop t >= cut: keep t < cut
-            cut, usable = above_cut(sq, g, rho, self.root_bound(least, sq, g))
-            hi = torch.where(usable, cut, math.inf)
+            hi = above_cut(sq, g, rho, self.root_bound(least, sq, g))
         else:  # drop t <= cut: keep -t < -cut
             m = -least
             low = (sq + m - g - SLACK * (sq + m.abs() + g)) * (1 - rho) / SAFETY
-            cut, usable = below_cut(sq, g, rho, low.clamp_min(0).sqrt() / SAFETY)
-            hi = torch.where(usable, -cut, math.inf)
+            hi = -below_cut(sq, g, rho, low.clamp_min(0).sqrt() / SAFETY)
         return key_columns(keys, rows, torch.full((t.shape[0],), -math.inf), hi, capacity)
 
     def root_bound(self, m: torch.Tensor, sq: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -104,7 +129,7 @@ class DistanceScreen:
         return h.sqrt() * SAFETY
 
 
-class ScoreScreen:
+class ScoreScreen(_KeyBlock):
     """The float32 keys t = -S^ (rows, B) of anchor rows [i0, i1) of a certified "dot" / "cosine"
     :class:`BatchScores` and each row's bound W (float64): the canonical score s_ij lies in
     [-t_ij - W_i, -t_ij + W_i] wherever t_ij is finite (keys ascend as scores descend, as distances do).
@@ -114,32 +139,13 @@ class ScoreScreen:
     not finite (an operand with an infinite bound: huge norms) has no usable cuts."""
 
     def __init__(self, scores: BatchScores, i0: int, i1: int):
-        q, c = scores.q[i0:i1], scores.c
-        approx = torch.empty((i1 - i0, scores.n), dtype=scores.product.out_dtype)
-        scores.product.scores(q, c, approx)
-        self.t = approx.float().neg_()
-        _, first_max, floor_max, second_max = _column_maxima(scores)
-        w = q.first * first_max + floor_max
-        if q.second is not None:
-            w = w + q.second * second_max
-        if q.floor is not None:
-            w = w + q.floor
+        self.t = self._approx(scores, i0, i1).neg_()
+        w = self._row_bound(scores, i0, i1)
         rel = scores.product.rel
         if rel:
             mag = torch.where(scores.finite[None, :], self.t.abs(), 0.0).amax(dim=1).double()
             w = w + rel * mag
         self.w = w * SAFETY
-
-
-def nonfinite_key(screen: DistanceScreen | ScoreScreen, eligible: torch.Tensor) -> bool:
-    """Whether a key of the screen's block is not finite where ``eligible`` ((rows, B) bool) holds; the
-    block's non-finite keys are found once per screen (usually none: then no further pass)."""
-    found = getattr(screen, "_nonfinite", None)
-    if found is None:
-        found = ~screen.t.isfinite()
-        found = found if bool(found.any()) else False
-        screen._nonfinite = found
-    return found is not False and bool((eligible & found).any())
 
 
 def score_cuts(w: torch.Tensor, v: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,30 +190,30 @@ def _column_maxima(scores: BatchScores) -> tuple[float, float, float, float]:
     return cached
 
 
-def above_cut(sq: torch.Tensor, g: torch.Tensor, rho: float, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cut, usable), float32 and bool, elementwise for rows of sq = fl64(N_a^2) and bound g: a column of
-    key t >= cut (where usable) has float32(fl64(sqrt(D2))) > y(1 + 2^-22), so its score is strictly below
-    that of any pair whose sqrt(D2) <= y (module docstring, 3. and 4.), and its distance strictly above y
-    when y >= 0 is any float64 (float32 rounding moves by less than 2^-24 relative + 2^-150).
-    (N_a^2 + t - G)(1 - rho) >= (y(1 + 2^-21) + 2^-147)^2 solved for t, rounded up; not usable for
-    y > 2^126 or a non-finite bound."""
+def above_cut(sq: torch.Tensor, g: torch.Tensor, rho: float, y: torch.Tensor) -> torch.Tensor:
+    """float32 cuts, elementwise for rows of sq = fl64(N_a^2) and bound g: a column of key t >= cut has
+    float32(fl64(sqrt(D2))) > y(1 + 2^-22), so its score is strictly below that of any pair whose
+    sqrt(D2) <= y (module docstring, 3. and 4.), and its distance strictly above y when y >= 0 is any
+    float64 (float32 rounding moves by less than 2^-24 relative + 2^-150).
+    (N_a^2 + t - G)(1 - rho) >= (y(1 + 2^-21) + 2^-147)^2 solved for t, rounded up; +inf (no key is
+    past it) for y > 2^126 or a non-finite bound."""
     lam = (y * STEP * SAFETY + TINY) ** 2 * SAFETY
     p = lam * SAFETY / (1 - rho)
     bound = p + g - sq + SLACK * (p + g + sq)
     usable = bound.isfinite() & (y <= LARGEST_Y)
-    return _float32_outward(bound, up=True), usable
+    return torch.where(usable, _float32_outward(bound, up=True), math.inf)
 
 
-def below_cut(sq: torch.Tensor, g: torch.Tensor, rho: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cut, usable) as :func:`above_cut`, the other way: a column of key t <= cut (where usable) has
-    sqrt(D2) <= (x - 2^-147) / (1 + 2^-21), so its score is strictly above that of any pair whose
-    sqrt(D2) >= x, and its distance float32(fl64(sqrt(D2))) <= x for a float32 x. Not usable for
+def below_cut(sq: torch.Tensor, g: torch.Tensor, rho: float, x: torch.Tensor) -> torch.Tensor:
+    """float32 cuts as :func:`above_cut`, the other way: a column of key t <= cut has sqrt(D2) <=
+    (x - 2^-147) / (1 + 2^-21), so its score is strictly above that of any pair whose sqrt(D2) >= x, and
+    its distance float32(fl64(sqrt(D2))) <= x for a float32 x. -inf (no key is below it) for
     x <= 2^-147 or a non-finite bound."""
     y = torch.clamp_max((x - TINY) / STEP / SAFETY, LARGEST_Y)
     p = y * y / SAFETY / (1 + rho) / SAFETY
     bound = p - g - sq - SLACK * (p + g + sq)
     usable = bound.isfinite() & (y > 0)
-    return _float32_outward(bound, up=False), usable
+    return torch.where(usable, _float32_outward(bound, up=False), -math.inf)
 
 
 def _float32_outward(v: torch.Tensor, up: bool) -> torch.Tensor:
